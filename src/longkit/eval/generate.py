@@ -1,0 +1,120 @@
+"""Greedy generation and windowed NLL, with the cost of each call measured (time, memory, KV bytes)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longkit.kvcache import cache_nbytes
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or the resident set sampled every 5 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_bytes = self._peak - self._base
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    kv_bytes: int
+    peak_mem_bytes: int | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def greedy_generate(model: Any, input_ids: list[int], max_new_tokens: int, cache: Any, eos_ids: set[int]) -> Generation:
+    """Prefill ``input_ids`` into ``cache`` (logits for the last position only), then greedy-decode."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)
+    tokens: list[int] = []
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        t1 = time.perf_counter()
+        kv_bytes = cache_nbytes(cache)
+        for _ in range(max_new_tokens):
+            # (B=1, 1, V) -> next token id
+            nxt = int(out.logits[0, -1].argmax())
+            tokens.append(nxt)
+            if nxt in eos_ids or len(tokens) == max_new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[nxt]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        t2 = time.perf_counter()
+    return Generation(tokens, t1 - t0, t2 - t1, kv_bytes, mem.peak_bytes)
+
+
+@torch.inference_mode()
+def window_nll(model: Any, input_ids: list[int], first_target: int, chunk: int = 1024) -> tuple[float, int, float, int | None]:
+    """Summed NLL of tokens ``first_target..T-1`` given their left context: (nll_sum, n_targets, seconds, peak).
+
+    The LM head runs over ``chunk`` positions at a time, so (T, vocab) logits are never held at once.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        # (1, T, hidden): the decoder's final (normed) hidden states
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        total = 0.0
+        # position t predicts token t+1; targets first_target..T-1 come from positions first_target-1..T-2
+        for s in range(first_target - 1, len(input_ids) - 1, chunk):
+            e = min(s + chunk, len(input_ids) - 1)
+            logits = head(hidden[:, s:e]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            total += float(torch.nn.functional.cross_entropy(logits[0], ids[0, s + 1 : e + 1], reduction="sum"))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    return total, len(input_ids) - first_target, seconds, mem.peak_bytes

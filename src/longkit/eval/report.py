@@ -1,0 +1,528 @@
+"""Turn an evaluation run directory into numbers (``summarize``) and a self-contained report (``write_report``).
+
+The run format is the one of :mod:`longkit.eval.records`: ``run.json`` (metadata) + ``samples.jsonl`` (one
+record per finished sample). A run that was interrupted is summarised from whatever records it holds.
+
+``write_report`` writes, into ``out_dir`` (default: the run directory): ``summary.json`` (the dict returned by
+``summarize``), ``report.html`` and the PNG figures it shows (``needle_heatmap.png``, ``score_vs_length.png``,
+``perplexity.png``; each only when there is something to draw). Length keys of the summary are ints in Python and
+strings in ``summary.json`` (JSON object keys are always strings).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from statistics import mean, median
+from types import SimpleNamespace
+from typing import Any
+
+from longkit.errors import EvalError
+from longkit.eval.metrics import RULER_THRESHOLD, effective_length, weighted_average
+from longkit.eval.records import SAMPLES_FILE, load_records, load_run
+
+PERPLEXITY = "perplexity"
+NEEDLE = "needle"
+# The colours of the needle-in-a-haystack heat-maps (gkamradt/LLMTest_NeedleInAHaystack): low red -> high green.
+NIAH_COLOURS = ("#F0496E", "#EBB839", "#0CD79F")
+DPI = 150
+MIB = 1024 * 1024
+
+# ----------------------------------------------------------------------------------------------------- numbers
+
+
+def _ordered(preferred: Iterable[str] | None, seen: Iterable[str]) -> list[str]:
+    """Names in ``seen``, in the order of ``preferred`` (run.json) first, then in order of first appearance."""
+    present = list(dict.fromkeys(seen))
+    head = [name for name in dict.fromkeys(preferred or []) if name in present]
+    return head + [name for name in present if name not in head]
+
+
+def _group_by_length(records: Iterable[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[int(record["length"])].append(record)
+    return {length: groups[length] for length in sorted(groups)}
+
+
+def _score_stats(means: dict[int, float], threshold: float) -> dict[str, Any]:
+    """Everything derived from a ``{length: mean score}`` curve."""
+    return {
+        "mean_by_length": means,
+        "mean": mean(means.values()) if means else None,
+        "effective_length": effective_length(means, threshold),
+        "wavg_inc": weighted_average(means, increasing=True),
+        "wavg_dec": weighted_average(means, increasing=False),
+    }
+
+
+def _task_summary(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    groups = _group_by_length(records)
+    stats = _score_stats({n: mean(float(r["score"]) for r in rs) for n, rs in groups.items()}, threshold)
+    stats["n_by_length"] = {n: len(rs) for n, rs in groups.items()}
+    return stats
+
+
+def _all_tasks_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> dict[str, Any]:
+    # Each task weighs the same at a length, however many samples it has: mean over tasks of per-task means.
+    per_length: dict[int, list[float]] = defaultdict(list)
+    for task in tasks.values():
+        for length, value in task["mean_by_length"].items():
+            per_length[length].append(value)
+    return _score_stats({n: mean(per_length[n]) for n in sorted(per_length)}, threshold)
+
+
+def _perplexity(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Token-weighted PPL per length: windows are pooled, so a long window counts more than a short one."""
+    records = [r for r in records if r.get("nll_sum") is not None and r.get("n_targets")]
+    if not records:
+        return None
+    groups = _group_by_length(records)
+    nll = {n: sum(float(r["nll_sum"]) for r in rs) for n, rs in groups.items()}
+    targets = {n: sum(int(r["n_targets"]) for r in rs) for n, rs in groups.items()}
+    return {
+        "ppl_by_length": {n: _exp(nll[n] / targets[n]) for n in groups},
+        "n_windows_by_length": {n: len(rs) for n, rs in groups.items()},
+        "n_targets_by_length": targets,
+    }
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _values(records: Iterable[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in records if r.get(key) is not None]
+
+
+def _cost_stats(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    # Medians, not means: the first sample of a length pays for warm-up and allocator growth.
+    decode = [
+        r["decode_s"] / r["new_tokens"]
+        for r in records
+        if (r.get("new_tokens") or 0) > 0 and r.get("decode_s") is not None
+    ]
+    prefill, peak, kv = (_values(records, key) for key in ("prefill_s", "peak_mem_bytes", "kv_bytes"))
+    return {
+        "prefill_s": median(prefill) if prefill else None,
+        "decode_s_per_token": median(decode) if decode else None,
+        "peak_mem_bytes": max(peak) if peak else None,
+        "kv_bytes": median(kv) if kv else None,
+    }
+
+
+def _cost(records: list[dict[str, Any]]) -> dict[str, Any]:
+    by_length = {n: _cost_stats(rs) for n, rs in _group_by_length(records).items()}
+    return {"by_length": by_length, "overall": _cost_stats(records)}
+
+
+def _needle_grid(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean score per (depth, length) as a matrix: rows = depths ascending (0 = start of context), columns = lengths."""
+    cells: dict[tuple[float, int], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("depth") is not None:
+            # Depths are rounded as in the record ids, so 0.1 and 0.1000000001 share a cell.
+            cells[(round(float(r["depth"]), 4), int(r["length"]))].append(float(r["score"]))
+    if not cells:
+        return None
+    depths = sorted({d for d, _ in cells})
+    lengths = sorted({n for _, n in cells})
+    scores = [[mean(cells[(d, n)]) if (d, n) in cells else None for n in lengths] for d in depths]
+    return {"depths": depths, "lengths": lengths, "scores": scores}
+
+
+def _model_info(run: dict[str, Any]) -> dict[str, Any]:
+    model = run.get("model") or {}
+    return model if isinstance(model, dict) else {"name": str(model)}  # tolerate a bare model name
+
+
+def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[str, Any]:
+    """Per-method scores, effective lengths, perplexities, costs and needle grids of a run (JSON-serialisable)."""
+    records = load_records(run_dir)
+    if not records:
+        raise EvalError(f"no evaluation records in {run_dir} (expected finished samples in {SAMPLES_FILE})")
+    run = load_run(run_dir)
+    methods = _ordered(run.get("methods"), (r["method"] for r in records))
+    scored = [r for r in records if r.get("task") != PERPLEXITY and r.get("score") is not None]
+    tasks = _ordered(run.get("tasks"), (r["task"] for r in scored))
+    per_method = {}
+    for method in methods:
+        mine = [r for r in records if r["method"] == method]
+        mine_scored = [r for r in scored if r["method"] == method]
+        by_task = {}
+        for task in tasks:
+            task_records = [r for r in mine_scored if r["task"] == task]
+            if task_records:
+                by_task[task] = _task_summary(task_records, threshold)
+        per_method[method] = {
+            "tasks": by_task,
+            "all_tasks": _all_tasks_summary(by_task, threshold),
+            "perplexity": _perplexity([r for r in mine if r.get("task") == PERPLEXITY]),
+            "cost": _cost(mine),
+            "needle_grid": _needle_grid([r for r in mine_scored if r["task"] == NEEDLE]),
+        }
+    return {
+        "run_dir": str(run_dir),
+        "model": _model_info(run),
+        "threshold": threshold,
+        "methods": methods,
+        "tasks": tasks,
+        "lengths": sorted({int(r["length"]) for r in records}),
+        "per_method": per_method,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+
+
+def _length_label(n: int) -> str:
+    """4096 -> 4K, 12288 -> 12K, 1536 -> 1.5K, 1048576 -> 1M; lengths that are not a multiple of 512 stay as is."""
+    if n >= 1024 * 1024 and n % (512 * 1024) == 0:
+        return f"{n / (1024 * 1024):g}M"
+    if n >= 1024 and n % 512 == 0:
+        return f"{n / 1024:g}K"
+    return str(n)
+
+
+def _matplotlib() -> SimpleNamespace:
+    """The Figure API with the Agg canvas: no pyplot, so no global backend switch for the caller's code."""
+    try:
+        import matplotlib  # first on its own, so a missing package fails here and not halfway through
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import LinearSegmentedColormap
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise EvalError("the report needs matplotlib: pip install 'longkit[eval]'") from exc
+    return SimpleNamespace(
+        Figure=Figure,
+        Canvas=FigureCanvasAgg,
+        colours=list(matplotlib.colormaps["tab10"].colors),
+        Cmap=LinearSegmentedColormap,
+    )
+
+
+def _figure(mpl: SimpleNamespace, width: float, height: float) -> Any:
+    fig = mpl.Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    mpl.Canvas(fig)
+    return fig
+
+
+def _panels(fig: Any, n: int, max_cols: int) -> list[Any]:
+    ncols = min(n, max_cols)
+    axes = list(fig.subplots(math.ceil(n / ncols), ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes[:n]
+
+
+def _model_name(summary: dict[str, Any]) -> str:
+    return str(summary["model"].get("name") or "model")
+
+
+def _trained(summary: dict[str, Any]) -> int | None:
+    value = summary["model"].get("trained_length")
+    return int(value) if value else None
+
+
+def _length_axis(ax: Any, lengths: list[int], trained: int | None) -> None:
+    """Log2 x axis with a tick and a K label at each tested length, and the trained length as a dotted line."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlim(lengths[0] / 1.3, lengths[-1] * 1.3)
+    ax.set_xlabel("context length (tokens)")
+    ax.grid(True, alpha=0.3)
+    if trained and lengths[0] <= trained <= lengths[-1]:
+        ax.axvline(
+            trained, color="black", linestyle=":", linewidth=1.2, label=f"trained length ({_length_label(trained)})"
+        )
+
+
+def _shared_legend(fig: Any, axes: list[Any]) -> None:
+    # One legend for all panels, deduplicated by label, so a method missing from one task is still listed.
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(
+        list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3), frameon=False
+    )
+
+
+def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> None:
+    tasks, lengths, trained = summary["tasks"], summary["lengths"], _trained(summary)
+    ncols = min(len(tasks), 3)
+    fig = _figure(mpl, 4.8 * ncols, 3.6 * math.ceil(len(tasks) / ncols) + 0.9)
+    axes = _panels(fig, len(tasks), 3)
+    for ax, task in zip(axes, tasks, strict=True):
+        for i, method in enumerate(summary["methods"]):
+            stats = summary["per_method"][method]["tasks"].get(task)
+            if stats:
+                means = stats["mean_by_length"]
+                ax.plot(list(means), list(means.values()), marker="o", color=mpl.colours[i % 10], label=method)
+        ax.axhline(
+            summary["threshold"],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"threshold ({summary['threshold']:g})",
+        )
+        _length_axis(ax, lengths, trained)
+        ax.set_ylim(-3, 103)
+        ax.set_ylabel("mean score")
+        ax.set_title(task, fontsize=12)
+    _shared_legend(fig, axes)
+    fig.suptitle(f"{_model_name(summary)}: score vs context length", fontsize=13)
+    fig.savefig(path, dpi=DPI)
+
+
+def _ppl_curves(summary: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """``{method: {length: PPL}}`` for the methods that have perplexity records, in method order."""
+    return {m: pm["perplexity"]["ppl_by_length"] for m, pm in summary["per_method"].items() if pm["perplexity"]}
+
+
+def _plot_perplexity(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> None:
+    fig = _figure(mpl, 6.4, 4.4)
+    ax = fig.subplots()
+    curves = _ppl_curves(summary)
+    for i, method in enumerate(summary["methods"]):
+        if method in curves:
+            ppl = curves[method]
+            ax.plot(list(ppl), list(ppl.values()), marker="o", color=mpl.colours[i % 10], label=method)
+    ax.set_yscale("log")
+    # Explicit ticks: a PPL range inside one decade (12..90) would otherwise get no labelled tick at all.
+    ticks = _log_ticks([v for ppl in curves.values() for v in ppl.values() if math.isfinite(v)])
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    _length_axis(ax, sorted({n for ppl in curves.values() for n in ppl}), _trained(summary))
+    ax.set_ylabel("perplexity (log scale)")
+    ax.legend(fontsize=9)
+    ax.set_title(f"{_model_name(summary)}: perplexity vs context length", fontsize=12)
+    fig.savefig(path, dpi=DPI)
+
+
+def _log_ticks(values: list[float], n: int = 6) -> list[float]:
+    """About ``n`` geometrically spaced ticks from min to max, rounded to two significant digits."""
+    lo, hi = min(values, default=1.0), max(values, default=1.0)
+    if hi <= lo or lo <= 0:
+        return [float(f"{hi:.3g}")]
+    return sorted({float(f"{lo * (hi / lo) ** (i / (n - 1)):.2g}") for i in range(n)})
+
+
+def _plot_needle(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> None:
+    grids = [(m, pm["needle_grid"]) for m, pm in summary["per_method"].items() if pm["needle_grid"]]
+    cols, rows = max(len(g["lengths"]) for _, g in grids), max(len(g["depths"]) for _, g in grids)
+    ncols = min(len(grids), 2)
+    fig = _figure(mpl, ncols * (0.75 * cols + 2.2) + 1.2, math.ceil(len(grids) / ncols) * (0.32 * rows + 1.8) + 0.5)
+    axes = _panels(fig, len(grids), 2)
+    cmap = mpl.Cmap.from_list("niah", NIAH_COLOURS).with_extremes(bad="#dddddd")  # grey: cell not run
+    trained, image = _trained(summary), None
+    for ax, (method, grid) in zip(axes, grids, strict=True):
+        data = [[math.nan if v is None else v for v in row] for row in grid["scores"]]
+        image = ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto", interpolation="nearest")  # row 0 on top
+        for y, row in enumerate(grid["scores"]):
+            for x, value in enumerate(row):
+                if value is not None:
+                    ax.text(x, y, f"{value:.0f}", ha="center", va="center", fontsize=9 if cols <= 8 else 7)
+        ax.set_xticks(range(len(grid["lengths"])), [_length_label(n) for n in grid["lengths"]])
+        ax.set_yticks(range(len(grid["depths"])), [f"{d * 100:.0f}%" for d in grid["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(method, fontsize=11)
+        if trained and grid["lengths"][0] <= trained <= grid["lengths"][-1]:
+            # Columns are categories, not a scale: the line separates lengths <= trained from longer ones.
+            boundary = sum(n <= trained for n in grid["lengths"]) - 0.5
+            ax.axvline(boundary, color="black", linestyle="--", linewidth=1.5)
+    fig.colorbar(image, ax=axes, label="mean score", shrink=0.9)
+    note = f" (dashed: trained length {_length_label(trained)})" if trained else ""
+    fig.suptitle(f"{_model_name(summary)}: needle in a haystack{note}", fontsize=12)
+    fig.savefig(path, dpi=DPI)
+
+
+# ----------------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.name, th.name { text-align: left; }
+td.pass { font-weight: bold; background: #e3f7ee; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
+.meta td, .meta th { text-align: left; } .note { color: #555; }
+"""
+
+
+def _num(value: float | None, fmt: str = ".1f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _length_or_none(value: int | None) -> str:
+    return "none" if value is None else _length_label(value)
+
+
+def _cell(cell: str | tuple[str, str]) -> str:
+    text, css = cell if isinstance(cell, tuple) else (cell, "")
+    return f'<td class="{css}">{html.escape(text)}</td>' if css else f"<td>{html.escape(text)}</td>"
+
+
+def _table(header: list[str], rows: list[list[str | tuple[str, str]]], css: str = "") -> str:
+    """A table whose first column is a name; every text is escaped here, so callers pass plain strings."""
+    head = "".join(
+        f'<th class="name">{html.escape(h)}</th>' if i == 0 else f"<th>{html.escape(h)}</th>"
+        for i, h in enumerate(header)
+    )
+    body = "".join("<tr>" + _cell((str(row[0]), "name")) + "".join(map(_cell, row[1:])) + "</tr>" for row in rows)
+    return f"<table{f' class={css!r}' if css else ''}><tr>{head}</tr>{body}</table>"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_text(v) for v in value)
+    return str(value)
+
+
+def _metadata(run: dict[str, Any]) -> str:
+    """run.json as a two-column table: model fields first, then the settings in a fixed order, then the rest."""
+    rows: list[list[str | tuple[str, str]]] = []
+    for key, value in _model_info(run).items():
+        shown = f"{value} ({_length_label(int(value))})" if key == "trained_length" and value else _text(value)
+        rows.append([f"model {key.replace('_', ' ')}", shown])
+    order = "methods tasks lengths depths samples seed threshold versions git_commit hardware started argv".split()
+    for key in order + sorted(k for k in run if k not in order and k != "model"):
+        if run.get(key) is not None:
+            shown = _text(run[key]) if key != "argv" else " ".join(map(str, run[key]))
+            rows.append([key.replace("_", " "), shown])
+    return _table(["field", "value"], rows, css="meta")
+
+
+def _score_cell(value: float | None, threshold: float) -> str | tuple[str, str]:
+    return (_num(value), "pass") if value is not None and value > threshold else _num(value)
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    tasks, longest = summary["tasks"], _length_label(summary["lengths"][-1])
+    header = [
+        "method",
+        "effective length (all tasks)",
+        *[f"eff. length {t}" for t in tasks],
+        *[f"mean {t}" for t in tasks],
+    ]
+    header += [
+        "wAvg inc",
+        "wAvg dec",
+        f"prefill s @ {longest}",
+        "decode ms/token",
+        "peak mem MiB",
+        f"KV MiB @ {longest}",
+    ]
+    rows = []
+    for method in summary["methods"]:
+        pm = summary["per_method"][method]
+        by_task = [pm["tasks"].get(t) or {} for t in tasks]
+        cost, at_longest = pm["cost"]["overall"], pm["cost"]["by_length"].get(summary["lengths"][-1], {})
+        row: list[str | tuple[str, str]] = [method, _length_or_none(pm["all_tasks"]["effective_length"])]
+        row += [_length_or_none(t.get("effective_length")) if t else "–" for t in by_task]
+        row += [_num(t.get("mean")) for t in by_task]
+        row += [
+            _num(pm["all_tasks"]["wavg_inc"]),
+            _num(pm["all_tasks"]["wavg_dec"]),
+            _num(at_longest.get("prefill_s"), ".3f"),
+        ]
+        decode = cost["decode_s_per_token"]
+        row += [_num(None if decode is None else decode * 1000, ".2f")]
+        row += [_num(_mib(cost["peak_mem_bytes"])), _num(_mib(at_longest.get("kv_bytes")))]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def _score_tables(summary: dict[str, Any]) -> str:
+    """RULER-style tables, one per task and one for all scored tasks: rows methods, columns lengths, then average."""
+    parts = []
+    lengths, threshold = summary["lengths"], summary["threshold"]
+    for task in [*summary["tasks"], None]:
+        rows = []
+        for method in summary["methods"]:
+            pm = summary["per_method"][method]
+            stats = pm["all_tasks"] if task is None else pm["tasks"].get(task)
+            if stats and stats["mean_by_length"]:
+                means = stats["mean_by_length"]
+                rows.append([method, *[_score_cell(means.get(n), threshold) for n in lengths], _num(stats["mean"])])
+        if rows:
+            parts.append(f"<h3>{html.escape(task or 'all scored tasks')}</h3>")
+            parts.append(_table(["method", *map(_length_label, lengths), "average"], rows))
+    return "\n".join(parts)
+
+
+def _perplexity_table(summary: dict[str, Any]) -> str:
+    curves = _ppl_curves(summary)
+    if not curves:
+        return ""
+    lengths = sorted({n for ppl in curves.values() for n in ppl})
+    rows = [[m, *[_num(ppl.get(n), ".2f") for n in lengths]] for m, ppl in curves.items()]
+    note = "<p class='note'>Token-weighted: exp(total NLL / total scored tokens) over all windows of a length.</p>"
+    return "<h2>Perplexity</h2>" + note + _table(["method", *map(_length_label, lengths)], rows)
+
+
+def _html(summary: dict[str, Any], run: dict[str, Any], images: list[str]) -> str:
+    title = html.escape(f"longkit evaluation report: {_model_name(summary)}")
+    threshold = summary["threshold"]
+    source = ", RULER's threshold" if threshold == RULER_THRESHOLD else ""
+    rule = (
+        f"Effective length: the longest tested length whose mean score is strictly above {threshold:g}{source}. "
+        "Scores in bold pass it. wAvg: RULER's weighted average over lengths (inc favours long contexts, dec short ones)."
+    )
+    figures = "".join(f'<img src="{html.escape(name)}" alt="{html.escape(name)}">' for name in images)
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{title}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{title}</h1>",
+            _metadata(run),
+            "<h2>Summary</h2>",
+            f'<p class="note">{html.escape(rule)}</p>',
+            _summary_table(summary),
+            "<h2>Scores by length</h2>",
+            _score_tables(summary),
+            "<h2>Figures</h2>" if images else "",
+            figures,
+            _perplexity_table(summary),
+            "</body></html>",
+        ]
+    )
+
+
+def write_report(run_dir: str | Path, threshold: float = RULER_THRESHOLD, out_dir: str | Path | None = None) -> Path:
+    """Write summary.json, the PNG figures that apply and report.html into ``out_dir``; return report.html's path."""
+    mpl = _matplotlib()  # before anything is written: no half report when matplotlib is missing
+    summary = summarize(run_dir, threshold)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plots: list[tuple[str, Callable[..., None], bool]] = [
+        ("needle_heatmap.png", _plot_needle, any(pm["needle_grid"] for pm in summary["per_method"].values())),
+        ("score_vs_length.png", _plot_scores, bool(summary["tasks"])),
+        ("perplexity.png", _plot_perplexity, bool(_ppl_curves(summary))),
+    ]
+    images = []
+    for name, plot, applies in plots:
+        if applies:
+            plot(mpl, summary, out / name)
+            images.append(name)
+    path = out / "report.html"
+    path.write_text(_html(summary, load_run(run_dir), images), encoding="utf-8")
+    return path

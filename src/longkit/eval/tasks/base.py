@@ -1,0 +1,65 @@
+"""What an evaluation task is: build a prompt for (length, depth, sample), then score the model's answer."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from longkit.errors import EvalError
+from longkit.eval.prompt import FittedPrompt
+
+
+@dataclass
+class TaskContext:
+    """What tasks share within one run: the tokenizer, the seed, chat-template use, the haystack source."""
+
+    tokenizer: Any
+    seed: int = 0
+    chat: bool = True
+    haystack: str | None = None
+    ppl_text: str | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def rng(self, task: str, length: int, depth: float | None, sample: int) -> random.Random:
+        """A generator that depends only on (seed, task, length, depth, sample): identical prompts for every method."""
+        return random.Random(f"{self.seed}|{task}|{length}|{depth}|{sample}")
+
+
+@dataclass
+class GenerationSample:
+    """A fitted prompt, the gold answers, and how many tokens to generate."""
+
+    prompt: FittedPrompt
+    answers: list[str]
+    max_new_tokens: int
+
+
+class Task:
+    """Base of evaluation tasks, registered in :data:`TASKS` by name."""
+
+    name: ClassVar[str] = "?"
+    #: Scored tasks generate and score 0..100; unscored ones (perplexity) report NLL.
+    scored: ClassVar[bool] = True
+    #: Whether the task places a needle at a depth (the depth grid applies).
+    uses_depth: ClassVar[bool] = True
+
+    def build(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> GenerationSample:
+        raise NotImplementedError
+
+    def score(self, prediction: str, answers: list[str]) -> float:
+        raise NotImplementedError
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise EvalError(f"unknown task '{name}'; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()

@@ -1,0 +1,5 @@
+"""Memory room: retrieval, block memory and offload methods, registered under kind ``memory``."""
+
+from longkit.memory.base import MemoryMethod
+
+__all__ = ["MemoryMethod"]

@@ -1,0 +1,67 @@
+"""The base class every long-context method derives from.
+
+A method is a dataclass of parameters (declared with :func:`longkit.registry.param`) plus one verb:
+``apply(model) -> undo``. ``apply`` changes the model only through transformers' official seams
+(rope parameters, ``AttentionInterface``, ``Cache`` objects, forward hooks) and returns a callable
+that restores the model exactly. Kind-specific bases live in their rooms (``rope/base.py``,
+``attention/base.py``, ``kvcache/base.py``, ``memory/base.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from longkit.registry import check_params, params_of
+
+Undo = Callable[[], None]
+
+
+@dataclass
+class Method:
+    """Base of all methods. Subclasses are dataclasses registered with ``@register(kind, name)``."""
+
+    kind: ClassVar[str] = "?"
+    name: ClassVar[str] = "?"
+    #: Paper title and URL, shown by ``longkit methods`` and the README table.
+    paper: ClassVar[str] = ""
+    #: Parameters always spelled in the label, even at their default (e.g. a RoPE ``factor``).
+    shown: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+    def apply(self, model: Any) -> Undo:
+        """Install the method on ``model``; return a callable that removes it."""
+        raise NotImplementedError
+
+    def make_cache(self, model: Any) -> Any | None:
+        """A fresh KV cache for one generation, or None to let the next method (or transformers) decide."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in params_of(type(self))}
+
+    def label(self) -> str:
+        """The compact spelling ``name:key=value`` of the non-default parameters (used in reports and run ids)."""
+        changed = []
+        for p in params_of(type(self)):
+            value = getattr(self, p.name)
+            if value != p.default or p.name in self.shown:
+                if isinstance(value, list):
+                    value = "[" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
+                elif isinstance(value, float):
+                    value = f"{value:g}"
+                changed.append(f"{p.name}={value}")
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "kind": cls.kind,
+            "paper": cls.paper,
+            "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+            "parameters": [p.to_json() for p in params_of(cls)],
+        }

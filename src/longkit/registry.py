@@ -1,0 +1,297 @@
+"""String-keyed registries of long-context methods, and the typed parameters they declare.
+
+A method is a dataclass whose fields are declared with :func:`param`; the field metadata carries the
+valid range and the help text, so the CLI (``--rope yarn:factor=2``), ``longkit methods`` and the
+conformance tests all read the same declaration. Registering a class with ``@register("rope", "yarn")``
+is all it takes for a new method to appear everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from longkit.errors import MethodError
+
+KINDS = ("rope", "attention", "kv", "memory")
+
+_MISSING = dataclasses.MISSING
+
+
+def param(
+    default: Any = _MISSING,
+    *,
+    help: str = "",
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """Declare a method parameter: a dataclass field with a valid range and a help text."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a parameter accepts; built from a dataclass field."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {self.ge}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt}")
+        if self.le is not None:
+            parts.append(f"<= {self.le}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt}")
+        return " and ".join(parts) if parts else "any " + self.type
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "type": self.type, "default": _jsonable(self.default), "help": self.help}
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(_type_name(a) for a in args) + " | None"
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(arg)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def params_of(cls: type) -> list[ParamInfo]:
+    """The declared parameters of a method class, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not _MISSING else (
+            f.default_factory() if f.default_factory is not _MISSING else None
+        )
+        m = f.metadata
+        out.append(
+            ParamInfo(
+                name=f.name,
+                type=_type_name(hints.get(f.name, Any)),
+                default=default,
+                help=m.get("help", ""),
+                ge=m.get("ge"),
+                gt=m.get("gt"),
+                le=m.get("le"),
+                lt=m.get("lt"),
+                choices=m.get("choices"),
+            )
+        )
+    return out
+
+
+def _coerce(kind: str, method: str, name: str, tp: Any, value: Any) -> Any:
+    """Turn a CLI string (or a JSON value) into the declared type; raise a MethodError naming the parameter."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = args[0] if len(args) == 1 else tp
+        origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(tp) or (float,)
+            if isinstance(value, str):
+                text = value.strip()
+                value = json.loads(text) if text.startswith("[") else [v for v in text.split(";") if v]
+            return [_coerce(kind, method, name, inner, v) for v in value]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str):
+                text = value.strip().lower().replace("_", "")
+                mult = 1
+                if text.endswith("k"):
+                    text, mult = text[:-1], 1024
+                return int(float(text) * mult) if mult != 1 else int(text)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise MethodError(
+            f"{kind} method '{method}': parameter '{name}' expects {_type_name(tp)}, got {value!r}"
+        ) from None
+    return value
+
+
+def check_params(obj: Any) -> None:
+    """Validate every declared parameter of a method instance against its range (called in __post_init__)."""
+    cls = type(obj)
+    kind, name = getattr(cls, "kind", "?"), getattr(cls, "name", cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for info in params_of(cls):
+        value = getattr(obj, info.name)
+        coerced = _coerce(kind, name, info.name, hints.get(info.name, Any), value)
+        if coerced is not value:
+            object.__setattr__(obj, info.name, coerced)
+        value = coerced
+        if value is None:
+            continue
+        bad = False
+        if info.choices is not None:
+            bad = value not in info.choices
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            bad = (
+                (info.ge is not None and value < info.ge)
+                or (info.gt is not None and value <= info.gt)
+                or (info.le is not None and value > info.le)
+                or (info.lt is not None and value >= info.lt)
+            )
+        if bad:
+            raise MethodError(
+                f"{kind} method '{name}': parameter '{info.name}' must be {info.range_text()} (got {value!r})"
+            )
+
+
+class Registry:
+    """Name -> method class for one kind of method (rope, attention, kv, memory)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if name in self._items and self._items[name] is not cls:
+                raise MethodError(f"{self.kind} method '{name}' is already registered by {self._items[name]}")
+            cls.kind = self.kind
+            cls.name = name
+            self._items[name] = cls
+            return cls
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def get(self, name: str) -> type:
+        if name not in self._items:
+            raise MethodError(
+                f"unknown {self.kind} method '{name}'; valid {self.kind} methods: {', '.join(self.names()) or '(none)'}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def create(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Build a method from its name and a dict of parameters (strings from the CLI are coerced)."""
+        cls = self.get(name)
+        args = dict(args or {})
+        valid = {p.name for p in params_of(cls)}
+        unknown = sorted(set(args) - valid)
+        if unknown:
+            raise MethodError(
+                f"{self.kind} method '{name}' has no parameter {', '.join(repr(u) for u in unknown)}; "
+                f"valid parameters: {', '.join(sorted(valid)) or '(none)'}"
+            )
+        return cls(**args)
+
+
+REGISTRIES: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+
+
+def register(kind: str, name: str) -> Callable[[type], type]:
+    """Class decorator: ``@register("rope", "yarn")``."""
+    if kind not in REGISTRIES:
+        raise MethodError(f"unknown method kind '{kind}'; valid kinds: {', '.join(KINDS)}")
+    return REGISTRIES[kind].register(name)
+
+
+def registry(kind: str) -> Registry:
+    if kind not in REGISTRIES:
+        raise MethodError(f"unknown method kind '{kind}'; valid kinds: {', '.join(KINDS)}")
+    return REGISTRIES[kind]
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Parse the compact CLI form ``name:key=value,key=value`` (lists as ``[1,2]`` or ``1;2``)."""
+    spec = spec.strip()
+    if not spec:
+        raise MethodError("empty method spec; expected NAME or NAME:key=value,...")
+    name, _, rest = spec.partition(":")
+    args: dict[str, str] = {}
+    depth, current, items = 0, "", []
+    for ch in rest:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    if current:
+        items.append(current)
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise MethodError(f"bad method spec '{spec}': '{item}' is not key=value")
+        args[key.strip()] = value.strip()
+    return name.strip(), args

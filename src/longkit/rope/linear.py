@@ -1,0 +1,31 @@
+"""Position Interpolation: positions divided by a constant factor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from longkit.registry import param, register
+from longkit.rope.base import HFRopeMethod
+
+
+@register("rope", "linear")
+@dataclass
+class Linear(HFRopeMethod):
+    """Position Interpolation: every rotary frequency divided by ``factor`` (positions squeezed into the trained range).
+
+    Based on Chen et al. 2023, Extending Context Window of LLMs via Positional Interpolation
+    (https://arxiv.org/abs/2306.15595); transformers rope_type ``linear``.
+
+    Parameters
+    ----------
+    factor: context extension factor, >= 1 (2 doubles the usable window).
+    """
+
+    paper = "Position Interpolation (Chen et al. 2023) https://arxiv.org/abs/2306.15595"
+    rope_type = "linear"
+    shown = ("factor",)
+    factor: float = param(2.0, ge=1.0, help="context extension factor")
+
+    def rope_parameters(self, model: Any) -> dict[str, Any]:
+        return {"factor": self.factor}

@@ -1,0 +1,78 @@
+"""LongRoPE: searched per-dimension rescale factors, a short set and a long set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longkit.errors import MethodError
+from longkit.registry import param, register
+from longkit.rope.base import HFRopeMethod, require_rope, trained_length
+
+
+@register("rope", "longrope")
+@dataclass
+class LongRope(HFRopeMethod):
+    """LongRoPE: frequency i divided by short_factor[i] up to the trained length, by long_factor[i] beyond it,
+    and cos/sin scaled by sqrt(1 + ln(factor)/ln(L)).
+
+    Based on Ding et al. 2024, LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens
+    (https://arxiv.org/abs/2402.13753); transformers rope_type ``longrope``.
+
+    Parameters
+    ----------
+    short_factor, long_factor: one factor >= 1 per rotary frequency (head_dim/2 values); on the CLI as
+        ``[1,1.5,...]`` or ``1;1.5;...``.
+    config: a JSON file holding them (a rope-parameters dict, or a model config with ``rope_parameters``).
+    factor: target length / trained length (> 1); sets the attention factor.
+    original_max_position_embeddings: trained length L (> 0); default: the model's.
+    attention_factor: explicit cos/sin scale (> 0).
+    """
+
+    paper = "LongRoPE (Ding et al. 2024) https://arxiv.org/abs/2402.13753"
+    rope_type = "longrope"
+    short_factor: list[float] | None = param(None, help="per-frequency factors up to the trained length")
+    long_factor: list[float] | None = param(None, help="per-frequency factors beyond the trained length")
+    config: str | None = param(None, help="JSON file with short_factor/long_factor")
+    factor: float | None = param(None, gt=1.0, help="target length / trained length")
+    original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
+    attention_factor: float | None = param(None, gt=0, help="explicit cos/sin scale")
+
+    def _factors(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = {}
+        if self.config is not None:
+            path = Path(self.config)
+            if not path.is_file():
+                raise MethodError(f"rope method 'longrope': parameter 'config' names no file: {path}")
+            data = json.loads(path.read_text())
+            loaded = data.get("rope_parameters") or data.get("rope_scaling") or data
+        out = {
+            "short_factor": self.short_factor or loaded.get("short_factor"),
+            "long_factor": self.long_factor or loaded.get("long_factor"),
+        }
+        for key in ("factor", "original_max_position_embeddings", "attention_factor"):
+            out[key] = getattr(self, key) or loaded.get(key)
+        if out["short_factor"] is None or out["long_factor"] is None:
+            raise MethodError(
+                "rope method 'longrope' needs short_factor and long_factor (head_dim/2 floats each) or config=FILE"
+            )
+        return out
+
+    def rope_parameters(self, model: Any) -> dict[str, Any]:
+        config, old = require_rope(model, self.name)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        half = int(head_dim * old.get("partial_rotary_factor", 1.0)) // 2
+        out = self._factors()
+        for key in ("short_factor", "long_factor"):
+            values = [float(v) for v in out[key]]
+            if len(values) != half:
+                raise MethodError(
+                    f"rope method 'longrope': parameter '{key}' needs {half} values (rotary dim / 2), got {len(values)}"
+                )
+            if min(values) < 1.0:
+                raise MethodError(f"rope method 'longrope': parameter '{key}' values must be >= 1 (got {min(values)})")
+            out[key] = values
+        out["original_max_position_embeddings"] = out["original_max_position_embeddings"] or trained_length(model)
+        return out

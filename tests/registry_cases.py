@@ -1,0 +1,35 @@
+"""The shared conformance matrix: every registered method with an easy and a hard parameter set.
+
+A test fails when a registered method has no entry here, so a new method is listed (and checked) by
+construction. ``changes_logits`` says whether the method must change a long prompt's logits on a tiny model.
+"""
+
+from __future__ import annotations
+
+HALF = 8  # tiny models: head_dim 16 -> 8 rotary frequencies
+
+CASES: dict[tuple[str, str], dict] = {
+    ("rope", "default"): {"args": [{}], "changes_logits": False},
+    ("rope", "linear"): {"args": [{"factor": 2.0}, {"factor": 7.5}], "changes_logits": True},
+    ("rope", "dynamic"): {"args": [{"factor": 2.0, "original_max_position_embeddings": 32}, {"factor": 4.0, "original_max_position_embeddings": 16}],
+                          "changes_logits": True},
+    ("rope", "yarn"): {"args": [{"factor": 2.0}, {"factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                                                  "original_max_position_embeddings": 64}],
+                       "changes_logits": True},
+    ("rope", "longrope"): {"args": [{"short_factor": [1.0] * HALF, "long_factor": [1.0 + i for i in range(HALF)],
+                                     "original_max_position_embeddings": 16},
+                                    {"short_factor": [1.5] * HALF, "long_factor": [4.0] * HALF, "factor": 4.0}],
+                           "changes_logits": True},
+    ("rope", "llama3"): {"args": [{"factor": 8.0, "original_max_position_embeddings": 64},
+                                  {"factor": 2.0, "low_freq_factor": 2.0, "high_freq_factor": 3.0,
+                                   "original_max_position_embeddings": 32}],
+                         "changes_logits": True},
+    ("attention", "eager"): {"args": [{}], "changes_logits": False},
+    ("attention", "sdpa"): {"args": [{}], "changes_logits": False},
+}
+
+
+def all_cases():
+    for (kind, name), case in CASES.items():
+        for i, args in enumerate(case["args"]):
+            yield kind, name, args, case["changes_logits"], f"{kind}-{name}-{i}"

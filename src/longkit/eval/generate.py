@@ -78,6 +78,8 @@ def greedy_generate(model: Any, input_ids: list[int], max_new_tokens: int, cache
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        # With cache=None the model made its own; keep whichever cache it filled.
+        cache = out.cache
         _sync(device)
         t1 = time.perf_counter()
         kv_bytes = cache_nbytes(cache)
@@ -88,6 +90,7 @@ def greedy_generate(model: Any, input_ids: list[int], max_new_tokens: int, cache
             if nxt in eos_ids or len(tokens) == max_new_tokens:
                 break
             out = model(input_ids=torch.tensor([[nxt]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
         _sync(device)
         t2 = time.perf_counter()
     return Generation(tokens, t1 - t0, t2 - t1, kv_bytes, mem.peak_bytes)

@@ -71,7 +71,7 @@ def fit_prompt(
     """Assemble a prompt of exactly ``length`` tokens with ``needle`` at ``depth`` (0..1) of the context.
 
     The needle goes at the last sentence boundary at or before ``depth * context_tokens`` (NIAH's rule),
-    so depth 0 puts it first and depth 1 last.
+    so depth 0 puts it first; depth 1 puts it at the very end of the context, right before the question.
     """
     head, tail = chat_frame(tokenizer, chat)
     instruction_ids = encode(tokenizer, instruction)
@@ -90,9 +90,13 @@ def fit_prompt(
     if needle_ids:
         if depth is None or not 0.0 <= depth <= 1.0:
             raise EvalError(f"parameter 'depth' must be in [0, 1] (got {depth!r})")
-        target = int(round(depth * budget))
-        i = bisect.bisect_right(bounds, target) - 1
-        cut = bounds[i] if i >= 0 else 0
+        if depth >= 1.0:
+            # NIAH: depth 100% appends the needle at the very end of the context.
+            cut = budget
+        else:
+            target = int(round(depth * budget))
+            i = bisect.bisect_right(bounds, target) - 1
+            cut = bounds[i] if i >= 0 else 0
         hay = hay[:cut] + needle_ids + hay[cut:]
         needle_at = len(head) + len(instruction_ids) + cut
     ids = head + instruction_ids + hay + question_ids + tail + prefix_ids

@@ -35,10 +35,10 @@ class EvalConfig:
     """Everything that defines an evaluation run (the CLI's ``longkit eval`` options map onto these fields)."""
 
     model: str = "smollm2-135m"
-    methods: list[str] = field(default_factory=lambda: ["baseline", "rope=yarn:factor=2"])
+    methods: list[str] = field(default_factory=lambda: ["baseline", "rope=dynamic:factor=2"])
     tasks: list[str] = field(default_factory=lambda: ["passkey", "needle"])
     lengths: list[int] = field(default_factory=lambda: [4096, 8192, 12288])
-    depths: list[float] = field(default_factory=lambda: [0.5])
+    depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
     samples: int = 1
     seed: int = 0
     chat: bool = True

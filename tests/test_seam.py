@@ -4,14 +4,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from registry_cases import CASES, all_cases
 
 import longkit
+from conftest import sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import KVMethod
 from longkit.registry import REGISTRIES, register
-
-from conftest import sample_ids
+from registry_cases import CASES, all_cases
 
 CASE_LIST = list(all_cases())
 

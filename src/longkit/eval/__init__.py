@@ -1,0 +1,26 @@
+"""Evaluation: tasks (passkey, needle, perplexity), a resumable runner, metrics and reports.
+
+>>> from longkit.eval import EvalConfig, evaluate, write_report
+>>> run_dir = evaluate(EvalConfig(model="smollm2-135m", methods=["baseline", "rope=yarn:factor=2"]))
+>>> write_report(run_dir)
+"""
+
+from longkit.eval.metrics import RULER_THRESHOLD, effective_length, weighted_average
+from longkit.eval.records import load_records, load_run
+from longkit.eval.report import summarize, write_report
+from longkit.eval.runner import EvalConfig, evaluate
+from longkit.eval.tasks import TASKS, get_task
+
+__all__ = [
+    "RULER_THRESHOLD",
+    "TASKS",
+    "EvalConfig",
+    "effective_length",
+    "evaluate",
+    "get_task",
+    "load_records",
+    "load_run",
+    "summarize",
+    "weighted_average",
+    "write_report",
+]

@@ -24,6 +24,8 @@ CASES: dict[tuple[str, str], dict] = {
                                   {"factor": 2.0, "low_freq_factor": 2.0, "high_freq_factor": 3.0,
                                    "original_max_position_embeddings": 32}],
                          "changes_logits": True},
+    ("rope", "ntk"): {"args": [{"factor": 2.0}, {"factor": 16.0}], "changes_logits": True},
+    ("rope", "abf"): {"args": [{"rope_theta": 500000.0}, {"rope_theta": 2000.0}], "changes_logits": True},
     ("attention", "eager"): {"args": [{}], "changes_logits": False},
     ("attention", "sdpa"): {"args": [{}], "changes_logits": False},
 }

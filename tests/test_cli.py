@@ -39,7 +39,7 @@ def test_eval_on_a_tiny_model_writes_records_and_a_report(tmp_path):
 def test_eval_bad_method_exits_2_with_valid_names(tmp_path):
     out = runner.invoke(app, ["eval", "--model", "tiny-llama", "--rope", "yarnn", "--out", str(tmp_path / "r")])
     assert out.exit_code == 2
-    assert "valid rope methods: default, dynamic, linear, llama3, longrope, yarn" in out.output
+    assert "valid rope methods: abf, default, dynamic, linear, llama3, longrope, ntk, yarn" in out.output
 
 
 def test_report_of_a_missing_dir_exits_2(tmp_path):

@@ -11,7 +11,7 @@ from longkit.registry import KINDS, REGISTRIES, Registry, param, params_of, spli
 
 def test_every_kind_has_a_registry():
     assert set(REGISTRIES) == set(KINDS) == {"rope", "attention", "kv", "memory"}
-    assert {"default", "linear", "dynamic", "yarn", "longrope", "llama3"} <= set(REGISTRIES["rope"].names())
+    assert {"default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "abf"} <= set(REGISTRIES["rope"].names())
     assert {"eager", "sdpa"} <= set(REGISTRIES["attention"].names())
 
 
@@ -52,7 +52,7 @@ def test_bad_parameters_name_the_parameter_and_range(name, args, match):
 def test_unknown_method_lists_valid_names():
     with pytest.raises(MethodError) as err:
         REGISTRIES["rope"].get("yarnn")
-    assert "valid rope methods: default, dynamic, linear, llama3, longrope, yarn" in str(err.value)
+    assert "valid rope methods: abf, default, dynamic, linear, llama3, longrope, ntk, yarn" in str(err.value)
 
 
 def test_describe_lists_parameters_defaults_ranges_and_paper():

@@ -88,3 +88,15 @@ def test_perplexity_windows_slide_by_half_and_score_the_second_half(tiny_llama, 
         task.window(ctx, 201, 10)
     with pytest.raises(EvalError, match="parameter 'ppl_text' must be a text file"):
         task.window(TaskContext(tiny_llama.tokenizer, ppl_text=str(tmp_path / "no.txt")), 201, 0)
+
+
+def test_chat_template_defaults_per_task_and_can_be_forced(tiny_llama):
+    tok = tiny_llama.tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+
+    def uses_template(task, chat):
+        return im_start in get_task(task).build(TaskContext(tok, chat=chat), 1500, 0.5, 0).prompt.input_ids
+
+    assert not uses_template("passkey", None) and uses_template("needle", None)
+    assert uses_template("passkey", True) and uses_template("needle", True)
+    assert not uses_template("passkey", False) and not uses_template("needle", False)

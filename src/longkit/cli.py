@@ -71,7 +71,8 @@ def eval_cmd(
     samples: Annotated[int | None, typer.Option(help="Samples per (length, depth).")] = None,
     full: Annotated[bool, typer.Option("--full", help="The larger grid: 2K..16K tokens x 5 depths.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of keys, needles and depths.")] = 0,
-    chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template when it has one.")] = True,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Chat template on/off for every task "
+                    "(default: each task's own: passkey off, as the classic protocol; needle on).")] = None,
     haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack.")] = None,
     ppl_text: Annotated[str | None, typer.Option(help="Text file for the perplexity task.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",

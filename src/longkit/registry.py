@@ -170,10 +170,15 @@ def _coerce(kind: str, method: str, name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def check_params(obj: Any) -> None:
-    """Validate every declared parameter of a method instance against its range (called in __post_init__)."""
+def check_params(obj: Any, *, kind: str | None = None, name: str | None = None) -> None:
+    """Validate every declared parameter of a method instance against its range (called in __post_init__).
+
+    ``kind`` and ``name`` override the class's own for the messages (a parameter object shared by several
+    methods, such as ``RopeParams``, names the method it was built for).
+    """
     cls = type(obj)
-    kind, name = getattr(cls, "kind", "?"), getattr(cls, "name", cls.__name__)
+    kind = kind or getattr(cls, "kind", "?")
+    name = name or getattr(cls, "name", cls.__name__)
     hints = typing.get_type_hints(cls)
     for info in params_of(cls):
         value = getattr(obj, info.name)

@@ -8,7 +8,7 @@ with ``model.set_attn_implementation``. Undo restores the previous implementatio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +27,11 @@ class AttentionMethod(Method):
     """
 
     implementation = ""
+    #: The mask format a custom implementation receives: the mask function of this transformers implementation
+    #: is registered under the same name. "sdpa": a boolean (B, 1, T, S) mask (True = visible), or None when
+    #: plain causal attention suffices. Without a registered mask function transformers passes None even for
+    #: padded batches, and padding would be silently ignored.
+    mask_format: ClassVar[str] = "sdpa"
 
     def forward(
         self,
@@ -45,10 +50,12 @@ class AttentionMethod(Method):
         if self.implementation:
             return self.implementation
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
 
         name = f"longkit_{self.name}"
-        # Registering adds a new key to transformers' registry; no existing implementation is replaced.
+        # Registering adds a new key to transformers' registries; no existing implementation is replaced.
         AttentionInterface.register(name, self.forward)
+        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[self.mask_format])
         return name
 
     def apply(self, model: Any) -> Undo:

@@ -41,7 +41,7 @@ class EvalConfig:
     depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
     samples: int = 1
     seed: int = 0
-    chat: bool = True
+    chat: bool | None = None
     haystack: str | None = None
     ppl_text: str | None = None
     dtype: str = "auto"

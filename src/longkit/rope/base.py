@@ -2,7 +2,8 @@
 
 transformers computes RoPE frequencies in one rotary-embedding module per model (``model.model.rotary_emb``
 for Llama, Qwen2/3, Mistral...), from ``config.rope_parameters``. A RoPE method here is a dataclass that
-returns the ``rope_parameters`` of its ``rope_type``; :meth:`HFRopeMethod.apply` builds a new rotary module
+returns the ``rope_parameters`` of its ``rope_type`` (and, through :meth:`HFRopeMethod.scaled_theta`, the
+``rope_theta`` when it changes the base); :meth:`HFRopeMethod.apply` builds a new rotary module
 of the model's own class from a copy of the config with those parameters and swaps it in. The model's
 config object is never mutated, and undo puts the original module object back, so logits after removal
 are bit-identical.
@@ -74,10 +75,14 @@ class HFRopeMethod(Method):
         """This method's entries of ``rope_parameters`` (rope_theta and partial_rotary_factor are added)."""
         return {}
 
+    def scaled_theta(self, model: Any, theta: float) -> float:
+        """The ``rope_theta`` to build with; the model's own unless the method changes the base (ntk, abf)."""
+        return theta
+
     def scaled_config(self, model: Any) -> Any:
         """A copy of the model's config carrying this method's rope parameters, validated by transformers."""
         config, old = require_rope(model, self.name)
-        new = {"rope_type": self.rope_type, "rope_theta": old["rope_theta"]}
+        new = {"rope_type": self.rope_type, "rope_theta": self.scaled_theta(model, old["rope_theta"])}
         if "partial_rotary_factor" in old:
             new["partial_rotary_factor"] = old["partial_rotary_factor"]
         new.update({k: v for k, v in self.rope_parameters(model).items() if v is not None})

@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, trained_length
+from longkit.rope.frequencies import register_frequencies
+from longkit.rope.params import RopeParams
 
 
 @register("rope", "dynamic")
@@ -38,3 +42,22 @@ class Dynamic(HFRopeMethod):
         # transformers' dynamic NTK reads the trained length from max_position_embeddings.
         cfg.max_position_embeddings = self.original_max_position_embeddings or trained_length(model)
         return cfg
+
+
+@register_frequencies("dynamic")
+def dynamic_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Dynamic NTK frequencies: the default formula at base * (factor*T/L - (factor-1))^(d/(d-2)), T = max(seq_len, L).
+
+    Up to the trained length L (and with seq_len None) the base is unchanged; beyond it the base grows with T
+    (static ``ntk`` with the scale factor*T/L - (factor-1)). Attention factor 1. Based on emozilla 2023,
+    https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr/. Parameters: factor (required, >= 1), L =
+    original_max_position_embeddings or max_position_embeddings (> 0), rotary dim d > 2.
+    """
+    factor, trained = p.require("factor"), p.require_trained_length()
+    dim = p.rotary_dim
+    if dim <= 2:
+        p.fail("head_dim", f"needs a rotary dim > 2 for the d/(d-2) exponent (got {dim})")
+    length = trained if seq_len is None else max(seq_len, trained)
+    # Same operation order as transformers, in Python floats, so the float32 frequencies match bit for bit.
+    base = p.base * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
+    return p.inv_freq(base), 1.0

@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
+from longkit.rope.frequencies import register_frequencies
+from longkit.rope.params import RopeParams
 
 
 @register("rope", "linear")
@@ -29,3 +33,13 @@ class Linear(HFRopeMethod):
 
     def rope_parameters(self, model: Any) -> dict[str, Any]:
         return {"factor": self.factor}
+
+
+@register_frequencies("linear")
+def linear_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Position Interpolation frequencies: every default frequency divided by ``factor``; attention factor 1.
+
+    Dividing inv_freq is the same as dividing the position ids, since the angles are positions x inv_freq.
+    Based on https://arxiv.org/abs/2306.15595. Parameters: factor (required, >= 1); seq_len is unused.
+    """
+    return p.inv_freq() / p.require("factor"), 1.0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from longkit.errors import MethodError
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, trained_length
+from longkit.rope.frequencies import register_frequencies
+from longkit.rope.params import RopeParams
 
 
 @register("rope", "llama3")
@@ -49,3 +54,26 @@ class Llama3(HFRopeMethod):
             "high_freq_factor": self.high_freq_factor,
             "original_max_position_embeddings": self.original_max_position_embeddings or trained_length(model),
         }
+
+
+@register_frequencies("llama3")
+def llama3_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Llama-3.1 frequencies: wavelengths above L/low_freq_factor divided by factor, below L/high_freq_factor
+    kept, a smooth blend between; attention factor 1.
+
+    Based on https://arxiv.org/abs/2407.21783. Parameters (all required, as transformers requires them):
+    factor (>= 1), low_freq_factor < high_freq_factor (both > 0; 1 and 4 for Llama 3.1), L =
+    original_max_position_embeddings (> 0; max_position_embeddings in its place); seq_len is unused.
+    """
+    factor, low, high = p.require("factor"), p.require("low_freq_factor"), p.require("high_freq_factor")
+    trained = p.require_trained_length()
+    if low >= high:
+        p.fail("low_freq_factor", f"must be < high_freq_factor (got {low} >= {high})")
+    inv_freq = p.inv_freq()
+    # (d/2,) wavelengths in tokens, compared with the band edges L/low and L/high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > trained / low, inv_freq / factor, inv_freq)
+    smooth = (trained / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < trained / high) * ~(wavelen > trained / low)
+    return torch.where(medium, smoothed, scaled), 1.0

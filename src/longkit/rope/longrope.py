@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from longkit.errors import MethodError
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, require_rope, trained_length
+from longkit.rope.frequencies import register_frequencies
+from longkit.rope.params import RopeParams
 
 
 @register("rope", "longrope")
@@ -76,3 +81,28 @@ class LongRope(HFRopeMethod):
             out[key] = values
         out["original_max_position_embeddings"] = out["original_max_position_embeddings"] or trained_length(model)
         return out
+
+
+@register_frequencies("longrope")
+def longrope_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """LongRoPE frequencies: default frequency j divided by short_factor[j], or by long_factor[j] once
+    seq_len exceeds the trained length L; cos/sin scaled by sqrt(1 + ln(factor)/ln(L)) (1 when factor <= 1).
+
+    Based on https://arxiv.org/abs/2402.13753. Parameters: short_factor, long_factor (required, rotary_dim/2
+    values > 0 each), L = original_max_position_embeddings (> 0), factor (>= 1; default
+    max_position_embeddings / L, as Phi-3 configs state it), attention_factor (> 0, overrides the formula).
+    seq_len None or <= L selects the short factors, as transformers does at init.
+    """
+    short, long = p.require("short_factor"), p.require("long_factor")
+    trained = p.require_trained_length()
+    attention_factor = p.attention_factor
+    if attention_factor is None:
+        factor = p.implied_factor()
+        if factor > 1.0 and trained < 2:
+            p.fail("original_max_position_embeddings", f"must be >= 2 for the ln(L) attention factor (got {trained})")
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
+    ext = long if seq_len is not None and seq_len > trained else short
+    # (d/2,) exponents 2j/d; the per-frequency factor divides base^(2j/d) as in transformers
+    exponent = torch.arange(0, p.rotary_dim, 2, dtype=torch.int64).float() / p.rotary_dim
+    inv_freq = 1.0 / (torch.tensor(ext, dtype=torch.float32) * p.base**exponent)
+    return inv_freq, float(attention_factor)

@@ -16,10 +16,14 @@ class TaskContext:
 
     tokenizer: Any
     seed: int = 0
-    chat: bool = True
+    #: Wrap prompts in the chat template: True/False for every task, None for each task's own default.
+    chat: bool | None = None
     haystack: str | None = None
     ppl_text: str | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def use_chat(self, task: Task) -> bool:
+        return task.chat_default if self.chat is None else self.chat
 
     def rng(self, task: str, length: int, depth: float | None, sample: int) -> random.Random:
         """A generator that depends only on (seed, task, length, depth, sample): identical prompts for every method."""
@@ -43,6 +47,8 @@ class Task:
     scored: ClassVar[bool] = True
     #: Whether the task places a needle at a depth (the depth grid applies).
     uses_depth: ClassVar[bool] = True
+    #: Whether prompts use the model's chat template unless the run says otherwise.
+    chat_default: ClassVar[bool] = True
 
     def build(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> GenerationSample:
         raise NotImplementedError

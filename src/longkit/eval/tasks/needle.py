@@ -55,7 +55,7 @@ class Needle(Task):
             depth=0.5 if depth is None else depth,
             question=QUESTION.format(key=key),
             answer_prefix=ANSWER_PREFIX.format(key=key),
-            chat=ctx.chat,
+            chat=ctx.use_chat(self),
         )
         return GenerationSample(prompt, [value], max_new_tokens=12)
 

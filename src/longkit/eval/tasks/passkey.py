@@ -25,11 +25,15 @@ class Passkey(Task):
 
     Prompt: the classic task description, filler sentences, the key line at a sentence boundary at ``depth``,
     more filler, "What is the pass key?" and the answer prefix "The pass key is". The key is a uniform
-    5-digit number. Score: 100 if the first integer of the answer equals the key, else 0.
+    5-digit number. No chat template unless the run asks for one (``--chat``). Score: 100 if the first
+    integer of the answer equals the key, else 0.
     Based on Mohtashami & Jaggi 2023, Landmark Attention (https://arxiv.org/abs/2305.16300).
     """
 
     name = "passkey"
+    # The classic protocol is a plain completion; in a chat turn instruct models often explain what a
+    # pass key is instead of completing the answer prefix (SmolLM2 at 2K: 3 of 5 depths), a format failure.
+    chat_default = False
 
     def build(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> GenerationSample:
         key = str(ctx.rng(self.name, length, depth, sample).randint(10000, 99999))
@@ -44,7 +48,7 @@ class Passkey(Task):
             depth=0.5 if depth is None else depth,
             question=QUESTION,
             answer_prefix=ANSWER_PREFIX,
-            chat=ctx.chat,
+            chat=ctx.use_chat(self),
         )
         return GenerationSample(prompt, [key], max_new_tokens=8)
 

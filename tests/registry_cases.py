@@ -28,6 +28,8 @@ CASES: dict[tuple[str, str], dict] = {
     ("rope", "abf"): {"args": [{"rope_theta": 500000.0}, {"rope_theta": 2000.0}], "changes_logits": True},
     ("attention", "eager"): {"args": [{}], "changes_logits": False},
     ("attention", "sdpa"): {"args": [{}], "changes_logits": False},
+    ("attention", "blockwise"): {"args": [{"block_q": 16, "block_k": 16}, {"block_q": 32, "block_k": 48}],
+                                 "changes_logits": False},
 }
 
 

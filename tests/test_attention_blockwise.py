@@ -243,7 +243,7 @@ def test_model_logits_match_sdpa_in_prefill_decoding_and_with_left_padding(name)
         ref = model(ids[:1]).logits
         ref_padded = model(ids, attention_mask=attention_mask).logits
         with longkit.apply(model, attention=SPEC) as applied:
-            assert model.config._attn_implementation == "longkit_blockwise"
+            assert model.config._attn_implementation.startswith("longkit_blockwise")
             prefill = model(ids[:1]).logits
             padded = model(ids, attention_mask=attention_mask).logits
             cache = applied.new_cache()
@@ -318,3 +318,12 @@ def test_model_training_gradients_match_sdpa(tiny_llama):
     assert ref.keys() == got.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_two_settings_register_two_implementations():
+    from longkit.registry import REGISTRIES
+
+    a = REGISTRIES["attention"].create("blockwise", {"block_q": 16, "block_k": 16})
+    b = REGISTRIES["attention"].create("blockwise", {"block_q": 32, "block_k": 32})
+    assert a.implementation_name() != b.implementation_name()
+    assert a.implementation_name() == REGISTRIES["attention"].create("blockwise", {"block_q": 16, "block_k": 16}).implementation_name()

@@ -11,6 +11,14 @@ from longkit.eval.tasks import TaskContext, get_task
 pytestmark = pytest.mark.real_model
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_smollm2_facts(smollm2):
     info = smollm2.info()
     assert info["architecture"] == "LlamaForCausalLM"

@@ -78,6 +78,7 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="transformers attention implementation.")] = "sdpa",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    prefill_chunk: Annotated[str | None, typer.Option(help="Prefill in chunks of this many tokens (e.g. 2k).")] = None,
     threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = 85.6,
     out: Annotated[str | None, typer.Option(help="Run directory (default: runs/<model>-<hash of settings>).")] = None,
     report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
@@ -111,6 +112,7 @@ def eval_cmd(
         dtype=dtype,
         attn_implementation=attn_implementation,
         device=device,
+        prefill_chunk=parse_lengths(prefill_chunk)[0] if prefill_chunk else None,
         threshold=threshold,
         run_dir=out,
     )

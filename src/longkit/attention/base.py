@@ -7,6 +7,7 @@ with ``model.set_attn_implementation``. Undo restores the previous implementatio
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,7 +53,11 @@ class AttentionMethod(Method):
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        name = f"longkit_{self.name}"
+        # One key per parameter setting, so two models using the same method with different settings at
+        # once do not share one registered function.
+        label = self.label()
+        suffix = "" if label == self.name else "_" + hashlib.sha1(label.encode()).hexdigest()[:8]
+        name = f"longkit_{self.name}{suffix}"
         # Registering adds a new key to transformers' registries; no existing implementation is replaced.
         AttentionInterface.register(name, self.forward)
         AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[self.mask_format])

@@ -36,7 +36,9 @@ class MaskSpec:
     transformers ``sliding_window`` convention), or ``j < sinks`` (attention sinks kept beside the window).
     ``doc_ids``: ``doc_ids[..., p] == doc_ids[..., j]`` (packed sequences). ``block_mask``:
     ``block_mask[..., i // block_size, j // block_size]`` (indexed by query index, not position). ``dense``:
-    ``dense[..., i, j]``.
+    ``dense[..., i, j]``. Based on transformers' mask functions (``transformers/masking_utils.py``: causal,
+    ``sliding_window_overlay``, packed sequences) and FlexAttention's block masks
+    (https://pytorch.org/blog/flexattention/).
 
     Parameters:
         causal: hide keys after the query position.
@@ -99,6 +101,7 @@ class MaskSpec:
         ``is_causal`` is (transformers passes None only when that is right: no cache, or prefill into an empty static
         cache); a single query sees every key. A boolean (B, 1, T, S) mask is used as is (it already holds causality,
         the sliding window and padding); an additive float mask may only hold 0 and -inf / the dtype minimum.
+        Based on ``transformers/integrations/sdpa_attention.py`` (``is_causal`` only when T > 1 and no mask).
 
         Parameters:
             module: the attention module (its ``is_causal`` and ``sliding_window`` are read when not in kwargs).

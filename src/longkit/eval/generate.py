@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from longkit.attention.chunked_prefill import chunked_prefill
 from longkit.kvcache import cache_nbytes
 
 
@@ -70,14 +71,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def greedy_generate(model: Any, input_ids: list[int], max_new_tokens: int, cache: Any, eos_ids: set[int]) -> Generation:
-    """Prefill ``input_ids`` into ``cache`` (logits for the last position only), then greedy-decode."""
+def greedy_generate(
+    model: Any, input_ids: list[int], max_new_tokens: int, cache: Any, eos_ids: set[int], prefill_chunk: int | None = None
+) -> Generation:
+    """Prefill ``input_ids`` into ``cache`` (in chunks of ``prefill_chunk`` tokens if set), then greedy-decode."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
     tokens: list[int] = []
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = chunked_prefill(model, ids, cache, prefill_chunk)
         # With cache=None the model made its own; keep whichever cache it filled.
         cache = out.cache
         _sync(device)

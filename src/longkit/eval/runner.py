@@ -47,6 +47,7 @@ class EvalConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     device: str = "cpu"
+    prefill_chunk: int | None = None
     threshold: float = RULER_THRESHOLD
     run_dir: str | None = None
 
@@ -61,6 +62,8 @@ class EvalConfig:
             raise EvalError(f"parameter 'lengths' must be token counts >= 64 (got {self.lengths})")
         if any(not 0.0 <= d <= 1.0 for d in self.depths) or not self.depths:
             raise EvalError(f"parameter 'depths' must be fractions in [0, 1] (got {self.depths})")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise EvalError(f"parameter 'prefill_chunk' must be >= 1 tokens or None (got {self.prefill_chunk})")
         if self.samples < 1:
             raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
         if not 0.0 <= self.threshold <= 100.0:
@@ -151,7 +154,7 @@ def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
     return jobs
 
 
-def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job) -> dict[str, Any]:
+def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None) -> dict[str, Any]:
     """Compute one sample under the applied methods; return its record."""
     task = get_task(job.task)
     record: dict[str, Any] = {
@@ -174,7 +177,8 @@ def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job) -> dict[str, Any]
     tok = lm.tokenizer
     eos = {i for i in (tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)) if i is not None}
     eos = {j for i in eos for j in (i if isinstance(i, list) else [i])}
-    gen = greedy_generate(lm.model, sample.prompt.input_ids, sample.max_new_tokens, applied.new_cache(), eos)
+    gen = greedy_generate(lm.model, sample.prompt.input_ids, sample.max_new_tokens, applied.new_cache(), eos,
+                          prefill_chunk=prefill_chunk)
     prediction = tok.decode(gen.tokens, skip_special_tokens=True)
     record.update(
         n_tokens=len(sample.prompt),
@@ -272,7 +276,7 @@ def evaluate(
             with apply(lm.model, spec) as applied:
                 for job in mine:
                     bar.update(total, description=f"{label} | {job.task} | {job.length} tok")
-                    record = run_job(lm, ctx, applied, job)
+                    record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk)
                     writer.write(record)
                     if on_record is not None:
                         on_record(record)

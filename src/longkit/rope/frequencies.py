@@ -22,7 +22,7 @@ import torch
 from longkit.errors import MethodError
 from longkit.rope.params import RopeParams, head_dim_of, rope_params
 
-FrequencyFn = Callable[[RopeParams, "int | None"], "tuple[torch.Tensor, float]"]
+FrequencyFn = Callable[[RopeParams, int | None], tuple[torch.Tensor, float]]
 
 #: name -> frequency function; every ``rope`` method of the seam has an entry of the same name.
 FREQUENCIES: dict[str, FrequencyFn] = {}
@@ -49,18 +49,29 @@ def frequencies(
 ) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies and attention factor of method ``name``, as transformers computes them.
 
-    ``params`` are transformers ``rope_parameters`` names (``factor``, ``original_max_position_embeddings``,
-    ``beta_fast``, ``short_factor``, ``partial_rotary_factor``...); every method accepts all of them and reads
-    those its maths needs. A config's own ``rope_type`` and ``rope_theta`` keys may be passed through:
-    ``rope_type`` must equal ``name``, and ``rope_theta`` must equal ``base`` except for ``abf``, whose
-    parameter it is (the new base). ``seq_len`` (>= 1) is the current length: it matters for ``dynamic``
-    (base grows past the trained length) and ``longrope`` (long factors past the trained length).
+    ``head_dim`` (even, >= 2) and ``base`` (the model's rope_theta, > 1) are required. ``params`` are
+    transformers ``rope_parameters`` names (``factor``, ``original_max_position_embeddings``, ``beta_fast``,
+    ``short_factor``, ``partial_rotary_factor``...; ranges in :class:`RopeParams`); every method accepts all
+    of them and reads those its maths needs. A config's own ``rope_type`` and ``rope_theta`` keys may be
+    passed through: ``rope_type`` must equal ``name``, and ``rope_theta`` must equal ``base`` except for
+    ``abf``, whose parameter it is (the new base). ``seq_len`` (>= 1) is the current length: it matters for
+    ``dynamic`` (the base grows past the trained length) and ``longrope`` (long factors past it).
 
     Returns ``(inv_freq, attention_factor)``: a float32 tensor of ``int(head_dim * partial_rotary_factor) / 2``
     entries, and a float; transformers builds ``cos = cat(pos * inv_freq, pos * inv_freq).cos() * attention_factor``.
     """
     if name not in FREQUENCIES:
         raise MethodError(f"unknown rope frequencies '{name}'; valid names: {', '.join(sorted(FREQUENCIES))}")
+    params = _drop_config_keys(name, base, params)
+    seq_len = _check_seq_len(name, seq_len)
+    p = rope_params(name, head_dim=head_dim, base=base, **params)
+    inv_freq, attention_factor = FREQUENCIES[name](p, seq_len)
+    return inv_freq, float(attention_factor)
+
+
+def _drop_config_keys(name: str, base: float, params: dict[str, Any]) -> dict[str, Any]:
+    """Check and remove a config's ``rope_type`` (and ``rope_theta``, unless it is the method's parameter)."""
+    params = dict(params)
     rope_type = params.pop("rope_type", None)
     if rope_type is not None and rope_type != name:
         raise MethodError(
@@ -73,16 +84,22 @@ def frequencies(
             raise MethodError(
                 f"rope method '{name}': parameter 'rope_theta' must equal base={base!r} or be absent (got {theta!r})"
             )
-    if seq_len is not None:
-        try:
-            seq_len = operator.index(seq_len.item() if isinstance(seq_len, torch.Tensor) else seq_len)
-        except TypeError:
-            seq_len = -1
-        if isinstance(seq_len, bool) or seq_len < 1:
-            raise MethodError(f"rope method '{name}': parameter 'seq_len' must be an int >= 1 or None")
-    p = rope_params(name, head_dim=head_dim, base=base, **params)
-    inv_freq, attention_factor = FREQUENCIES[name](p, seq_len)
-    return inv_freq, float(attention_factor)
+    return params
+
+
+def _check_seq_len(name: str, seq_len: Any) -> int | None:
+    if seq_len is None:
+        return None
+    try:
+        # transformers' runtime path holds seq_len as a 0-d tensor (max position + 1)
+        value = -1 if isinstance(seq_len, bool) else operator.index(
+            seq_len.item() if isinstance(seq_len, torch.Tensor) else seq_len
+        )
+    except (TypeError, ValueError, RuntimeError):
+        value = -1
+    if value < 1:
+        raise MethodError(f"rope method '{name}': parameter 'seq_len' must be an int >= 1 or None (got {seq_len!r})")
+    return value
 
 
 def frequencies_from_config(config: Any, seq_len: int | None = None) -> tuple[torch.Tensor, float]:

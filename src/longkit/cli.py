@@ -224,6 +224,119 @@ def models_cmd() -> None:
         print(alias + note)
 
 
+rope_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="RoPE scaling laws: critical dimension, extrapolation bound, base for a context length.")
+app.add_typer(rope_app, name="rope")
+
+
+def _one_length(text: str, name: str) -> int:
+    from longkit.errors import MethodError
+
+    try:
+        lengths = parse_lengths(text)
+    except typer.BadParameter as err:
+        raise MethodError(f"parameter '{name}': {err.message}") from None
+    if len(lengths) != 1:
+        raise MethodError(f"parameter '{name}' must be one token count such as 4096 or 4k (got {text!r})")
+    return lengths[0]
+
+
+def _model_rope(name: str) -> tuple[int, float, int]:
+    """(rotary dimension, rope_theta, trained length) of a model alias or directory."""
+    import longkit
+    from longkit.errors import MethodError
+    from longkit.rope import trained_length
+    from longkit.rope.base import rope_config
+
+    lm = longkit.load_model(name)
+    config = rope_config(lm.model)
+    params = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(params.get("rope_theta"), (int, float)):
+        raise MethodError(f"model {name!r} has no single rope_parameters['rope_theta'] (no RoPE, or per-layer "
+                          "parameters); pass --base, --head-dim and --train-len instead")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # Models with partial rotary embeddings rotate only this many dimensions of each head.
+    rotary = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2 * 2
+    return rotary, float(params["rope_theta"]), trained_length(lm.model)
+
+
+def _sci(x: float | None) -> str:
+    """1022121.9 -> 1.02e6; 26952.3 -> 2.7e4 style, three significant digits."""
+    if x is None:
+        return "-"
+    return f"{x:.3g}".replace("e+0", "e").replace("e+", "e")
+
+
+@rope_app.command("bound")
+def rope_bound_cmd(
+    head_dim: Annotated[int | None, typer.Option(help="Rotary dimensions per head (default 128, or the model's).")] = None,
+    base: Annotated[float | None, typer.Option(help="RoPE base, rope_theta (default 10000, or the model's).")] = None,
+    train_len: Annotated[str | None, typer.Option(help="Trained context length: 4096 or 4k (default 4k, or the model's).")] = None,
+    target_len: Annotated[str | None, typer.Option(help="Context length to reach, e.g. 128k.")] = None,
+    model: Annotated[str | None, typer.Option(help="Read head dim, base and trained length from a model alias or HF "
+                                                   "directory (loads it); explicit options override.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the per-dimension wavelength plot to this PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON for scripts.")] = False,
+) -> None:
+    """Critical dimension, extrapolation bound and the base a target length needs (Liu 2023; Men 2024).
+
+    Liu et al. 2023: d_extra = 2*ceil((d/2)*log_base(T_train/2pi)); bound = 2pi*base^(d_extra/d).
+
+    Liu et al. 2023: base for a target T = (T/2pi)^(d/d_extra). https://arxiv.org/abs/2310.05209
+
+    Men et al. 2024: smallest base with sum_i cos(m*theta_i) >= 0 for all m <= T. https://arxiv.org/abs/2405.14591
+    """
+    from longkit.rope import scaling_laws
+
+    try:
+        defaults = _model_rope(model) if model else (128, 10000.0, 4096)
+        d = head_dim if head_dim is not None else defaults[0]
+        b = base if base is not None else defaults[1]
+        trained = _one_length(train_len, "train_len") if train_len is not None else defaults[2]
+        target = _one_length(target_len, "target_len") if target_len is not None else None
+        report = scaling_laws.bound_report(d, b, trained, target)
+        if plot is not None:
+            report["plot"] = str(scaling_laws.plot_wavelengths(d, b, trained, target, plot))
+    except LongkitError as err:
+        _fail(err)
+    if model:
+        report["model"] = model
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    Console().print(_bound_table(report))
+    if plot is not None:
+        Console().print(f"plot: [bold]{report['plot']}[/]")
+
+
+def _bound_table(r: dict) -> Table:
+    d, d_extra, first = r["head_dim"], r["critical_dimension"], r["men_first_negative"]
+    source = f"{r['model']}: " if r.get("model") else ""
+    table = Table(title=f"{source}RoPE d={d}, base={_sci(r['base'])}, trained at {_k(r['train_len'])}",
+                  title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("meaning")
+    table.add_row("critical dimension d_extra", f"{d_extra} of {d}",
+                  f"dims 0..{d_extra - 1} turned a full period in training" if d_extra else
+                  "no dimension turned a full period in training")
+    table.add_row("extrapolation bound", f"{r['extrapolation_bound']:,.0f}",
+                  "none in theory: every dimension turned a full period" if r["liu_unbounded"] else
+                  "Liu: 2pi*base^(d_extra/d), the wavelength of dim d_extra")
+    table.add_row("first negative B_m", f"{first:,}" if first is not None else f"none <= {_k(r['men_search_limit'])}",
+                  "Men: sum_i cos(m*theta_i) < 0; supported distances stop here")
+    if r["target_len"] is not None:
+        yes = {True: "yes", False: "no", None: "-"}
+        table.add_row("target length", _k(r["target_len"]),
+                      f"within Liu bound: {yes[r['liu_covers_target']]}; B_m >= 0 up to it: "
+                      f"{yes[r['men_covers_target']]}")
+        table.add_row("base for target (Liu)", _sci(r["liu_base_for_target"]),
+                      f"(T/2pi)^(d/d_extra): tune with it at {_k(r['train_len'])}")
+        table.add_row("min base for target (Men)", _sci(r["men_min_base_for_target"]),
+                      "smallest base with B_m >= 0 up to T (not all above pass)")
+    return table
+
+
 def main() -> None:
     app()
 

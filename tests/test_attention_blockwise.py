@@ -13,16 +13,6 @@ from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiles are tiny: with two threads on a loaded 2-core machine each op waits on the other thread (100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def masks(T: int, S: int) -> dict[str, MaskSpec | None]:
     """One MaskSpec per kind for T queries at the end of S keys."""
     g = torch.Generator().manual_seed(T * 1000 + S)

@@ -25,15 +25,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiles are tiny: with two threads on a loaded 2-core machine each op waits on the other thread (100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def naive(q, k, v, rule, scale):
     """softmax(q k^T scale) v, one query head at a time, with the rule's hidden keys dropped."""

@@ -30,6 +30,15 @@ CASES: dict[tuple[str, str], dict] = {
     ("attention", "sdpa"): {"args": [{}], "changes_logits": False},
     ("attention", "blockwise"): {"args": [{"block_q": 16, "block_k": 16}, {"block_q": 32, "block_k": 48}],
                                  "changes_logits": False},
+    ("attention", "self_extend"): {"args": [{"group_size": 4, "window": 16, "block_q": 16, "block_k": 16},
+                                            {"group_size": 3, "window": 7, "block_q": 32, "block_k": 16}],
+                                   "changes_logits": True},
+    ("attention", "rerope"): {"args": [{"window": 16, "block_q": 16, "block_k": 16},
+                                       {"window": 7, "log_n": False, "block_q": 32, "block_k": 16}],
+                              "changes_logits": True},
+    ("attention", "leaky_rerope"): {"args": [{"window": 16, "leak": 4.0, "block_q": 16, "block_k": 16},
+                                             {"window": 7, "leak": 16.0, "block_q": 16, "block_k": 32}],
+                                    "changes_logits": True},
 }
 
 

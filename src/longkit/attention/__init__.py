@@ -2,15 +2,20 @@
 
 ``reference_attention`` (plain, O(T·S)) is the ground truth; ``blockwise_attention`` is the FlashAttention
 algorithm in PyTorch; ``merge_partials`` is the one log-sum-exp merge for combining partial attentions;
-``MaskSpec`` describes masks (causal, window, sinks, documents, block-sparse, dense).
+``MaskSpec`` describes masks (causal, window, sinks, documents, block-sparse, dense). Training-free position
+remaps (``self_extend``, ``rerope``, ``leaky_rerope``) share ``position_remap.py``: RoPE re-rotation and a near
+part + far part, each blockwise, merged by log-sum-exp.
 """
 
-from longkit.attention import blockwise, eager, sdpa  # noqa: F401  (registration)
+from longkit.attention import blockwise, eager, rerope, sdpa, self_extend  # noqa: F401  (registration)
 from longkit.attention.base import AttentionMethod
 from longkit.attention.blockwise import Blockwise, blockwise_attention
 from longkit.attention.lse import merge_partials, merge_partials_
 from longkit.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
+from longkit.attention.position_remap import RemapAttention, remapped_attention, rotate_by
 from longkit.attention.reference import reference_attention
+from longkit.attention.rerope import LeakyReRoPE, ReRoPE, rerope_attention
+from longkit.attention.self_extend import SelfExtend, self_extend_attention
 
 __all__ = [
     "EMPTY",
@@ -18,9 +23,17 @@ __all__ = [
     "PARTIAL",
     "AttentionMethod",
     "Blockwise",
+    "LeakyReRoPE",
     "MaskSpec",
+    "ReRoPE",
+    "RemapAttention",
+    "SelfExtend",
     "blockwise_attention",
     "merge_partials",
     "merge_partials_",
     "reference_attention",
+    "remapped_attention",
+    "rerope_attention",
+    "rotate_by",
+    "self_extend_attention",
 ]

@@ -2,20 +2,26 @@
 
 Each method file also holds its pure frequency function, registered in :data:`FREQUENCIES`:
 ``frequencies("yarn", head_dim=128, base=1e4, factor=4, ...) -> (inv_freq, attention_factor)``.
+Training-free position remaps (Self-Extend, ReRoPE, DCA, LM-Infinite) are pure functions in ``remap.py``:
+``relative_positions("self_extend", 4096, group_size=4, window=512) -> (T, T)`` relative positions.
 """
 
 from longkit.rope import abf, default, dynamic, linear, llama3, longrope, ntk, yarn  # noqa: F401  (registration)
 from longkit.rope.base import HFRopeMethod, rotary_modules, trained_length
 from longkit.rope.frequencies import FREQUENCIES, frequencies, frequencies_from_config, register_frequencies
 from longkit.rope.params import RopeParams, rope_params
+from longkit.rope.remap import REMAPS, register_remap, relative_positions
 
 __all__ = [
     "FREQUENCIES",
+    "REMAPS",
     "HFRopeMethod",
     "RopeParams",
     "frequencies",
     "frequencies_from_config",
     "register_frequencies",
+    "register_remap",
+    "relative_positions",
     "rope_params",
     "rotary_modules",
     "trained_length",

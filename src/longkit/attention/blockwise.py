@@ -233,10 +233,7 @@ class Blockwise(AttentionMethod):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if dropout:
-            raise MethodError(f"attention method 'blockwise' does not support attention dropout (got {dropout})")
-        if kwargs.get("softcap") is not None:
-            raise MethodError("attention method 'blockwise' does not support logit softcapping")
+        self.reject_unsupported(dropout, kwargs)
         mask = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
         out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
         # (B, T, H, D_v), the layout transformers' attention functions return

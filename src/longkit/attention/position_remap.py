@@ -209,10 +209,7 @@ class RemapAttention(AttentionMethod):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if dropout:
-            raise MethodError(f"attention method '{self.name}' does not support attention dropout (got {dropout})")
-        if kwargs.get("softcap") is not None:
-            raise MethodError(f"attention method '{self.name}' does not support logit softcapping")
+        self.reject_unsupported(dropout, kwargs)
         if module not in _MODELS:
             raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
         parent, attr, trained = _MODELS[module]

@@ -1,7 +1,8 @@
 """The shared conformance matrix: every registered method with an easy and a hard parameter set.
 
 A test fails when a registered method has no entry here, so a new method is listed (and checked) by
-construction. ``changes_logits`` says whether the method must change a long prompt's logits on a tiny model.
+construction. Rooms may keep their entries in their own ``tests/cases_<room>.py`` (a module-level ``CASES``
+dict of the same shape); every such file is merged in here. ``changes_logits`` says whether the method must change a long prompt's logits on a tiny model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ CASES: dict[tuple[str, str], dict] = {
                                              {"window": 7, "leak": 16.0, "block_q": 16, "block_k": 32}],
                                     "changes_logits": True},
 }
+
+
+def _merge_room_cases() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.glob("cases_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        clash = set(CASES) & set(module.CASES)
+        assert not clash, f"{path.name} repeats conformance entries {sorted(clash)}"
+        CASES.update(module.CASES)
+
+
+_merge_room_cases()
 
 
 def all_cases():

@@ -40,6 +40,8 @@ def test_apply_then_remove_restores_bit_identical_logits(any_tiny, kind, name, a
 @pytest.mark.parametrize("kind,name,args,changes,case_id", CASE_LIST, ids=[c[-1] for c in CASE_LIST])
 def test_decoding_with_a_cache_matches_one_full_forward(tiny_llama, kind, name, args, changes, case_id):
     # Any method must keep prefill + cached decoding consistent with a single forward pass over the same tokens.
+    if CASES[(kind, name)].get("lossy"):
+        pytest.skip("a lossy KV cache (eviction) cannot match a full forward; tests/test_kvcache.py checks it instead")
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=41)
     with torch.inference_mode(), longkit.apply(model, **{kind: name, f"{kind}_args": args}) as applied:

@@ -65,7 +65,8 @@ def eval_cmd(
     memory: Annotated[list[str], typer.Option(help="Memory method to compare (repeatable).")] = None,
     combo: Annotated[list[str], typer.Option(help="A full combination, e.g. 'rope=yarn:factor=2+attention=eager'.")] = None,
     baseline: Annotated[bool, typer.Option(help="Also run the untouched model.")] = True,
-    task: Annotated[list[str], typer.Option(help="Task (passkey, needle, perplexity); repeatable.")] = None,
+    task: Annotated[list[str], typer.Option(help="Task (passkey, needle, perplexity, multi_needle, lost_in_middle, "
+                    "RULER's 13: niah_single_1 ... qa_2, qa_1_synthetic, qa_2_synthetic); repeatable.")] = None,
     lengths: Annotated[str | None, typer.Option(help="Context lengths in tokens, e.g. 4k,8k,12k.")] = None,
     depths: Annotated[str | None, typer.Option(help="Needle depths as fractions, e.g. 0.1,0.5,0.9.")] = None,
     samples: Annotated[int | None, typer.Option(help="Samples per (length, depth).")] = None,
@@ -82,6 +83,21 @@ def eval_cmd(
     threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = 85.6,
     out: Annotated[str | None, typer.Option(help="Run directory (default: runs/<model>-<hash of settings>).")] = None,
     report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
+    suite: Annotated[str | None, typer.Option(help="Benchmark suite from local files: longbench, longbench_v2, "
+                     "infinitebench, babilong (--task: its tasks, default all found; --lengths: truncation budgets, "
+                     "default 7500; babilong: data splits such as 0k,4k, default all found).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Directory holding the suite's published data files.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Suite: first N records per task.")] = None,
+    backend: Annotated[str, typer.Option(help="hf (local model under the methods) or openai (an OpenAI-compatible "
+                       "endpoint; baseline only).")] = "hf",
+    base_url: Annotated[str | None, typer.Option(help="Endpoint base URL, e.g. http://localhost:8000/v1.")] = None,
+    api_model: Annotated[str | None, typer.Option(help="Model name served by the endpoint.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the endpoint's API key.")] = "OPENAI_API_KEY",
+    tokenizer: Annotated[str | None, typer.Option(help="Local tokenizer for an endpoint (HF directory or model "
+                         "alias): counts tokens for truncation and length fitting.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Endpoint requests in flight.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Endpoint request timeout, seconds.")] = 600.0,
+    retries: Annotated[int, typer.Option(help="Endpoint retries after a failed request (exponential backoff).")] = 3,
 ) -> None:
     """Evaluate a model with and without long-context methods; resumable; ends with a report.
 
@@ -96,13 +112,15 @@ def eval_cmd(
     for kind, specs in (("rope", rope), ("attention", attention), ("kv", kv), ("memory", memory)):
         methods += [f"{kind}={s}" for s in specs or []]
     methods += list(combo or [])
-    if not any((rope, attention, kv, memory, combo)):
+    if not any((rope, attention, kv, memory, combo)) and backend == "hf":
         methods.append(DEFAULT_METHOD)
+    if suite:
+        suite_lengths = parse_lengths(lengths) if lengths else ([] if suite == "babilong" else [7500])
     config = EvalConfig(
         model=model,
         methods=methods,
-        tasks=list(task or ["passkey", "needle"]),
-        lengths=parse_lengths(lengths or grid["lengths"]),
+        tasks=list(task or ([] if suite else ["passkey", "needle"])),
+        lengths=suite_lengths if suite else parse_lengths(lengths or grid["lengths"]),
         depths=parse_depths(depths or grid["depths"]),
         samples=samples if samples is not None else grid["samples"],
         seed=seed,
@@ -115,15 +133,47 @@ def eval_cmd(
         prefill_chunk=parse_lengths(prefill_chunk)[0] if prefill_chunk else None,
         threshold=threshold,
         run_dir=out,
+        suite=suite,
+        data_dir=data_dir,
+        limit=limit,
+        backend=backend,
+        base_url=base_url,
+        api_model=api_model,
+        api_key_env=api_key_env,
+        tokenizer=tokenizer,
+        concurrency=concurrency,
+        timeout=timeout,
+        retries=retries,
     )
     try:
         config.validate()
         run_dir = evaluate(config, argv=sys.argv)
     except LongkitError as err:
         _fail(err)
+    if suite:
+        print_suite_summary(run_dir)
     print_summary(run_dir, threshold)
     if report:
         _write_report(run_dir, threshold, None)
+
+
+def print_suite_summary(run_dir: Path) -> None:
+    """The suite's official aggregates (written by the runner to suite_summary.json): score, n, errors per task."""
+    path = run_dir / "suite_summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    table = Table(title=f"{summary['suite']}: official score per task (errors = failed requests, not scored)")
+    for col in ("method", "length", "task", "score", "n", "errors", "details"):
+        table.add_column(col, justify="right" if col in ("score", "n", "errors") else "left")
+    for method, by_length in summary["scores"].items():
+        for length, by_task in by_length.items():
+            for task_name, cell in by_task.items():
+                details = cell.get("buckets") or cell.get("splits") or {}
+                table.add_row(method, str(length), task_name, "-" if cell["score"] is None else f"{cell['score']:.2f}",
+                              str(cell["n"]), str(cell["errors"]),
+                              " ".join(f"{k}={'-' if v is None else v}" for k, v in details.items()))
+    Console().print(table)
 
 
 def print_summary(run_dir: Path, threshold: float) -> None:
@@ -225,7 +275,7 @@ def models_cmd() -> None:
 
 
 rope_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="RoPE scaling laws: critical dimension, extrapolation bound, base for a context length.")
+                       help="RoPE scaling laws (bound) and the LongRoPE factor search (search).")
 app.add_typer(rope_app, name="rope")
 
 
@@ -335,6 +385,76 @@ def _bound_table(r: dict) -> Table:
         table.add_row("min base for target (Men)", _sci(r["men_min_base_for_target"]),
                       "smallest base with B_m >= 0 up to T (not all above pass)")
     return table
+
+
+@rope_app.command("search")
+def rope_search_cmd(
+    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = "smollm2-135m",
+    target_length: Annotated[str, typer.Option(help="Context length to extend to, beyond the trained one (e.g. 16k).")] = "16k",
+    out: Annotated[Path, typer.Option(help="Rope config JSON to write (load it with --rope longrope:config=FILE).")] = Path("factors.json"),
+    budget: Annotated[str | None, typer.Option(help="Wall-clock budget: 90s, 20m, 1h (default: none).")] = None,
+    generations: Annotated[int, typer.Option(help="Generations after the initial population.")] = 8,
+    population: Annotated[int, typer.Option(help="Initial population (seeded with PI, NTK, YaRN).")] = 16,
+    parents: Annotated[int | None, typer.Option(help="Candidates kept per generation (default population/2).")] = None,
+    mutations: Annotated[int, typer.Option(help="Mutated children per generation.")] = 8,
+    crossovers: Annotated[int, typer.Option(help="Crossed-over children per generation.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed and log replay the same search).")] = 0,
+    start_tokens: Annotated[bool, typer.Option("--start-tokens/--no-start-tokens", help="Also search n-hat, the "
+                            "leading tokens kept un-interpolated (longkit applies it; transformers ignores it).")] = True,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration text file (default: Python's pydoc topics).")] = None,
+    windows: Annotated[int, typer.Option(help="Calibration windows of target length per candidate.")] = 1,
+    log: Annotated[Path | None, typer.Option(help="JSONL log of evaluated candidates; rerun with it to resume "
+                                             "(default: OUT with .log.jsonl).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """LongRoPE evolutionary search of per-dimension RoPE factors minimising perplexity at a target length.
+
+    Ding et al. 2024, https://arxiv.org/abs/2402.13753. Resumable: every candidate goes to the log.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import longkit
+    from longkit.eval.haystack import pydoc_text
+    from longkit.rope import longrope_search as lrs
+
+    try:
+        target = _one_length(target_length, "target_length")
+        settings = {"generations": generations, "population": population, "parents": parents,
+                    "mutations": mutations, "crossovers": crossovers, "seed": seed}
+        if budget is not None:
+            settings["budget_s"] = lrs.parse_duration(budget)
+        if not start_tokens:
+            settings["start_tokens"] = [0]
+        if calibration is not None and not calibration.is_file():
+            raise LongkitError(f"parameter 'calibration' must be a text file; {calibration} does not exist")
+        text = calibration.read_text(errors="replace") if calibration is not None else pydoc_text()
+        lm = longkit.load_model(model, dtype=dtype, device=device)
+        total = population + generations * (mutations + crossovers)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("best ppl {task.fields[best]}"), TimeElapsedColumn()) as progress:
+            bar = progress.add_task("LongRoPE search", total=total, best="-")
+
+            def on_event(event: dict) -> None:
+                best = f"{event['best']:.3f}"
+                if event["event"] == "generation":
+                    progress.update(bar, description=f"generation {event['generation']}/{generations}", best=best)
+                else:
+                    progress.update(bar, advance=1, best=best)
+
+            result, config = lrs.search_model(
+                lm, target_length=target, calibration_text=text, settings=settings, windows=windows,
+                log_path=log or out.with_suffix(".log.jsonl"), on_event=on_event, model_name=model)
+    except LongkitError as err:
+        _fail(err)
+    config["search"]["calibration_file"] = str(calibration) if calibration else "pydoc topics"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config, indent=2) + "\n")
+    seeds = ", ".join(f"{k} {v:.3f}" for k, v in config["search"]["seed_ppl"].items())
+    Console().print(f"best calibration ppl [bold]{result.best_ppl:.3f}[/] (seeds: {seeds}); "
+                    f"{result.evaluated} evaluated, {result.replayed} replayed from the log, "
+                    f"{result.generations_done} generation(s), stopped by {result.stopped_by}, n-hat "
+                    f"{result.best.start_tokens}\nwrote [bold]{out}[/]: --rope longrope:config={out}")
 
 
 def main() -> None:

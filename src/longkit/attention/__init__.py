@@ -7,7 +7,25 @@ remaps (``self_extend``, ``rerope``, ``leaky_rerope``) share ``position_remap.py
 part + far part, each blockwise, merged by log-sum-exp.
 """
 
-from longkit.attention import blockwise, eager, rerope, sdpa, self_extend  # noqa: F401  (registration)
+from longkit.attention import (  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)
+    a_shape,
+    block_sparse,
+    blockwise,
+    dca,
+    eager,
+    entropy_scaling,
+    lm_infinite,
+    logn,
+    minference,
+    moba,
+    quest,
+    rerope,
+    ring,
+    sdpa,
+    self_extend,
+    ulysses,
+    vertical_slash,
+)
 from longkit.attention.base import AttentionMethod
 from longkit.attention.blockwise import Blockwise, blockwise_attention
 from longkit.attention.lse import merge_partials, merge_partials_
@@ -15,7 +33,10 @@ from longkit.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
 from longkit.attention.position_remap import RemapAttention, remapped_attention, rotate_by
 from longkit.attention.reference import reference_attention
 from longkit.attention.rerope import LeakyReRoPE, ReRoPE, rerope_attention
+from longkit.attention.ring import Ring, ring_attention
 from longkit.attention.self_extend import SelfExtend, self_extend_attention
+from longkit.attention.sequence_parallel import SequenceParallel, default_backend, init_distributed, sequence_parallel
+from longkit.attention.ulysses import Ulysses, ulysses_attention
 
 __all__ = [
     "EMPTY",
@@ -36,4 +57,12 @@ __all__ = [
     "rerope_attention",
     "rotate_by",
     "self_extend_attention",
+    "Ring",
+    "SequenceParallel",
+    "Ulysses",
+    "default_backend",
+    "init_distributed",
+    "ring_attention",
+    "sequence_parallel",
+    "ulysses_attention",
 ]

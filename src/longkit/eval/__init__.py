@@ -5,7 +5,14 @@
 >>> write_report(run_dir)
 """
 
-from longkit.eval.metrics import RULER_THRESHOLD, effective_length, weighted_average
+from longkit.eval import backends, ruler, suites
+from longkit.eval.metrics import (
+    RULER_THRESHOLD,
+    effective_length,
+    string_match_all,
+    string_match_part,
+    weighted_average,
+)
 from longkit.eval.records import load_records, load_run
 from longkit.eval.report import summarize, write_report
 from longkit.eval.runner import EvalConfig, evaluate
@@ -20,6 +27,11 @@ __all__ = [
     "get_task",
     "load_records",
     "load_run",
+    "backends",
+    "ruler",
+    "string_match_all",
+    "string_match_part",
+    "suites",
     "summarize",
     "weighted_average",
     "write_report",

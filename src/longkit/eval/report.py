@@ -76,6 +76,33 @@ def _all_tasks_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> di
     return _score_stats({n: mean(per_length[n]) for n in sorted(per_length)}, threshold)
 
 
+def _ruler_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> dict[str, Any] | None:
+    """RULER's table: its tasks' scores by length, their average per length, its effective length and wAvgs.
+
+    The average is over the RULER tasks present at a length (RULER averages its 13 tasks); ``complete`` says
+    whether all 13 ran, and synthetic qa stand-ins are listed, since they are not RULER qa scores.
+    """
+    from longkit.eval.ruler import TASKS as RULER_TASKS
+
+    names = {t: t for t in RULER_TASKS} | {f"{t}_synthetic": t for t in ("qa_1", "qa_2")}
+    present = [t for t in tasks if t in names]
+    if not present:
+        return None
+    table = {t: tasks[t]["mean_by_length"] for t in present}
+    stats = _all_tasks_summary({t: tasks[t] for t in present}, threshold)
+    return {
+        "tasks": present,
+        "table": table,
+        "average": stats["mean_by_length"],
+        "mean": stats["mean"],
+        "effective_length": stats["effective_length"],
+        "wavg_inc": stats["wavg_inc"],
+        "wavg_dec": stats["wavg_dec"],
+        "complete": {names[t] for t in present} == set(RULER_TASKS),
+        "synthetic_qa": [t for t in present if t.endswith("_synthetic")],
+    }
+
+
 def _perplexity(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Token-weighted PPL per length: windows are pooled, so a long window counts more than a short one."""
     records = [r for r in records if r.get("nll_sum") is not None and r.get("n_targets")]
@@ -167,6 +194,7 @@ def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[s
             "perplexity": _perplexity([r for r in mine if r.get("task") == PERPLEXITY]),
             "cost": _cost(mine),
             "needle_grid": _needle_grid([r for r in mine_scored if r["task"] == NEEDLE]),
+            "ruler": _ruler_summary(by_task, threshold),
         }
     return {
         "run_dir": str(run_dir),
@@ -466,6 +494,31 @@ def _score_tables(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _ruler_tables(summary: dict[str, Any]) -> str:
+    """Per method, RULER's task x length table with the average row and the effective length."""
+    parts = []
+    lengths, threshold = summary["lengths"], summary["threshold"]
+    for method in summary["methods"]:
+        ruler = summary["per_method"][method].get("ruler")
+        if not ruler:
+            continue
+        means = {t: summary["per_method"][method]["tasks"][t]["mean"] for t in ruler["tasks"]}
+        rows = [
+            [t, *[_score_cell(ruler["table"][t].get(n), threshold) for n in lengths], _num(means[t])] for t in means
+        ]
+        average = [_score_cell(ruler["average"].get(n), threshold) for n in lengths]
+        rows.append(["average", *average, _num(ruler["mean"])])
+        note = f"effective length {_length_or_none(ruler['effective_length'])}"
+        note += f", wAvg inc {_num(ruler['wavg_inc'])}, dec {_num(ruler['wavg_dec'])}"
+        if not ruler["complete"]:
+            note += "; not all 13 RULER tasks ran, so the average is not RULER's"
+        if ruler["synthetic_qa"]:
+            note += f"; {', '.join(ruler['synthetic_qa'])}: offline synthetic QA, not RULER's qa data"
+        parts.append(f"<h3>{html.escape(method)}</h3><p class='note'>{html.escape(note)}</p>")
+        parts.append(_table(["task", *map(_length_label, lengths), "average"], rows))
+    return ("<h2>RULER</h2>" + "\n".join(parts)) if parts else ""
+
+
 def _perplexity_table(summary: dict[str, Any]) -> str:
     curves = _ppl_curves(summary)
     if not curves:
@@ -496,6 +549,7 @@ def _html(summary: dict[str, Any], run: dict[str, Any], images: list[str]) -> st
             "<h2>Summary</h2>",
             f'<p class="note">{html.escape(rule)}</p>',
             _summary_table(summary),
+            _ruler_tables(summary),
             "<h2>Scores by length</h2>",
             _score_tables(summary),
             "<h2>Figures</h2>" if images else "",

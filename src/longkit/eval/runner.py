@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from longkit.errors import EvalError
-from longkit.eval.generate import greedy_generate, window_nll
+from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend, messages_for
+from longkit.eval.generate import window_nll
 from longkit.eval.metrics import RULER_THRESHOLD
 from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run, sample_id
 from longkit.eval.tasks import TaskContext, get_task
@@ -28,6 +30,9 @@ from longkit.seam import MethodSpec, apply
 
 # Settings that define what a sample means; a run directory cannot mix two values of these.
 IDENTITY_KEYS = ("model", "seed", "chat", "haystack", "ppl_text", "dtype", "attn_implementation")
+# Identity of suite / endpoint runs; part of the run-directory hash only when set, so older run names stay valid.
+SUITE_IDENTITY_KEYS = ("suite", "data_dir", "backend", "base_url", "api_model", "tokenizer")
+BACKENDS = ("hf", "openai")
 
 
 @dataclass
@@ -50,10 +55,48 @@ class EvalConfig:
     prefill_chunk: int | None = None
     threshold: float = RULER_THRESHOLD
     run_dir: str | None = None
+    #: A benchmark suite read from ``data_dir`` (longbench, longbench_v2, infinitebench, babilong); ``tasks`` are
+    #: then the suite's tasks (empty: every task with a file) and ``lengths`` its truncation budgets in tokens
+    #: (BABILong: its data splits; empty: every split present).
+    suite: str | None = None
+    data_dir: str | None = None
+    #: Suite records per task (first N); None: all.
+    limit: int | None = None
+    #: "hf" (the local model under each method) or "openai" (an OpenAI-compatible endpoint; methods: baseline).
+    backend: str = "hf"
+    base_url: str | None = None
+    api_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    #: Local tokenizer (HF directory or model alias) for truncation and length fitting with an endpoint.
+    tokenizer: str | None = None
+    concurrency: int = 4
+    timeout: float = 600.0
+    retries: int = 3
 
     def validate(self) -> None:
         if not self.methods:
             raise EvalError("parameter 'methods' must name at least one method combination (or 'baseline')")
+        if self.backend not in BACKENDS:
+            raise EvalError(f"parameter 'backend' must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.backend == "openai":
+            if not self.base_url or not self.api_model:
+                raise EvalError("--backend openai needs --base-url (e.g. http://localhost:8000/v1) and --api-model NAME")
+            if any(m != "baseline" for m in self.methods):
+                raise EvalError("with --backend openai the endpoint serves the model as it is: parameter 'methods' "
+                                f"must be ['baseline'] (got {self.methods}); pass --no-... methods, or use --backend hf")
+            if not self.tokenizer:
+                raise EvalError("--backend openai needs --tokenizer (a local HF tokenizer directory or a model alias) "
+                                "to count tokens for truncation and length fitting")
+            if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
+                raise EvalError("parameters 'concurrency' >= 1, 'retries' >= 0 and 'timeout' > 0 seconds "
+                                f"(got {self.concurrency}, {self.retries}, {self.timeout})")
+        if self.limit is not None and self.limit < 1:
+            raise EvalError(f"parameter 'limit' must be >= 1 records per task or None (got {self.limit})")
+        if self.suite is not None:
+            self._validate_suite()
+            for text in self.methods:
+                MethodSpec.parse(text)
+            return
         if not self.tasks:
             raise EvalError("parameter 'tasks' must name at least one task")
         for task in self.tasks:
@@ -71,13 +114,39 @@ class EvalConfig:
         for text in self.methods:
             MethodSpec.parse(text)
 
+    def _validate_suite(self) -> None:
+        from longkit.eval.suites import get_suite
+
+        suite = get_suite(self.suite)
+        if not self.data_dir or not Path(self.data_dir).is_dir():
+            raise EvalError(f"parameter 'data_dir' must be a directory holding the {suite.name} files (got {self.data_dir!r})")
+        if not self.tasks:
+            self.tasks = suite.available(Path(self.data_dir))
+            if not self.tasks:
+                raise EvalError(f"no {suite.name} task files found in {self.data_dir}; valid tasks: {', '.join(suite.tasks)}")
+        for task in self.tasks:
+            suite.check_task(task)
+        if suite.length_kind == "split":
+            from longkit.eval.suites.babilong import split_length, split_name
+
+            if not self.lengths:
+                self.lengths = [split_length(s) for s in suite.splits(Path(self.data_dir))]
+            for n in self.lengths:
+                split_name(int(n))
+        elif not self.lengths or any(int(n) < 16 for n in self.lengths):
+            raise EvalError(f"parameter 'lengths' must be truncation budgets >= 16 tokens (got {self.lengths})")
+        if self.samples < 1:
+            raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
+
     def default_run_dir(self) -> Path:
         identity = {k: getattr(self, k) for k in IDENTITY_KEYS}
+        identity.update({k: getattr(self, k) for k in SUITE_IDENTITY_KEYS if getattr(self, k) not in (None, "hf")})
         digest = hashlib.sha1(
             json.dumps({**identity, "grid": [self.methods, self.tasks, self.lengths, self.depths, self.samples]},
                        sort_keys=True).encode()
         ).hexdigest()[:8]
-        return Path("runs") / f"{Path(self.model).name}-{digest}"
+        name = self.api_model if self.backend == "openai" and self.api_model else self.model
+        return Path("runs") / f"{Path(name).name}-{digest}"
 
 
 def _git_commit() -> str | None:
@@ -154,8 +223,10 @@ def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
     return jobs
 
 
-def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None) -> dict[str, Any]:
-    """Compute one sample under the applied methods; return its record."""
+def run_job(
+    lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None, backend: Any = None
+) -> dict[str, Any]:
+    """Compute one sample under the applied methods (or on ``backend``); return its record."""
     task = get_task(job.task)
     record: dict[str, Any] = {
         "id": job.id,
@@ -166,6 +237,8 @@ def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: in
         "sample": job.sample,
     }
     if not task.scored:
+        if backend is not None and not isinstance(backend, HFBackend):
+            raise EvalError(f"task '{job.task}' needs the model's log-probabilities; it runs with --backend hf only")
         ids, first_target = task.window(ctx, job.length, job.sample)
         nll, n_targets, seconds, peak = window_nll(lm.model, ids, first_target)
         record.update(
@@ -174,37 +247,156 @@ def run_job(lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: in
         )
         return record
     sample = task.build(ctx, job.length, job.depth, job.sample)
-    tok = lm.tokenizer
-    eos = {i for i in (tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)) if i is not None}
-    eos = {j for i in eos for j in (i if isinstance(i, list) else [i])}
-    gen = greedy_generate(lm.model, sample.prompt.input_ids, sample.max_new_tokens, applied.new_cache(), eos,
-                          prefill_chunk=prefill_chunk)
-    prediction = tok.decode(gen.tokens, skip_special_tokens=True)
+    if backend is None:
+        backend = HFBackend(lm, applied, prefill_chunk)
+    ids = list(sample.prompt.input_ids)
+    if isinstance(backend, HFBackend):
+        request = GenerationRequest(sample.max_new_tokens, input_ids=ids)
+    else:
+        # An endpoint takes text: the fitted ids decoded with their template markers, less a leading BOS
+        # (the server adds its own).
+        bos = getattr(ctx.tokenizer, "bos_token_id", None)
+        request = GenerationRequest(sample.max_new_tokens, prompt=ctx.tokenizer.decode(ids[1:] if ids and ids[0] == bos else ids))
+    result = backend.generate(request)
     record.update(
         n_tokens=len(sample.prompt),
-        score=task.score(prediction, sample.answers),
-        prediction=prediction,
+        score=task.score(result.text, sample.answers) if result.ok else None,
+        prediction=result.text,
         answer=sample.answers,
         needle_start=sample.prompt.needle_start,
-        prefill_s=round(gen.prefill_s, 4),
-        decode_s=round(gen.decode_s, 4),
-        new_tokens=len(gen.tokens),
-        peak_mem_bytes=gen.peak_mem_bytes,
-        kv_bytes=gen.kv_bytes,
+        **_result_fields(result),
     )
     return record
+
+
+def _result_fields(result: Any) -> dict[str, Any]:
+    """The generation fields of a record; a failed request keeps ``error`` and no score (never a wrong answer)."""
+    fields: dict[str, Any] = {"prefill_s": None, "decode_s": None, "new_tokens": result.completion_tokens,
+                              "peak_mem_bytes": None, "kv_bytes": None}
+    fields.update(result.stats)
+    if not result.ok:
+        fields.update(error=result.error, attempts=result.attempts)
+    elif result.attempts > 1:
+        fields["attempts"] = result.attempts
+    return fields
 
 
 def _check_identity(run_dir: Path, meta: dict[str, Any]) -> None:
     old = load_run(run_dir)
     if not old:
         return
-    for key in IDENTITY_KEYS:
-        if key in old.get("config", {}) and old["config"][key] != meta["config"][key]:
+    for key in IDENTITY_KEYS + SUITE_IDENTITY_KEYS:
+        if key in old.get("config", {}) and old["config"].get(key) != meta["config"].get(key):
             raise EvalError(
                 f"run directory {run_dir} holds a run with {key}={old['config'][key]!r}, not {meta['config'][key]!r}; "
                 "choose another --out"
             )
+
+
+def load_tokenizer(name: str) -> Any:
+    """A tokenizer from a local HF directory (no download) or a longkit model alias."""
+    path = Path(name)
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise EvalError(f"parameter 'tokenizer': cannot load a tokenizer from {path}: {err}") from None
+    from longkit.models import load_model
+
+    return load_model(name).tokenizer
+
+
+@dataclass
+class _Model:
+    """The tokenizer and description of an endpoint's model, in place of a loaded local model."""
+
+    tokenizer: Any
+    name: str
+    base_url: str
+    dtype: str = "n/a"
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.base_url, "backend": "openai", "dtype": self.dtype}
+
+
+def _endpoint(config: EvalConfig) -> OpenAIBackend:
+    return OpenAIBackend(
+        config.base_url or "", config.api_model or "", api_key_env=config.api_key_env, timeout=config.timeout,
+        retries=config.retries, concurrency=config.concurrency,
+    )
+
+
+@dataclass
+class SuiteJob(Job):
+    """A suite record to run: ``sample`` is its index in the task's file (at this length for BABILong)."""
+
+    suite_task: str = ""
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def plan_suite(config: EvalConfig, labels: list[str]) -> list[SuiteJob]:
+    """Every (method, length, task, record) of a suite run; records loaded and validated here."""
+    from longkit.eval.suites import get_suite
+
+    suite = get_suite(config.suite or "")
+    lengths = sorted(int(n) for n in config.lengths)
+    split = suite.length_kind == "split"
+    cache: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+    jobs = []
+    for label in labels:
+        for length in lengths:
+            for task in config.tasks:
+                key = (task, length if split else None)
+                if key not in cache:
+                    if split and not _has_split(suite, config, task, length):
+                        # BABILong: not every task is published (or downloaded) at every length.
+                        cache[key] = []
+                        continue
+                    records = suite.load(config.data_dir or "", task, key[1])
+                    cache[key] = records[: config.limit] if config.limit else records
+                for index, record in enumerate(cache[key]):
+                    jobs.append(SuiteJob(label, f"{suite.name}/{task}", length, None, index, task, record))
+    if not jobs:
+        raise EvalError(f"no {suite.name} records for tasks {config.tasks} at lengths {lengths} in {config.data_dir}")
+    return jobs
+
+
+def _has_split(suite: Any, config: EvalConfig, task: str, length: int) -> bool:
+    try:
+        suite.data_file(Path(config.data_dir or ""), task, length)
+    except EvalError:
+        return False
+    return True
+
+
+def run_suite_request(suite: Any, job: SuiteJob, tokenizer: Any, chat: bool | None) -> tuple[dict[str, Any], GenerationRequest]:
+    """The record skeleton and the generation request of one suite sample."""
+    prompt = suite.prompt(job.suite_task, job.record, tokenizer, job.length, chat)
+    if prompt.chat:
+        request = GenerationRequest(prompt.max_new_tokens, messages=messages_for(prompt.text, prompt.system),
+                                    stop_newline=prompt.stop_newline)
+    else:
+        request = GenerationRequest(prompt.max_new_tokens, prompt=prompt.text, stop_newline=prompt.stop_newline)
+    record: dict[str, Any] = {
+        "id": job.id, "method": job.method, "task": job.task, "length": job.length, "depth": None,
+        "sample": job.sample, "suite": suite.name, "n_tokens_full": prompt.n_tokens_full,
+        "truncated": prompt.truncated, "chat": prompt.chat, **suite.meta(job.suite_task, job.record),
+    }
+    return record, request
+
+
+def finish_suite_record(suite: Any, job: SuiteJob, record: dict[str, Any], result: Any) -> dict[str, Any]:
+    """Score a finished request; a failed one is recorded with its error and no score."""
+    record.update(
+        n_tokens=result.prompt_tokens,
+        score=suite.score(job.suite_task, result.text, job.record) if result.ok else None,
+        prediction=result.text,
+        answer=suite.answers(job.suite_task, job.record),
+        **_result_fields(result),
+    )
+    return record
 
 
 def evaluate(
@@ -215,25 +407,35 @@ def evaluate(
     argv: list[str] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Run (or resume) the evaluation grid; return the run directory."""
+    """Run (or resume) the evaluation grid; return the run directory.
+
+    Records of failed endpoint requests carry ``error`` and no score; a rerun retries them.
+    """
     config.validate()
     specs = [MethodSpec.parse(m) for m in config.methods]
     labels = [s.label() for s in specs]
     if len(set(labels)) != len(labels):
         raise EvalError(f"parameter 'methods' lists the same combination twice: {labels}")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
 
-    if lm is None:
+    endpoint = None
+    if config.backend == "openai":
+        endpoint = _endpoint(config)
+        endpoint.check()
+        if lm is None:
+            lm = _Model(load_tokenizer(config.tokenizer or ""), config.api_model or "", config.base_url or "")
+    elif lm is None:
         from longkit.models import load_model
 
         lm = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation,
                         device=config.device)
+    suite_jobs = plan_suite(config, labels) if config.suite else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "config": {**asdict(config), "dtype": lm.dtype, "run_dir": str(run_dir)},
         "model": lm.info(),
         "methods": labels,
-        "tasks": config.tasks,
+        "tasks": [f"{config.suite}/{t}" for t in config.tasks] if config.suite else config.tasks,
         "lengths": sorted(int(n) for n in config.lengths),
         "depths": config.depths,
         "samples": config.samples,
@@ -248,11 +450,13 @@ def evaluate(
     _check_identity(run_dir, meta)
     (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
-    done = {r["id"] for r in load_records(run_dir)}
-    jobs = [j for j in plan(config, labels) if j.id not in done]
+    # Failed requests are not done: a rerun retries them.
+    done = {r["id"] for r in load_records(run_dir) if r.get("error") is None}
+    jobs: list[Any] = [j for j in (suite_jobs if suite_jobs is not None else plan(config, labels)) if j.id not in done]
     ctx = TaskContext(lm.tokenizer, seed=config.seed, chat=config.chat, haystack=config.haystack,
                       ppl_text=config.ppl_text)
     if not jobs:
+        _write_suite_summary(config, run_dir)
         return run_dir
 
     from rich.progress import (
@@ -269,16 +473,67 @@ def evaluate(
     with Progress(*columns, disable=not progress, transient=False) as bar, RecordWriter(run_dir) as writer:
         # Progress counts prompt tokens, so the ETA accounts for long samples costing more.
         total = bar.add_task("eval", total=sum(j.length for j in jobs))
+
+        def emit(record: dict[str, Any], job: Any) -> None:
+            writer.write(record)
+            if on_record is not None:
+                on_record(record)
+            bar.advance(total, job.length)
+
+        if endpoint is not None:
+            bar.update(total, description=f"{config.api_model} @ {config.base_url}")
+            _run_on_endpoint(config, endpoint, ctx, jobs, emit)
+            _write_suite_summary(config, run_dir)
+            return run_dir
         for label, spec in zip(labels, specs, strict=True):
             mine = [j for j in jobs if j.method == label]
             if not mine:
                 continue
             with apply(lm.model, spec) as applied:
+                backend = HFBackend(lm, applied, config.prefill_chunk)
                 for job in mine:
                     bar.update(total, description=f"{label} | {job.task} | {job.length} tok")
-                    record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk)
-                    writer.write(record)
-                    if on_record is not None:
-                        on_record(record)
-                    bar.advance(total, job.length)
+                    if isinstance(job, SuiteJob):
+                        suite = _suite(config)
+                        record, request = run_suite_request(suite, job, lm.tokenizer, config.chat)
+                        record = finish_suite_record(suite, job, record, backend.generate(request))
+                    else:
+                        record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk, backend=backend)
+                    emit(record, job)
+    _write_suite_summary(config, run_dir)
     return run_dir
+
+
+SUITE_SUMMARY_FILE = "suite_summary.json"
+
+
+def _write_suite_summary(config: EvalConfig, run_dir: Path) -> None:
+    """The suite's official aggregates of every record in the run, next to samples.jsonl."""
+    if not config.suite:
+        return
+    suite = _suite(config)
+    records = [r for r in load_records(run_dir) if r.get("suite") == suite.name]
+    summary = {"suite": suite.name, "paper": suite.paper, "scores": suite.summarize(records),
+               "errors": sum(1 for r in records if r.get("error") is not None)}
+    (run_dir / SUITE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def _suite(config: EvalConfig) -> Any:
+    from longkit.eval.suites import get_suite
+
+    return get_suite(config.suite or "")
+
+
+def _run_on_endpoint(config: EvalConfig, endpoint: OpenAIBackend, ctx: TaskContext, jobs: list[Any],
+                     emit: Callable[[dict[str, Any], Any], None]) -> None:
+    """Send every job to the endpoint, ``concurrency`` at a time; records are written as requests finish."""
+    if config.suite:
+        suite = _suite(config)
+        prepared = [run_suite_request(suite, job, ctx.tokenizer, config.chat) for job in jobs]
+        for index, result in endpoint.generate_many([request for _, request in prepared]):
+            emit(finish_suite_record(suite, jobs[index], prepared[index][0], result), jobs[index])
+        return
+    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+        futures = {pool.submit(run_job, None, ctx, None, job, None, endpoint): job for job in jobs}
+        for future in as_completed(futures):
+            emit(future.result(), futures[future])

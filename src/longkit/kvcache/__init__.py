@@ -1,5 +1,46 @@
-"""KV-cache room: eviction, merging and quantisation methods, registered under kind ``kv``."""
+"""KV-cache room: eviction, merging and quantisation methods, registered under kind ``kv``.
 
-from longkit.kvcache.base import KVMethod, cache_nbytes
+API in one screen (details in :mod:`longkit.kvcache.base` and :mod:`longkit.kvcache.cache`)::
 
-__all__ = ["KVMethod", "cache_nbytes"]
+    with longkit.apply(model, kv="snapkv:ratio=0.25") as applied:       # installs the attention hook
+        cache = applied.new_cache()                                     # a CompressedCache (real, ragged memory)
+        model.generate(ids, cache=cache, max_new_tokens=32)             # compressed after the prompt
+        cache_nbytes(cache)                                             # exact bytes held
+
+    ctx = compress_context(model, context_ids, "knorm:ratio=0.25")      # query-agnostic: compress once ...
+    with longkit.apply(model, kv=ctx.method):                          # ... then ask many questions
+        model.generate(full_ids, cache=ctx.copy())                      #     (full_ids = context + question)
+
+An eviction method is a :class:`CompressionMethod`: ``score(ctx) -> (B, H_kv, S)`` from a :class:`ScoreContext`
+(+inf = always keep), a budget (``ratio`` / ``tokens`` / ``threshold``, per layer or per head: ``adakv`` wraps any
+scorer), and ``decode_every`` for periodic eviction while decoding.
+"""
+
+from longkit.kvcache import (  # noqa: F401  (registration)
+    adakv,
+    expected_attention,
+    h2o,
+    knorm,
+    pyramidkv,
+    random,
+    scissorhands,
+    snapkv,
+    streaming_llm,
+    tova,
+)
+from longkit.kvcache.base import CompressionMethod, KVMethod, cache_nbytes
+from longkit.kvcache.cache import CompressedCache, RaggedLayer, ScoreContext
+from longkit.kvcache.context import compress_context
+from longkit.kvcache.kivi import KIVI, KIVICache
+
+__all__ = [
+    "CompressedCache",
+    "CompressionMethod",
+    "KIVI",
+    "KIVICache",
+    "KVMethod",
+    "RaggedLayer",
+    "ScoreContext",
+    "cache_nbytes",
+    "compress_context",
+]

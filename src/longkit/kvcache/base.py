@@ -2,16 +2,33 @@
 
 Methods register under kind ``kv``. The seam asks the last method that returns one for a fresh cache
 (:meth:`KVMethod.make_cache`); :func:`cache_nbytes` reports the exact bytes a cache holds.
+
+Compression API (eviction methods derive from :class:`CompressionMethod`):
+
+- ``score(ctx) -> (B, H_kv, S)``: how much each cached token of one layer is worth keeping, from a
+  :class:`~longkit.kvcache.cache.ScoreContext` (the layer's post-RoPE queries of the current call, the padded cached
+  keys/values, which slots are real). ``+inf`` marks tokens that must stay (observation window, sinks).
+- ``select(ctx, scores) -> (B, H_kv, S) bool``: the budget. ``ratio`` (keep a fraction of the real tokens seen),
+  ``tokens`` (keep a count) or ``threshold`` (keep scores >= it) — see :mod:`longkit.kvcache.budget`. Per-layer budgets
+  override :meth:`CompressionMethod.layer_target`; per-head budgets (``adakv``) override ``select``.
+- When: after every multi-token forward (one-shot after prefill; between chunks in a chunked prefill), and every
+  ``decode_every`` decoding steps (0 = never). ``cache.compressing = False`` stops it, which is how
+  :func:`compress_context` compresses a context once for many questions.
+
+``longkit.apply(model, kv="snapkv:ratio=0.25")`` installs the attention hook; ``applied.new_cache()`` gives the
+:class:`~longkit.kvcache.cache.CompressedCache`, which frees the evicted bytes (ragged per-head storage).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from longkit.errors import MethodError
 from longkit.methods import Method, Undo
+from longkit.registry import param
 
 
 @dataclass
@@ -35,3 +52,90 @@ def cache_nbytes(cache: Any) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+@dataclass
+class CompressionMethod(KVMethod):
+    """Base of eviction methods: a scorer plus a budget, applied through a :class:`CompressedCache`.
+
+    Parameters (shared by every eviction method):
+    ratio: fraction of the real tokens seen to keep, in (0, 1] (1 keeps everything).
+    tokens: keep this many tokens per head instead of a ratio, >= 1 (None = use ratio).
+    threshold: keep the tokens whose score is >= threshold instead (None = use tokens/ratio).
+    decode_every: during decoding, compress back to the budget every this many steps, >= 0 (0 = never).
+    """
+
+    ratio: float = param(0.5, gt=0.0, le=1.0, help="fraction of the real tokens seen to keep")
+    tokens: int | None = param(None, ge=1, help="keep this many tokens per head (overrides ratio)")
+    threshold: float | None = param(None, help="keep tokens with score >= threshold (overrides tokens/ratio)")
+    decode_every: int = param(0, ge=0, help="compress every N decoding steps (0 = only after multi-token forwards)")
+
+    #: per-slot side arrays the cache must keep aligned with the keys ("pos": current RoPE position of each key)
+    track: ClassVar[tuple[str, ...]] = ()
+
+    # ---- the seam ----------------------------------------------------------------------------------------------
+
+    def apply(self, model: Any) -> Undo:
+        from longkit.kvcache.cache import install
+
+        return install(model, self.name)
+
+    def make_cache(self, model: Any) -> Any:
+        from longkit.kvcache.cache import CompressedCache
+
+        inner = getattr(model, "model", model)
+        return CompressedCache(model.config, self, rotary=getattr(inner, "rotary_emb", None))
+
+    # ---- policy ------------------------------------------------------------------------------------------------
+
+    def wants_compression(self, cache: Any, n_new: int) -> bool:
+        """After a multi-token forward always; while decoding every ``decode_every`` steps."""
+        if n_new > 1:
+            return True
+        return self.decode_every > 0 and cache.decode_steps % self.decode_every == 0
+
+    def score(self, ctx: Any) -> torch.Tensor:
+        """(B, H_kv, S) float scores; higher = keep. ``+inf`` = always keep."""
+        raise NotImplementedError
+
+    def layer_target(self, ctx: Any) -> torch.Tensor:
+        """(B,) tokens to keep per head in this layer (PyramidKV overrides this)."""
+        from longkit.kvcache.budget import target_tokens
+
+        return target_tokens(ctx.real_seen, ratio=self.ratio, tokens=self.tokens)
+
+    def select(self, ctx: Any, scores: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, S) bool slots to keep under the budget."""
+        from longkit.kvcache.budget import keep_threshold, keep_topk
+
+        if self.threshold is not None:
+            return keep_threshold(scores, self.threshold)
+        return keep_topk(scores, self.layer_target(ctx))
+
+    def compress(self, ctx: Any) -> torch.Tensor | None:
+        """The slots to keep after this attention call, or None to keep everything."""
+        if self.threshold is None and self.tokens is None and self.ratio >= 1.0:
+            return None
+        scores = self.score(ctx).float().masked_fill(~ctx.valid, float("-inf"))
+        return self.select(ctx, scores) & ctx.valid
+
+    def on_compact(self, ctx: Any, keep: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+        """Optionally return replacement padded (keys, extras) before the layer drops the other slots (StreamingLLM)."""
+        return None
+
+
+def check_scorer_name(method: str, scorer: str) -> type:
+    """The registered eviction method named ``scorer`` (for wrappers such as adakv)."""
+    from longkit.registry import registry
+
+    reg = registry("kv")
+    names = [
+        n
+        for n in reg.names()
+        if issubclass(reg.get(n), CompressionMethod) and not getattr(reg.get(n), "wrapper", False)
+    ]
+    if scorer not in names:
+        raise MethodError(
+            f"kv method '{method}': parameter 'scorer' must be one of {', '.join(names)} (got {scorer!r})"
+        )
+    return reg.get(scorer)

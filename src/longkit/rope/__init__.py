@@ -9,6 +9,7 @@ Training-free position remaps (Self-Extend, ReRoPE, DCA, LM-Infinite) are pure f
 from longkit.rope import abf, default, dynamic, linear, llama3, longrope, ntk, yarn  # noqa: F401  (registration)
 from longkit.rope.base import HFRopeMethod, rotary_modules, trained_length
 from longkit.rope.frequencies import FREQUENCIES, frequencies, frequencies_from_config, register_frequencies
+from longkit.rope.longrope_search import LongRopeSearch, SearchSettings, search_model
 from longkit.rope.params import RopeParams, rope_params
 from longkit.rope.remap import REMAPS, register_remap, relative_positions
 
@@ -16,7 +17,9 @@ __all__ = [
     "FREQUENCIES",
     "REMAPS",
     "HFRopeMethod",
+    "LongRopeSearch",
     "RopeParams",
+    "SearchSettings",
     "frequencies",
     "frequencies_from_config",
     "register_frequencies",
@@ -24,5 +27,6 @@ __all__ = [
     "relative_positions",
     "rope_params",
     "rotary_modules",
+    "search_model",
     "trained_length",
 ]

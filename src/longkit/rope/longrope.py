@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from longkit.errors import MethodError
+from longkit.methods import Undo
 from longkit.registry import param, register
-from longkit.rope.base import HFRopeMethod, require_rope, trained_length
+from longkit.rope.base import HFRopeMethod, require_rope, rotary_modules, trained_length
 from longkit.rope.frequencies import register_frequencies
 from longkit.rope.params import RopeParams
 
@@ -21,7 +22,7 @@ from longkit.rope.params import RopeParams
 @dataclass
 class LongRope(HFRopeMethod):
     """LongRoPE: frequency i divided by short_factor[i] up to the trained length, by long_factor[i] beyond it,
-    and cos/sin scaled by sqrt(1 + ln(factor)/ln(L)).
+    and cos/sin scaled by sqrt(1 + ln(factor)/ln(L)); optionally the first n positions keep the model's own RoPE.
 
     Based on Ding et al. 2024, LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens
     (https://arxiv.org/abs/2402.13753); transformers rope_type ``longrope``.
@@ -30,10 +31,15 @@ class LongRope(HFRopeMethod):
     ----------
     short_factor, long_factor: one factor >= 1 per rotary frequency (head_dim/2 values); on the CLI as
         ``[1,1.5,...]`` or ``1;1.5;...``.
-    config: a JSON file holding them (a rope-parameters dict, or a model config with ``rope_parameters``).
+    config: a JSON file holding them (a rope-parameters dict, or a model config with ``rope_parameters``), such
+        as ``longkit rope search`` writes; its ``rope_theta``, when present, must be the model's.
     factor: target length / trained length (> 1); sets the attention factor.
     original_max_position_embeddings: trained length L (> 0); default: the model's.
     attention_factor: explicit cos/sin scale (> 0).
+    start_tokens: the first n positions (>= 0) keep the model's original cos/sin, un-interpolated and unscaled
+        (LongRoPE's n-hat); default 0, or the config file's ``start_tokens``. transformers has no such setting:
+        it is applied here by a forward hook on the rotary module, and ignored if the rope parameters are
+        loaded into transformers directly.
     """
 
     paper = "LongRoPE (Ding et al. 2024) https://arxiv.org/abs/2402.13753"
@@ -44,15 +50,42 @@ class LongRope(HFRopeMethod):
     factor: float | None = param(None, gt=1.0, help="target length / trained length")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
     attention_factor: float | None = param(None, gt=0, help="explicit cos/sin scale")
+    start_tokens: int | None = param(None, ge=0, help="first n positions keep the original RoPE (default: file's or 0)")
+
+    def _load_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the file's rope-parameters dict, the whole file) of ``config``; both empty without one."""
+        if self.config is None:
+            return {}, {}
+        path = Path(self.config)
+        if not path.is_file():
+            raise MethodError(f"rope method 'longrope': parameter 'config' names no file: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MethodError(f"rope method 'longrope': parameter 'config' is not a JSON file: {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise MethodError(f"rope method 'longrope': parameter 'config' must hold a JSON object: {path}")
+        loaded = data.get("rope_parameters") or data.get("rope_scaling") or data
+        if not isinstance(loaded, dict):
+            raise MethodError(
+                f"rope method 'longrope': parameter 'config': 'rope_parameters' is not an object in {path}"
+            )
+        return loaded, data
+
+    def n_start_tokens(self) -> int:
+        """The number of leading positions that keep the model's original RoPE (``start_tokens``, else the file's)."""
+        if self.start_tokens is not None:
+            return self.start_tokens
+        _, data = self._load_config()
+        value = data.get("start_tokens", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MethodError(
+                f"rope method 'longrope': parameter 'config': 'start_tokens' must be an int >= 0 (got {value!r})"
+            )
+        return value
 
     def _factors(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = {}
-        if self.config is not None:
-            path = Path(self.config)
-            if not path.is_file():
-                raise MethodError(f"rope method 'longrope': parameter 'config' names no file: {path}")
-            data = json.loads(path.read_text())
-            loaded = data.get("rope_parameters") or data.get("rope_scaling") or data
+        loaded, _ = self._load_config()
         out = {
             "short_factor": self.short_factor or loaded.get("short_factor"),
             "long_factor": self.long_factor or loaded.get("long_factor"),
@@ -70,6 +103,13 @@ class LongRope(HFRopeMethod):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         half = int(head_dim * old.get("partial_rotary_factor", 1.0)) // 2
         out = self._factors()
+        theta = self._load_config()[0].get("rope_theta")
+        if theta is not None and float(theta) != float(old["rope_theta"]):
+            # Factors divide base^(2j/d) of one base; on another base they are a different method.
+            raise MethodError(
+                f"rope method 'longrope': parameter 'config' was searched at rope_theta={theta}, "
+                f"but the model's rope_theta is {old['rope_theta']}"
+            )
         for key in ("short_factor", "long_factor"):
             values = [float(v) for v in out[key]]
             if len(values) != half:
@@ -81,6 +121,48 @@ class LongRope(HFRopeMethod):
             out[key] = values
         out["original_max_position_embeddings"] = out["original_max_position_embeddings"] or trained_length(model)
         return out
+
+    def apply(self, model: Any) -> Undo:
+        n_start = self.n_start_tokens()
+        originals = {(id(parent), attr): module for parent, attr, module in rotary_modules(model)}
+        undo_swap = super().apply(model)
+        if n_start == 0:
+            return undo_swap
+        handles = []
+        for parent, attr, module in rotary_modules(model):
+            hook = _StartTokens(originals[(id(parent), attr)], n_start)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+        def undo() -> None:
+            for handle in handles:
+                handle.remove()
+            undo_swap()
+
+        return undo
+
+
+class _StartTokens:
+    """Forward hook of a rotary module: positions < n get the cos/sin of the model's original rotary module.
+
+    LongRoPE keeps the first n-hat tokens un-interpolated (no rescale, no attention factor), since the attention
+    sinks at the start of a sequence carry large scores that interpolation would disturb (Ding et al. 2024, 3.2).
+    """
+
+    def __init__(self, original: torch.nn.Module, n_start: int):
+        self.original = original
+        self.n_start = n_start
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        x = args[0] if args else kwargs["x"]
+        position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
+        # Decoding past the first n positions: nothing to replace.
+        if int(position_ids.min()) >= self.n_start:
+            return output
+        cos, sin = output
+        cos0, sin0 = self.original(x, position_ids)
+        # (B, T, 1) True where the position keeps the original RoPE
+        keep = (position_ids < self.n_start).to(cos.device)[..., None]
+        return torch.where(keep, cos0, cos), torch.where(keep, sin0, sin)
 
 
 @register_frequencies("longrope")

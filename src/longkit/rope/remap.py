@@ -156,13 +156,21 @@ def leaky_rerope_positions(length: int, *, window: int, leak: float = 16.0) -> t
 def lm_infinite_positions(length: int, *, window: int, n_sinks: int = 4) -> torch.Tensor:
     """LM-Infinite: a Λ-shaped mask (the first ``n_sinks`` keys plus a local window) with distances capped.
 
-    Keys inside the window keep their distance; sink keys beyond it are seen at the cap ``L``.
+    Keys inside the window (d < L) keep their distance; sink keys beyond it are seen at the cap ``L``: the
+    reference code scores them with the query rotated at ``limit_distance = L`` against the un-rotated key
+    (``Glaciohound/LM-Infinite``, ``models/llama.py``, its "stationary" branch); all other keys are hidden.
     Based on https://arxiv.org/abs/2308.16137 (Han et al. 2024). window L: int >= 1 and < length (the
-    pre-training length in the paper); n_sinks: int >= 0.
+    pre-training length in the paper); n_sinks: int >= 0 (the paper's n_global).
     """
     L = _int("lm_infinite", "window", window, 1)
     _below_length("lm_infinite", "window", L, length)
     n = _int("lm_infinite", "n_sinks", n_sinks, 0)
+    return lm_infinite_matrix(length, L, n)
+
+
+def lm_infinite_matrix(length: int, window: int, n_sinks: int) -> torch.Tensor:
+    """:func:`lm_infinite_positions` without the ``window < length`` check (the attention reference uses it)."""
+    L, n = window, n_sinks
     _, j, d = _grid(length)
     seen = (d < L) | (j < n)
     return _hide_future(d.clamp(max=L).masked_fill(~seen, -1), d)
@@ -182,7 +190,12 @@ def dca_positions(length: int, *, chunk_size: int, local_window: int) -> torch.T
     w = _int("dca", "local_window", local_window, 0)
     if w >= s:
         raise MethodError(f"position remap 'dca': parameter 'local_window' must be < chunk_size = {s} (got {w})")
-    c = s - w
+    return dca_matrix(length, s, w)
+
+
+def dca_matrix(length: int, chunk_size: int, local_window: int) -> torch.Tensor:
+    """:func:`dca_positions` without parameter checks (the attention reference uses it)."""
+    s, c = chunk_size, chunk_size - local_window
     i, j, d = _grid(length)
     ci, cj = i // c, j // c
     q_intra = i % c

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from longkit.eval.haystack import haystack_text, token_stream
+from longkit.eval.metrics import postprocess_pred, string_match_all
 from longkit.eval.prompt import fit_prompt
 from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
 
@@ -60,5 +61,4 @@ class Needle(Task):
         return GenerationSample(prompt, [value], max_new_tokens=12)
 
     def score(self, prediction: str, answers: list[str]) -> float:
-        pred = prediction.lower()
-        return 100.0 * sum(a.lower() in pred for a in answers) / len(answers)
+        return string_match_all([postprocess_pred(prediction)], [answers])

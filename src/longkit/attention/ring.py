@@ -1,0 +1,307 @@
+"""Ring attention with zigzag load balancing: exact attention over a sequence sharded across ranks.
+
+Every rank keeps its queries and passes its key/value block to the next rank W - 1 times
+(``batch_isend_irecv``, overlapped with compute); each step's partial attention is merged by log-sum-exp
+(:func:`longkit.attention.lse.merge_partials_`). With the zigzag layout (rank r holds chunks r and 2W-1-r of 2W)
+every step after the first is exactly half a block of causal work on every rank. The backward runs the same
+ring again and sends the key/value gradient accumulators around with the blocks, so each block's dK / dV
+comes home after W hops. Tiles are computed by the blockwise (FlashAttention) kernel in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longkit.attention.base import AttentionMethod
+from longkit.attention.blockwise import MIN_BLOCK, _backward, _check_block, _forward, _plan, blockwise_attention
+from longkit.attention.lse import merge_partials_
+from longkit.attention.masks import MaskSpec
+from longkit.attention.reference import check_qkv
+from longkit.attention.sequence_parallel import active_group, check_positions, rank_and_size, single_process_mask
+from longkit.errors import MethodError
+from longkit.registry import param, register
+
+# Point-to-point tags keep the key/value ring and the gradient ring apart when both are in flight (gloo).
+_TAG_KV, _TAG_GRAD = 0, 1
+
+
+class _Ring:
+    """Send tensors to the next rank and receive the previous rank's, asynchronously."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.rank, self.size = rank_and_size(group)
+
+    def start(self, tensors: tuple[torch.Tensor, ...], tag: int) -> _Pending:
+        if self.size == 1:
+            return _Pending(tensors, [])
+        nxt, prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        tensors = tuple(t.contiguous() for t in tensors)
+        recv = tuple(torch.empty_like(t) for t in tensors)
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=nxt, tag=tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, group=self.group, group_peer=prev, tag=tag) for r in recv]
+        return _Pending(recv, dist.batch_isend_irecv(ops))
+
+
+class _Pending:
+    def __init__(self, tensors: tuple[torch.Tensor, ...], requests: list) -> None:
+        self.tensors, self.requests = tensors, requests
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        for r in self.requests:
+            r.wait()
+        return self.tensors
+
+
+def _step_kind(causal: bool, step: int, rank: int, size: int) -> str:
+    """Which part of a step's work is visible under the zigzag layout.
+
+    At step s rank r holds the key/value block of rank src = (r - s) mod W, i.e. chunks src and 2W-1-src.
+    "all": every query sees every key (non-causal). "diag": step 0, the own block, causal in local order.
+    "first_keys": src < r, all queries see chunk src and none see chunk 2W-1-src (it lies after both).
+    "last_queries": src > r, the query chunk r lies before both key chunks, chunk 2W-1-r after both.
+    """
+    if not causal:
+        return "all"
+    if step == 0:
+        return "diag"
+    return "first_keys" if (rank - step) % size < rank else "last_queries"
+
+
+def _ring_forward(q, k, v, causal, scale, group, block_q, block_k):
+    ring = _Ring(group)
+    B, H, L, _ = q.shape
+    c = L // 2
+    qf = q.float()
+    # (B, H, L, D_v) float32 running output and (B, H, L) lse; nothing seen yet is out 0, lse -inf
+    out = torch.zeros(B, H, L, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, L), float("-inf"), device=q.device)
+    kv = (k, v)
+    for step in range(ring.size):
+        pending = ring.start(kv, _TAG_KV) if step + 1 < ring.size else None
+        kind = _step_kind(causal, step, ring.rank, ring.size)
+        kb, vb = kv
+        rows = slice(None)
+        mask = MaskSpec(causal=True) if kind == "diag" else None
+        if kind == "first_keys":
+            kb, vb = kb[:, :, :c], vb[:, :, :c]
+        elif kind == "last_queries":
+            rows = slice(c, None)
+        qs = qf[:, :, rows]
+        plan = _plan(mask, B, H, qs.shape[2], kb.shape[2], block_q, block_k, q.device)
+        part, part_lse = _forward(qs, kb, vb, mask, scale, block_q, block_k, plan)
+        merge_partials_(out[:, :, rows], lse[:, :, rows], part, part_lse)
+        if pending is not None:
+            kv = pending.wait()
+    return out, lse
+
+
+def _ring_backward(d_out, d_lse, q, k, v, out, lse, causal, scale, group, block_q, block_k):
+    ring = _Ring(group)
+    B, H, L, D = q.shape
+    c = L // 2
+    qf, dof = q.float(), d_out.float()
+    dq = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+    kv = (k, v)
+    pending_grads = None
+    for step in range(ring.size):
+        pending_kv = ring.start(kv, _TAG_KV) if step + 1 < ring.size else None
+        kind = _step_kind(causal, step, ring.rank, ring.size)
+        kb, vb = kv[0].float(), kv[1].float()
+        # (B, H_kv, L, D) float32 gradients of the block held now; the parts a step does not see stay zero
+        dk = torch.zeros_like(kb)
+        dv = torch.zeros_like(vb)
+        rows, keys = slice(None), slice(None)
+        mask = MaskSpec(causal=True) if kind == "diag" else None
+        if kind == "first_keys":
+            keys = slice(None, c)
+        elif kind == "last_queries":
+            rows = slice(c, None)
+        dl = None if d_lse is None else d_lse[:, :, rows]
+        plan = _plan(mask, B, H, qf[:, :, rows].shape[2], kb[:, :, keys].shape[2], block_q, block_k, q.device)
+        # The global out and lse give each tile's exact probabilities and rowsum(dO ⊙ O), as in FlashAttention-2.
+        dq_s, dk_s, dv_s = _backward(
+            dof[:, :, rows],
+            dl,
+            qf[:, :, rows],
+            kb[:, :, keys],
+            vb[:, :, keys],
+            out[:, :, rows],
+            lse[:, :, rows],
+            mask,
+            scale,
+            block_q,
+            block_k,
+            plan,
+        )
+        dq[:, :, rows] += dq_s
+        dk[:, :, keys] += dk_s
+        dv[:, :, keys] += dv_s
+        if pending_grads is None:
+            acc = (dk, dv)
+        else:
+            # The accumulator for the block held now arrives from the previous rank, which held it last step.
+            acc_k, acc_v = pending_grads.wait()
+            acc = (acc_k.add_(dk), acc_v.add_(dv))
+        if pending_kv is not None:
+            kv = pending_kv.wait()
+        # After the last step this send carries each block's gradient home to its owner (the next rank).
+        pending_grads = ring.start(acc, _TAG_GRAD)
+    dk, dv = pending_grads.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, block_q, block_k):
+        out, lse = _ring_forward(q, k, v, causal, scale, group, block_q, block_k)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, group, block_q, block_k)
+        ctx.set_materialize_grads(False)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        dq, dk, dv = _ring_backward(d_out, d_lse, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    group: Any = None,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zigzag ring attention over the ranks of ``group``: exact (causal) attention of the whole sequence.
+
+    Each rank passes its local shard in the zigzag layout (:func:`longkit.attention.sequence_parallel.shard`):
+    chunks r and 2W-1-r of the sequence cut into 2W equal chunks. K/V blocks travel the ring
+    (``batch_isend_irecv``); partial results merge by log-sum-exp in float32; the backward sends dK/dV around
+    a second ring. Collective: every rank of the group must call it with equally shaped tensors. With no
+    process group (or a group of one) it is blockwise attention. Based on Liu et al. 2023, Ring Attention with
+    Blockwise Transformers (https://arxiv.org/abs/2310.01889) and the zigzag layout of
+    https://github.com/zhuzilin/ring-flash-attention.
+
+    Parameters:
+        q: (B, H, L, D) local queries. k: (B, H_kv, L, D). v: (B, H_kv, L, D_v); H a multiple of H_kv; any float
+            dtype (accumulation is float32). L = T / W must be even (T a multiple of 2W).
+        causal: causal attention over global positions (True) or full attention (False).
+        scale: score scale, default ``D ** -0.5``.
+        group: a ProcessGroup, or None for WORLD.
+        block_q, block_k: int >= 16, tile edges of the local blockwise kernel.
+
+    Returns ``(out (B, H, L, D_v) in q's dtype, lse (B, H, L) float32)``, both differentiable.
+    """
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    _, _, _, T, S, D = check_qkv(q, k, v)
+    _, size = rank_and_size(group)
+    if S != T:
+        raise MethodError(f"ring attention: local key length S = {S} must equal the local query length T = {T}")
+    if T % 2:
+        raise MethodError(
+            f"ring attention: the local length {T} must be even (zigzag: the sequence is 2 × world size = {2 * size} "
+            "equal chunks, two per rank)"
+        )
+    scale = D**-0.5 if scale is None else float(scale)
+    return _RingAttention.apply(q, k, v, bool(causal), scale, group, block_q, block_k)
+
+
+@register("attention", "ring")
+@dataclass
+class Ring(AttentionMethod):
+    """Zigzag ring attention: a sequence sharded over the ranks of a process group, attended exactly.
+
+    Each rank runs the model on its zigzag shard (chunks r and 2W-1-r, with the matching global
+    ``position_ids``); attention passes key/value blocks around the ring and merges partial softmaxes by
+    log-sum-exp, forward and backward (dK/dV travel a second ring). Use :func:`sequence_parallel` to shard
+    inputs and gather logits. Without a process group (or with one rank) it is exact single-process blockwise
+    attention, caches and padding included; sharded runs need whole unpadded sequences without a KV cache.
+    Based on Liu et al. 2023, Ring Attention (https://arxiv.org/abs/2310.01889), zigzag layout from
+    https://github.com/zhuzilin/ring-flash-attention.
+
+    Parameters:
+        block_q: int >= 16, query rows per local tile (default 128).
+        block_k: int >= 16, keys per local tile (default 128).
+    """
+
+    paper = (
+        "Ring Attention with Blockwise Transformers for Near-Infinite Context (Liu, Zaharia, Abbeel 2023) "
+        "https://arxiv.org/abs/2310.01889"
+    )
+    block_q: int = param(128, ge=MIN_BLOCK, help="query rows per local tile")
+    block_k: int = param(128, ge=MIN_BLOCK, help="keys per local tile")
+    #: How :func:`sequence_parallel` shards a sequence for this method.
+    layout = "zigzag"
+    # The flash-attention mask format hands over None or the (B, S) padding mask, never a local (L, L) mask
+    # built from the zigzag positions (which transformers would read as packed sequences).
+    mask_format = "flash_attention_2"
+
+    def forward(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        self.reject_unsupported(dropout, kwargs)
+        group = active_group()
+        _, size = rank_and_size(group)
+        if size == 1:
+            mask = single_process_mask(module, query, key, attention_mask, **kwargs)
+            out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
+        else:
+            causal = check_sharded_call("ring", module, query, key, attention_mask, size, kwargs)
+            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
+            out, _ = ring_attention(
+                query, key, value, causal, scaling, group, block_q=self.block_q, block_k=self.block_k
+            )
+        # (B, T, H, D_v), the layout transformers' attention functions return
+        return out.transpose(1, 2).contiguous(), None
+
+
+def check_sharded_call(
+    method: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    size: int,
+    kwargs: dict[str, Any],
+) -> bool:
+    """Refuse what a sharded forward cannot do exactly; return whether attention is causal."""
+    T, S = query.shape[2], key.shape[2]
+    if S != T:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: no KV cache (got {S} keys for {T} queries); run prefill "
+            "or training forwards with use_cache=False"
+        )
+    if attention_mask is not None:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: padding masks are not supported; pass whole sequences"
+        )
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window and window < T * size:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: sliding-window attention (window {window}) is not "
+            f"supported for sequences longer than the window ({T * size} tokens)"
+        )
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)

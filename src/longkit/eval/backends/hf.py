@@ -1,0 +1,67 @@
+"""The local Hugging Face model, under whatever longkit methods are applied (greedy decoding)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from longkit.eval.backends.base import GenerationRequest, GenerationResult
+from longkit.eval.generate import greedy_generate
+
+
+class HFBackend:
+    """Greedy generation with a loaded model inside ``longkit.apply(...)``: the runner's generation path.
+
+    ``applied`` is the handle from :func:`longkit.apply` (its ``new_cache()`` gives each request a fresh cache
+    of the applied KV method). Chat messages go through the tokenizer's chat template; plain text is tokenized
+    with the tokenizer's special tokens (a BOS where the model uses one).
+    """
+
+    name = "hf"
+
+    def __init__(self, lm: Any, applied: Any, prefill_chunk: int | None = None):
+        self.lm = lm
+        self.applied = applied
+        self.prefill_chunk = prefill_chunk
+        tok = lm.tokenizer
+        eos = {
+            i for i in (tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)) if i is not None
+        }
+        self.eos = {j for i in eos for j in (i if isinstance(i, list) else [i])}
+
+    def input_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self.lm.tokenizer
+        if request.input_ids is not None:
+            return list(request.input_ids)
+        if request.messages is not None:
+            ids = tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+            # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return tok(request.prompt).input_ids
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        tok = self.lm.tokenizer
+        ids = self.input_ids(request)
+        eos = set(self.eos)
+        if request.stop_newline:
+            # LongBench samsum: the last id of "\n" joins the EOS ids.
+            eos.add(tok.encode("\n", add_special_tokens=False)[-1])
+        gen = greedy_generate(
+            self.lm.model, ids, request.max_new_tokens, self.applied.new_cache(), eos, prefill_chunk=self.prefill_chunk
+        )
+        text = tok.decode(gen.tokens, skip_special_tokens=True)
+        return GenerationResult(
+            text=text,
+            prompt_tokens=len(ids),
+            completion_tokens=len(gen.tokens),
+            stats={
+                "prefill_s": round(gen.prefill_s, 4),
+                "decode_s": round(gen.decode_s, 4),
+                "new_tokens": len(gen.tokens),
+                "peak_mem_bytes": gen.peak_mem_bytes,
+                "kv_bytes": gen.kv_bytes,
+            },
+        )
+
+    def generate_many(self, requests: list[GenerationRequest]):
+        for index, request in enumerate(requests):
+            yield index, self.generate(request)

@@ -1,0 +1,89 @@
+"""RULER's 13 tasks as runner tasks: ``longkit eval --task niah_single_1 --task vt ...``.
+
+Each task builds its sample with :mod:`longkit.eval.ruler` (RULER's recipe, fitted to the run's length with
+the answer reserve) and scores with RULER's metric on the post-processed prediction, so the per-length mean of
+the records is RULER's task score. The depth grid does not apply (RULER draws its own insertion depths).
+
+qa_1 / qa_2 read SQuAD / HotpotQA JSON from ``$LONGKIT_RULER_SQUAD`` / ``$LONGKIT_RULER_HOTPOTQA``; the offline
+synthetic stand-ins are the separate tasks ``qa_1_synthetic`` / ``qa_2_synthetic``, so every record and report
+names what ran.
+Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from longkit.errors import EvalError
+from longkit.eval.metrics import METRICS, RULER_TASK_METRICS, postprocess_pred
+from longkit.eval.prompt import FittedPrompt
+from longkit.eval.ruler import TASKS as RULER_TASKS
+from longkit.eval.ruler import RulerTask
+from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
+
+#: Where qa_1 / qa_2 find their data.
+DATA_ENV = {"qa_1": "LONGKIT_RULER_SQUAD", "qa_2": "LONGKIT_RULER_HOTPOTQA"}
+
+
+class RulerRunnerTask(Task):
+    """Base of the RULER runner tasks; ``ruler_task`` names the RULER task, ``synthetic`` the offline qa data."""
+
+    uses_depth = False
+    chat_default = True
+    ruler_task: ClassVar[str] = "?"
+    synthetic: ClassVar[bool] = False
+
+    def _data(self) -> dict[str, Any]:
+        if self.ruler_task not in DATA_ENV or self.synthetic:
+            return {}
+        env = DATA_ENV[self.ruler_task]
+        path = os.environ.get(env)
+        if not path:
+            raise EvalError(
+                f"task '{self.name}' reads its data from ${env} (a {'SQuAD' if self.ruler_task == 'qa_1' else 'HotpotQA'} "
+                f"JSON file), which is not set; run '{self.name}_synthetic' for the offline synthetic stand-in"
+            )
+        return {"data": path}
+
+    def __init__(self) -> None:
+        self.data = self._data()
+
+    def generator(self, ctx: TaskContext) -> RulerTask:
+        chat = ctx.use_chat(self)
+        key = ("ruler", self.name, chat, ctx.haystack, ctx.seed, id(ctx.tokenizer))
+        if key not in ctx.cache:
+            ctx.cache[key] = RulerTask(
+                self.ruler_task, ctx.tokenizer, seed=ctx.seed, chat=chat, haystack=ctx.haystack, **self.data
+            )
+        return ctx.cache[key]
+
+    def build(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> GenerationSample:
+        gen = self.generator(ctx)
+        s = gen.sample(length, sample)
+        ids = gen.input_ids(s)
+        return GenerationSample(
+            FittedPrompt(ids, None, None), list(s["outputs"]), max_new_tokens=s["tokens_to_generate"]
+        )
+
+    def score(self, prediction: str, answers: list[str]) -> float:
+        metric = METRICS[RULER_TASK_METRICS[self.ruler_task]]
+        return metric([postprocess_pred(prediction)], [answers])
+
+
+def _make(name: str, ruler_task: str, synthetic: bool) -> type[Task]:
+    doc = f"RULER task {ruler_task}" + (
+        " on the offline synthetic QA data (not a RULER qa score)." if synthetic else "."
+    )
+    cls = type(
+        f"Ruler_{name}",
+        (RulerRunnerTask,),
+        {"name": name, "ruler_task": ruler_task, "synthetic": synthetic, "__doc__": doc, "__module__": __name__},
+    )
+    return register_task(cls)
+
+
+for _task in RULER_TASKS:
+    _make(_task, _task, synthetic=False)
+for _task in DATA_ENV:
+    _make(f"{_task}_synthetic", _task, synthetic=True)

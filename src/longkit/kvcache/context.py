@@ -1,0 +1,43 @@
+"""Query-agnostic use: compress a context once, then ask many questions against copies of the compressed cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from longkit.errors import MethodError
+
+
+@torch.inference_mode()
+def compress_context(
+    model: Any,
+    input_ids: torch.Tensor,
+    method: Any,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Any:
+    """Prefill ``input_ids`` (B, T) with ``method`` (a kv method, name or ``"name:key=value"``); return its cache.
+
+    The returned :class:`~longkit.kvcache.cache.CompressedCache` has compression switched off, so questions
+    appended to it (under ``longkit.apply(model, kv=cache.method)``, each on ``cache.copy()``) are not compressed.
+    Query-aware scorers see the context's own last tokens as their observation window. ``chunk_size`` prefills
+    in chunks, compressing between them.
+    """
+    import longkit
+    from longkit.attention.chunked_prefill import chunked_prefill
+    from longkit.kvcache.cache import CompressedCache
+
+    with longkit.apply(model, kv=method) as applied:
+        kv = applied.spec.kv
+        if kv.tokens is not None and kv.tokens > input_ids.shape[1]:
+            raise MethodError(
+                f"kv method '{kv.name}': parameter 'tokens' must be <= the context length {input_ids.shape[1]} "
+                f"(got {kv.tokens})"
+            )
+        cache = applied.new_cache()
+        if not isinstance(cache, CompressedCache):
+            raise MethodError(f"kv method '{kv.name}' does not provide a compressing cache")
+        chunked_prefill(model, input_ids, cache, chunk_size, attention_mask=attention_mask)
+    cache.compressing = False
+    return cache

@@ -39,3 +39,24 @@ def sample_ids(lm, n: int = 37, seed: int = 0) -> torch.Tensor:
     """(1, n) random token ids inside the model's vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, lm.model.config.vocab_size, (1, n), generator=g)
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    with torch.no_grad():
+        weights = tuple((p.dtype, float(p.double().sum())) for p in model.parameters())
+    return weights, model.config._attn_implementation
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_stay_untouched(request):
+    # The session-scoped tiny models are shared by every test: a test that casts one to bf16 and back (which
+    # rounds its weights) or leaves a method applied would silently break unrelated tests that run later.
+    shared = [name for name in ("tiny_llama", "tiny_qwen2") if name in request.fixturenames]
+    before = {name: _fingerprint(request.getfixturevalue(name).model) for name in shared}
+    yield
+    for name in shared:
+        after = _fingerprint(request.getfixturevalue(name).model)
+        assert after == before[name], (
+            f"this test changed the shared {name} fixture (weights, dtype or attention implementation); "
+            "work on copy.deepcopy(model) instead"
+        )

@@ -292,7 +292,8 @@ def test_streaming_llm_keeps_sinks_and_recent_tokens_at_rolled_positions(tiny_ll
 
 
 @pytest.mark.parametrize(
-    "spec", ["snapkv:ratio=0.5,window=4", "adakv:ratio=0.4,scorer=knorm", "tova:tokens=12", "expected_attention:ratio=0.5"]
+    "spec",
+    ["snapkv:ratio=0.5,window=4", "adakv:ratio=0.4,scorer=knorm", "tova:tokens=12", "expected_attention:ratio=0.5"],
 )
 def test_generate_greedy_batch_with_left_padding_matches_each_row_alone(tiny_llama, spec):
     model = tiny_llama.model
@@ -324,7 +325,10 @@ def test_generate_with_sampling_and_several_sequences(tiny_llama):
     assert [int(n.max()) for n in cache.stored_tokens()] == [14, 14]
 
 
-@pytest.mark.parametrize("spec", ["snapkv:ratio=0.25,window=4", "adakv:ratio=0.25", "streaming_llm:tokens=12"])
+@pytest.mark.parametrize(
+    "spec",
+    ["snapkv:ratio=0.25,window=4", "adakv:ratio=0.25", "streaming_llm:tokens=12", "expected_attention:ratio=0.25"],
+)
 def test_every_tiny_model_family(any_tiny, spec):
     ids = sample_ids(any_tiny, n=43)
     got, cache = _run(any_tiny.model, spec, ids, n_decode=3)

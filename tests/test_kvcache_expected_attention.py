@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -52,15 +53,18 @@ def _rope_matrix(model, p: int, D: int) -> torch.Tensor:
     return (eye * cos + rot * sin).T
 
 
-def _reference_scores(model, layer_idx, hidden, keys, values, valid_row, n_sink, n_future, use_cov, use_vnorm, eps):
-    """Plain per-head computation for one sequence: (H_kv, S) scores, +inf on the sinks."""
+def _reference_scores(
+    model, layer_idx, hidden, keys, values, valid_row, n_sink, n_future, use_cov, use_vnorm, eps, start=None
+):
+    """Plain per-head computation for one sequence: (H_kv, S) scores, +inf on the sinks; future from ``start``."""
     attn = model.model.layers[layer_idx].self_attn
     cfg = model.config
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = keys.shape[-1]
     T = hidden.shape[0]
     q = attn.q_proj(hidden).float().view(T, H, D)[n_sink:]
-    R = sum(_rope_matrix(model, p, D) for p in range(T, T + n_future)) / n_future
+    start = T if start is None else start
+    R = sum(_rope_matrix(model, p, D) for p in range(start, start + n_future)) / n_future
     S = keys.shape[1]
     sinks = [s for s in range(S) if valid_row[s]][:n_sink]
     out = torch.zeros(H_kv, S)
@@ -94,34 +98,30 @@ def _reference_scores(model, layer_idx, hidden, keys, values, valid_row, n_sink,
     ],
 )
 def test_scores_equal_the_plain_formula(tiny_llama, monkeypatch, dtype, args):
-    model = tiny_llama.model.to(dtype)
+    # a copy: the shared fixture must stay in fp32
+    model = copy.deepcopy(tiny_llama.model).to(dtype)
+    ids = sample_ids(tiny_llama, n=37)
+    calls = _record(monkeypatch)
+    hidden, handles = _hidden_states(model)
+    spec = (
+        f"expected_attention:ratio=0.5,n_sink={args['n_sink']},n_future_positions={args['n_future']},"
+        f"use_covariance={args['use_cov']},use_vnorm={args['use_vnorm']},epsilon={args['eps']}"
+    )
     try:
-        ids = sample_ids(tiny_llama, n=37)
-        calls = _record(monkeypatch)
-        hidden, handles = _hidden_states(model)
-        spec = (
-            f"expected_attention:ratio=0.5,n_sink={args['n_sink']},n_future_positions={args['n_future']},"
-            f"use_covariance={args['use_cov']},use_vnorm={args['use_vnorm']},epsilon={args['eps']}"
-        )
-        try:
-            with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
-                model(ids, cache=applied.new_cache(), use_cache=True)
-        finally:
-            for h in handles:
-                h.remove()
-        assert len(calls) == model.config.num_hidden_layers
-        for layer_idx, keys, values, valid, got in calls:
-            with torch.no_grad():
-                ref = _reference_scores(
-                    model, layer_idx, hidden[layer_idx][0], keys[0], values[0], valid[0, 0], **args
-                )
-            assert torch.equal(torch.isinf(got[0]), torch.isinf(ref))
-            fin = ~torch.isinf(ref)
-            # bf16 queries are rounded by the model's own RoPE before being un-rotated
-            tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.1, atol=2e-3)
-            torch.testing.assert_close(got[0][fin], ref[fin], **tol)
+        with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
+            model(ids, cache=applied.new_cache(), use_cache=True)
     finally:
-        model.to(torch.float32)
+        for h in handles:
+            h.remove()
+    assert len(calls) == model.config.num_hidden_layers
+    for layer_idx, keys, values, valid, got in calls:
+        with torch.no_grad():
+            ref = _reference_scores(model, layer_idx, hidden[layer_idx][0], keys[0], values[0], valid[0, 0], **args)
+        assert torch.equal(torch.isinf(got[0]), torch.isinf(ref))
+        fin = ~torch.isinf(ref)
+        # bf16: the post-RoPE queries are rounded to bf16 before being un-rotated (measured error ~1e-5 relative)
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(got[0][fin], ref[fin], **tol)
 
 
 def test_keeps_the_sinks_and_the_top_scores(tiny_llama, monkeypatch):
@@ -131,7 +131,7 @@ def test_keeps_the_sinks_and_the_top_scores(tiny_llama, monkeypatch):
     with torch.inference_mode(), longkit.apply(model, kv="expected_attention:tokens=10,n_sink=3") as applied:
         cache = applied.new_cache()
         model(ids, cache=cache, use_cache=True)
-    for (layer_idx, keys, _, _, scores), layer in zip(calls, cache.layers, strict=True):
+    for (_, keys, _, _, scores), layer in zip(calls, cache.layers, strict=True):
         top = scores[0].topk(10, dim=-1).indices.sort(-1).values
         assert (top[:, :3] == torch.arange(3)).all()
         # (H_kv, 10, D) stored keys are the top-scored rows, in order
@@ -168,3 +168,60 @@ def test_bad_parameters_are_clear_errors(tiny_llama, spec, match):
     with pytest.raises(MethodError, match=match):
         with longkit.apply(tiny_llama.model, kv=spec):
             pass
+
+
+def test_left_padded_plain_forward_scores_the_row_as_alone(tiny_llama, monkeypatch):
+    # A plain forward counts the padding in the RoPE positions; the recorded position_ids keep the statistics exact
+    # (RoPE is relative, so the scores of the real slots equal those of the row alone).
+    model = tiny_llama.model
+    row = sample_ids(tiny_llama, n=23, seed=7)
+    pad = model.config.pad_token_id
+    batch = torch.cat([torch.full((1, 6), pad), row], 1)
+    mask = torch.ones_like(batch)
+    mask[0, :6] = 0
+    calls = _record(monkeypatch)
+    with torch.inference_mode(), longkit.apply(model, kv="expected_attention:tokens=8,n_future_positions=32") as a:
+        model(batch, attention_mask=mask, cache=a.new_cache(), use_cache=True)
+        model(row, cache=a.new_cache(), use_cache=True)
+    n = model.config.num_hidden_layers
+    for padded, alone in zip(calls[:n], calls[n:], strict=True):
+        got, ref = padded[4][0][:, 6:], alone[4][0]
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        torch.testing.assert_close(got[~torch.isinf(ref)], ref[~torch.isinf(ref)], rtol=1e-4, atol=1e-6)
+
+
+def test_as_adakv_scorer_and_while_decoding(tiny_llama):
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=50)
+    for spec in ("adakv:ratio=0.25,scorer=expected_attention", "expected_attention:tokens=16,decode_every=2"):
+        with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
+            cache = applied.new_cache()
+            out = model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False)
+        assert out.shape[1] == 56
+        stored = [int(n.sum()) for n in cache.stored_tokens()]
+        H_kv = model.config.num_key_value_heads
+        # adakv: a layer-wide budget of round(0.25 * 50) = 12 per head, +5 decoded; periodic: back to 16 every 2 steps
+        expected = H_kv * (12 + 5) if spec.startswith("adakv") else H_kv * 17
+        assert stored == [expected] * len(stored)
+
+
+def test_uses_the_models_own_position_ids(tiny_llama, monkeypatch):
+    # Positions with a gap (as after a custom position_ids): the queries are un-rotated at their true positions and
+    # the future starts after the last one; assuming contiguous positions would give other statistics.
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=23, seed=8)
+    pos = torch.cat([torch.arange(10), torch.arange(30, 43)])[None]
+    calls = _record(monkeypatch)
+    hidden, handles = _hidden_states(model)
+    try:
+        with torch.inference_mode(), longkit.apply(model, kv="expected_attention:tokens=8,n_future_positions=5") as a:
+            model(ids, position_ids=pos, cache=a.new_cache(), use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    args = dict(n_sink=4, n_future=5, use_cov=True, use_vnorm=True, eps=0.0, start=43)
+    for layer_idx, keys, values, valid, got in calls:
+        with torch.no_grad():
+            ref = _reference_scores(model, layer_idx, hidden[layer_idx][0], keys[0], values[0], valid[0, 0], **args)
+        fin = ~torch.isinf(ref)
+        torch.testing.assert_close(got[0][fin], ref[fin], rtol=1e-4, atol=1e-6)

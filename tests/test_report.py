@@ -221,3 +221,21 @@ def test_report_does_not_touch_pyplot(scored_run):
         pytest.skip("pyplot already imported by another test")
     write_report(scored_run)
     assert "matplotlib.pyplot" not in sys.modules
+
+
+def test_several_runs_are_compared_side_by_side_in_one_report(tmp_path):
+    first = make_run(tmp_path / "cpu", passkey_curve(BASE, [100, 100, 100, 0]), methods=(BASE,), tasks=("passkey",))
+    second = make_run(
+        tmp_path / "gpu", passkey_curve(BASE, [100, 0, 0, 0]) + passkey_curve(YARN, [100, 100, 100, 100]), tasks=("passkey",)
+    )
+    # Same model in both runs: methods are told apart by the run directory's name.
+    path = write_report([first, second], out_dir=tmp_path / "both")
+    saved = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert saved["methods"] == [f"cpu · {BASE}", f"gpu · {BASE}", f"gpu · {YARN}"]
+    lengths = {m: saved["per_method"][m]["tasks"]["passkey"]["effective_length"] for m in saved["methods"]}
+    assert lengths == {f"cpu · {BASE}": 8192, f"gpu · {BASE}": 2048, f"gpu · {YARN}": 12288}
+    page = path.read_text()
+    assert "Run 1:" in page and "Run 2:" in page and f"gpu · {YARN}" in page
+    assert (tmp_path / "both" / "score_vs_length.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(EvalError, match="needs an output directory"):
+        write_report([first, second])

@@ -62,7 +62,12 @@ PAIRS: list[dict[str, Any]] = [
         "press_kwargs": {"inner": "snapkv", "inner_kwargs": {"window_size": 32}, "alpha_safeguard": 0.2},
         "longkit": {"scorer": "snapkv", "alpha": 0.2},
     },
-    {"method": "expected_attention", "press": "expected_attention", "press_kwargs": {}, "longkit": {}},
+    {
+        "method": "expected_attention",
+        "press": "expected_attention",
+        "press_kwargs": {"n_future_positions": 512, "n_sink": 4, "use_covariance": True, "use_vnorm": True},
+        "longkit": {"n_future_positions": 512, "n_sink": 4, "use_covariance": True, "use_vnorm": True},
+    },
     {
         "method": "h2o",
         "press": "observed_attention",
@@ -362,7 +367,10 @@ NOTES = {
     "free memory: it keeps every key and, while decoding, overwrites the evicted ones with a 'fake key' "
     "found by a hyperplane search, which can fail ('Could not find fake keys'); longkit stores the ragged "
     "heads and frees the bytes (cache lengths in the note column).",
-    "expected_attention": "kvpress side only until longkit registers expected_attention.",
+    "expected_attention": "Same statistics and score (pre-RoPE query mean and covariance over the prompt past the "
+    "sinks, RoPE averaged over the next 512 positions, softmax of k.mu/sqrt(d) + k^T Sigma k/(2d) over the non-sink "
+    "keys, mean over the GQA group, times ||v||, 4 sinks kept). kvpress projects the hidden states again; longkit "
+    "un-rotates the post-RoPE queries it already has, equal up to float rounding.",
     "h2o": "Different scores. kvpress's ObservedAttentionPress (eager attention) averages each key's attention over "
     "the queries that can see it (sum / (S - j)); longkit's h2o keeps H2O's accumulated sum, which favours "
     "early tokens (run here with recent=0 and decode_every=0 to isolate the score).",

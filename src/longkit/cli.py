@@ -202,7 +202,7 @@ def print_summary(run_dir: Path, threshold: float) -> None:
     Console().print(table)
 
 
-def _write_report(run_dir: Path, threshold: float, out_dir: str | None) -> None:
+def _write_report(run_dir: Path | list[Path], threshold: float, out_dir: str | None) -> None:
     from longkit.eval.report import write_report
 
     try:
@@ -214,14 +214,19 @@ def _write_report(run_dir: Path, threshold: float, out_dir: str | None) -> None:
 
 @app.command("report")
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `longkit eval`.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories written by `longkit eval`; several = compared side by side.")
+    ],
     threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = 85.6,
-    out: Annotated[str | None, typer.Option(help="Output directory (default: the run directory).")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Output directory (default: the run directory; required for several runs).")
+    ] = None,
 ) -> None:
-    """Write report.html, plots and summary.json for a run directory."""
-    if not run_dir.is_dir():
-        _fail(LongkitError(f"run directory {run_dir} does not exist"))
-    _write_report(run_dir, threshold, out)
+    """Write report.html, plots and summary.json for a run directory, or one report comparing several runs."""
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            _fail(LongkitError(f"run directory {run_dir} does not exist"))
+    _write_report(run_dirs[0] if len(run_dirs) == 1 else run_dirs, threshold, out)
 
 
 @app.command("methods")

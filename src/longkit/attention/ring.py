@@ -16,14 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longkit.attention.base import AttentionMethod
-from longkit.attention.blockwise import MIN_BLOCK, _backward, _check_block, _forward, _plan, blockwise_attention
+from longkit.attention.blockwise import _backward, _check_block, _forward, _plan
 from longkit.attention.lse import merge_partials_
 from longkit.attention.masks import MaskSpec
 from longkit.attention.reference import check_qkv
-from longkit.attention.sequence_parallel import active_group, check_positions, rank_and_size, single_process_mask
+from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
 from longkit.errors import MethodError
-from longkit.registry import param, register
+from longkit.registry import register
 
 # Point-to-point tags keep the key/value ring and the gradient ring apart when both are in flight (gloo).
 _TAG_KV, _TAG_GRAD = 0, 1
@@ -222,7 +221,7 @@ def ring_attention(
 
 @register("attention", "ring")
 @dataclass
-class Ring(AttentionMethod):
+class Ring(SequenceParallelAttention):
     """Zigzag ring attention: a sequence sharded over the ranks of a process group, attended exactly.
 
     Each rank runs the model on its zigzag shard (chunks r and 2W-1-r, with the matching global
@@ -242,66 +241,11 @@ class Ring(AttentionMethod):
         "Ring Attention with Blockwise Transformers for Near-Infinite Context (Liu, Zaharia, Abbeel 2023) "
         "https://arxiv.org/abs/2310.01889"
     )
-    block_q: int = param(128, ge=MIN_BLOCK, help="query rows per local tile")
-    block_k: int = param(128, ge=MIN_BLOCK, help="keys per local tile")
     #: How :func:`sequence_parallel` shards a sequence for this method.
     layout = "zigzag"
-    # The flash-attention mask format hands over None or the (B, S) padding mask, never a local (L, L) mask
-    # built from the zigzag positions (which transformers would read as packed sequences).
-    mask_format = "flash_attention_2"
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
-        group = active_group()
-        _, size = rank_and_size(group)
-        if size == 1:
-            mask = single_process_mask(module, query, key, attention_mask, **kwargs)
-            out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
-        else:
-            causal = check_sharded_call("ring", module, query, key, attention_mask, size, kwargs)
-            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
-            out, _ = ring_attention(
-                query, key, value, causal, scaling, group, block_q=self.block_q, block_k=self.block_k
-            )
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
-
-
-def check_sharded_call(
-    method: str,
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    size: int,
-    kwargs: dict[str, Any],
-) -> bool:
-    """Refuse what a sharded forward cannot do exactly; return whether attention is causal."""
-    T, S = query.shape[2], key.shape[2]
-    if S != T:
-        raise MethodError(
-            f"attention method '{method}' on {size} ranks: no KV cache (got {S} keys for {T} queries); run prefill "
-            "or training forwards with use_cache=False"
-        )
-    if attention_mask is not None:
-        raise MethodError(
-            f"attention method '{method}' on {size} ranks: padding masks are not supported; pass whole sequences"
-        )
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    if window and window < T * size:
-        raise MethodError(
-            f"attention method '{method}' on {size} ranks: sliding-window attention (window {window}) is not "
-            f"supported for sequences longer than the window ({T * size} tokens)"
-        )
-    is_causal = kwargs.get("is_causal")
-    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    def sharded_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+    ) -> torch.Tensor:
+        out, _ = ring_attention(query, key, value, causal, scaling, group, block_q=self.block_q, block_k=self.block_k)
+        return out

@@ -19,13 +19,16 @@ import contextvars
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longkit.attention.base import AttentionMethod
+from longkit.attention.blockwise import MIN_BLOCK, blockwise_attention
 from longkit.errors import MethodError
+from longkit.registry import param
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -350,3 +353,81 @@ def sequence_parallel(
             yield SequenceParallel(model, group, impl.layout)
         finally:
             undo()
+
+
+@dataclass
+class SequenceParallelAttention(AttentionMethod):
+    """Shared part of the sequence-parallel attention methods (``ring``, ``ulysses``).
+
+    On one rank (or without a process group) attention is exact single-process blockwise attention, caches and
+    padding included; on several ranks each rank holds a shard laid out as ``layout`` and
+    :meth:`sharded_attention` attends over the whole sequence.
+    """
+
+    block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
+    block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
+    #: How :func:`sequence_parallel` shards a sequence for this method.
+    layout: ClassVar[str] = "contiguous"
+    # The flash-attention mask format hands over None or the (B, S) padding mask, never a local (L, L) mask
+    # built from sharded (e.g. zigzag) positions, which transformers would read as packed sequences.
+    mask_format: ClassVar[str] = "flash_attention_2"
+
+    def sharded_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+    ) -> torch.Tensor:
+        """(B, H, T_local, D) queries and keys/values of this rank's shard -> (B, H, T_local, D_v) output."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        self.reject_unsupported(dropout, kwargs)
+        group = active_group()
+        _, size = rank_and_size(group)
+        if size == 1:
+            mask = single_process_mask(module, query, key, attention_mask, **kwargs)
+            out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
+        else:
+            causal = check_sharded_call(self.name, module, query, key, attention_mask, size, kwargs)
+            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
+            out = self.sharded_attention(query, key, value, causal, scaling, group)
+        # (B, T, H, D_v), the layout transformers' attention functions return
+        return out.transpose(1, 2).contiguous(), None
+
+
+def check_sharded_call(
+    method: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    size: int,
+    kwargs: dict[str, Any],
+) -> bool:
+    """Refuse what a sharded forward cannot do exactly; return whether attention is causal."""
+    T, S = query.shape[2], key.shape[2]
+    if S != T:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: no KV cache (got {S} keys for {T} queries); run prefill "
+            "or training forwards with use_cache=False"
+        )
+    if attention_mask is not None:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: padding masks are not supported; pass whole sequences"
+        )
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window and window < T * size:
+        raise MethodError(
+            f"attention method '{method}' on {size} ranks: sliding-window attention (window {window}) is not "
+            f"supported for sequences longer than the window ({T * size} tokens)"
+        )
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)

@@ -15,13 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longkit.attention.base import AttentionMethod
-from longkit.attention.blockwise import MIN_BLOCK, blockwise_attention
 from longkit.attention.reference import check_qkv
-from longkit.attention.ring import check_sharded_call
-from longkit.attention.sequence_parallel import active_group, check_positions, rank_and_size, single_process_mask
+from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
 from longkit.errors import MethodError
-from longkit.registry import param, register
+from longkit.registry import register
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
@@ -113,7 +110,7 @@ def ulysses_attention(
 
 @register("attention", "ulysses")
 @dataclass
-class Ulysses(AttentionMethod):
+class Ulysses(SequenceParallelAttention):
     """DeepSpeed-Ulysses sequence parallelism: all-to-all from a sequence split to a head split and back.
 
     Each rank runs the model on its contiguous shard (with the matching global ``position_ids``); attention
@@ -132,33 +129,10 @@ class Ulysses(AttentionMethod):
         "DeepSpeed Ulysses: System Optimizations for Enabling Training of Extreme Long Sequence Transformer "
         "Models (Jacobs et al. 2023) https://arxiv.org/abs/2309.14509"
     )
-    block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile (single-process path)")
-    block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile (single-process path)")
     #: How :func:`sequence_parallel` shards a sequence for this method.
     layout = "contiguous"
-    # None or the (B, S) padding mask, never a local (L, L) mask (see Ring).
-    mask_format = "flash_attention_2"
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
-        group = active_group()
-        _, size = rank_and_size(group)
-        if size == 1:
-            mask = single_process_mask(module, query, key, attention_mask, **kwargs)
-            out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
-        else:
-            causal = check_sharded_call("ulysses", module, query, key, attention_mask, size, kwargs)
-            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
-            out = ulysses_attention(query, key, value, causal, scaling, group)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+    def sharded_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+    ) -> torch.Tensor:
+        return ulysses_attention(query, key, value, causal, scaling, group)

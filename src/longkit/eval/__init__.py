@@ -14,7 +14,7 @@ from longkit.eval.metrics import (
     weighted_average,
 )
 from longkit.eval.records import load_records, load_run
-from longkit.eval.report import summarize, write_report
+from longkit.eval.report import compare_runs, summarize, write_report
 from longkit.eval.runner import EvalConfig, evaluate
 from longkit.eval.tasks import TASKS, get_task
 
@@ -22,6 +22,7 @@ __all__ = [
     "RULER_THRESHOLD",
     "TASKS",
     "EvalConfig",
+    "compare_runs",
     "effective_length",
     "evaluate",
     "get_task",

@@ -15,7 +15,7 @@ import html
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import mean, median
 from types import SimpleNamespace
@@ -529,7 +529,7 @@ def _perplexity_table(summary: dict[str, Any]) -> str:
     return "<h2>Perplexity</h2>" + note + _table(["method", *map(_length_label, lengths)], rows)
 
 
-def _html(summary: dict[str, Any], run: dict[str, Any], images: list[str]) -> str:
+def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) -> str:
     title = html.escape(f"longkit evaluation report: {_model_name(summary)}")
     threshold = summary["threshold"]
     source = ", RULER's threshold" if threshold == RULER_THRESHOLD else ""
@@ -545,7 +545,12 @@ def _html(summary: dict[str, Any], run: dict[str, Any], images: list[str]) -> st
             f"<title>{title}</title>",
             f"<style>{_CSS}</style></head><body>",
             f"<h1>{title}</h1>",
-            _metadata(run),
+            _metadata(runs[0])
+            if len(runs) == 1
+            else "".join(
+                f"<h2>Run {i}: {html.escape(str(d))}</h2>{_metadata(r)}"
+                for i, (d, r) in enumerate(zip(summary["run_dir"], runs, strict=True), 1)
+            ),
             "<h2>Summary</h2>",
             f'<p class="note">{html.escape(rule)}</p>',
             _summary_table(summary),
@@ -560,11 +565,55 @@ def _html(summary: dict[str, Any], run: dict[str, Any], images: list[str]) -> st
     )
 
 
-def write_report(run_dir: str | Path, threshold: float = RULER_THRESHOLD, out_dir: str | Path | None = None) -> Path:
-    """Write summary.json, the PNG figures that apply and report.html into ``out_dir``; return report.html's path."""
+def compare_runs(run_dirs: Sequence[str | Path], threshold: float = RULER_THRESHOLD) -> dict[str, Any]:
+    """One summary of several runs side by side (e.g. two models, or one model on two machines).
+
+    Each method is labelled ``"<model> · <method>"`` (``"<run directory> · <method>"`` when the models are the same),
+    so every table and figure of the report shows all runs together.
+    """
+    if not run_dirs:
+        raise EvalError("compare_runs needs at least one run directory")
+    summaries = [summarize(d, threshold) for d in run_dirs]
+    if len(summaries) == 1:
+        return summaries[0]
+    names = [_model_name(s) for s in summaries]
+    tags = names if len(set(names)) == len(names) else [Path(s["run_dir"]).name for s in summaries]
+    if len(set(tags)) != len(tags):
+        raise EvalError(f"run directories to compare must have distinct names, got {', '.join(map(str, run_dirs))}")
+    methods, per_method, tasks = [], {}, []
+    for tag, summary in zip(tags, summaries, strict=True):
+        for method in summary["methods"]:
+            label = f"{tag} · {method}"
+            methods.append(label)
+            per_method[label] = summary["per_method"][method]
+        tasks += [t for t in summary["tasks"] if t not in tasks]
+    trained = {s["model"].get("trained_length") for s in summaries}
+    return {
+        "run_dir": [s["run_dir"] for s in summaries],
+        "model": {"name": " vs ".join(dict.fromkeys(names)), "trained_length": trained.pop() if len(trained) == 1 else None},
+        "threshold": threshold,
+        "methods": methods,
+        "tasks": tasks,
+        "lengths": sorted({n for s in summaries for n in s["lengths"]}),
+        "per_method": per_method,
+        "runs": [{"run_dir": s["run_dir"], "model": s["model"]} for s in summaries],
+    }
+
+
+def write_report(
+    run_dir: str | Path | Sequence[str | Path], threshold: float = RULER_THRESHOLD, out_dir: str | Path | None = None
+) -> Path:
+    """Write summary.json, the PNG figures that apply and report.html into ``out_dir``; return report.html's path.
+
+    ``run_dir`` may be a list of run directories: their methods are then compared side by side in one report
+    (:func:`compare_runs`), written to ``out_dir`` (required then).
+    """
     mpl = _matplotlib()  # before anything is written: no half report when matplotlib is missing
-    summary = summarize(run_dir, threshold)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    run_dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
+    if len(run_dirs) > 1 and out_dir is None:
+        raise EvalError("a report comparing several runs needs an output directory (out_dir / --out)")
+    summary = compare_runs(run_dirs, threshold)
+    out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plots: list[tuple[str, Callable[..., None], bool]] = [
@@ -578,5 +627,6 @@ def write_report(run_dir: str | Path, threshold: float = RULER_THRESHOLD, out_di
             plot(mpl, summary, out / name)
             images.append(name)
     path = out / "report.html"
-    path.write_text(_html(summary, load_run(run_dir), images), encoding="utf-8")
+    runs = [load_run(d) for d in run_dirs]
+    path.write_text(_html(summary, runs, images), encoding="utf-8")
     return path

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod
+from longkit.methods import Undo
 from longkit.registry import param, register
+
+#: attention module -> the ``position_ids`` (B or 1, T) of its current forward (recorded by ExpectedAttention.apply)
+_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def query_positions(ctx) -> torch.Tensor:
-    """(B, T) RoPE positions of this call's queries, assuming positions count the real tokens (as ``generate`` does).
+    """(B, T) RoPE positions of this call's queries.
 
-    The new tokens are the last ``n_new`` slots; with left padding the real ones are right-aligned, so the query in
-    slot ``t`` of sequence ``b`` sits at ``real_seen[b] - (T - t)`` (padding slots get negative values, masked later).
+    The model's own ``position_ids`` when :meth:`ExpectedAttention.apply` recorded them for this module. Otherwise
+    (e.g. run as ``adakv``'s scorer) positions are assumed to count the real tokens, as ``generate`` does: the new
+    tokens are the last ``n_new`` slots and, with left padding, the real ones are right-aligned, so the query in slot
+    ``t`` of sequence ``b`` sits at ``real_seen[b] - (T - t)`` (padding slots get negative values, masked later).
     """
-    T = ctx.n_new
+    B, T = ctx.queries.shape[0], ctx.n_new
+    recorded = _POSITIONS.get(ctx.module)
+    if recorded is not None and recorded.shape[-1] == T:
+        return recorded.to(ctx.keys.device).long().expand(B, T)
     ar = torch.arange(T, device=ctx.keys.device)
     return ctx.real_seen.to(ctx.keys.device)[:, None] - T + ar[None, :]
 
@@ -58,15 +69,15 @@ class ExpectedAttention(CompressionMethod):
     """Expected Attention: the attention future queries will pay each key, from the queries' mean and covariance.
 
     Query-agnostic (the question need not be in the prompt). After a multi-token forward, the pre-RoPE queries of
-    this call's real tokens (the first ``n_sink`` positions excluded: outliers) give a per-head mean ``mu`` and
+    this call's real tokens (the first ``n_sink`` real tokens excluded: outliers) give a per-head mean ``mu`` and
     covariance ``Sigma`` (biased, over the tokens). Both are moved by the RoPE rotation averaged over the next
     ``n_future_positions`` positions, ``R``: ``mu' = R mu``, ``Sigma' = R Sigma R^T``. For Gaussian queries the
     expected un-normalised attention is ``E[exp(s q.k)] = exp(s k.mu' + s^2 k^T Sigma' k / 2)`` with ``s`` the
     attention scaling (``1/sqrt(D)``); it is softmax-normalised over the non-sink cached tokens per query head,
     averaged over the query heads of a kv head (GQA), then ``(score + epsilon) * ||v||`` when ``use_vnorm``.
     The first ``n_sink`` real tokens are always kept. While decoding (``decode_every`` > 0) the statistics come from
-    the single new query (covariance zero). Pre-RoPE queries are recovered by inverting RoPE at the positions
-    ``generate`` gives (real tokens counted from 0).
+    the single new query (covariance zero). Pre-RoPE queries are recovered by inverting RoPE at the model's own
+    ``position_ids`` (recorded by a forward pre-hook while applied).
     Based on Devoto et al. 2025, Expected Attention: KV cache compression by estimating attention from future
     queries distribution (https://arxiv.org/abs/2510.00636); reference code NVIDIA kvpress ``ExpectedAttentionPress``.
 
@@ -79,11 +90,36 @@ class ExpectedAttention(CompressionMethod):
         "(Devoto et al. 2025) https://arxiv.org/abs/2510.00636"
     )
 
-    n_future_positions: int = param(512, ge=1, help="future positions the RoPE rotation of the queries is averaged over")
+    n_future_positions: int = param(
+        512, ge=1, help="future positions the RoPE rotation of the queries is averaged over"
+    )
     n_sink: int = param(4, ge=0, help="first real tokens always kept and left out of the query statistics")
     use_covariance: bool = param(True, help="include the queries' covariance (else the mean only)")
     use_vnorm: bool = param(True, help="rescale scores by the value norm: (score + epsilon) * ||v||")
     epsilon: float = param(0.0, ge=0.0, help="added to the scores before the value-norm rescaling")
+
+    def apply(self, model: Any) -> Undo:
+        undo_hook = super().apply(model)
+        modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+        def record(module, args, kwargs):
+            # the queries' true RoPE positions (a plain forward with left padding counts the padding too)
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                _POSITIONS.pop(module, None)
+            else:
+                _POSITIONS[module] = pos
+
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+            for m in modules:
+                _POSITIONS.pop(m, None)
+            undo_hook()
+
+        return undo
 
     def query_statistics(self, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RoPE-averaged mean (B, H, D) and covariance (B, H, D, D) (None without ``use_covariance``) of the queries."""
@@ -96,13 +132,20 @@ class ExpectedAttention(CompressionMethod):
         pos = query_positions(ctx)
         # (B, T, D) cos/sin of the queries' positions; attention_scaling s is in both: inverse = (x cos - rh(x) sin)/s^2
         cos, sin = _cos_sin(rotary, ctx.queries, pos)
+        if cos.shape[-1] != D:
+            raise MethodError(
+                f"kv method '{self.name}' needs RoPE over the whole head dimension ({D}); the model rotates "
+                f"{cos.shape[-1]} (partial rotary is not supported)"
+            )
         scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
         q = ctx.queries.float()
         # (B, H, T, D) pre-RoPE queries
         q = (q * cos[:, None] - _rotate_half(q) * sin[:, None]) / scale**2
         # (B, T) real new tokens past the sinks (fall back to all real ones when the call holds only sinks)
         real = ctx.valid[:, 0, -T:]
-        use = real
+        # (B, T) index of each new real token among the sequence's real tokens (the sinks are the first n_sink)
+        rank = ctx.real_seen.to(real.device)[:, None] - real.sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
+        use = real & (rank >= self.n_sink)
         use = torch.where(use.any(-1, keepdim=True), use, real)
         w = use.float()
         n = w.sum(-1).clamp(min=1.0)
@@ -113,7 +156,9 @@ class ExpectedAttention(CompressionMethod):
             c = (q - mu[:, :, None]) * w[:, None, :, None]
             # (B, H, D, D)
             cov = torch.einsum("bhti,bhtj->bhij", c, c) / n[:, None, None, None]
-        R = averaged_rope(rotary, ctx.queries, ctx.real_seen.to(q.device), self.n_future_positions)
+        # future positions continue after the newest query
+        start = pos.masked_fill(~real, -1).max(-1).values + 1
+        R = averaged_rope(rotary, ctx.queries, start, self.n_future_positions)
         mu = torch.einsum("bij,bhj->bhi", R, mu)
         if cov is not None:
             cov = R[:, None] @ cov @ R[:, None].transpose(-1, -2)

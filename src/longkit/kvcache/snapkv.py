@@ -20,6 +20,9 @@ class SnapKV(CompressionMethod):
     The last ``window`` tokens of the prompt (the question, in query-aware use) attend over the cache; each earlier
     token's score is that attention averaged over the window queries, smoothed by a 1-D ``pooling`` of width
     ``kernel`` and averaged over the query heads sharing a kv head (GQA). The window itself is always kept.
+    The window is the last ``window`` prompt tokens whatever they are: when the question is shorter than the window
+    (a plain-completion passkey prompt ends in ~10 question tokens), context tokens share the vote, and tokens that
+    occur once (the passkey digits) can score lowest in the early layers (issue #4; kvpress does the same).
     Based on Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation
     (https://arxiv.org/abs/2404.14469).
 

@@ -26,7 +26,10 @@ CASES = {
         "lossy": True,
     },
     ("kv", "expected_attention"): {
-        "args": [{"ratio": 0.5}, {"tokens": 9, "n_sink": 2, "n_future_positions": 7, "epsilon": 0.01}],
+        "args": [
+            {"ratio": 0.5},
+            {"tokens": 9, "n_sink": 2, "n_future_positions": 7, "epsilon": 0.01, "decode_every": 3},
+        ],
         "changes_logits": False,
         "lossy": True,
     },
@@ -41,7 +44,20 @@ CASES = {
         "changes_logits": False,
         "lossy": True,
     },
+    ("kv", "cam"): {
+        "args": [{"ratio": 0.5}, {"tokens": 9, "window": 4, "kernel": 1, "merge": 3, "mode": "expected"}],
+        "changes_logits": False,
+        "lossy": True,
+    },
     ("kv", "random"): {"args": [{"ratio": 0.5}, {"ratio": 0.1, "seed": 3}], "changes_logits": False, "lossy": True},
+    ("kv", "duo_attention"): {
+        "args": [
+            {"retrieval_ratio": 0.25},
+            {"retrieval_ratio": 0.5, "sinks": 2, "window": 8, "probe_tokens": 64, "probes": 2, "needle": 4},
+        ],
+        "changes_logits": False,
+        "lossy": True,
+    },
     ("kv", "streaming_llm"): {
         "args": [{"ratio": 0.5}, {"tokens": 10, "sink": 2}],
         "changes_logits": False,

@@ -18,6 +18,8 @@ scorer), and ``decode_every`` for periodic eviction while decoding.
 
 from longkit.kvcache import (  # noqa: F401  (registration)
     adakv,
+    cam,
+    duo_attention,
     expected_attention,
     h2o,
     knorm,

@@ -123,6 +123,11 @@ class CompressionMethod(KVMethod):
         """Optionally return replacement padded (keys, extras) before the layer drops the other slots (StreamingLLM)."""
         return None
 
+    def merge_values(self, ctx: Any, keep: torch.Tensor) -> torch.Tensor | None:
+        """Optionally return replacement padded values ``(B, H_kv, S, D)`` before the layer drops the slots not in
+        ``keep`` (merging methods such as CaM fold evicted values into kept ones). Default None: values unchanged."""
+        return None
+
 
 def check_scorer_name(method: str, scorer: str) -> type:
     """The registered eviction method named ``scorer`` (for wrappers such as adakv)."""

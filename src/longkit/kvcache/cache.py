@@ -21,6 +21,7 @@ code is patched.
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -193,19 +194,47 @@ class RaggedLayer(DynamicLayer):
         self.last_valid = valid
         return keys, values
 
-    def compact(self, keep: torch.Tensor, keys: torch.Tensor | None = None, extras: dict | None = None) -> None:
-        """Keep only the slots ``keep`` (B, H_kv, S_max) of the current padded view (optionally with new keys)."""
-        pk, pv, valid, pextras = self.padded()
+    def compact(
+        self,
+        keep: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        extras: dict | None = None,
+        values: torch.Tensor | None = None,
+    ) -> None:
+        """Keep only the slots ``keep`` (B, H_kv, S_view) of the view the last ``update`` returned (optionally with
+        new keys/values in that layout)."""
+        pk, pv, valid, pextras = self._view(keep.shape[-1])
         keys = pk if keys is None else keys
         extras = pextras if extras is None else extras
+        pv = pv if values is None else values
         if valid is None and bool(keep.all()):
             # Nothing evicted from dense storage: keep the layout (and transformers' own masks) as they are.
-            self.keys, self.extras = keys, extras
+            self.keys, self.values, self.extras = keys, pv, extras
             return
         if valid is not None:
             keep = keep & valid
         self._store(keys, pv, keep, extras)
         self.compacted = True
+
+    def _view(self, s_view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The storage laid out as the padded view of the last ``update`` (keys, values, validity, extras).
+
+        After a ragged update the view is [each head's old slots padded to the longest | the new tokens], while the
+        storage is [each head's old slots + new tokens]: the stored rows are the view's valid slots, in order.
+        """
+        view_valid = self.last_valid
+        if view_valid is None or view_valid.shape[-1] != s_view:
+            return self.padded()
+        B, H = view_valid.shape[:2]
+
+        def to_view(t: torch.Tensor) -> torch.Tensor:
+            # dense (B, H_kv, n, *rest) and packed (N, *rest) storage both list the rows in (batch, head, slot) order
+            flat = t.reshape(-1, *t.shape[3:]) if self.lengths is None else t
+            out = flat.new_zeros((B, H, s_view, *flat.shape[1:]))
+            out[view_valid] = flat
+            return out
+
+        return to_view(self.keys), to_view(self.values), view_valid, {n: to_view(t) for n, t in self.extras.items()}
 
     def nbytes(self) -> int:
         if not self.is_initialized:
@@ -467,7 +496,18 @@ def _after_attention(cache, layer, module, query, key, value, incoming, scaling)
         chosen = method.compress(ctx)
         if chosen is not None:
             keep = chosen & valid
+            merged = method.merge_values(ctx, keep)
             moved = method.on_compact(ctx, keep)
+            if merged is not None:
+                # only merging methods pass values (layers overriding compact, e.g. KIVI's, need not take them)
+                if "values" not in inspect.signature(layer.compact).parameters:
+                    raise MethodError(
+                        f"kv method '{getattr(method, 'name', method)}' merges values, which the storage of "
+                        f"{type(layer).__name__} cannot take; use it without quantised storage"
+                    )
+                keys, extras = (None, None) if moved is None else moved
+                layer.compact(keep, keys=keys, extras=extras, values=merged)
+                return
             if moved is not None:
                 layer.compact(keep, keys=moved[0], extras=moved[1])
                 return

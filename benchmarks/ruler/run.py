@@ -2,7 +2,7 @@
 
     python benchmarks/ruler/run.py --lengths 4096 --samples 3                      # baseline only
     python benchmarks/ruler/run.py --lengths 4096,8192 --samples 10 \
-        --method rope=yarn:factor=2 --method kv=snapkv:budget=1024             # more combinations
+        --method rope=yarn:factor=2 --method kv=snapkv:ratio=0.25             # more combinations
 
 Runs the evaluation runner (one record per sample appended to ``results/<name>/samples.jsonl`` at once, so an
 interrupted run resumes where it stopped) on RULER's 13 tasks; qa_1/qa_2 are the offline synthetic stand-ins

@@ -203,7 +203,7 @@ class RaggedLayer(DynamicLayer):
     ) -> None:
         """Keep only the slots ``keep`` (B, H_kv, S_view) of the view the last ``update`` returned (optionally with
         new keys/values in that layout)."""
-        pk, pv, valid, pextras = self._view(keep.shape[-1])
+        pk, pv, valid, pextras = self.view(keep.shape[-1])
         keys = pk if keys is None else keys
         extras = pextras if extras is None else extras
         pv = pv if values is None else values
@@ -216,7 +216,7 @@ class RaggedLayer(DynamicLayer):
         self._store(keys, pv, keep, extras)
         self.compacted = True
 
-    def _view(self, s_view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    def view(self, s_view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """The storage laid out as the padded view of the last ``update`` (keys, values, validity, extras).
 
         After a ragged update the view is [each head's old slots padded to the longest | the new tokens], while the

@@ -46,7 +46,7 @@ class H2O(CompressionMethod):
 
     def _accumulate(self, ctx) -> torch.Tensor:
         """(B, H_kv, S) accumulated attention including this call's queries."""
-        _, _, _, extras = ctx.layer.padded()
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         acc = extras["acc"].clone()
         g = ctx.groups
         k = ctx.keys.float().repeat_interleave(g, dim=1)
@@ -84,6 +84,6 @@ class H2O(CompressionMethod):
         return ctx.valid.clone() if keep is None else keep
 
     def on_compact(self, ctx, keep: torch.Tensor):
-        _, _, _, extras = ctx.layer.padded()
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         extras["acc"] = ctx.scratch
         return ctx.keys, extras

@@ -45,7 +45,7 @@ class Scissorhands(CompressionMethod):
 
     def _count(self, ctx) -> torch.Tensor:
         """(B, H_kv, S) times each token was unimportant, this call's last ``history`` queries included."""
-        _, _, _, extras = ctx.layer.padded()
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         g = ctx.groups
         w = min(self.history, ctx.n_new)
         k = ctx.keys.float().repeat_interleave(g, dim=1)
@@ -84,6 +84,6 @@ class Scissorhands(CompressionMethod):
         return ctx.valid.clone() if keep is None else keep
 
     def on_compact(self, ctx, keep: torch.Tensor):
-        _, _, _, extras = ctx.layer.padded()
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         extras["acc"] = ctx.scratch
         return ctx.keys, extras

@@ -47,7 +47,7 @@ class StreamingLLM(CompressionMethod):
     def on_compact(self, ctx, keep: torch.Tensor):
         if ctx.cache.rotary is None:
             raise MethodError(f"kv method '{self.name}' needs a model with a rotary embedding (model.model.rotary_emb)")
-        _, _, _, extras = ctx.layer.padded()
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         # (B, H_kv, S) position each key is rotated at now, and the one it moves to
         pos = extras["pos"]
         newest = torch.where(ctx.valid, pos, torch.full_like(pos, -1)).amax(-1, keepdim=True)

@@ -16,7 +16,11 @@ CASES = {
         "lossy": True,
     },
     ("kv", "adakv"): {
-        "args": [{"ratio": 0.5}, {"ratio": 0.2, "scorer": "knorm", "alpha": 0.0}],
+        "args": [
+            {"ratio": 0.5},
+            {"ratio": 0.2, "scorer": "knorm", "alpha": 0.0},
+            {"ratio": 0.3, "scorer": "snapkv", "scorer_args": "window=4;kernel=3"},
+        ],
         "changes_logits": False,
         "lossy": True,
     },

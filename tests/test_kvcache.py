@@ -389,6 +389,15 @@ def test_compress_context_once_then_ask_many_questions(tiny_llama):
     assert torch.equal(answers[0], answers[2]) and not torch.allclose(answers[0], answers[1])
 
 
+def test_compress_context_with_quantised_eviction(tiny_llama):
+    """KIVI composed with an eviction method compresses a context once too (it has no ``tokens`` budget itself)."""
+    model = tiny_llama.model
+    context = sample_ids(tiny_llama, n=80)
+    cache = compress_context(model, context, "kivi:evict=snapkv,ratio=0.25,group_size=8,residual=8")
+    assert cache.compressing is False and cache.get_seq_length() == 80
+    assert [int(n.max()) for n in cache.stored_tokens()] == [20, 20]
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 
@@ -447,6 +456,20 @@ def test_h2o_accumulates_the_attention_every_query_paid(tiny_llama):
         # (B, H, T, S) -> summed over queries and over the query heads of each kv head
         expected = attn.float().sum(2).view(1, H_kv, -1, 30).sum(2)
         torch.testing.assert_close(layer.extras["acc"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_h2o_accumulation_in_query_chunks(tiny_llama, monkeypatch):
+    """The prefill's column sums are computed in query chunks that skip the keys no query of the chunk sees; with
+    chunks of 7 over 30 tokens they must equal the one-chunk sums."""
+    import longkit.kvcache.h2o as h2o
+
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=30)
+    _, whole = _run(model, "h2o:tokens=100", ids, n_decode=0)
+    monkeypatch.setattr(h2o, "_QUERY_CHUNK", 7)
+    _, chunked = _run(model, "h2o:tokens=100", ids, n_decode=0)
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
+        torch.testing.assert_close(b.extras["acc"], a.extras["acc"], rtol=1e-5, atol=1e-6)
 
 
 def test_h2o_keeps_heavy_hitters_and_recent_tokens(tiny_llama):
@@ -511,3 +534,33 @@ def test_threshold_budget_keeps_every_score_above_it_per_head(tiny_llama):
     for layer_full, layer in zip(full.layers, cache.layers, strict=True):
         expected = (layer_full.extras["acc"][0] >= 1.5).sum(-1)
         assert layer.stored_lengths()[0].tolist() == expected.tolist()
+
+
+def test_adakv_scorer_args_reach_the_scorer(tiny_llama):
+    """With alpha=1 every head keeps exactly its own top-k, so adakv over snapkv(window=4) must keep what
+    snapkv:window=4 keeps, and differ from the scorer at its default window."""
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=60)
+    _, wrapped = _run(model, "adakv:ratio=0.3,alpha=1,scorer=snapkv,scorer_args=window=4;kernel=3", ids, n_decode=0)
+    _, plain = _run(model, "snapkv:ratio=0.3,window=4,kernel=3", ids, n_decode=0)
+    _, default = _run(model, "snapkv:ratio=0.3", ids, n_decode=0)
+
+    def kept(cache):
+        return [torch.sort(layer.padded()[0].sum(-1), dim=-1).values for layer in cache.layers]
+
+    assert all(torch.allclose(a, b) for a, b in zip(kept(wrapped), kept(plain), strict=True))
+    assert not all(torch.allclose(a, b) for a, b in zip(kept(wrapped), kept(default), strict=True))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ("ratio=0.5", "cannot set the budget parameter 'ratio'"),
+        ("window", "must be 'key=value;key=value'"),
+        ("nope=1", "'scorer_args': kv method 'snapkv' has no parameter 'nope'"),
+        ("window=0", "'scorer_args': kv method 'snapkv': parameter 'window' must be >= 1"),
+    ],
+)
+def test_adakv_bad_scorer_args(tiny_llama, args, match):
+    with pytest.raises(MethodError, match=match):
+        longkit.apply(tiny_llama.model, kv=f"adakv:scorer_args={args}")

@@ -117,3 +117,14 @@ def test_dca_intra_successive_inter():
 def test_bad_input_names_the_parameter_and_range(name, length, params, match):
     with pytest.raises(MethodError, match=match):
         relative_positions(name, length, **params)
+
+
+def test_lm_infinite_defaults_agree_with_the_attention_method():
+    """relative_positions("lm_infinite") must describe what attention=lm_infinite runs when neither is given n_sinks."""
+    from longkit.attention.lm_infinite import LMInfinite
+
+    method = LMInfinite()
+    got = relative_positions("lm_infinite", 300, window=64)
+    assert torch.equal(got, relative_positions("lm_infinite", 300, window=64, n_sinks=method.n_sinks))
+    # 100 sinks: a query at 299 still sees key 99 (a sink) at the cap and not key 100
+    assert int(got[299, 99]) == 64 and int(got[299, 100]) < 0

@@ -71,6 +71,15 @@ def test_weighted_averages():
     assert weighted_average(scores, increasing=False) == pytest.approx((90 * 2 + 60 * 1) / 3)
 
 
+def test_weighted_averages_reproduce_rulers_readme():
+    """RULER's README row for GPT-4-1106-preview (4K..128K): 96.6 96.3 95.2 93.2 87.0 81.2 -> wAvg 89.0 (inc) / 94.1
+    (dec): weights 1..6 rising with length for inc, falling for dec (a swapped order would give 94.1 / 89.0)."""
+    row = dict(zip([4096 * 2**i for i in range(6)], [96.6, 96.3, 95.2, 93.2, 87.0, 81.2], strict=True))
+    assert round(weighted_average(row, increasing=True), 1) == 89.0
+    assert round(weighted_average(row, increasing=False), 1) == 94.1
+    assert effective_length(row) == 65536
+
+
 def test_zeta_matches_closed_forms():
     assert zeta(2.0) == pytest.approx(math.pi**2 / 6, abs=1e-12)
     assert zeta(4.0) == pytest.approx(math.pi**4 / 90, abs=1e-12)

@@ -101,24 +101,31 @@ def run_one(model, prompt: torch.Tensor, press, max_new_tokens: int) -> dict:
             "answer": None,
             "decode_error": None,
         }
-        # greedy decoding with explicit positions (the cache may be shorter than the prompt), as kvpress's pipeline
-        tokens = [int(out.logits[0, -1].argmax())]
-        pos = prompt.shape[1]
         try:
-            for _ in range(max_new_tokens - 1):
-                out = model(
-                    input_ids=torch.tensor([[tokens[-1]]]),
-                    past_key_values=cache,
-                    position_ids=torch.tensor([[pos]]),
-                    cache_position=torch.tensor([pos]),
-                    use_cache=True,
-                )
-                tokens.append(int(out.logits[0, -1].argmax()))
-                pos += 1
-            result["answer"] = tokens
+            result["answer"], _ = decode(model, cache, int(out.logits[0, -1].argmax()), prompt.shape[1], max_new_tokens)
         except Exception as exc:  # kept positions are still valid when decoding fails
             result["decode_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return result
+
+
+def decode(model, cache, first: int, prompt_len: int, max_new_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens after the prompt from a filled cache, with explicit positions (the cache may be shorter than
+    the prompt), as ``kvpress_runner.run_one`` and kvpress's pipeline do; and the seconds of the decoding steps."""
+    tokens = [first]
+    pos = prompt_len
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(max_new_tokens - 1):
+            out = model(
+                input_ids=torch.tensor([[tokens[-1]]]),
+                past_key_values=cache,
+                position_ids=torch.tensor([[pos]]),
+                cache_position=torch.tensor([pos]),
+                use_cache=True,
+            )
+            tokens.append(int(out.logits[0, -1].argmax()))
+            pos += 1
+    return tokens, time.perf_counter() - t0
 
 
 def main(request_path: str, out_path: str) -> None:

@@ -76,6 +76,9 @@ def eval_cmd(
                     "(default: each task's own: passkey off, as the classic protocol; needle on).")] = None,
     haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack.")] = None,
     ppl_text: Annotated[str | None, typer.Option(help="Text file for the perplexity task.")] = None,
+    ppl_chunk: Annotated[int, typer.Option(help="Perplexity under a KV method: feed each window this many tokens "
+                         "at a time into the compressed cache (1 = token by token, StreamingLLM's protocol; "
+                         "must be below the length).")] = 512,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="transformers attention implementation.")] = "sdpa",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -127,6 +130,7 @@ def eval_cmd(
         chat=chat,
         haystack=haystack,
         ppl_text=ppl_text,
+        ppl_chunk=ppl_chunk,
         dtype=dtype,
         attn_implementation=attn_implementation,
         device=device,

@@ -27,7 +27,10 @@ A run directory holds:
     decode_s       decode wall time, seconds (0 for perplexity)
     new_tokens     generated tokens
     peak_mem_bytes peak memory above the pre-sample level (CPU: resident set; CUDA: allocator)
-    kv_bytes       bytes held by the KV cache after prefill
+    kv_bytes       bytes held by the KV cache after prefill (chunked perplexity: after the whole window)
+    ppl_protocol   perplexity only: ``full`` (one forward) or ``chunked:C`` (C-token chunks against a KV method's
+                   compressed cache; see ``--ppl-chunk``)
+    kv_kept        chunked perplexity: tokens kept / tokens seen by the cache at the end (null if not counted)
     ============== ====================================================================
 """
 

@@ -115,6 +115,8 @@ def _perplexity(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         "ppl_by_length": {n: _exp(nll[n] / targets[n]) for n in groups},
         "n_windows_by_length": {n: len(rs) for n, rs in groups.items()},
         "n_targets_by_length": targets,
+        # "full" (one forward) or "chunked:C" (against a KV method's compressed cache); old records have none
+        "protocols": sorted({str(r.get("ppl_protocol") or "full") for r in records}),
     }
 
 
@@ -524,9 +526,15 @@ def _perplexity_table(summary: dict[str, Any]) -> str:
     if not curves:
         return ""
     lengths = sorted({n for ppl in curves.values() for n in ppl})
-    rows = [[m, *[_num(ppl.get(n), ".2f") for n in lengths]] for m, ppl in curves.items()]
-    note = "<p class='note'>Token-weighted: exp(total NLL / total scored tokens) over all windows of a length.</p>"
-    return "<h2>Perplexity</h2>" + note + _table(["method", *map(_length_label, lengths)], rows)
+    protocols = {m: ", ".join(pm["perplexity"].get("protocols", ["full"]))
+                 for m, pm in summary["per_method"].items() if pm["perplexity"]}  # fmt: skip
+    rows = [[m, protocols.get(m, "full"), *[_num(ppl.get(n), ".2f") for n in lengths]] for m, ppl in curves.items()]
+    note = (
+        "<p class='note'>Token-weighted: exp(total NLL / total scored tokens) over all windows of a length. "
+        "Protocol: <code>full</code> = one forward; <code>chunked:C</code> = C-token chunks against the KV method's "
+        "compressed cache (<code>--ppl-chunk</code>).</p>"
+    )
+    return "<h2>Perplexity</h2>" + note + _table(["method", "protocol", *map(_length_label, lengths)], rows)
 
 
 def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) -> str:

@@ -22,16 +22,18 @@ from typing import Any
 
 from longkit.errors import EvalError
 from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend, messages_for
-from longkit.eval.generate import window_nll
 from longkit.eval.metrics import RULER_THRESHOLD
 from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run, sample_id
 from longkit.eval.tasks import TaskContext, get_task
+from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, check_chunk
 from longkit.seam import MethodSpec, apply
 
 # Settings that define what a sample means; a run directory cannot mix two values of these.
 IDENTITY_KEYS = ("model", "seed", "chat", "haystack", "ppl_text", "dtype", "attn_implementation")
 # Identity of suite / endpoint runs; part of the run-directory hash only when set, so older run names stay valid.
 SUITE_IDENTITY_KEYS = ("suite", "data_dir", "backend", "base_url", "api_model", "tokenizer")
+# Perplexity under a KV method depends on the chunk; hashed only when not the default, so older run names stay valid.
+PPL_IDENTITY_KEYS = ("ppl_chunk",)
 BACKENDS = ("hf", "openai")
 
 
@@ -53,6 +55,8 @@ class EvalConfig:
     attn_implementation: str = "sdpa"
     device: str = "cpu"
     prefill_chunk: int | None = None
+    #: Perplexity under a KV method: tokens per teacher-forced forward into its cache (1 = token by token).
+    ppl_chunk: int = DEFAULT_PPL_CHUNK
     threshold: float = RULER_THRESHOLD
     run_dir: str | None = None
     #: A benchmark suite read from ``data_dir`` (longbench, longbench_v2, infinitebench, babilong); ``tasks`` are
@@ -107,6 +111,9 @@ class EvalConfig:
             raise EvalError(f"parameter 'depths' must be fractions in [0, 1] (got {self.depths})")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise EvalError(f"parameter 'prefill_chunk' must be >= 1 tokens or None (got {self.prefill_chunk})")
+        check_chunk(self.ppl_chunk)
+        if "perplexity" in self.tasks and any(MethodSpec.parse(m).kv is not None for m in self.methods):
+            check_chunk(self.ppl_chunk, min(int(n) for n in self.lengths))
         if self.samples < 1:
             raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
         if not 0.0 <= self.threshold <= 100.0:
@@ -141,6 +148,8 @@ class EvalConfig:
     def default_run_dir(self) -> Path:
         identity = {k: getattr(self, k) for k in IDENTITY_KEYS}
         identity.update({k: getattr(self, k) for k in SUITE_IDENTITY_KEYS if getattr(self, k) not in (None, "hf")})
+        if self.ppl_chunk != DEFAULT_PPL_CHUNK:
+            identity["ppl_chunk"] = self.ppl_chunk
         digest = hashlib.sha1(
             json.dumps({**identity, "grid": [self.methods, self.tasks, self.lengths, self.depths, self.samples]},
                        sort_keys=True).encode()
@@ -224,7 +233,8 @@ def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
 
 
 def run_job(
-    lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None, backend: Any = None
+    lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None, backend: Any = None,
+    ppl_chunk: int = DEFAULT_PPL_CHUNK,
 ) -> dict[str, Any]:
     """Compute one sample under the applied methods (or on ``backend``); return its record."""
     task = get_task(job.task)
@@ -240,11 +250,9 @@ def run_job(
         if backend is not None and not isinstance(backend, HFBackend):
             raise EvalError(f"task '{job.task}' needs the model's log-probabilities; it runs with --backend hf only")
         ids, first_target = task.window(ctx, job.length, job.sample)
-        nll, n_targets, seconds, peak = window_nll(lm.model, ids, first_target)
-        record.update(
-            n_tokens=len(ids), score=None, nll_sum=nll, n_targets=n_targets, prefill_s=seconds,
-            decode_s=0.0, new_tokens=0, peak_mem_bytes=peak, kv_bytes=0,
-        )
+        # One forward, or chunks against the compressed cache when a KV method is applied (ppl_protocol says which).
+        record.update(n_tokens=len(ids), score=None, decode_s=0.0, new_tokens=0,
+                      **task.nll(lm.model, ids, first_target, applied, ppl_chunk))
         return record
     sample = task.build(ctx, job.length, job.depth, job.sample)
     if backend is None:
@@ -285,7 +293,7 @@ def _check_identity(run_dir: Path, meta: dict[str, Any]) -> None:
     old = load_run(run_dir)
     if not old:
         return
-    for key in IDENTITY_KEYS + SUITE_IDENTITY_KEYS:
+    for key in IDENTITY_KEYS + SUITE_IDENTITY_KEYS + PPL_IDENTITY_KEYS:
         if key in old.get("config", {}) and old["config"].get(key) != meta["config"].get(key):
             raise EvalError(
                 f"run directory {run_dir} holds a run with {key}={old['config'][key]!r}, not {meta['config'][key]!r}; "
@@ -498,7 +506,8 @@ def evaluate(
                         record, request = run_suite_request(suite, job, lm.tokenizer, config.chat)
                         record = finish_suite_record(suite, job, record, backend.generate(request))
                     else:
-                        record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk, backend=backend)
+                        record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk, backend=backend,
+                                         ppl_chunk=config.ppl_chunk)
                     emit(record, job)
     _write_suite_summary(config, run_dir)
     return run_dir

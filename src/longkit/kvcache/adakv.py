@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longkit.kvcache.base import CompressionMethod, check_scorer_name
+from longkit.kvcache.base import CompressionMethod, make_scorer
 from longkit.kvcache.budget import keep_layerwide, keep_threshold, target_tokens
 from longkit.registry import param, register
 
@@ -25,8 +25,9 @@ class AdaKV(CompressionMethod):
     LLM Inference (https://arxiv.org/abs/2407.11550).
 
     Parameters: ratio in (0, 1], tokens >= 1, threshold, decode_every >= 0 (see CompressionMethod);
-    scorer (a registered eviction method: snapkv, knorm, tova, ...; run with its defaults); alpha in [0, 1]
-    (safeguard fraction of the uniform budget every head keeps).
+    scorer (a registered eviction method: snapkv, knorm, tova, ...); scorer_args ("key=value;key=value", the
+    scorer's own parameters, e.g. "window=8;kernel=5"; default: its defaults; budget parameters are adakv's own);
+    alpha in [0, 1] (safeguard fraction of the uniform budget every head keeps).
     """
 
     paper = (
@@ -36,12 +37,13 @@ class AdaKV(CompressionMethod):
     wrapper: ClassVar[bool] = True
 
     scorer: str = param("snapkv", help="the eviction method whose scores are re-budgeted per head")
+    scorer_args: str = param("", help="the scorer's own parameters, 'key=value;key=value' (e.g. 'window=8')")
     alpha: float = param(0.2, ge=0.0, le=1.0, help="safeguard: every head keeps floor(alpha * k) of its best tokens")
     _inner: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._inner = check_scorer_name(self.name, self.scorer)()
+        self._inner = make_scorer(self.name, self.scorer, self.scorer_args)
 
     @property
     def track(self) -> tuple[str, ...]:  # type: ignore[override]

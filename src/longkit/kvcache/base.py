@@ -144,3 +144,32 @@ def check_scorer_name(method: str, scorer: str) -> type:
             f"kv method '{method}': parameter 'scorer' must be one of {', '.join(names)} (got {scorer!r})"
         )
     return reg.get(scorer)
+
+
+#: budget parameters a wrapper (adakv) owns; its scorer runs with them at their defaults
+_BUDGET_PARAMS = ("ratio", "tokens", "threshold", "decode_every")
+
+
+def make_scorer(method: str, scorer: str, scorer_args: str = "") -> CompressionMethod:
+    """The eviction method ``scorer`` built with ``scorer_args`` (``"key=value;key=value"``, e.g. ``"window=8"``),
+    for wrappers that re-budget another method's scores. Budget parameters belong to the wrapper and are refused."""
+    from longkit.registry import registry
+
+    check_scorer_name(method, scorer)
+    args: dict[str, str] = {}
+    for item in (x for x in scorer_args.split(";") if x.strip()):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise MethodError(
+                f"kv method '{method}': parameter 'scorer_args' must be 'key=value;key=value' (got {scorer_args!r})"
+            )
+        if key.strip() in _BUDGET_PARAMS:
+            raise MethodError(
+                f"kv method '{method}': parameter 'scorer_args' cannot set the budget parameter {key.strip()!r}; "
+                f"set it on '{method}' itself"
+            )
+        args[key.strip()] = value.strip()
+    try:
+        return registry("kv").create(scorer, args)
+    except MethodError as exc:
+        raise MethodError(f"kv method '{method}': parameter 'scorer_args': {exc}") from None

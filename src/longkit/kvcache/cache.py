@@ -16,6 +16,13 @@ function ``longkit_kv_<sdpa|eager>`` that wraps the model's implementation and i
 which cache a call belongs to. After each attention call it hands the layer's queries and cached keys to the method
 (:class:`ScoreContext`), which returns the slots to keep; the layer then drops the others. Nothing in the model's
 code is patched.
+
+Other ``generate`` modes: beam search and ``num_return_sequences`` move whole sequences (``reorder_cache``,
+``batch_repeat_interleave``, ``batch_select_indices``): per-head storage, per-slot extras and ``real_seen`` move
+together. ``crop(-n)``, assisted decoding's rollback, removes the newest ``n`` tokens of every head; it is refused
+(:class:`~longkit.errors.MethodError`, nothing changed) when eviction dropped one of them from some head, and for
+methods that accumulate attention over all queries (H2O, Scissorhands: ``is_croppable`` is False). Evictions decided
+while the removed tokens were cached, and the count of decoding steps, stay as they are.
 """
 
 from __future__ import annotations
@@ -90,9 +97,6 @@ def _gather_padded(flat: torch.Tensor, lengths: torch.Tensor, s_max: int) -> tup
 class RaggedLayer(DynamicLayer):
     """One layer of a :class:`CompressedCache`: dense or packed per-head storage (see the module docstring)."""
 
-    # Cropping a compressed layer would need the evicted tokens back; assisted decoding is not supported.
-    is_croppable = False
-
     def __init__(self, track: tuple[str, ...] = ()):
         super().__init__()
         #: names of per-slot float/int side arrays kept aligned with the keys ("pos": the RoPE position of a key)
@@ -106,6 +110,8 @@ class RaggedLayer(DynamicLayer):
         self.extras: dict[str, torch.Tensor] = {}
         self.compacted = False
         self.last_valid: torch.Tensor | None = None
+        #: the newest ``tail`` tokens seen are stored in every head of every sequence (what :meth:`crop` may remove)
+        self.tail = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -189,6 +195,7 @@ class RaggedLayer(DynamicLayer):
         if old_valid is not None:
             valid = torch.cat([old_valid, old_valid.new_ones((B, H, T))], dim=-1)
         self.seen += T
+        self.tail += T
         self._store(keys, values, valid, new_extras)
         # (B, H_kv, S_max + T): which slots of the returned view are real; None = all
         self.last_valid = valid
@@ -213,8 +220,23 @@ class RaggedLayer(DynamicLayer):
             return
         if valid is not None:
             keep = keep & valid
+        self.track_tail(keep, valid)
         self._store(keys, pv, keep, extras)
         self.compacted = True
+
+    def track_tail(self, keep: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Shorten :attr:`tail` to the newest slots that ``keep`` (B, H_kv, S_view) keeps in every head.
+
+        Each head's real slots of the view are its tokens in order of arrival, so the slots after a head's last
+        dropped one are its newest tokens, all still stored.
+        """
+        real = torch.ones_like(keep) if valid is None else valid
+        # (B, H_kv, 1) 1-based slot of the last dropped real slot of each head (0: nothing dropped)
+        slot = torch.arange(1, keep.shape[-1] + 1, device=keep.device)
+        last = ((real & ~keep).long() * slot).amax(-1, keepdim=True)
+        intact = (real & (slot > last)).sum(-1)
+        if intact.numel():
+            self.tail = min(self.tail, int(intact.min()))
 
     def view(self, s_view: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """The storage laid out as the padded view of the last ``update`` (keys, values, validity, extras).
@@ -226,15 +248,24 @@ class RaggedLayer(DynamicLayer):
         if view_valid is None or view_valid.shape[-1] != s_view:
             return self.padded()
         B, H = view_valid.shape[:2]
+        keys, values, extras = self.rows()
 
-        def to_view(t: torch.Tensor) -> torch.Tensor:
-            # dense (B, H_kv, n, *rest) and packed (N, *rest) storage both list the rows in (batch, head, slot) order
-            flat = t.reshape(-1, *t.shape[3:]) if self.lengths is None else t
+        def to_view(flat: torch.Tensor) -> torch.Tensor:
             out = flat.new_zeros((B, H, s_view, *flat.shape[1:]))
             out[view_valid] = flat
             return out
 
-        return to_view(self.keys), to_view(self.values), view_valid, {n: to_view(t) for n, t in self.extras.items()}
+        return to_view(keys), to_view(values), view_valid, {n: to_view(t) for n, t in extras.items()}
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Every stored slot as one row, ``(N, D)`` keys and values and ``(N,)`` extras, in (batch, head, slot)
+        order (the order in which :meth:`view` and boolean masks of a padded layout list them)."""
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            # dense storage is (B, H_kv, n, *rest); packed storage is already (N, *rest)
+            return t.reshape(-1, *t.shape[3:]) if self.lengths is None else t
+
+        return flat(self.keys), flat(self.values), {n: flat(t) for n, t in self.extras.items()}
 
     def nbytes(self) -> int:
         if not self.is_initialized:
@@ -271,8 +302,56 @@ class RaggedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @property
+    def is_croppable(self) -> bool:
+        # Attention accumulated into the older keys' scores (H2O, Scissorhands) includes the queries of the tokens a
+        # crop removes and cannot be taken back out.
+        return "acc" not in self.track
+
+    def check_crop(self, tokens_to_remove: int) -> int:
+        """The number of tokens ``crop(tokens_to_remove)`` removes, or a MethodError if it cannot."""
+        if tokens_to_remove > 0:
+            raise MethodError(
+                f"crop: parameter 'tokens_to_remove' must be <= 0 (minus the number of newest tokens to remove, as for "
+                f"transformers' DynamicLayer.crop); got {tokens_to_remove}"
+            )
+        n = -int(tokens_to_remove)
+        if n == 0 or not self.is_initialized:
+            return 0
+        if not self.is_croppable:
+            raise MethodError(
+                f"crop: this cache tracks attention accumulated over all queries ({', '.join(self.track)}), which "
+                "already includes the queries of the tokens to remove; it cannot be rolled back (no assisted decoding)"
+            )
+        if n > self.tail:
+            raise MethodError(
+                f"crop: parameter 'tokens_to_remove' must be in [-{self.tail}, 0]: only the newest {self.tail} tokens "
+                f"are still stored in every head (eviction dropped older ones from some heads); got {tokens_to_remove}"
+            )
+        return n
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise MethodError("a compressing KV cache cannot be cropped (assisted decoding is not supported)")
+        """Remove the newest ``-tokens_to_remove`` tokens from every head (assisted decoding's rollback).
+
+        Each head's newest stored slots are those tokens (see :attr:`tail`); their per-slot extras go with them and
+        ``seen`` steps back, so the next tokens get the right positions. Evictions decided while they were cached stay.
+        """
+        n = self.check_crop(tokens_to_remove)
+        if n == 0:
+            return
+        if self.lengths is None:
+            # (B, H_kv, S - n, D)
+            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+            self.extras = {k: t[..., :-n] for k, t in self.extras.items()}
+        else:
+            # every head loses the same count, so packed storage stays packed (its lengths stay unequal)
+            rows = keep_oldest_rows(self.lengths, n)
+            self.keys, self.values = self.keys[rows], self.values[rows]
+            self.extras = {k: t[rows] for k, t in self.extras.items()}
+            self.lengths = self.lengths - n
+        self.seen -= n
+        self.tail -= n
+        self.last_valid = None
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -281,6 +360,17 @@ class RaggedLayer(DynamicLayer):
 
 
 _EXTRA_DTYPES = {"pos": torch.long, "acc": torch.float32}
+
+
+def keep_oldest_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(N,) bool over packed rows in (batch, head, slot) order with per-head counts ``lengths`` (B, H_kv): False for
+    the last ``n`` rows of every head."""
+    flat = lengths.flatten()
+    heads = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+    starts = torch.cumsum(flat, 0) - flat
+    # (N,) each row's slot within its head
+    slot = torch.arange(heads.numel(), device=flat.device) - starts[heads]
+    return slot < (flat - n)[heads]
 
 
 class CompressedCache(Cache):
@@ -358,6 +448,16 @@ class CompressedCache(Cache):
         super().reorder_cache(beam_idx)
         if self.real_seen is not None:
             self.real_seen = self.real_seen.index_select(0, beam_idx.to(self.real_seen.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens of every sequence from every layer (see
+        :meth:`RaggedLayer.crop`); checked on every layer first, so a refused crop changes nothing."""
+        counts = {layer.check_crop(tokens_to_remove) for layer in self.layers if layer.is_initialized}
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+        n = max(counts, default=0)
+        if n and self.real_seen is not None:
+            self.real_seen = self.real_seen - n
 
     def reset(self) -> None:
         super().reset()
@@ -451,6 +551,18 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     out = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     _after_attention(cache, layer, module, query, key, value, attention_mask, scaling)
     return out
+
+
+def replay_attention(module, query, key, value, attention_mask, scaling) -> None:
+    """What :func:`kv_attention` does around the attention itself, for a first (prefill) call replayed from a
+    captured prefill (:mod:`longkit.kvcache.sweep`): the compression never depends on the attention output."""
+    cache = _ACTIVE.get(module)
+    if not isinstance(cache, CompressedCache):
+        return
+    if cache.own_mask:
+        raise MethodError("a replayed prefill must start from an empty cache")
+    cache.hooked = False
+    _after_attention(cache, cache.layers[module.layer_idx], module, query, key, value, attention_mask, scaling)
 
 
 def _after_attention(cache, layer, module, query, key, value, incoming, scaling) -> None:

@@ -30,10 +30,11 @@ def compress_context(
 
     with longkit.apply(model, kv=method) as applied:
         kv = applied.spec.kv
-        if kv.tokens is not None and kv.tokens > input_ids.shape[1]:
+        tokens = getattr(kv, "tokens", None)  # eviction budgets only (KIVI has none of its own)
+        if tokens is not None and tokens > input_ids.shape[1]:
             raise MethodError(
                 f"kv method '{kv.name}': parameter 'tokens' must be <= the context length {input_ids.shape[1]} "
-                f"(got {kv.tokens})"
+                f"(got {tokens})"
             )
         cache = applied.new_cache()
         if not isinstance(cache, CompressedCache):

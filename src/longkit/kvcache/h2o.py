@@ -54,15 +54,18 @@ class H2O(CompressionMethod):
         S, T = k.shape[-2], ctx.n_new
         for start in range(0, T, _QUERY_CHUNK):
             stop = min(start + _QUERY_CHUNK, T)
-            # (B, H, t, S) attention of queries start..stop, each sitting at slot S - T + i
+            # queries start..stop sit at slots S - T + i: they see the keys before slot S - T + stop only, so the
+            # later keys (half the work of a prefill) are never multiplied
+            s_vis = S - T + stop
+            # (B, H, t, s_vis) attention of queries start..stop
             q = ctx.queries[:, :, start:stop].float()
-            logits = torch.matmul(q, k.transpose(-1, -2)) * ctx.scaling
+            logits = torch.matmul(q, k[:, :, :s_vis].transpose(-1, -2)) * ctx.scaling
             q_slot = S - T + torch.arange(start, stop, device=k.device)
-            causal = torch.arange(S, device=k.device)[None, :] <= q_slot[:, None]
-            logits = logits.masked_fill(~(causal[None, None] & visible_keys), float("-inf"))
+            causal = torch.arange(s_vis, device=k.device)[None, :] <= q_slot[:, None]
+            logits = logits.masked_fill(~(causal[None, None] & visible_keys[..., :s_vis]), float("-inf"))
             attn = torch.softmax(logits, dim=-1).sum(dim=2)
             B, H, _ = attn.shape
-            acc = acc + attn.view(B, H // g, g, S).sum(2)
+            acc[..., :s_vis] += attn.view(B, H // g, g, s_vis).sum(2)
         return acc
 
     def score(self, ctx) -> torch.Tensor:

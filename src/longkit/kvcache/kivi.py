@@ -22,7 +22,9 @@ decoding would break key groups), then the kept tokens are stored KIVI-quantised
 :class:`KIVIRaggedLayer`, which keeps eviction's ragged per-head storage: packed rows in (sequence, head, slot)
 order, every head's quantised rows a whole number of key groups, so a key group never spans two heads. Per head
 the ``residual`` most recent kept tokens stay exact. An eviction that drops quantised tokens (between chunks of a
-chunked prefill) re-quantises the kept rows from their dequantised values, so errors can compound there.
+chunked prefill) re-quantises the kept rows from their dequantised values, so errors can compound there. Such an
+eviction's mask is read in the layout of the attention call's view (see ``RaggedLayer.view``), also after an update
+of ragged storage. ``crop`` (assisted decoding) removes the newest tokens while they are still exact residual rows.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod, KVMethod
-from longkit.kvcache.cache import CompressedCache, RaggedLayer, _gather_padded
+from longkit.kvcache.cache import CompressedCache, RaggedLayer, _gather_padded, keep_oldest_rows
 from longkit.kvcache.quant import SCALE_DTYPES, dequantize, pack, quantize, unpack
 from longkit.methods import Undo
 from longkit.registry import param, params_of, register, registry
@@ -289,10 +291,9 @@ class KIVIRaggedLayer(RaggedLayer):
             valid = None
         return pk, pv, valid, extras
 
-    def view(self, s_view: int):
-        # Quantised rows are not laid out as the view; this layer still reads eviction masks in the padded layout
-        # (exact while the layer is dense; per-head eviction after a ragged update is a known gap, issue #4).
-        return self.padded()
+    def rows(self):
+        keys, values = self._rows()
+        return keys, values, dict(self.extras)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         self._appending = key_states.shape[-2]
@@ -329,11 +330,13 @@ class KIVIRaggedLayer(RaggedLayer):
         self._flush(protect=self.residual)
 
     def compact(self, keep: torch.Tensor, keys: torch.Tensor | None = None, extras: dict | None = None) -> None:
-        """Keep the slots ``keep`` (B, H_kv, S_max) of the padded view; quantised rows are re-quantised only if hit."""
+        """Keep the slots ``keep`` (B, H_kv, S_view) of the view the last ``update`` returned (optionally with moved
+        keys/extras in that layout); quantised rows are re-quantised only if hit."""
         returned = self._returned() if self._returned is not None else None
         if keys is not None and keys is returned:
             keys = None
-        pk, pv, valid, pextras = self.padded()
+        # After a ragged update the view is [old slots padded | new tokens], not the padded storage: read it as such.
+        pk, pv, valid, pextras = self.view(keep.shape[-1])
         B, H, S = keep.shape
         slot = torch.arange(S, device=keep.device)
         real = slot < self.stored_lengths()[..., None] if valid is None else valid
@@ -342,7 +345,10 @@ class KIVIRaggedLayer(RaggedLayer):
             # Nothing evicted and nothing moved: keep the layout (and transformers' masks); quantise what is due.
             self._flush(protect=self.residual)
             return
-        quantised = slot < self.q_lengths[..., None]
+        # (B, H_kv, S) each head's real slots are its rows in order: the first q_lengths of them are quantised
+        rank = real.long().cumsum(-1) - 1
+        quantised = real & (rank < self.q_lengths[..., None])
+        self.track_tail(keep, real)
         if keys is None and bool((keep | ~quantised).all()):
             # Only exact residual rows go: drop them and keep every quantised row as it is (no re-quantisation).
             in_residual = real & ~quantised
@@ -353,6 +359,61 @@ class KIVIRaggedLayer(RaggedLayer):
         else:
             self._store(pk if keys is None else keys, pv, keep, pextras if extras is None else extras)
         self.compacted = True
+
+    def _map_batch(self, fn) -> None:
+        """Move whole sequences (beam search): each sequence's rows are one block in every packed tensor, so the
+        blocks are gathered as they are, never dequantised and re-quantised."""
+        if not self.is_initialized or self.seen == 0:
+            return
+        # (B',) the source sequence of every sequence after the move
+        src = fn(torch.arange(self.q_lengths.shape[0], device=self.q_lengths.device))
+
+        def take(flat: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor | None:
+            if flat is None:
+                return None
+            per = counts.sum(-1)
+            starts = torch.cumsum(per, 0) - per
+            n = per[src]
+            # (N',) row index: the source block's start plus the row's offset inside its block
+            offset = torch.arange(int(n.sum()), device=per.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            return flat[torch.repeat_interleave(starts[src], n) + offset]
+
+        g = self.group_size
+        for name in ("qkeys", "qvalues", "v_scale", "v_zero"):
+            setattr(self, name, take(getattr(self, name), self.q_lengths))
+        for name in ("k_scale", "k_zero"):
+            setattr(self, name, take(getattr(self, name), self.q_lengths // g))
+        self.keys, self.values = take(self.keys, self.r_lengths), take(self.values, self.r_lengths)
+        self.extras = {name: take(t, self.stored_lengths()) for name, t in self.extras.items()}
+        self.q_lengths, self.r_lengths = self.q_lengths[src], self.r_lengths[src]
+
+    def check_crop(self, tokens_to_remove: int) -> int:
+        n = super().check_crop(tokens_to_remove)
+        exact = int(self.r_lengths.min()) if n else 0
+        if n > exact:
+            raise MethodError(
+                f"crop: parameter 'tokens_to_remove' must be in [-{min(exact, self.tail)}, 0] for kivi: only the newest "
+                f"{exact} tokens of every head are still exact (residual); older ones are quantised, and their exact "
+                f"values, which a rollback would need, are gone; got {tokens_to_remove}"
+            )
+        return n
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens of every head: the last exact residual rows of each head.
+
+        Rows that a flush quantised while those tokens were cached stay quantised (as :meth:`KIVILayer.crop`).
+        """
+        n = self.check_crop(tokens_to_remove)
+        if n == 0:
+            return
+        rows = keep_oldest_rows(self.r_lengths, n)
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        rows = keep_oldest_rows(self.stored_lengths(), n)
+        self.extras = {name: t[rows] for name, t in self.extras.items()}
+        self.r_lengths = self.r_lengths - n
+        self.seen -= n
+        self.tail -= n
+        self.last_valid = None
 
     def _flush(self, protect: int) -> None:
         """Per head, quantise the oldest whole groups of residual rows beyond the newest ``protect``."""

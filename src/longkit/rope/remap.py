@@ -153,14 +153,15 @@ def leaky_rerope_positions(length: int, *, window: int, leak: float = 16.0) -> t
 
 
 @register_remap("lm_infinite")
-def lm_infinite_positions(length: int, *, window: int, n_sinks: int = 4) -> torch.Tensor:
+def lm_infinite_positions(length: int, *, window: int, n_sinks: int = 100) -> torch.Tensor:
     """LM-Infinite: a Λ-shaped mask (the first ``n_sinks`` keys plus a local window) with distances capped.
 
     Keys inside the window (d < L) keep their distance; sink keys beyond it are seen at the cap ``L``: the
     reference code scores them with the query rotated at ``limit_distance = L`` against the un-rotated key
     (``Glaciohound/LM-Infinite``, ``models/llama.py``, its "stationary" branch); all other keys are hidden.
     Based on https://arxiv.org/abs/2308.16137 (Han et al. 2024). window L: int >= 1 and < length (the
-    pre-training length in the paper); n_sinks: int >= 0 (the paper's n_global).
+    pre-training length in the paper); n_sinks: int >= 0 (the paper's n_global; default 100, the reference
+    README's ``global_branch`` and the ``lm_infinite`` attention method's default).
     """
     L = _int("lm_infinite", "window", window, 1)
     _below_length("lm_infinite", "window", L, length)

@@ -1,0 +1,170 @@
+"""One prefill, many KV methods: capture a prompt's prefill once, then build each method's compressed cache from it.
+
+A KV method compresses a layer *after* that layer's attention call, so the prefill forward (its logits, every
+layer's queries, keys and values) is the same whatever method runs; only what each layer keeps differs. Sweeping
+methods and budgets over long prompts (the kvcache benchmark: 40 method/ratio cells per prompt) therefore needs one
+prefill per prompt, not one per cell. :func:`capture_prefill` runs the prompt once with the model's plain attention
+and records, per attention call, the module's forward arguments and the post-RoPE queries, keys and values;
+:meth:`Prefill.cache` replays, under an applied KV method, exactly what the real forward does after attention —
+the module's forward pre-hooks, ``cache.update``, the method's compression — and returns the cache a real prefill
+would have left. :meth:`Prefill.generate` then decodes from it with ``model.generate`` (greedy).
+
+    pre = capture_prefill(model, ids)
+    for spec in ("snapkv:ratio=0.25", "tova:ratio=0.1"):
+        with longkit.apply(model, kv=spec) as applied:
+            cache = pre.cache(applied)                     # as after model(ids, cache=applied.new_cache())
+            out = pre.generate(cache, max_new_tokens=16)   # == model.generate(ids, cache=..., do_sample=False)
+
+Tested equal to the real path (cache contents, bytes and generated tokens) for every registered KV method.
+Limits: batch size 1 without padding, one-shot prefill (not chunked), KV methods on sdpa/eager attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from longkit.errors import MethodError
+
+
+@dataclass
+class _Call:
+    module: torch.nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+    # (1, H, T, D) post-RoPE queries; (1, H_kv, T, D) keys and values as the attention call saw them
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+
+@dataclass
+class Prefill:
+    """A captured prefill: the prompt, the last position's logits and every attention call's inputs."""
+
+    model: Any
+    input_ids: torch.Tensor
+    # (1, V) logits of the last prompt position
+    logits: torch.Tensor
+    calls: list[_Call] = field(default_factory=list)
+
+    def cache(self, applied: Any) -> Any:
+        """The cache of ``applied`` (a ``longkit.apply(model, kv=...)`` context, still open) after this prefill."""
+        from longkit.kvcache.cache import replay_attention
+
+        if applied.model is not self.model:
+            raise MethodError("parameter 'applied': the methods were applied to another model than the captured one")
+        impl = str(self.model.config._attn_implementation)
+        if impl not in ("sdpa", "eager") and not impl.startswith("longkit_kv_"):
+            raise MethodError(
+                f"replaying a prefill supports KV methods on sdpa/eager attention only; the model now uses {impl!r}"
+            )
+        cache = applied.new_cache()
+        with torch.inference_mode():
+            for call in self.calls:
+                module = call.module
+                kwargs = {**call.kwargs, "cache": cache}
+                args = call.args
+                # the forward pre-hooks the applied methods installed (they point the attention hook at this cache)
+                for hid, hook in list(module._forward_pre_hooks.items()):
+                    if hid in module._forward_pre_hooks_with_kwargs:
+                        res = hook(module, args, kwargs)
+                        if res is not None:
+                            args, kwargs = res
+                    else:
+                        res = hook(module, args)
+                        if res is not None:
+                            args = res if isinstance(res, tuple) else (res,)
+                extra = {k: v for k, v in kwargs.items() if k not in _MODULE_ARGS}
+                key, value = cache.update(call.key, call.value, module.layer_idx, kwargs=extra)
+                if impl.startswith("longkit_kv_"):
+                    replay_attention(module, call.query, key, value, call.attention_mask, call.scaling)
+        return cache
+
+    def generate(self, cache: Any, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """(1, T + n) greedy continuation of the prompt from ``cache`` (filled by :meth:`cache`), equal to
+        ``model.generate(ids, cache=..., do_sample=False)``; other ``model.generate`` arguments pass through (no
+        sampling: the first new token is the argmax of the captured logits)."""
+        if max_new_tokens < 1:
+            raise MethodError(f"parameter 'max_new_tokens' must be >= 1 (got {max_new_tokens})")
+        if kwargs.get("do_sample"):
+            raise MethodError("parameter 'do_sample': a replayed prefill decodes greedily only")
+        first = self.logits.argmax(-1, keepdim=True).to(self.input_ids.device)
+        ids = torch.cat([self.input_ids, first], dim=-1)
+        # eos_token_id=None means "no end token", as in model.generate
+        eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        if max_new_tokens == 1 or int(first) in eos_ids:
+            return ids
+        kwargs.pop("do_sample", None)
+        with torch.inference_mode():
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                cache=cache,
+                max_new_tokens=max_new_tokens - 1,
+                do_sample=False,
+                **kwargs,
+            )
+
+
+#: the attention module's own forward parameters (the rest of its kwargs go on to ``cache.update``)
+_MODULE_ARGS = ("hidden_states", "position_embeddings", "attention_mask", "cache")
+
+
+def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
+    """Run ``input_ids`` (1, T) through ``model`` once and record what :meth:`Prefill.cache` replays.
+
+    The model must use sdpa or eager attention with no longkit method applied. Memory: the queries, keys, values and
+    the attention modules' inputs of every layer are kept (about 1 GB for a 30-layer 135M model at 8K in bf16).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from longkit.kvcache.cache import _inner
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise MethodError(f"parameter 'input_ids' must have shape (1, T) (got {tuple(input_ids.shape)})")
+    if input_ids.shape[1] < 2:
+        raise MethodError(f"parameter 'input_ids' must hold at least 2 tokens (got {input_ids.shape[1]})")
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise MethodError(
+            f"capture_prefill needs a model on sdpa or eager attention with no method applied (got {impl!r})"
+        )
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    if not modules:
+        raise MethodError(f"capture_prefill: found no attention modules with a layer_idx in {type(model).__name__}")
+    inner = _inner(impl)
+    calls: list[_Call] = []
+    pending: dict[torch.nn.Module, tuple[tuple, dict]] = {}
+
+    def record_inputs(module, args, kwargs):
+        pending[module] = (args, dict(kwargs))
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        args, mkw = pending.pop(module)
+        calls.append(_Call(module, args, mkw, query, key, value, attention_mask,
+                           query.shape[-1] ** -0.5 if scaling is None else scaling))  # fmt: skip
+        return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    name = f"longkit_capture_{impl}"
+    AttentionInterface.register(name, capture)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
+    handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in modules]
+    model.set_attn_implementation(name)
+    try:
+        with torch.inference_mode():
+            # no cache: the attention calls see exactly the prompt's keys and values, as on a fresh cache
+            out = model(input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(impl)
+    if len(calls) != len(modules):
+        raise MethodError(f"capture_prefill saw {len(calls)} attention calls for {len(modules)} attention modules")
+    return Prefill(model=model, input_ids=input_ids, logits=out.logits[:, -1].float(), calls=calls)

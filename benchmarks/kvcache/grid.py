@@ -73,9 +73,16 @@ def cells(ratios: list[float], length: int, methods: list[str]) -> list[tuple[st
 
 
 def load_done(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    return {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+    return {r["id"] for r in _load(path)}
+
+
+def prompt_grid(args, length: int):
+    """(prompt id, task, task name, depth, sample) of every prompt at ``length``, in the order both sides run them."""
+    for task_name in args.tasks:
+        task = get_task(task_name)
+        for depth in args.depths:
+            for sample in range(args.samples):
+                yield f"{task_name}|{length}|{depth}|{sample}", task, task_name, depth, sample
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
@@ -90,45 +97,41 @@ def accuracy(args, lm, out: Path) -> None:
     ctx = TaskContext(tok, seed=0)
     for length in args.lengths:
         grid = cells(args.ratios, length, args.methods)
-        for task_name in args.tasks:
-            task = get_task(task_name)
-            for depth in args.depths:
-                for sample in range(args.samples):
-                    pid = f"{task_name}|{length}|{depth}|{sample}"
-                    todo = [c for c in grid if f"{pid}|{c[0]}" not in done]
-                    if not todo:
-                        continue
-                    gs = task.build(ctx, length, depth, sample)
-                    ids = torch.tensor([gs.prompt.input_ids])
-                    t0 = time.perf_counter()
-                    pre = capture_prefill(model, ids)
-                    capture_s = time.perf_counter() - t0
-                    for label, spec, keep in todo:
-                        rec: dict[str, Any] = {"id": f"{pid}|{label}", "task": task_name, "length": length,
-                                               "depth": depth, "sample": sample, "cell": label, "spec": spec or "full",
-                                               "keep": keep, "n_tokens": ids.shape[1], "capture_s": round(capture_s, 2)}  # fmt: skip
-                        try:
-                            with longkit.apply(model, kv=spec or None) as applied:
-                                t1 = time.perf_counter()
-                                cache = pre.cache(applied)
-                                rec["replay_s"] = round(time.perf_counter() - t1, 3)
-                                rec["kv_bytes"] = cache_nbytes(cache)
-                                t2 = time.perf_counter()
-                                gen = pre.generate(cache, max_new_tokens=gs.max_new_tokens)
-                                rec["decode_s"] = round(time.perf_counter() - t2, 3)
-                            new = gen[0, ids.shape[1] :].tolist()
-                            rec["new_tokens"] = len(new)
-                            rec["prediction"] = tok.decode(new, skip_special_tokens=True)
-                            rec["answer"] = gs.answers
-                            rec["score"] = task.score(rec["prediction"], gs.answers)
-                            rec["error"] = None
-                        except Exception as exc:  # one failing cell is recorded, the grid goes on
-                            rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                            rec["score"] = None
-                        append(path, rec)
-                        done.add(rec["id"])
-                        print(f"{rec['id']}: {rec.get('score')} {rec.get('prediction', rec['error'])!r}", flush=True)
-                    del pre
+        for pid, task, task_name, depth, sample in prompt_grid(args, length):
+            todo = [c for c in grid if f"{pid}|{c[0]}" not in done]
+            if not todo:
+                continue
+            gs = task.build(ctx, length, depth, sample)
+            ids = torch.tensor([gs.prompt.input_ids])
+            t0 = time.perf_counter()
+            pre = capture_prefill(model, ids)
+            capture_s = time.perf_counter() - t0
+            for label, spec, keep in todo:
+                rec: dict[str, Any] = {"id": f"{pid}|{label}", "task": task_name, "length": length,
+                                       "depth": depth, "sample": sample, "cell": label, "spec": spec or "full",
+                                       "keep": keep, "n_tokens": ids.shape[1], "capture_s": round(capture_s, 2)}  # fmt: skip
+                try:
+                    with longkit.apply(model, kv=spec or None) as applied:
+                        t1 = time.perf_counter()
+                        cache = pre.cache(applied)
+                        rec["replay_s"] = round(time.perf_counter() - t1, 3)
+                        rec["kv_bytes"] = cache_nbytes(cache)
+                        t2 = time.perf_counter()
+                        gen = pre.generate(cache, max_new_tokens=gs.max_new_tokens)
+                        rec["decode_s"] = round(time.perf_counter() - t2, 3)
+                    new = gen[0, ids.shape[1] :].tolist()
+                    rec["new_tokens"] = len(new)
+                    rec["prediction"] = tok.decode(new, skip_special_tokens=True)
+                    rec["answer"] = gs.answers
+                    rec["score"] = task.score(rec["prediction"], gs.answers)
+                    rec["error"] = None
+                except Exception as exc:  # one failing cell is recorded, the grid goes on
+                    rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rec["score"] = None
+                append(path, rec)
+                done.add(rec["id"])
+                print(f"{rec['id']}: {rec.get('score')} {rec.get('prediction', rec['error'])!r}", flush=True)
+            del pre
 
 
 def speed(args, lm, out: Path) -> None:
@@ -190,14 +193,10 @@ def kvpress(args, lm, out: Path) -> None:
             for p in pairs for r in args.ratios]  # fmt: skip
     prompts, meta = [], {}
     for length in args.lengths:
-        for task_name in args.tasks:
-            task = get_task(task_name)
-            for depth in args.depths:
-                for sample in range(args.samples):
-                    gs = task.build(ctx, length, depth, sample)
-                    pid = f"{task_name}|{length}|{depth}|{sample}"
-                    prompts.append({"id": pid, "ids": gs.prompt.input_ids, "max_new_tokens": gs.max_new_tokens})
-                    meta[pid] = (task, gs.answers, length, task_name, depth, sample)
+        for pid, task, task_name, depth, sample in prompt_grid(args, length):
+            gs = task.build(ctx, length, depth, sample)
+            prompts.append({"id": pid, "ids": gs.prompt.input_ids, "max_new_tokens": gs.max_new_tokens})
+            meta[pid] = (task, gs.answers, length, task_name, depth, sample)
     raw = out / "kvpress_raw.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
         lm.model.save_pretrained(tmp)
@@ -270,7 +269,9 @@ def report(out: Path) -> str:
                 ts = [r["score"] for r in rs if r["task"] == t]
                 per_task.append(f"{statistics.mean(ts):.0f}" if ts else "-")
             mean = statistics.mean(r["score"] for r in rs)
-            theirs = {(r["task"], r["depth"], r["sample"]): r for r in kvp if r["length"] == length and r["cell"] == cell}
+            theirs = {
+                (r["task"], r["depth"], r["sample"]): r for r in kvp if r["length"] == length and r["cell"] == cell
+            }
             kp_s = "-"
             if theirs:
                 # the same prompts on both sides: how many got the same score

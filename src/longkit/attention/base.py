@@ -22,7 +22,7 @@ class AttentionMethod(Method):
     """Base of attention methods.
 
     Subclasses either set ``implementation`` to an existing transformers implementation name, or override
-    :meth:`forward` with transformers' attention-function signature
+    :meth:`attention`; :meth:`forward`, registered with transformers, has its attention-function signature
     ``(module, query (B, H, T, D), key (B, H_kv, S, D), value (B, H_kv, S, D), attention_mask, scaling,
     dropout, **kwargs) -> (output (B, T, H, D), weights | None)``.
     """
@@ -45,6 +45,19 @@ class AttentionMethod(Method):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The function registered with transformers: refuses what no method here honours (attention dropout,
+        logit softcapping), runs :meth:`attention` and returns its output in transformers' layout."""
+        self.reject_unsupported(dropout, kwargs)
+        out = self.attention(module, query, key, value, attention_mask, scaling, kwargs)
+        # (B, T, H, D_v), the layout transformers' attention functions return
+        return out.transpose(1, 2).contiguous(), None
+
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """(B, H, T, D_v) output for query (B, H, T, D) and key, value (B, H_kv, S, D); ``kwargs`` are the
+        keyword arguments transformers passed (position_ids, sliding_window, ...)."""
         raise NotImplementedError
 
     def reject_unsupported(self, dropout: float, kwargs: dict[str, Any]) -> None:

@@ -222,19 +222,10 @@ class Blockwise(AttentionMethod):
     block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         mask = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
         out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+        return out

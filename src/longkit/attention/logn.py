@@ -103,18 +103,10 @@ class LogN(AttentionMethod):
 
         return undo
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         if module not in _TRAINED:
             raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
         layer = getattr(module, "layer_idx", None)
@@ -127,8 +119,9 @@ class LogN(AttentionMethod):
         if self.inner == "blockwise":
             mask = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
             out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
-            # (B, T, H, D_v), the layout transformers' attention functions return
-            return out.transpose(1, 2).contiguous(), None
+            return out
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        # sdpa returns (B, T, H, D_v) contiguous: this view back to (B, H, T, D_v) makes forward's transpose free
+        return out.transpose(1, 2)

@@ -172,11 +172,10 @@ class _Capture(AttentionMethod):
 
     seen: dict = field(default_factory=dict, init=False)
 
-    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         self.seen[module.layer_idx] = (query, key, value, dense, scaling)
-        out = dense_attention(query, key, value, dense, scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return dense_attention(query, key, value, dense, scaling)
 
 
 _Capture.name = "minference_search"

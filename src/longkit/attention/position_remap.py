@@ -320,18 +320,10 @@ class RemapAttention(AttentionMethod):
         """(B, H, T, D_v) attention output for rotated q (B, H, T, D), k and v (B, H_kv, S, D)."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         if module not in _MODELS:
             raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
         parent, attr, trained = _MODELS[module]
@@ -353,5 +345,4 @@ class RemapAttention(AttentionMethod):
                     "or packed batches are not supported"
                 )
         out = self.attend(query, key, value, inv_freq, trained, spec.dense, scaling)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+        return out

@@ -106,18 +106,10 @@ class Quest(SparseAttention):
     top_k: int = param(64, ge=1, help="pages read per head and decoding step")
     skip_layers: int = param(2, ge=0, help="leading layers kept dense")
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         layer = getattr(module, "layer_idx", None)
         if query.shape[2] == 1 and (layer is None or layer >= self.skip_layers):
@@ -127,5 +119,4 @@ class Quest(SparseAttention):
             )
         else:
             out = dense_attention(query, key, value, dense, scaling)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+        return out

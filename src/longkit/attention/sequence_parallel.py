@@ -378,18 +378,10 @@ class SequenceParallelAttention(AttentionMethod):
         """(B, H, T_local, D) queries and keys/values of this rank's shard -> (B, H, T_local, D_v) output."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         group = active_group()
         _, size = rank_and_size(group)
         if size == 1:
@@ -399,8 +391,7 @@ class SequenceParallelAttention(AttentionMethod):
             causal = check_sharded_call(self.name, module, query, key, attention_mask, size, kwargs)
             check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
             out = self.sharded_attention(query, key, value, causal, scaling, group)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+        return out
 
 
 def check_sharded_call(

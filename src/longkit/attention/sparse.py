@@ -307,22 +307,13 @@ class SparseAttention(AttentionMethod):
         """(B, H, T, D_v) sparse attention output for a prefill (or prefill chunk) of T > 1 queries."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        self.reject_unsupported(dropout, kwargs)
+    def attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         if query.shape[2] == 1:
             out = dense_attention(query, key, value, dense, scaling)
         else:
             out = self.attend(module, query, key, value, dense, scaling)
-        # (B, T, H, D_v), the layout transformers' attention functions return
-        return out.transpose(1, 2).contiguous(), None
+        return out

@@ -95,6 +95,22 @@ def test_mutation_and_crossover_keep_constraints():
     assert len(pool) > 100
 
 
+def test_crossover_between_distant_parents_takes_genes_of_both():
+    # PI (every factor = 2) and NTK (1 .. 2) differ in almost every dimension: drawing each gene from either
+    # parent is almost never monotone; swapping genes one at a time (as the reference code) nearly always is.
+    search = LongRopeSearch(settings(step=0.01), Target(0.01), seeds=seeds())
+    first, second = search.seeds["linear"], search.seeds["ntk"]
+    children = [search.crossover(first, second) for _ in range(40)]
+    made = [c for c in children if c is not None]
+    assert len(made) >= 36
+    for child in made:
+        assert child.is_monotone() and child != first and child != second
+        # every gene is one parent's, and the child is the first parent with some of the second's genes
+        assert all(u in (a, b) for u, a, b in zip(child.units, first.units, second.units, strict=True))
+        assert any(u == b != a for u, a, b in zip(child.units, first.units, second.units, strict=True))
+    assert search.crossover(first, first) is None
+
+
 def test_search_keeps_best_and_improves_on_the_seeds():
     target = Target()
     result = LongRopeSearch(settings(generations=8), target, seeds=seeds()).run()

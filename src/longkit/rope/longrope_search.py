@@ -321,16 +321,28 @@ class LongRopeSearch:
         return None
 
     def crossover(self, first: Candidate, second: Candidate) -> Candidate | None:
-        """Each dimension (and n-hat) from either parent with probability 1/2; children that break the
-        monotone constraint or were explored already are drawn again; None after ``max_tries``."""
+        """A child of ``first`` that takes some genes of ``second``: walk the dimensions (n-hat last), visit each
+        with probability ``mutate_prob`` and take ``second``'s gene there with probability 1/2; the first state
+        along the walk that is monotone and new is the child. None after ``max_tries`` walks.
+
+        As the reference code (``DimMonoGeneticAlgorithm.crossover``): swapping genes one at a time keeps the
+        child monotone far more often than drawing every gene from either parent, which between two distant
+        parents almost never is."""
         if first == second:
             return None
         for _ in range(self.s.max_tries):
-            units = tuple(a if self.rng.random() < 0.5 else b for a, b in zip(first.units, second.units, strict=True))
-            start = first.start_tokens if self.rng.random() < 0.5 else second.start_tokens
-            child = Candidate(units, start)
-            if child.is_monotone() and child.key() not in self.scores:
-                return child
+            units, start = list(first.units), first.start_tokens
+            for i in range(len(units) + 1):
+                if self.rng.random() >= self.s.mutate_prob:
+                    continue
+                if self.rng.random() < 0.5:
+                    if i < len(units):
+                        units[i] = second.units[i]
+                    else:
+                        start = second.start_tokens
+                child = Candidate(tuple(units), start)
+                if child not in (first, second) and child.is_monotone() and child.key() not in self.scores:
+                    return child
         return None
 
     # -- the loop ------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ Settings per method at factor f (trained length L):
   of factor f (base * f^(d/(d-2))); longrope: the searched factors in results/longrope_factors_<fL>.json if present.
   self_extend: window L/4 and the smallest group G with (L - L/4) * G + L/4 >= f*L (G = 3 at f=2, 5 at f=4);
   leaky_rerope: window L/2, leak 2f - 1 (the farthest distance f*L maps to L); rerope: window L/2 (no factor);
-  dca: chunk L*3/4, local window L/8; lm_infinite: window L (no factor); logn: trained length L (no factor).
+  dca: chunk L*3/4, local window L/8; lm_infinite: window L (no factor); logn: trained length L (no factor);
+  entropy_scaling: composed with abf at the largest factor (Entropy-Aware ABF).
+The grid can be run in parts into one run directory (e.g. ``--lengths 16384 --tasks passkey,perplexity`` first);
+the table and report cover every record the directory holds.
 Methods not registered in this checkout are skipped and listed in the results.
 
 Writes results/<name>/ (summary.json, report.html, score_vs_length.png, perplexity.png, table.md, results.json).
@@ -70,6 +73,11 @@ def method_grid(lm, factors: list[float]) -> tuple[list[str], list[str]]:
         add("attention", "self_extend", f"self_extend:group_size={group},window={window}")
         add("attention", "leaky_rerope", f"leaky_rerope:window={L // 2},leak={2 * f - 1:g}")
         add("attention", "dca", f"dca:chunk_size={3 * L // 4},local_window={L // 8}")
+    # Entropy-Aware ABF: the base change of the largest factor plus log-n scaling from layer 3 on.
+    if "abf" in rope and "entropy_scaling" in attention:
+        specs.append(f"rope=abf:rope_theta={base * max(factors) ** (d / (d - 2)):.6g}+attention=entropy_scaling")
+    else:
+        skipped.append("entropy_scaling")
     add("attention", "rerope", f"rerope:window={L // 2}")
     add("attention", "lm_infinite", f"lm_infinite:window={L}")
     add("attention", "logn", f"logn:trained={L}")
@@ -166,7 +174,9 @@ def main() -> None:
     write_report(run_dir, out_dir=out)
     summary = summarize(run_dir)
     costs = cost_table(summary)
-    table = markdown(summary, costs, sorted(lengths))
+    # The directory may hold earlier parts of the grid (other lengths or tasks): report all of it.
+    all_lengths = summary["lengths"]
+    table = markdown(summary, costs, all_lengths)
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(
         json.dumps(
@@ -174,8 +184,8 @@ def main() -> None:
                 "model": args.model,
                 "dtype": lm.dtype,
                 "trained_length": L,
-                "lengths": lengths,
-                "tasks": tasks,
+                "lengths": all_lengths,
+                "tasks": summary["tasks"],
                 "depths": depths,
                 "samples": args.samples,
                 "methods": ["baseline", *specs],

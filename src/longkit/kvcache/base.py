@@ -129,6 +129,55 @@ class CompressionMethod(KVMethod):
         return None
 
 
+@dataclass
+class RunningScoreMethod(CompressionMethod):
+    """Base of eviction methods scored by a running statistic of every query's attention (H2O's sums,
+    Scissorhands' counters). The statistic lives in the cache beside each key (``acc``, 4 bytes per key and head,
+    counted in ``nbytes``) and is updated at every forward, so scoring runs at every step while eviction follows
+    ``decode_every``; the newest ``recent`` fraction of the budget is always kept.
+
+    Subclasses declare ``recent`` (a float in [0, 1]) and implement :meth:`update` and :meth:`rank`.
+    """
+
+    track: ClassVar[tuple[str, ...]] = ("acc",)
+
+    def wants_compression(self, cache: Any, n_new: int) -> bool:
+        # The statistic must see every query; whether to evict is decided in compress.
+        return True
+
+    def update(self, ctx: Any) -> torch.Tensor:
+        """(B, H_kv, S) the statistic after this call's queries (the cached ``acc`` plus their contribution)."""
+        raise NotImplementedError
+
+    def rank(self, stat: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, S) eviction scores from the statistic; higher = keep."""
+        raise NotImplementedError
+
+    def score(self, ctx: Any) -> torch.Tensor:
+        from longkit.kvcache.budget import target_tokens
+
+        if ctx.scratch is None:
+            ctx.scratch = self.update(ctx)
+        k = target_tokens(ctx.real_seen, ratio=self.ratio, tokens=self.tokens)
+        n_recent = torch.round(k.double() * self.recent).long()
+        # (B, H_kv, S) 1 = newest real token
+        from_end = ctx.valid.long().flip(-1).cumsum(-1).flip(-1)
+        recent = ctx.valid & (from_end <= n_recent.view(-1, 1, 1))
+        return torch.where(recent, torch.full_like(ctx.scratch, float("inf")), self.rank(ctx.scratch))
+
+    def compress(self, ctx: Any) -> torch.Tensor | None:
+        ctx.scratch = self.update(ctx)
+        evict = not ctx.decoding or (self.decode_every > 0 and ctx.cache.decode_steps % self.decode_every == 0)
+        keep = super().compress(ctx) if evict else None
+        # Without eviction every real slot stays, and on_compact still stores the updated statistic.
+        return ctx.valid.clone() if keep is None else keep
+
+    def on_compact(self, ctx: Any, keep: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
+        extras["acc"] = ctx.scratch
+        return ctx.keys, extras
+
+
 def check_scorer_name(method: str, scorer: str) -> type:
     """The registered eviction method named ``scorer`` (for wrappers such as adakv)."""
     from longkit.registry import registry

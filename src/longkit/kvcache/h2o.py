@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from longkit.kvcache.base import CompressionMethod
-from longkit.kvcache.budget import target_tokens
+from longkit.kvcache.base import RunningScoreMethod
 from longkit.registry import param, register
 
 # Queries scored at once while accumulating a long prefill's attention: bounds the (B, H, chunk, S) scratch.
@@ -17,7 +15,7 @@ _QUERY_CHUNK = 512
 
 @register("kv", "h2o")
 @dataclass
-class H2O(CompressionMethod):
+class H2O(RunningScoreMethod):
     """H2O: keep the heavy hitters, the tokens with the largest attention accumulated over all queries so far.
 
     Each cached token carries the sum of the attention every query has paid to it (summed over the query heads
@@ -35,16 +33,10 @@ class H2O(CompressionMethod):
         "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models "
         "(Zhang et al. 2023) https://arxiv.org/abs/2306.14048"
     )
-    track: ClassVar[tuple[str, ...]] = ("acc",)
-
     recent: float = param(0.5, ge=0.0, le=1.0, help="fraction of the budget kept for the most recent tokens")
     decode_every: int = param(1, ge=0, help="compress every N decoding steps (0 = only after multi-token forwards)")
 
-    def wants_compression(self, cache, n_new: int) -> bool:
-        # The sums must see every query, so scoring runs at every step; eviction follows decode_every.
-        return True
-
-    def _accumulate(self, ctx) -> torch.Tensor:
+    def update(self, ctx) -> torch.Tensor:
         """(B, H_kv, S) accumulated attention including this call's queries."""
         _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         acc = extras["acc"].clone()
@@ -68,25 +60,5 @@ class H2O(CompressionMethod):
             acc[..., :s_vis] += attn.view(B, H // g, g, s_vis).sum(2)
         return acc
 
-    def score(self, ctx) -> torch.Tensor:
-        if ctx.scratch is None:
-            ctx.scratch = self._accumulate(ctx)
-        acc = ctx.scratch
-        k = target_tokens(ctx.real_seen, ratio=self.ratio, tokens=self.tokens)
-        n_recent = torch.round(k.double() * self.recent).long()
-        # (B, H_kv, S) 1 = newest real token
-        from_end = ctx.valid.long().flip(-1).cumsum(-1).flip(-1)
-        recent = ctx.valid & (from_end <= n_recent.view(-1, 1, 1))
-        return torch.where(recent, torch.full_like(acc, float("inf")), acc)
-
-    def compress(self, ctx) -> torch.Tensor | None:
-        ctx.scratch = self._accumulate(ctx)
-        evict = not ctx.decoding or (self.decode_every > 0 and ctx.cache.decode_steps % self.decode_every == 0)
-        keep = super().compress(ctx) if evict else None
-        # Without eviction every real slot stays, and on_compact still stores the new sums.
-        return ctx.valid.clone() if keep is None else keep
-
-    def on_compact(self, ctx, keep: torch.Tensor):
-        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
-        extras["acc"] = ctx.scratch
-        return ctx.keys, extras
+    def rank(self, stat: torch.Tensor) -> torch.Tensor:
+        return stat

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from longkit.kvcache.base import CompressionMethod
-from longkit.kvcache.budget import target_tokens
+from longkit.kvcache.base import RunningScoreMethod
 from longkit.registry import param, register
 
 
 @register("kv", "scissorhands")
 @dataclass
-class Scissorhands(CompressionMethod):
+class Scissorhands(RunningScoreMethod):
     """Scissorhands: a token that was unimportant for many recent queries will stay unimportant.
 
     Each cached token carries a counter of the queries for which it was unimportant: its attention (averaged
@@ -33,17 +31,11 @@ class Scissorhands(CompressionMethod):
         "Scissorhands: Exploiting the Persistence of Importance Hypothesis for LLM KV Cache Compression at Test "
         "Time (Liu et al. 2023) https://arxiv.org/abs/2305.17118"
     )
-    track: ClassVar[tuple[str, ...]] = ("acc",)
-
     history: int = param(64, ge=1, help="prompt queries whose attention votes")
     recent: float = param(0.25, ge=0.0, le=1.0, help="fraction of the budget kept for the most recent tokens")
     decode_every: int = param(1, ge=0, help="compress every N decoding steps (0 = only after multi-token forwards)")
 
-    def wants_compression(self, cache, n_new: int) -> bool:
-        # Every query votes, so the counters are updated at every step; eviction follows decode_every.
-        return True
-
-    def _count(self, ctx) -> torch.Tensor:
+    def update(self, ctx) -> torch.Tensor:
         """(B, H_kv, S) times each token was unimportant, this call's last ``history`` queries included."""
         _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         g = ctx.groups
@@ -66,24 +58,6 @@ class Scissorhands(CompressionMethod):
         low = ((attn < share) & seen).sum(2).float()
         return extras["acc"] + low
 
-    def score(self, ctx) -> torch.Tensor:
-        if ctx.scratch is None:
-            ctx.scratch = self._count(ctx)
-        k = target_tokens(ctx.real_seen, ratio=self.ratio, tokens=self.tokens)
-        n_recent = torch.round(k.double() * self.recent).long()
-        # (B, H_kv, S) 1 = newest real token
-        from_end = ctx.valid.long().flip(-1).cumsum(-1).flip(-1)
-        recent = ctx.valid & (from_end <= n_recent.view(-1, 1, 1))
-        return torch.where(recent, torch.full_like(ctx.scratch, float("inf")), -ctx.scratch)
-
-    def compress(self, ctx) -> torch.Tensor | None:
-        ctx.scratch = self._count(ctx)
-        evict = not ctx.decoding or (self.decode_every > 0 and ctx.cache.decode_steps % self.decode_every == 0)
-        keep = super().compress(ctx) if evict else None
-        # Without eviction every real slot stays, and on_compact still stores the new counts.
-        return ctx.valid.clone() if keep is None else keep
-
-    def on_compact(self, ctx, keep: torch.Tensor):
-        _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
-        extras["acc"] = ctx.scratch
-        return ctx.keys, extras
+    def rank(self, stat: torch.Tensor) -> torch.Tensor:
+        # the most often unimportant go first
+        return -stat

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from longkit.attention.lse import merge_partials_
 from longkit.attention.reference import check_qkv
 from longkit.attention.sparse import (
     SparseAttention,
-    blocks_from_flags,
     check_dense,
     check_int,
-    expand_blocks,
     gathered_attention,
     masked_reference,
     positions,
     tile_firsts,
 )
 from longkit.registry import param, register
+
+#: Use the gather-free banded path on CPU when it applies (False forces the gathered path; tests compare both).
+BANDED = True
 
 
 @dataclass(frozen=True)
@@ -84,51 +88,178 @@ def vertical_slash_select(
     return VerticalSlash(v_flag, s_flag, columns, offsets)
 
 
-def slash_blocks(sel: VerticalSlash, T: int, S: int, block: int) -> torch.Tensor:
-    """(B, H, nq, nk) bool: the key blocks of ``block`` keys that each query tile's selected diagonals cross.
+def slash_band(sel: VerticalSlash, block: int) -> torch.Tensor:
+    """(B, H, S) bool ``band[r]``: the keys ``r >= 1`` positions before a query tile's first position that the
+    tile's selected diagonals cross.
 
-    A diagonal at offset o crosses keys ``f - o .. l - o`` for a tile of positions ``f .. l``: at most two blocks
-    when tiles and blocks have one edge. MInference's kernel likewise computes the slashes as whole 64-wide blocks.
+    A diagonal at offset o meets rows ``f .. f + block - 1`` of a tile at keys ``f - o .. f + block - 1 - o``, so
+    the tile attends every key ``f - r`` with ``o - block + 1 <= r <= o``: the range MInference's kernel computes
+    for a slash (``convert_vertical_slash_indexes``), the same for every tile. Keys ``r <= 0`` are the tile's own,
+    which it always attends.
     """
-    B, H, _ = sel.offsets.shape
-    device = sel.offsets.device
-    nq, nk = -(-T // block), -(-S // block)
-    # (nq, 1) first and last position of each tile
-    first = tile_firsts(T, S, block, device)[:, None]
-    last = torch.clamp(first + block - 1, max=S - 1)
-    # (B, H, nq, n_s)
-    lo = first[None, None] - sel.offsets[:, :, None, :]
-    hi = last[None, None] - sel.offsets[:, :, None, :]
-    crosses = hi >= 0
-    dump = nq * nk
-    tile = torch.arange(nq, device=device)[None, None, :, None] * nk
-    touched = torch.zeros(B, H, dump + 1, dtype=torch.bool, device=device)
-    for edge in (lo.clamp(min=0), hi.clamp(min=0)):
-        flat = torch.where(crosses, tile + edge // block, torch.full_like(edge, dump))
-        touched.scatter_(2, flat.flatten(2), True)
-    return touched[:, :, :dump].view(B, H, nq, nk)
+    B, H, S = sel.slash.shape
+    offsets = sel.offsets
+    # A difference array: +1 where a diagonal's range starts, -1 past its end; o = 0 lies in the own tile.
+    real = offsets >= 1
+    diff = torch.zeros(B, H, S + 1, dtype=torch.int32, device=offsets.device)
+    diff.scatter_add_(2, torch.where(real, (offsets - block + 1).clamp(min=1), S), real.int())
+    diff.scatter_add_(2, torch.where(real, offsets + 1, S), -real.int())
+    band = diff[..., :S].cumsum(-1) > 0
+    band[..., 0] = False
+    return band
+
+
+def _relative(T: int, S: int, block: int, device: Any) -> torch.Tensor:
+    """(T, S) long: each query's tile first position minus each key's index (r; keys r >= 1 lie before the tile)."""
+    first = tile_firsts(T, S, block, device).repeat_interleave(block)[:T]
+    return first[:, None] - torch.arange(S, device=device)[None, :]
 
 
 def vertical_slash_mask(sel: VerticalSlash, T: int, S: int, block: int) -> torch.Tensor:
-    """(B, H, T, S) bool mask the fast path computes: a selected column, or a key block a selected diagonal
-    crosses in the query's tile (the reference adds the own tile and causality)."""
-    device = sel.vertical.device
-    rows = torch.arange(T, device=device) // block
-    cols = torch.arange(S, device=device) // block
-    return sel.vertical[:, :, None, :] | slash_blocks(sel, T, S, block)[:, :, rows][:, :, :, cols]
+    """(B, H, T, S) bool mask both paths compute: a selected column, or a key in the band of the query's tile
+    (:func:`slash_band`); the reference adds the own tile and causality."""
+    band = slash_band(sel, block)
+    r = _relative(T, S, block, band.device)
+    B, H, _ = band.shape
+    # (B, H, T, S): band[r] for keys before the tile
+    in_band = torch.gather(band[:, :, None, :].expand(B, H, T, S), 3, r.clamp(0, S - 1).expand(B, H, T, S)) & (r >= 1)
+    return sel.vertical[:, :, None, :] | in_band
 
 
 def vertical_slash_indices(sel: VerticalSlash, T: int, S: int, block: int) -> torch.Tensor:
-    """(B, H, nq, L) earlier key indices per query tile of ``block`` rows: the key blocks its diagonals cross,
-    then the selected columns outside those blocks (so no key is gathered twice), -1 = padding."""
-    touched = slash_blocks(sel, T, S, block)
-    nq = touched.shape[2]
-    first = tile_firsts(T, S, block, touched.device)[:, None]
-    # (B, H, nq, n_v): columns before the tile and not already inside a gathered block
+    """(B, H, nq, L) earlier key indices per query tile of ``block`` rows for the gathered path: the band of the
+    tile's diagonals, then the selected columns outside it (so no key is gathered twice), -1 = padding."""
+    band = slash_band(sel, block)
+    B, H, _ = band.shape
+    device = band.device
+    first = tile_firsts(T, S, block, device)
+    nq = first.shape[0]
+    # (B, H, n_r) the band's offsets r, padded with S (past any tile)
+    n_r = max(1, int(band.sum(-1).max()))
+    rel = torch.where(band, torch.arange(S, device=device), S).sort(-1).values[..., :n_r]
+    keys = first[None, None, :, None] - rel[:, :, None, :]
+    keys = torch.where(keys >= 0, keys, -1)
+    # (B, H, nq, n_v): columns before the tile and not already in its band
     cols = sel.columns[:, :, None, :].expand(-1, -1, nq, -1)
-    inside = torch.gather(touched, 3, cols // block)
-    cols = torch.where((cols < first[None, None]) & ~inside, cols, torch.full_like(cols, -1))
-    return torch.cat([expand_blocks(blocks_from_flags(touched), block, S), cols], dim=-1)
+    r = first[None, None, :, None] - cols
+    inside = torch.gather(band, 2, r.clamp(0, S - 1).flatten(2)).view(r.shape) & (r >= 1)
+    cols = torch.where((r >= 1) & ~inside, cols, torch.full_like(cols, -1))
+    return torch.cat([keys, cols], dim=-1)
+
+
+def _runs(flags: torch.Tensor, gap: int) -> list[tuple[int, int]]:
+    """Maximal runs ``(lo, hi)`` of True in a 1-D bool tensor, runs closer than ``gap`` joined into one."""
+    f = flags.to(torch.int8)
+    edges = torch.diff(f, prepend=f.new_zeros(1), append=f.new_zeros(1))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = ((edges == -1).nonzero().flatten() - 1).tolist()
+    out: list[tuple[int, int]] = []
+    for lo, hi in zip(starts, ends, strict=True):
+        if out and lo - out[-1][1] - 1 < gap:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+#: Kernel calls per head above which close band runs are joined (their gaps masked).
+MAX_RUNS = 32
+
+
+def _band_runs(flags: torch.Tensor, block: int) -> list[tuple[int, int]]:
+    """The band's runs, each its own unmasked window; when there are more than :data:`MAX_RUNS`, runs closer
+    than ``block`` (then 2, 4, ... x ``block``) keys are joined, trading masked gap keys for fewer kernel calls."""
+    runs, gap = _runs(flags, 0), block
+    while len(runs) > MAX_RUNS:
+        runs, gap = _runs(flags, gap), 2 * gap
+    return runs
+
+
+def banded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: VerticalSlash, block: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather-free CPU path of :func:`vertical_slash_attention` (no padding mask, no gradients).
+
+    Every tile's band is the same set of offsets r before its first position, so one band run ``lo .. hi``
+    is, for all tiles at once, a window of keys ``f_t - hi .. f_t - lo`` that starts ``block`` keys later per
+    tile: a strided view of the (left-padded) keys, no copy. Each run, the own tiles and the columns go through
+    torch's fused CPU flash kernel (which returns the log-sum-exp) and are merged by log-sum-exp. Many short
+    runs are joined and their gaps masked (:func:`_band_runs`), which bounds the number of kernel calls.
+
+    Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
+    """
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    B, H, H_kv, T, S, D = check_qkv(q, k, v)
+    group, Dv = H // H_kv, v.shape[-1]
+    nq = -(-T // block)
+    pad = nq * block - T
+    device, dtype = q.device, q.dtype
+    first = tile_firsts(T, S, block, device)
+    band = slash_band(sel, block)
+    neg = float("-inf")
+
+    # Own tiles, all heads in one call: (B · nq, H, block, D) queries against their tile's keys, causally.
+    # Keys past S (padding of the last tile) sit after every real query, so causality hides them.
+    qp = F.pad(q, (0, 0, 0, pad))
+    qt = qp.view(B, H, nq, block, D).transpose(1, 2).reshape(B * nq, H, block, D)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        xp = F.pad(x[:, :, S - T :], (0, 0, 0, pad)).repeat_interleave(group, dim=1)
+        return xp.view(B, H, nq, block, x.shape[-1]).transpose(1, 2).reshape(B * nq, H, block, x.shape[-1])
+
+    o, lse = kernel(qt, tiles(k), tiles(v), 0.0, True, scale=scale)
+    # (B, H, nq, block, D_v) float32 accumulators
+    out = o.view(B, nq, H, block, Dv).transpose(1, 2).float().contiguous()
+    lse = lse.view(B, nq, H, block).transpose(1, 2).float().contiguous()
+
+    # Keys left-padded by S, so the window of any tile starts at a non-negative index: key j is row j + S.
+    kp, vp = F.pad(k, (0, 0, S, 0)).contiguous(), F.pad(v, (0, 0, S, 0)).contiguous()
+    for b in range(B):
+        for h in range(H):
+            hk = h // group
+            kbh, vbh = kp[b, hk], vp[b, hk]
+            qh = qp[b, h].view(nq, 1, block, D)
+            for lo, hi in _band_runs(band[b, h], block):
+                w = hi - lo + 1
+                r = hi - torch.arange(w, device=device)
+                gaps = ~band[b, h, r]
+                # Tiles t0 .. t1 - 1 see part of the window before key 0; tiles from t1 on see all of it, and need
+                # no mask unless joined runs left gaps (a masked kernel call is about 1.5x slower).
+                t0, t1 = (int(x) for x in torch.searchsorted(first, torch.tensor([lo, hi], device=device)))
+                for ta, tb in ((t0, t1), (t1, nq)):
+                    if ta >= tb:
+                        continue
+                    n, start = tb - ta, int(first[ta]) - hi + S
+                    # (n, 1, w, D) windows: tile t sees keys f_t - hi .. f_t - lo, block keys further per tile
+                    kw = kbh.as_strided((n, 1, w, D), (block * D, w * D, D, 1), kbh.storage_offset() + start * D)
+                    vw = vbh.as_strided((n, 1, w, Dv), (block * Dv, w * Dv, Dv, 1), vbh.storage_offset() + start * Dv)
+                    bias = None
+                    if ta < t1 or bool(gaps.any()):
+                        # (n, 1, 1, w) additive mask: the gaps (r = hi - i off the band) and keys before 0
+                        bias = torch.zeros(n, 1, 1, w, device=device, dtype=dtype)
+                        bias.masked_fill_(gaps.view(1, 1, 1, w), neg)
+                        bias.masked_fill_((first[ta:tb, None] - r[None, :] < 0).view(n, 1, 1, w), neg)
+                    o, o_lse = kernel(qh[ta:tb], kw, vw, 0.0, False, attn_mask=bias, scale=scale)
+                    merge_partials_(out[b, h, ta:tb], lse[b, h, ta:tb], o.view(n, block, Dv).float(), o_lse.view(n, block))
+            # Columns before the tile and outside its band, for every tile at once: (nq, 1, n_v, D) broadcast keys.
+            cols = sel.columns[b, h]
+            r = first[:, None] - cols[None, :]
+            inside = band[b, h][r.clamp(0, S - 1)] & (r >= 1)
+            seen = (r >= 1) & ~inside
+            rows = seen.any(-1)
+            if not bool(rows.any()):
+                continue
+            n_v = cols.shape[0]
+            kc = k[b, hk, cols].expand(nq, 1, n_v, D)
+            vc = v[b, hk, cols].expand(nq, 1, n_v, Dv)
+            bias = torch.zeros(nq, 1, 1, n_v, device=device, dtype=dtype)
+            bias.masked_fill_(~seen.view(nq, 1, 1, n_v), neg)
+            o, o_lse = kernel(qh, kc, vc, 0.0, False, attn_mask=bias, scale=scale)
+            # Tiles with no column: the kernel returns 0 / 0 for a fully masked row, which must not count.
+            o_lse = torch.where(rows[:, None], o_lse.view(nq, block).float(), neg)
+            merge_partials_(out[b, h], lse[b, h], o.view(nq, block, Dv).float(), o_lse)
+    out = out.view(B, H, nq * block, Dv)[:, :, :T]
+    return out, lse.view(B, H, nq * block)[:, :, :T]
 
 
 def vertical_slash_attention(
@@ -145,25 +276,38 @@ def vertical_slash_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact causal attention over a vertical-slash selection.
 
-    Each query tile of ``block`` rows attends its own tile causally, the key blocks its selected diagonals cross
-    (whole blocks, as MInference's kernel computes slashes) and its selected columns. Fast path: those keys are
-    gathered per tile; ``reference=True`` builds the same (T, S) mask and calls the reference attention.
-    Based on https://arxiv.org/abs/2407.02490 (MInference, vertical-slash head).
+    Each query tile of ``block`` rows attends its own tile causally, the band of keys its selected diagonals
+    cross (:func:`slash_band`, the ranges MInference's kernel computes) and its selected columns. Fast paths: on
+    CPU without gradients or a padding mask, :func:`banded_attention` (strided windows, no gather); otherwise
+    the keys are gathered per tile. ``reference=True`` builds the same (T, S) mask and calls the reference
+    attention. Based on https://arxiv.org/abs/2407.02490 (MInference, vertical-slash head).
 
     Parameters:
         q: (B, H, T, D) at positions S - T .. S - 1. k: (B, H_kv, S, D). v: (B, H_kv, S, D_v).
         sel: a :class:`VerticalSlash` from :func:`vertical_slash_select`. block: int >= 1, tile edge.
         dense: optional bool (B|1, H|1, T, S) extra mask. scale: default D ** -0.5.
-        need_lse: False lets the fast path use torch's fused sdpa (lse is then None).
+        need_lse: False lets the gathered path use torch's fused sdpa (lse is then None).
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
     check_int("vertical_slash", "block", block, 1)
-    B, H, _, T, S, _ = check_qkv(q, k, v)
+    B, H, _, T, S, D = check_qkv(q, k, v)
     check_dense("vertical_slash", dense, B, H, T, S)
     if reference:
         mask = vertical_slash_mask(sel, T, S, block)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block)
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        BANDED
+        and dense is None
+        and not grads
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.dtype == k.dtype == v.dtype
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    ):
+        out, lse = banded_attention(q, k, v, sel, block, D**-0.5 if scale is None else float(scale))
+        return out.to(q.dtype), lse if need_lse else None
     idx = vertical_slash_indices(sel, T, S, block)
     return gathered_attention(q, k, v, idx, block_q=block, dense=dense, scale=scale, need_lse=need_lse)
 

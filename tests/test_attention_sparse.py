@@ -243,6 +243,29 @@ def test_block_sparse_selection_matches_pooled_brute_force():
             assert set(sel[0, h, qi].nonzero().flatten().tolist()) == want
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,S", [(77, 77), (51, 131), (20, 84), (128, 128)])
+@pytest.mark.parametrize("need_lse", [True, False])
+def test_moba_grouped_and_gathered_paths_equal_the_reference(monkeypatch, dtype, T, S, need_lse):
+    # block_q divides block_size and S - T is a multiple of block_q: the grouped path applies. (51, 131) and
+    # (20, 84) start inside a block (the block's earlier keys are seen in full).
+    from longkit.attention import moba
+
+    q, k, v = qkv(T, S, 2, dtype, seed=10)
+    sel = moba_select(q, k, 2, 32)
+    ref, ref_lse = moba_attention(q, k, v, sel, 32, block_q=16, reference=True)
+    for grouped in (True, False):
+        monkeypatch.setattr(moba, "GROUPED", grouped)
+        out, lse = moba_attention(q, k, v, sel, 32, block_q=16, need_lse=need_lse)
+        torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+        if need_lse:
+            torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
+        else:
+            assert lse is None
+    # the selection is sparse: some queries do not see every earlier block
+    assert not torch.allclose(ref.float(), dense(q, k, v).float(), atol=1e-2)
+
+
 def test_moba_selection_matches_per_query_gate():
     T, bs, top_k = 70, 16, 3
     q, k, _ = qkv(T, T, 2, seed=7)

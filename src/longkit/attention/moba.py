@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longkit.attention.lse import merge_partials
 from longkit.attention.reference import check_qkv
 from longkit.attention.sparse import (
     SparseAttention,
@@ -54,6 +55,86 @@ def moba_mask(sel: torch.Tensor, S: int, block_size: int) -> torch.Tensor:
     return flags[..., cols] & causal
 
 
+#: Use the gather-free grouped path on CPU when it applies (False forces the gathered path; tests compare both).
+GROUPED = True
+
+
+def moba_grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, block_size: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather-free CPU path of :func:`moba_attention`, as MoBA's own kernel: queries regrouped per block.
+
+    Every query attends its own block causally: whole blocks of queries against their block's keys in one
+    fused call. Then, per head and selected past block, the queries that chose it (gathered rows, a small
+    set) attend that block's keys (a contiguous slice, no gather), and the parts are merged by log-sum-exp.
+    Queries of a chunk may start inside a block (``S - T`` not at a block edge): that block's earlier keys are
+    then seen in full. Runs torch's fused CPU flash kernel (which returns the log-sum-exp).
+
+    Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
+    """
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    B, H, H_kv, T, S, D = check_qkv(q, k, v)
+    group, Dv, bs = H // H_kv, v.shape[-1], block_size
+    P0 = S - T
+    # Own blocks: rows in the block of the first query (from P0, causal with offset P0 - j0 · bs), then the
+    # rows of whole blocks, all heads in one call each.
+    j0 = P0 // bs
+    n0 = min(T, (j0 + 1) * bs - P0)
+    kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # (B, H, n0, D) against keys j0 · bs .. P0 + n0 - 1: the keys before P0 are seen by every row (a full part)
+    k0, v0 = kr[:, :, j0 * bs : P0 + n0], vr[:, :, j0 * bs : P0 + n0]
+    off = P0 - j0 * bs
+    o, lse0 = kernel(q[:, :, :n0], k0[:, :, off:], v0[:, :, off:], 0.0, True, scale=scale)
+    out0, lse0 = o.float(), lse0.float()
+    if off > 0:
+        o, part = kernel(q[:, :, :n0], k0[:, :, :off], v0[:, :, :off], 0.0, False, scale=scale)
+        out0, lse0 = merge_partials(out0, lse0, o, part)
+    outs, lses = [out0], [lse0]
+    rest = T - n0
+    if rest > 0:
+        nb = -(-rest // bs)
+        pad = nb * bs - rest
+
+        def blocks(x: torch.Tensor, rows: int) -> torch.Tensor:
+            # (B, H, rest, X) from block j0 + 1 on -> (B · nb, H, bs, X); padded rows / keys come after every real
+            # query of their block, so causality hides them
+            xp = F.pad(x[:, :, rows:], (0, 0, 0, pad))
+            return xp.view(B, H, nb, bs, x.shape[-1]).transpose(1, 2).reshape(B * nb, H, bs, x.shape[-1])
+
+        o, part = kernel(blocks(q, n0), blocks(kr, P0 + n0), blocks(vr, P0 + n0), 0.0, True, scale=scale)
+        outs.append(o.view(B, nb, H, bs, Dv).transpose(1, 2).reshape(B, H, nb * bs, Dv)[:, :, :rest].float())
+        lses.append(part.view(B, nb, H, bs).transpose(1, 2).reshape(B, H, nb * bs)[:, :, :rest].float())
+    out, lse = torch.cat(outs, 2).contiguous(), torch.cat(lses, 2).contiguous()
+
+    # Past blocks: (query, block) pairs of every selection other than the own block, grouped by block.
+    own = (positions(T, S, q.device) // bs)[:, None]
+    for b in range(B):
+        for h in range(H):
+            chosen = sel[b, h]
+            rows, slot = ((chosen >= 0) & (chosen < own)).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            ids = chosen[rows, slot]
+            order = ids.argsort(stable=True)
+            rows, ids = rows[order], ids[order]
+            uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+            hk, start = h // group, 0
+            for j, n in zip(uniq.tolist(), counts.tolist(), strict=True):
+                r = rows[start : start + n]
+                start += n
+                o, part = kernel(
+                    q[b, h, r].view(1, 1, n, D),
+                    k[b, hk, j * bs : (j + 1) * bs].view(1, 1, -1, D),
+                    v[b, hk, j * bs : (j + 1) * bs].view(1, 1, -1, Dv),
+                    0.0,
+                    False,
+                    scale=scale,
+                )
+                merged, merged_lse = merge_partials(out[b, h, r], lse[b, h, r], o.view(n, Dv), part.view(n))
+                out[b, h, r], lse[b, h, r] = merged, merged_lse
+    return out, lse
+
+
 def moba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,9 +150,11 @@ def moba_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact causal attention of each query over its selected key blocks.
 
-    Fast path: per tile of ``block_q`` queries, the union of their selected blocks is gathered and each query
-    is masked to its own choice (MoBA's kernel instead regroups queries per block and merges with the LSE);
-    ``reference=True`` builds the (T, S) mask for the reference attention.
+    Every query also sees its own tile of ``block_q`` rows (inside its own block when tiles do not straddle
+    blocks). Fast paths: on CPU without gradients or a padding mask, when ``block_q`` divides ``block_size`` and
+    the queries start at a tile edge, :func:`moba_grouped_attention` (queries regrouped per block, as MoBA's
+    kernel); otherwise, per tile of ``block_q`` queries, the union of their selected blocks is gathered and each
+    query is masked to its own choice. ``reference=True`` builds the (T, S) mask for the reference attention.
     Based on https://arxiv.org/abs/2502.13189 (Lu et al. 2025, MoBA).
 
     Parameters:
@@ -85,10 +168,25 @@ def moba_attention(
     """
     check_int("moba", "block_size", block_size, 1)
     check_int("moba", "block_q", block_q, 1)
-    B, H, _, T, S, _ = check_qkv(q, k, v)
+    B, H, _, T, S, D = check_qkv(q, k, v)
     check_dense("moba", dense, B, H, T, S)
     if reference:
         return masked_reference(q, k, v, moba_mask(sel, S, block_size), dense=dense, scale=scale, block_q=block_q)
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        GROUPED
+        and dense is None
+        and not grads
+        # every query tile inside one block: the own tile then lies in the own block the grouped path attends
+        and block_size % block_q == 0
+        and (S - T) % block_q == 0
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.dtype == k.dtype == v.dtype
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    ):
+        out, lse = moba_grouped_attention(q, k, v, sel, block_size, D**-0.5 if scale is None else float(scale))
+        return out.to(q.dtype), lse if need_lse else None
     nq, nk = -(-T // block_q), -(-S // block_size)
     # (B, H, nq · block_q, k): padded rows choose nothing
     sel_p = F.pad(sel, (0, 0, 0, nq * block_q - T), value=-1)

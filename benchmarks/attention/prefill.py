@@ -15,7 +15,7 @@ Passkey accuracy comes from a ``longkit eval`` run directory (``--passkey-run``)
     longkit eval --model smollm2-135m --task passkey --lengths 2k,4k --samples 3 \\
         --attention "vertical_slash:vertical_size=300,slash_size=500" --out /tmp/sparse_passkey --no-report
 
-Writes ``results/prefill.json``, ``results/prefill.md`` and ``results/prefill.png``. Run::
+Writes ``results/prefill.json``, ``results/prefill.md`` and ``results/prefill.png`` (``--name`` changes the stem). Run::
 
     nice -n 10 .venv/bin/python benchmarks/attention/prefill.py --lengths 4096,8192,16384,32768
 """
@@ -316,9 +316,9 @@ def passkey_summary(run: Path) -> list[dict]:
     ]
 
 
-def write_outputs(data: dict) -> None:
+def write_outputs(data: dict, name: str = "prefill") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prefill.json").write_text(json.dumps(data, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     lines = [
         "# Attention prefill benchmark",
         "",
@@ -361,7 +361,7 @@ def write_outputs(data: dict) -> None:
             f"| {r['method']} | {r['length']} | {r['samples']} | {r['accuracy']:.0f} | {r.get('median_prefill_s', '')} |"
             for r in data["passkey"]
         ]
-    (RESULTS / "prefill.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -388,7 +388,7 @@ def write_outputs(data: dict) -> None:
     ax2.set(xscale="log", xlabel="context (tokens)", ylabel="speedup vs dense sdpa", title="Speedup vs sdpa")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "prefill.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 def main() -> None:
@@ -408,6 +408,7 @@ def main() -> None:
     p.add_argument("--worker", default=None)
     p.add_argument("--qkv", default=None)
     p.add_argument("--save", default=None)
+    p.add_argument("--name", default="prefill", help="results file stem: results/NAME.{json,md,png}")
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -425,14 +426,14 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "sparse_settings": SPARSE,
         "note": (
-            "CPU timings under contention (a shared 2-core machine with other jobs running; load average "
-            f"{os.getloadavg()[0]:.1f} at the end); ratios are against dense sdpa measured in the same run."
+            f"CPU timings ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; above the "
+            "core count means other jobs shared the CPU); ratios are against dense sdpa measured in the same run."
         ),
         "kernel": kernel,
         "model": model,
         "passkey": passkey,
     }
-    write_outputs(data)
+    write_outputs(data, args.name)
 
 
 if __name__ == "__main__":

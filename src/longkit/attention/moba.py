@@ -16,10 +16,12 @@ from longkit.attention.sparse import (
     check_dense,
     check_int,
     expand_blocks,
+    fused_cpu_kernel,
     gathered_attention,
     masked_reference,
     positions,
 )
+from longkit.errors import MethodError
 from longkit.registry import param, register
 
 
@@ -72,7 +74,12 @@ def moba_grouped_attention(
 
     Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
     """
-    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kernel = fused_cpu_kernel(q, k, v, None)
+    if kernel is None:
+        raise MethodError(
+            "moba: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, and "
+            "torch's fused CPU flash kernel"
+        )
     B, H, H_kv, T, S, D = check_qkv(q, k, v)
     group, Dv, bs = H // H_kv, v.shape[-1], block_size
     P0 = S - T
@@ -172,19 +179,9 @@ def moba_attention(
     check_dense("moba", dense, B, H, T, S)
     if reference:
         return masked_reference(q, k, v, moba_mask(sel, S, block_size), dense=dense, scale=scale, block_q=block_q)
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (
-        GROUPED
-        and dense is None
-        and not grads
-        # every query tile inside one block: the own tile then lies in the own block the grouped path attends
-        and block_size % block_q == 0
-        and (S - T) % block_q == 0
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and q.dtype == k.dtype == v.dtype
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    ):
+    # Every query tile inside one block: the own tile then lies in the own block the grouped path attends.
+    tiles_in_blocks = block_size % block_q == 0 and (S - T) % block_q == 0
+    if GROUPED and tiles_in_blocks and fused_cpu_kernel(q, k, v, dense) is not None:
         out, lse = moba_grouped_attention(q, k, v, sel, block_size, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     nq, nk = -(-T // block_q), -(-S // block_size)

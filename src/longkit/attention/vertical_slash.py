@@ -14,11 +14,13 @@ from longkit.attention.sparse import (
     SparseAttention,
     check_dense,
     check_int,
+    fused_cpu_kernel,
     gathered_attention,
     masked_reference,
     positions,
     tile_firsts,
 )
+from longkit.errors import MethodError
 from longkit.registry import param, register
 
 #: Use the gather-free banded path on CPU when it applies (False forces the gathered path; tests compare both).
@@ -188,7 +190,12 @@ def banded_attention(
 
     Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
     """
-    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kernel = fused_cpu_kernel(q, k, v, None)
+    if kernel is None:
+        raise MethodError(
+            "vertical_slash: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, and "
+            "torch's fused CPU flash kernel"
+        )
     B, H, H_kv, T, S, D = check_qkv(q, k, v)
     group, Dv = H // H_kv, v.shape[-1]
     nq = -(-T // block)
@@ -296,16 +303,7 @@ def vertical_slash_attention(
     if reference:
         mask = vertical_slash_mask(sel, T, S, block)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block)
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (
-        BANDED
-        and dense is None
-        and not grads
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and q.dtype == k.dtype == v.dtype
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    ):
+    if BANDED and fused_cpu_kernel(q, k, v, dense) is not None:
         out, lse = banded_attention(q, k, v, sel, block, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     idx = vertical_slash_indices(sel, T, S, block)

@@ -239,3 +239,34 @@ def test_several_runs_are_compared_side_by_side_in_one_report(tmp_path):
     assert (tmp_path / "both" / "score_vs_length.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(EvalError, match="needs an output directory"):
         write_report([first, second])
+
+
+def test_many_methods_with_long_labels_keep_their_plots_readable(tmp_path):
+    # 23 methods (the RoPE grid's size) with labels up to 60 characters: the figures grow to hold their legends
+    # instead of squeezing the axes to nothing, and line styles keep methods 1 and 11 apart.
+    import warnings
+
+    from longkit.eval import report
+
+    methods = [BASE] + [f"rope=llama3:factor={i},original_max_position_embeddings=8192" for i in range(2, 24)]
+    records = []
+    for i, m in enumerate(methods):
+        for n in LENGTHS:
+            records.append(record(m, "passkey", n, score=100.0 * (i % 2), depth=0.5))
+            records.append(record(m, "perplexity", n, nll_sum=float(n) * (2 + 0.01 * i), n_targets=n))
+    run = make_run(tmp_path / "run", records, methods=methods, tasks=("passkey", "perplexity"))
+    summary = summarize(run)
+    mpl = report._matplotlib()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = report._plot_scores(mpl, summary, tmp_path / "scores.png")
+        ppl = report._plot_perplexity(mpl, summary, tmp_path / "ppl.png")
+    # every legend lies inside its figure (nothing cut off) and the axes keep a usable size
+    for fig, legend in ((scores, scores.legends[0]), (ppl, ppl.axes[0].get_legend())):
+        box, page = legend.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1
+        assert fig.axes[0].get_window_extent().height > 150
+    assert (tmp_path / "scores.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == PNG_MAGIC
+    assert report._line_style(mpl, 1) != report._line_style(mpl, 11)
+    assert report._line_style(mpl, 1)["color"] == report._line_style(mpl, 11)["color"]

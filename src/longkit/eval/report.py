@@ -275,18 +275,41 @@ def _length_axis(ax: Any, lengths: list[int], trained: int | None) -> None:
         )
 
 
+def _line_style(mpl: SimpleNamespace, i: int) -> dict[str, Any]:
+    # Ten colours, then the same colours dashed, dash-dotted, dotted: up to 40 methods stay distinguishable.
+    return {"color": mpl.colours[i % 10], "linestyle": ("-", "--", "-.", ":")[(i // 10) % 4]}
+
+
+def _legend_columns(fig: Any, labels: list[str]) -> int:
+    # As many columns (at most 3) as fit the figure's width, so long method labels are never cut off.
+    width_pt = fig.get_figwidth() * 72
+    per_column = 7.0 * max((len(label) for label in labels), default=1) + 40
+    return max(1, min(len(labels), 3, int(width_pt // per_column)))
+
+
 def _shared_legend(fig: Any, axes: list[Any]) -> None:
     # One legend for all panels, deduplicated by label, so a method missing from one task is still listed.
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
+    labels = list(entries)
+    # Grow the figure so the legend fits below the panels: wide enough for one column of the longest label,
+    # tall enough for its rows (constrained layout otherwise squeezes the axes to nothing).
+    fig.set_figwidth(max(fig.get_figwidth(), (7.0 * max(len(label) for label in labels) + 60) / 72))
+    ncols = _legend_columns(fig, labels)
+    fig.set_figheight(fig.get_figheight() + 0.2 * math.ceil(len(labels) / ncols))
     fig.legend(
-        list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3), frameon=False
+        list(entries.values()),
+        labels,
+        loc="outside lower center",
+        ncols=ncols,
+        frameon=False,
+        fontsize=9 if len(entries) <= 8 else 8,
     )
 
 
-def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> None:
+def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> Any:
     tasks, lengths, trained = summary["tasks"], summary["lengths"], _trained(summary)
     ncols = min(len(tasks), 3)
     fig = _figure(mpl, 4.8 * ncols, 3.6 * math.ceil(len(tasks) / ncols) + 0.9)
@@ -296,7 +319,7 @@ def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> N
             stats = summary["per_method"][method]["tasks"].get(task)
             if stats:
                 means = stats["mean_by_length"]
-                ax.plot(list(means), list(means.values()), marker="o", color=mpl.colours[i % 10], label=method)
+                ax.plot(list(means), list(means.values()), marker="o", label=method, **_line_style(mpl, i))
         ax.axhline(
             summary["threshold"],
             color="grey",
@@ -311,6 +334,7 @@ def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> N
     _shared_legend(fig, axes)
     fig.suptitle(f"{_model_name(summary)}: score vs context length", fontsize=13)
     fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def _ppl_curves(summary: dict[str, Any]) -> dict[str, dict[int, float]]:
@@ -318,14 +342,14 @@ def _ppl_curves(summary: dict[str, Any]) -> dict[str, dict[int, float]]:
     return {m: pm["perplexity"]["ppl_by_length"] for m, pm in summary["per_method"].items() if pm["perplexity"]}
 
 
-def _plot_perplexity(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> None:
+def _plot_perplexity(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> Any:
     fig = _figure(mpl, 6.4, 4.4)
     ax = fig.subplots()
     curves = _ppl_curves(summary)
     for i, method in enumerate(summary["methods"]):
         if method in curves:
             ppl = curves[method]
-            ax.plot(list(ppl), list(ppl.values()), marker="o", color=mpl.colours[i % 10], label=method)
+            ax.plot(list(ppl), list(ppl.values()), marker="o", label=method, **_line_style(mpl, i))
     ax.set_yscale("log")
     # Explicit ticks: a PPL range inside one decade (12..90) would otherwise get no labelled tick at all.
     ticks = _log_ticks([v for ppl in curves.values() for v in ppl.values() if math.isfinite(v)])
@@ -333,9 +357,16 @@ def _plot_perplexity(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) 
     ax.minorticks_off()
     _length_axis(ax, sorted({n for ppl in curves.values() for n in ppl}), _trained(summary))
     ax.set_ylabel("perplexity (log scale)")
-    ax.legend(fontsize=9)
+    if len(curves) <= 6:
+        ax.legend(fontsize=9)
+    else:
+        # Many methods: the legend goes beside the axes instead of over the curves, the figure grown to hold it.
+        fig.set_figwidth(6.4 + 6.0 * max(len(m) for m in curves) / 72 + 0.6)
+        fig.set_figheight(max(fig.get_figheight(), 0.19 * len(curves) + 1.0))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.set_title(f"{_model_name(summary)}: perplexity vs context length", fontsize=12)
     fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def _log_ticks(values: list[float], n: int = 6) -> list[float]:

@@ -19,7 +19,8 @@ The grid can be run in parts into one run directory (e.g. ``--lengths 16384 --ta
 the table and report cover every record the directory holds.
 Methods not registered in this checkout are skipped and listed in the results.
 
-Writes results/<name>/ (summary.json, report.html, score_vs_length.png, perplexity.png, table.md, results.json).
+Writes results/<name>/ (summary.json, report.html, score_vs_length.png, perplexity.png, grid.png, table.md,
+results.json).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,6 +129,83 @@ def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_figure(summary: dict, costs: dict, lengths: list[int], path: Path) -> None:
+    """One paper-ready figure of the whole grid: a row per method, coloured cells with their values.
+
+    Passkey (and needle) accuracy red to green; perplexity by its ratio to the baseline's at the trained
+    length (green = no worse, red = 10x); prefill time at the longest length as a ratio to the baseline's.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def k(n: int) -> str:
+        return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+    methods, per = summary["methods"], summary["per_method"]
+    trained = summary.get("model", {}).get("trained_length") or lengths[-1] // 2
+    base_ppl = (per.get("baseline", {}).get("perplexity") or {}).get("ppl_by_length", {})
+    ref = base_ppl.get(trained) or min(base_ppl.values(), default=None)
+    columns: list[tuple[str, list[float | None], Any, Any]] = []
+    good_bad = colormaps["RdYlGn"]
+    for task in summary["tasks"]:
+        for n in lengths:
+            vals = [per[m]["tasks"].get(task, {}).get("mean_by_length", {}).get(n) for m in methods]
+            columns.append((f"{task}\n{k(n)}", vals, lambda v: good_bad(v / 100), lambda v: f"{v:.0f}"))
+    for n in lengths:
+        vals = [((per[m].get("perplexity") or {}).get("ppl_by_length") or {}).get(n) for m in methods]
+        columns.append(
+            (
+                f"PPL\n{k(n)}",
+                vals,
+                lambda v: good_bad(1 - min(1.0, max(0.0, math.log(v / ref) / math.log(10)))) if ref else (1, 1, 1, 1),
+                lambda v: f"{v:.1f}" if v < 100 else f"{v:.0f}",
+            )
+        )
+    longest = lengths[-1]
+    vals = [costs.get(m, {}).get(longest, {}).get("prefill_s_ratio") for m in methods]
+    columns.append(
+        (
+            f"prefill x\n{k(longest)}",
+            vals,
+            lambda v: colormaps["Blues"](min(1.0, max(0.0, (v - 0.5) / 3.0))),
+            lambda v: f"{v:.2f}",
+        )
+    )
+    rgba = np.ones((len(methods), len(columns), 4))
+    fig = Figure(figsize=(2.2 + 0.085 * max(len(m) for m in methods) + 0.62 * len(columns), 0.9 + 0.3 * len(methods)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for j, (_, values, colour, _) in enumerate(columns):
+        for i, v in enumerate(values):
+            if v is not None and math.isfinite(v):
+                rgba[i, j] = colour(v)
+    ax.imshow(rgba, aspect="auto", interpolation="nearest")
+    for j, (_, values, _, fmt) in enumerate(columns):
+        for i, v in enumerate(values):
+            text = "-" if v is None or not math.isfinite(v) else fmt(v)
+            # white on dark cells (relative luminance below 0.35), black elsewhere
+            dark = 0.2126 * rgba[i, j, 0] + 0.7152 * rgba[i, j, 1] + 0.0722 * rgba[i, j, 2] < 0.35
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.tick_params(length=0)
+    for j in range(1, len(columns)):
+        if columns[j][0].split("\n")[0] != columns[j - 1][0].split("\n")[0]:
+            ax.axvline(j - 0.5, color="black", linewidth=1.2)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    model = summary.get("model", {}).get("name", "")
+    ax.set_title(
+        f"{model}: accuracy (%), perplexity (green = baseline's at {k(trained)}, red = 10x) and prefill time vs baseline",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=150)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -178,6 +257,7 @@ def main() -> None:
     all_lengths = summary["lengths"]
     table = markdown(summary, costs, all_lengths)
     (out / "table.md").write_text(table)
+    grid_figure(summary, costs, all_lengths, out / "grid.png")
     (out / "results.json").write_text(
         json.dumps(
             {

@@ -20,8 +20,8 @@ from longkit.attention.sparse import (
     gathered_attention,
     masked_reference,
     positions,
+    require_fused_cpu_kernel,
 )
-from longkit.errors import MethodError
 from longkit.registry import param, register
 
 
@@ -74,12 +74,7 @@ def moba_grouped_attention(
 
     Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
     """
-    kernel = fused_cpu_kernel(q, k, v, None)
-    if kernel is None:
-        raise MethodError(
-            "moba: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, and "
-            "torch's fused CPU flash kernel"
-        )
+    kernel = require_fused_cpu_kernel("moba", q, k, v)
     B, H, H_kv, T, S, D = check_qkv(q, k, v)
     group, Dv, bs = H // H_kv, v.shape[-1], block_size
     P0 = S - T

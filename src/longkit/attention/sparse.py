@@ -133,6 +133,17 @@ def fused_cpu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: t
     return None
 
 
+def require_fused_cpu_kernel(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """:func:`fused_cpu_kernel` for a gather-free path called directly: a clear error when it cannot run."""
+    kernel = fused_cpu_kernel(q, k, v, None)
+    if kernel is None:
+        raise MethodError(
+            f"{method}: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, "
+            "and torch's fused CPU flash kernel"
+        )
+    return kernel
+
+
 def gathered_attention(
     q: torch.Tensor,
     k: torch.Tensor,

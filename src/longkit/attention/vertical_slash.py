@@ -18,9 +18,9 @@ from longkit.attention.sparse import (
     gathered_attention,
     masked_reference,
     positions,
+    require_fused_cpu_kernel,
     tile_firsts,
 )
-from longkit.errors import MethodError
 from longkit.registry import param, register
 
 #: Use the gather-free banded path on CPU when it applies (False forces the gathered path; tests compare both).
@@ -190,12 +190,7 @@ def banded_attention(
 
     Returns ``(out (B, H, T, D_v) float32, lse (B, H, T) float32)``.
     """
-    kernel = fused_cpu_kernel(q, k, v, None)
-    if kernel is None:
-        raise MethodError(
-            "vertical_slash: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, and "
-            "torch's fused CPU flash kernel"
-        )
+    kernel = require_fused_cpu_kernel("vertical_slash", q, k, v)
     B, H, H_kv, T, S, D = check_qkv(q, k, v)
     group, Dv = H // H_kv, v.shape[-1]
     nq = -(-T // block)

@@ -59,12 +59,11 @@ def capture_qkv(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, tor
     store = {}
 
     class Capture(AttentionMethod):
-        def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
             if module.layer_idx == layer:
                 store["qkv"] = (query, key, value, scaling)
                 raise _Captured
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-            return out.transpose(1, 2).contiguous(), None
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
 
     Capture.name = "prefill_capture"
     undo = Capture().apply(model)

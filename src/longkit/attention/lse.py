@@ -8,7 +8,11 @@ row is ``out = 0, lse = -inf``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from longkit.errors import MethodError
 
 
 def _merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,3 +64,24 @@ def merge_partials_(
     out.mul_(c_a[..., None]).add_(c_b[..., None] * out_b)
     lse.copy_(new)
     return out, lse
+
+
+def fused_cpu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """torch's fused CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the
+    log-sum-exp beside the output, ready for :func:`merge_partials`) when it can run these inputs, else None:
+    on CPU, float32 or bfloat16 of one dtype, and no gradients (its log-sum-exp is not differentiable)."""
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not grads and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype:
+        return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return None
+
+
+def require_fused_cpu_kernel(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """:func:`fused_cpu_kernel` for a gather-free path called directly: a clear error when it cannot run."""
+    kernel = fused_cpu_kernel(q, k, v)
+    if kernel is None:
+        raise MethodError(
+            f"{method}: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, "
+            "and torch's fused CPU flash kernel"
+        )
+    return kernel

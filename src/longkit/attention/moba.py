@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.lse import merge_partials
+from longkit.attention.lse import fused_cpu_kernel, merge_partials, require_fused_cpu_kernel
 from longkit.attention.reference import check_qkv
 from longkit.attention.sparse import (
     SparseAttention,
@@ -16,11 +16,9 @@ from longkit.attention.sparse import (
     check_dense,
     check_int,
     expand_blocks,
-    fused_cpu_kernel,
     gathered_attention,
     masked_reference,
     positions,
-    require_fused_cpu_kernel,
 )
 from longkit.registry import param, register
 
@@ -176,7 +174,7 @@ def moba_attention(
         return masked_reference(q, k, v, moba_mask(sel, S, block_size), dense=dense, scale=scale, block_q=block_q)
     # Every query tile inside one block: the own tile then lies in the own block the grouped path attends.
     tiles_in_blocks = block_size % block_q == 0 and (S - T) % block_q == 0
-    if GROUPED and tiles_in_blocks and fused_cpu_kernel(q, k, v, dense) is not None:
+    if GROUPED and tiles_in_blocks and dense is None and fused_cpu_kernel(q, k, v) is not None:
         out, lse = moba_grouped_attention(q, k, v, sel, block_size, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     nq, nk = -(-T // block_q), -(-S // block_size)

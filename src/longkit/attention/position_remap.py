@@ -22,7 +22,7 @@ import torch
 
 from longkit.attention.base import AttentionMethod
 from longkit.attention.blockwise import blockwise_attention
-from longkit.attention.lse import merge_partials
+from longkit.attention.lse import fused_cpu_kernel, merge_partials
 from longkit.attention.masks import MaskSpec
 from longkit.attention.reference import check_qkv
 from longkit.errors import MethodError
@@ -59,15 +59,12 @@ def rotate_by(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor, inv_freq: t
 FUSED_CPU = True
 
 
-def _fused_cpu_kernel() -> Callable | None:
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None) if FUSED_CPU else None
-
-
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     # (B, H, S, D): the fused kernel wants one key head per query head; causal is aligned at the first key
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out, lse = _fused_cpu_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = kernel(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
     return out, lse.float()
 
 
@@ -135,17 +132,7 @@ def attend_part(
         and mask.block_mask is None
         and mask.dense is None
     )
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fusable = (
-        _fused_cpu_kernel() is not None
-        and simple
-        and not grads
-        and q.device.type == "cpu"
-        and q.shape[2] > 0
-        and k.shape[2] > 0
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and q.dtype == k.dtype == v.dtype
-    )
+    fusable = FUSED_CPU and simple and q.shape[2] > 0 and k.shape[2] > 0 and fused_cpu_kernel(q, k, v) is not None
     if not fusable:
         return blockwise_attention(q, k, v, mask, scale, block_q=block_q, block_k=block_k)
     _, _, _, T, S, D = check_qkv(q, k, v)

@@ -117,33 +117,6 @@ def own_tile_mask(T: int, S: int, block_q: int, device: Any) -> torch.Tensor:
     return (j >= first) & (j <= positions(T, S, device)[:, None])
 
 
-def fused_cpu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor | None) -> Any:
-    """torch's fused CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns
-    the log-sum-exp) when it can run these inputs, else None: on CPU, float32 or bfloat16, no padding mask (the
-    gather-free paths do not take one) and no gradients (its log-sum-exp is not differentiable)."""
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (
-        dense is None
-        and not grads
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and q.dtype == k.dtype == v.dtype
-    ):
-        return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return None
-
-
-def require_fused_cpu_kernel(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-    """:func:`fused_cpu_kernel` for a gather-free path called directly: a clear error when it cannot run."""
-    kernel = fused_cpu_kernel(q, k, v, None)
-    if kernel is None:
-        raise MethodError(
-            f"{method}: the gather-free path needs CPU float32/bfloat16 q, k, v of one dtype, without gradients, "
-            "and torch's fused CPU flash kernel"
-        )
-    return kernel
-
-
 def gathered_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -8,17 +8,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.lse import merge_partials_
+from longkit.attention.lse import fused_cpu_kernel, merge_partials_, require_fused_cpu_kernel
 from longkit.attention.reference import check_qkv
 from longkit.attention.sparse import (
     SparseAttention,
     check_dense,
     check_int,
-    fused_cpu_kernel,
     gathered_attention,
     masked_reference,
     positions,
-    require_fused_cpu_kernel,
     tile_firsts,
 )
 from longkit.registry import param, register
@@ -122,9 +120,8 @@ def vertical_slash_mask(sel: VerticalSlash, T: int, S: int, block: int) -> torch
     (:func:`slash_band`); the reference adds the own tile and causality."""
     band = slash_band(sel, block)
     r = _relative(T, S, block, band.device)
-    B, H, _ = band.shape
     # (B, H, T, S): band[r] for keys before the tile
-    in_band = torch.gather(band[:, :, None, :].expand(B, H, T, S), 3, r.clamp(0, S - 1).expand(B, H, T, S)) & (r >= 1)
+    in_band = band[:, :, r.clamp(0, S - 1)] & (r >= 1)
     return sel.vertical[:, :, None, :] | in_band
 
 
@@ -298,7 +295,7 @@ def vertical_slash_attention(
     if reference:
         mask = vertical_slash_mask(sel, T, S, block)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block)
-    if BANDED and fused_cpu_kernel(q, k, v, dense) is not None:
+    if BANDED and dense is None and fused_cpu_kernel(q, k, v) is not None:
         out, lse = banded_attention(q, k, v, sel, block, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     idx = vertical_slash_indices(sel, T, S, block)

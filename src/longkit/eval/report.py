@@ -280,11 +280,14 @@ def _line_style(mpl: SimpleNamespace, i: int) -> dict[str, Any]:
     return {"color": mpl.colours[i % 10], "linestyle": ("-", "--", "-.", ":")[(i // 10) % 4]}
 
 
+def _legend_column_pt(labels: list[str]) -> float:
+    # Width of one legend column in points: about 7 pt per character of the longest label, plus the handle.
+    return 7.0 * max((len(label) for label in labels), default=1) + 40
+
+
 def _legend_columns(fig: Any, labels: list[str]) -> int:
     # As many columns (at most 3) as fit the figure's width, so long method labels are never cut off.
-    width_pt = fig.get_figwidth() * 72
-    per_column = 7.0 * max((len(label) for label in labels), default=1) + 40
-    return max(1, min(len(labels), 3, int(width_pt // per_column)))
+    return max(1, min(len(labels), 3, int(fig.get_figwidth() * 72 // _legend_column_pt(labels))))
 
 
 def _shared_legend(fig: Any, axes: list[Any]) -> None:
@@ -296,7 +299,7 @@ def _shared_legend(fig: Any, axes: list[Any]) -> None:
     labels = list(entries)
     # Grow the figure so the legend fits below the panels: wide enough for one column of the longest label,
     # tall enough for its rows (constrained layout otherwise squeezes the axes to nothing).
-    fig.set_figwidth(max(fig.get_figwidth(), (7.0 * max(len(label) for label in labels) + 60) / 72))
+    fig.set_figwidth(max(fig.get_figwidth(), (_legend_column_pt(labels) + 20) / 72))
     ncols = _legend_columns(fig, labels)
     fig.set_figheight(fig.get_figheight() + 0.2 * math.ceil(len(labels) / ncols))
     fig.legend(

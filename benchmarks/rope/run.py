@@ -103,6 +103,11 @@ def cost_table(summary: dict) -> dict[str, dict[int, dict[str, float | None]]]:
     return out
 
 
+def display(method: str) -> str:
+    """A method's label as shown in tables and figures: config files relative to the repository, not absolute."""
+    return method.replace(f"{HERE}/", f"{HERE.relative_to(HERE.parents[1])}/")
+
+
 def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
     def k(n: int) -> str:
         return f"{n // 1024}K" if n % 1024 == 0 else str(n)
@@ -115,7 +120,7 @@ def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in summary["methods"]:
         data = summary["per_method"][method]
-        row = [f"`{method}`"]
+        row = [f"`{display(method)}`"]
         for task in tasks:
             means = data["tasks"].get(task, {}).get("mean_by_length", {})
             row += [f"{means[n]:.0f}" if n in means else "-" for n in lengths]
@@ -174,8 +179,11 @@ def grid_figure(summary: dict, costs: dict, lengths: list[int], path: Path) -> N
         )
     )
     rgba = np.ones((len(methods), len(columns), 4))
-    fig = Figure(figsize=(2.2 + 0.085 * max(len(m) for m in methods) + 0.62 * len(columns), 0.9 + 0.3 * len(methods)),
-                 layout="constrained")
+    labels = [display(m) for m in methods]
+    fig = Figure(
+        figsize=(2.2 + 0.085 * max(len(m) for m in labels) + 0.62 * len(columns), 0.9 + 0.3 * len(methods)),
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for j, (_, values, colour, _) in enumerate(columns):
@@ -191,7 +199,7 @@ def grid_figure(summary: dict, costs: dict, lengths: list[int], path: Path) -> N
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_yticks(range(len(methods)), labels, fontsize=8)
     ax.tick_params(length=0)
     for j in range(1, len(columns)):
         if columns[j][0].split("\n")[0] != columns[j - 1][0].split("\n")[0]:
@@ -217,7 +225,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--name", default=None, help="results sub-directory (default: full, or quick)")
-    ap.add_argument("--run-dir", default=None, help="runner directory (default: runs/bench-rope-<name>)")
+    ap.add_argument("--run-dir", default=None, help="runner directory (default: results/<name>/run)")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -235,7 +243,9 @@ def main() -> None:
         tasks, depths = args.tasks.split(","), [float(x) for x in args.depths.split(",")]
     name = args.name or ("quick" if args.quick else "full")
     out = HERE / "results" / name
-    run_dir = Path(args.run_dir or f"runs/bench-rope-{name}-{Path(args.model).name}")
+    # The per-sample records live beside the results and are committed with them: a later session resumes
+    # the grid (more tasks, depths or lengths) instead of recomputing it.
+    run_dir = Path(args.run_dir) if args.run_dir else out / "run"
     config = EvalConfig(
         model=args.model,
         methods=["baseline", *specs],

@@ -4,11 +4,14 @@
     python benchmarks/ruler/run.py --lengths 4096,8192 --samples 10 \
         --method rope=yarn:factor=2 --method kv=snapkv:ratio=0.25             # more combinations
 
+    python benchmarks/ruler/run.py --combine smollm2-4k smollm2-8k               # one table from both runs
+
 Runs the evaluation runner (one record per sample appended to ``results/<name>/samples.jsonl`` at once, so an
 interrupted run resumes where it stopped) on RULER's 13 tasks; qa_1/qa_2 are the offline synthetic stand-ins
 (``qa_1_synthetic``/``qa_2_synthetic``) unless ``--qa-data`` is given, and the table says so. Writes
 ``results/<name>/ruler.md`` (task x length per method, average, effective length at RULER's threshold 85.6)
-and ``results/<name>/timing.json`` (wall time of this invocation, samples computed, machine).
+and ``results/<name>/timing.json`` (the wall time of every invocation, samples computed, machine, and the
+prefill + decode time summed over all records).
 """
 
 from __future__ import annotations
@@ -63,7 +66,12 @@ def main() -> None:
     ap.add_argument("--task", action="append", default=None, help="a subset of RULER's tasks (default: all 13)")
     ap.add_argument("--qa-data", action="store_true", help="qa_1/qa_2 from $LONGKIT_RULER_SQUAD/_HOTPOTQA")
     ap.add_argument("--name", default=None, help="results sub-directory (default: derived from the settings)")
+    ap.add_argument("--combine", nargs="+", metavar="NAME",
+                    help="only write one task x (method, length) table from these result directories")  # fmt: skip
     args = ap.parse_args()
+    if args.combine:
+        print(combined([HERE / "results" / n for n in args.combine]))
+        return
     methods = ([] if args.no_baseline else ["baseline"]) + args.method
     lengths = [int(n) for n in args.lengths.split(",")]
     names = tasks(args.qa_data) if args.task is None else args.task
@@ -87,9 +95,73 @@ def main() -> None:
         "python": platform.python_version(),
         "note": "CPU shared with other jobs unless stated otherwise",
     }
-    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    write_timing(out, timing)
     print(table(summary))
     print(json.dumps({k: timing[k] for k in ("wall_s", "samples_computed", "s_per_sample")}))
+
+
+def write_timing(out: Path, timing: dict) -> None:
+    """Add this invocation to ``timing.json``; a resumed run keeps the wall time of every earlier invocation.
+
+    The record-level time (prefill + decode summed over all samples) is the run's total compute, whichever
+    invocation computed each sample.
+    """
+    path = out / "timing.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    # A file from before invocations were kept is itself one invocation.
+    history = old.get("invocations", [old] if old else []) + [timing]
+    records = load_records(out)
+    total = {
+        "invocations": history,
+        "wall_s": round(sum(t["wall_s"] for t in history), 1),
+        "samples": len(records),
+        "compute_s": round(sum((r.get("prefill_s") or 0) + (r.get("decode_s") or 0) for r in records), 1),
+    }
+    path.write_text(json.dumps(total, indent=2) + "\n")
+
+
+def combined(dirs: list[Path]) -> str:
+    """One markdown table, task x (method, length), from several result directories (e.g. the 4K and 8K runs)."""
+    columns: list[tuple[str, int]] = []
+    cells: dict[tuple[str, int], dict] = {}
+    tasks: list[str] = []
+    samples: dict[tuple[str, int], set] = {}
+    for d in dirs:
+        summary = summarize(d)
+        records = [r for r in load_records(d) if r.get("score") is not None]
+        for method in summary["methods"]:
+            r = summary["per_method"][method].get("ruler")
+            if not r:
+                continue
+            tasks += [t for t in r["tasks"] if t not in tasks]
+            for n in summary["lengths"]:
+                if n in r["average"] and (method, n) not in cells:
+                    columns.append((method, n))
+                    cells[(method, n)] = {t: r["table"][t].get(n) for t in r["tasks"]} | {"average": r["average"][n]}
+                    samples[(method, n)] = {
+                        len([x for x in records if x["method"] == method and x["length"] == n and x["task"] == t])
+                        for t in r["tasks"]
+                    }
+    order = list(dict.fromkeys(m for m, _ in columns))
+    columns.sort(key=lambda c: (c[1], order.index(c[0])))
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    head = [f"`{m}` {n // 1024}K" for m, n in columns]
+    lines = ["| task | " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(fmt(cells[c].get(t)) for c in columns) + " |")
+
+    def average(c: tuple[str, int]) -> str:
+        # RULER averages its 13 tasks: an average over fewer is marked with how many it covers.
+        n = sum(cells[c].get(t) is not None for t in tasks)
+        return f"**{fmt(cells[c]['average'])}**" + ("" if n == len(tasks) else f" ({n}/{len(tasks)} tasks)")
+
+    lines.append("| **average** | " + " | ".join(average(c) for c in columns) + " |")
+    counts = " | ".join("/".join(map(str, sorted(samples[c]))) for c in columns)
+    lines.append(f"| samples per task | {counts} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

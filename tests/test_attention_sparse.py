@@ -3,6 +3,7 @@ selection, keep-everything == dense causal attention, selections against brute-f
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import longkit
 from attention_helpers import qkv
@@ -327,6 +328,8 @@ def test_bad_parameters_name_the_parameter(call, match):
         ("block_sparse", {"block_size": 8}),
         ("quest", {"page_size": 0}),
         ("vertical_slash", {"last_q": 0}),
+        ("moba", {"skip_layers": -1}),
+        ("a_shape", {"skip_last": -1}),
     ],
 )
 def test_registered_methods_check_their_ranges(name, args):
@@ -385,6 +388,56 @@ def test_model_prefill_matches_reference_path_layer_by_layer(tiny_llama, name, a
     assert len(seen) == tiny_llama.model.config.num_hidden_layers
     for q, k, v, scale, out in seen:
         torch.testing.assert_close(out, _reference_of(name, q, k, v, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["a_shape", "vertical_slash", "block_sparse", "moba", "minference", "quest"])
+@pytest.mark.parametrize("skip_layers,skip_last", [(1, 0), (0, 1), (1, 1), (0, 0)])
+def test_skipped_layers_are_dense_and_the_others_sparse(monkeypatch, tiny_llama, name, skip_layers, skip_last):
+    import longkit.attention.quest as quest_module
+
+    model = tiny_llama.model
+    n = model.config.num_hidden_layers
+    method = registry("attention").create(name, {"skip_layers": skip_layers, "skip_last": skip_last})
+    calls, current = [], []
+    if name == "quest":
+        # Quest is sparse at decoding only: record the layer of each page selection.
+        select, attention = quest_module.quest_select, method.attention
+        monkeypatch.setattr(quest_module, "quest_select", lambda *a: calls.append(current[-1]) or select(*a))
+        method.attention = lambda module, *a: current.append(module.layer_idx) or attention(module, *a)
+    else:
+        attend = method.attend
+        method.attend = lambda module, *a: calls.append(module.layer_idx) or attend(module, *a)
+    ids = sample_ids(tiny_llama, n=70)
+    with torch.inference_mode():
+        undo = method.apply(model)
+        try:
+            cache = DynamicCache(config=model.config)
+            model(ids, cache=cache, use_cache=True)
+            model(ids[:, -1:], cache=cache, use_cache=True)
+        finally:
+            undo()
+    assert sorted(set(calls)) == list(range(skip_layers, n - skip_last))
+
+
+def test_all_layers_skipped_gives_the_dense_model(tiny_llama):
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=97)
+    n = model.config.num_hidden_layers
+    with torch.inference_mode():
+        ref = model(ids).logits
+        with longkit.apply(model, attention="moba", attention_args={"block_size": 16, "top_k": 1, "block_q": 16}):
+            sparse = model(ids).logits
+        for args in ({"skip_layers": n}, {"skip_last": n}, {"skip_layers": 1, "skip_last": n - 1}):
+            args |= {"block_size": 16, "top_k": 1, "block_q": 16}
+            with longkit.apply(model, attention="moba", attention_args=args):
+                torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        with longkit.apply(
+            model, attention="moba", attention_args={"block_size": 16, "top_k": 1, "block_q": 16, "skip_layers": 1}
+        ):
+            partial = model(ids).logits
+    # One dense layer changes the result, and it is neither the dense nor the all-sparse one.
+    assert not torch.allclose(sparse, ref, atol=1e-3)
+    assert not torch.allclose(partial, ref, atol=1e-3) and not torch.allclose(partial, sparse, atol=1e-3)
 
 
 def _reference_of(name, q, k, v, scale):

@@ -98,6 +98,7 @@ class AShape(SparseAttention):
         sinks: int >= 0, initial keys always visible (default 128).
         window: int >= 1, local keys before each query tile (default 1024).
         block_q: int >= 16, query rows per tile of the gathered fast path (default 64).
+        skip_layers, skip_last: int >= 0, leading / trailing layers kept dense (default 0, 0).
     """
 
     paper = (

@@ -94,6 +94,7 @@ class BlockSparse(SparseAttention):
     Parameters:
         block_size: int >= 16, block edge of queries and keys (default 64, as MInference).
         top_k: int >= 1, key blocks per query block, including its own (default 100).
+        skip_layers, skip_last: int >= 0, leading / trailing layers kept dense (default 0, 0).
     """
 
     paper = (

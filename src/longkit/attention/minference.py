@@ -146,6 +146,7 @@ class MInference(SparseAttention):
         config: inline JSON, or a path to a JSON file, ``{"<layer>": [{"pattern": ..., **params}, ...]}``.
         default: pattern of layers not in the config: one of a_shape, vertical_slash, block_sparse, dense
             (default vertical_slash with its own defaults).
+        skip_layers, skip_last: int >= 0, leading / trailing layers kept dense (default 0, 0).
     """
 
     paper = (

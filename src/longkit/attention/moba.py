@@ -214,6 +214,7 @@ class MoBA(SparseAttention):
         block_size: int >= 16, keys per block (default 512).
         top_k: int >= 1, blocks per query including its own (default 3, the paper's 8K setting).
         block_q: int >= 16, query rows per tile of the gathered fast path (default 64).
+        skip_layers, skip_last: int >= 0, leading / trailing layers kept dense (default 0, 0).
     """
 
     paper = "MoBA: Mixture of Block Attention for Long-Context LLMs (Lu et al. 2025) https://arxiv.org/abs/2502.13189"

@@ -96,6 +96,7 @@ class Quest(SparseAttention):
         page_size: int >= 1, tokens per page (default 16, the paper's).
         top_k: int >= 1, pages read per head and step (default 64: a 1024-token budget).
         skip_layers: int >= 0, leading layers kept dense (default 2, the paper's).
+        skip_last: int >= 0, trailing layers kept dense (default 0).
     """
 
     paper = (
@@ -104,15 +105,20 @@ class Quest(SparseAttention):
     )
     page_size: int = param(16, ge=1, help="tokens per page")
     top_k: int = param(64, ge=1, help="pages read per head and decoding step")
-    skip_layers: int = param(2, ge=0, help="leading layers kept dense")
+    skip_layers: int = param(2, ge=0, help="leading layers kept dense (the paper: 2)")
 
     def attention(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        kwargs: dict[str, Any],
     ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
-        layer = getattr(module, "layer_idx", None)
-        if query.shape[2] == 1 and (layer is None or layer >= self.skip_layers):
+        if query.shape[2] == 1 and self.sparse_layer(module):
             pages = quest_select(query, key, self.top_k, self.page_size)
             out, _ = quest_attention(
                 query, key, value, pages, self.page_size, dense=dense, scale=scaling, need_lse=False

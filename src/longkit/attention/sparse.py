@@ -25,6 +25,7 @@ from longkit.attention.base import AttentionMethod
 from longkit.attention.masks import MaskSpec
 from longkit.attention.reference import check_qkv, reference_attention
 from longkit.errors import MethodError
+from longkit.registry import param
 
 #: Float32 elements one chunk of query tiles may hold in scores and gathered keys (about 128 MB).
 CHUNK_ELEMENTS = 32 * 2**20
@@ -293,7 +294,14 @@ def transformers_inputs(method: AttentionMethod, module, query, key, attention_m
 
 @dataclass
 class SparseAttention(AttentionMethod):
-    """Base of sparse prefill methods: ``attend`` for T > 1, dense sdpa for single-token decoding."""
+    """Base of sparse methods: ``attend`` for a prefill (T > 1) in a sparse layer, dense sdpa otherwise.
+
+    The first ``skip_layers`` and the last ``skip_last`` layers stay dense. Quest keeps its first two layers
+    dense, whose heads attend broadly; MoBA's layer-wise hybrid keeps the last three full (Lu et al. 2025, §2.3).
+    """
+
+    skip_layers: int = param(0, ge=0, help="leading layers kept dense")
+    skip_last: int = param(0, ge=0, help="trailing layers kept dense")
 
     def attend(
         self,
@@ -307,12 +315,31 @@ class SparseAttention(AttentionMethod):
         """(B, H, T, D_v) sparse attention output for a prefill (or prefill chunk) of T > 1 queries."""
         raise NotImplementedError
 
+    def sparse_layer(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` (an attention layer with ``layer_idx``) is outside the dense first and last layers."""
+        if not self.skip_layers and not self.skip_last:
+            return True
+        layer = getattr(module, "layer_idx", None)
+        n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        if layer is None or (self.skip_last and n is None):
+            raise MethodError(
+                f"attention method '{self.name}': parameters 'skip_layers' / 'skip_last' need attention modules "
+                "with 'layer_idx' and a config with 'num_hidden_layers'"
+            )
+        return self.skip_layers <= layer < (n - self.skip_last if self.skip_last else layer + 1)
+
     def attention(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        kwargs: dict[str, Any],
     ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
-        if query.shape[2] == 1:
+        if query.shape[2] == 1 or not self.sparse_layer(module):
             out = dense_attention(query, key, value, dense, scaling)
         else:
             out = self.attend(module, query, key, value, dense, scaling)

@@ -320,6 +320,7 @@ class VerticalSlashAttention(SparseAttention):
         sinks: int >= 0, first columns always kept (default 30). local: int >= 0, nearest diagonals always kept
             (default 100).
         block: int >= 16, query tile / key block edge of the fast path (default 64).
+        skip_layers, skip_last: int >= 0, leading / trailing layers kept dense (default 0, 0).
     """
 
     paper = (

@@ -108,14 +108,8 @@ class Quest(SparseAttention):
     skip_layers: int = param(2, ge=0, help="leading layers kept dense (the paper: 2)")
 
     def attention(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None,
-        kwargs: dict[str, Any],
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
     ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         if query.shape[2] == 1 and self.sparse_layer(module):

@@ -329,14 +329,8 @@ class SparseAttention(AttentionMethod):
         return self.skip_layers <= layer < (n - self.skip_last if self.skip_last else layer + 1)
 
     def attention(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None,
-        kwargs: dict[str, Any],
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
     ) -> torch.Tensor:
         dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         if query.shape[2] == 1 or not self.sparse_layer(module):

@@ -34,7 +34,7 @@ RESULTS = HERE / "results"
 
 def layer_stats(q, k, scale, key_blocks: list[int], block_size: int, top_ks: list[int], retrieving: float) -> dict:
     """Gate-versus-dense statistics of one layer for the last queries ``q`` (B, H, n, D) over keys (B, H_kv, S, D)."""
-    from longkit.attention.moba import moba_select
+    from longkit.attention.moba import moba_mask, moba_select
     from longkit.attention.sparse import block_means, positions
 
     B, H, n, D = q.shape
@@ -69,13 +69,11 @@ def layer_stats(q, k, scale, key_blocks: list[int], block_size: int, top_ks: lis
         "top_k": {},
     }
     for top_k in top_ks:
-        sel = moba_select(q, k, top_k, block_size)  # (B, H, n, k) block ids, -1 = none
-        chosen = torch.zeros(B, H, n, nk + 1, dtype=torch.bool)
-        chosen.scatter_(3, torch.where(sel >= 0, sel, torch.full_like(sel, nk)), True)
-        chosen = chosen[..., :nk]
-        hit = chosen[..., key_blocks].any(-1)  # (B, H, n)
+        # (B, H, n, S) the keys MoBA lets each query see
+        visible = moba_mask(moba_select(q, k, top_k, block_size), S, block_size)
+        hit = visible[..., [b * block_size for b in key_blocks]].any(-1)  # (B, H, n): a key block chosen
         out["top_k"][top_k] = {
-            "recall": round(float((mass * chosen).sum(-1).mean()), 4),
+            "recall": round(float((probs * visible).sum(-1).mean()), 4),
             "key_chosen": round(float(hit.float().mean()), 4),
             "key_chosen_retrieving": round(float(hit[0, retrieving_heads].float().mean()), 4)
             if retrieving_heads
@@ -101,17 +99,15 @@ def main() -> None:
     import longkit
     from longkit.attention.base import AttentionMethod
     from longkit.eval.tasks.base import TaskContext
-    from longkit.eval.tasks.passkey import Passkey
+    from longkit.eval.tasks.passkey import KEY_LINE, Passkey
 
     lm = longkit.load_model(args.model, dtype=args.dtype)
     model, tok = lm.model, lm.tokenizer
     sample = Passkey().build(TaskContext(tok), args.length, args.depth, 0)
     ids = torch.tensor([sample.prompt.input_ids])
     start = sample.prompt.needle_start
-    # The key line's tokens: from the needle start to the second occurrence of the key.
-    key_tokens = len(
-        tok(f"\nThe pass key is {sample.answers[0]}. Remember it. {sample.answers[0]} is the pass key.\n")["input_ids"]
-    )
+    # The key line as the passkey task inserts it (its tokens start at needle_start).
+    key_tokens = len(tok(KEY_LINE.format(key=sample.answers[0]))["input_ids"])
     key_blocks = sorted({start // args.block_size, (start + key_tokens - 1) // args.block_size})
     top_ks = [int(x) for x in args.top_k.split(",")]
     stats: dict[int, dict] = {}
@@ -125,7 +121,7 @@ def main() -> None:
 
     Probe.name = "moba_recall_probe"
     t0 = time.perf_counter()
-    with torch.inference_mode(), longkit.apply(model, f"rope={args.rope}" if args.rope else None) as _:
+    with torch.inference_mode(), longkit.apply(model, f"rope={args.rope}" if args.rope else None):
         undo = Probe().apply(model)
         try:
             logits = model(ids).logits[0, -1]

@@ -326,7 +326,7 @@ class SparseAttention(AttentionMethod):
                 f"attention method '{self.name}': parameters 'skip_layers' / 'skip_last' need attention modules "
                 "with 'layer_idx' and a config with 'num_hidden_layers'"
             )
-        return self.skip_layers <= layer < (n - self.skip_last if self.skip_last else layer + 1)
+        return layer >= self.skip_layers and (not self.skip_last or layer < n - self.skip_last)
 
     def attention(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -15,7 +15,8 @@ Passkey accuracy comes from a ``longkit eval`` run directory (``--passkey-run``)
     longkit eval --model smollm2-135m --task passkey --lengths 2k,4k --samples 3 \\
         --attention "vertical_slash:vertical_size=300,slash_size=500" --out /tmp/sparse_passkey --no-report
 
-Writes ``results/prefill.json``, ``results/prefill.md`` and ``results/prefill.png`` (``--name`` changes the stem). Run::
+Writes ``results/prefill.json``, ``results/prefill.md`` and ``results/prefill.png`` (``--name`` changes the stem;
+``--render`` redraws the table and figure from a saved JSON). Run::
 
     nice -n 10 .venv/bin/python benchmarks/attention/prefill.py --lengths 4096,8192,16384,32768
 """
@@ -366,16 +367,24 @@ def write_outputs(data: dict, name: str = "prefill") -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     methods = sorted({r["method"] for r in data["kernel"] if "decode" not in r["method"]})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+
+    def series(rows, m, key):
+        return [(r["length"], r[key]) for r in rows if r["method"] == m and r.get(key) is not None]
+
     for m in methods:
-        pts = [(r["length"], r["median_s"]) for r in data["kernel"] if r["method"] == m and "median_s" in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-            sp = [(r["length"], r["speedup_vs_sdpa"]) for r in data["kernel"] if r["method"] == m and "median_s" in r]
-            ax2.plot(*zip(*sp, strict=True), marker="o", label=m)
+        if pts := series(data["kernel"], m, "median_s"):
+            ax.plot(*zip(*pts, strict=True), marker="o", color=colors[m], label=m)
+            ax2.plot(*zip(*series(data["kernel"], m, "speedup_vs_sdpa"), strict=True), marker="o", color=colors[m])
+            ax3.plot(*zip(*series(data["kernel"], m, "peak_rss_mb"), strict=True), marker="o", color=colors[m])
+        # The whole (tiny) model's prefill, dashed: attention plus everything around it.
+        if pts := series(data.get("model") or [], m, "speedup_vs_sdpa"):
+            ax2.plot(*zip(*pts, strict=True), marker="s", ls="--", color=colors[m], alpha=0.7)
     ax.set(
         xscale="log",
         yscale="log",
@@ -383,8 +392,34 @@ def write_outputs(data: dict, name: str = "prefill") -> None:
         ylabel="prefill attention, one layer (s)",
         title="Prefill time (median)",
     )
-    ax2.axhline(2.0, color="grey", ls="--", lw=0.8)
-    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="speedup vs dense sdpa", title="Speedup vs sdpa")
+    ax2.axhline(2.0, color="grey", ls=":", lw=0.8)
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context (tokens)",
+        ylabel="speedup vs dense sdpa",
+        title="Speedup vs sdpa (solid: layer, dashed: 2-layer model)",
+    )
+    ax3.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context (tokens)",
+        ylabel="peak RSS increase (MB)",
+        title="Peak memory of the attention call",
+    )
+    lengths = sorted({r["length"] for r in data["kernel"]})
+    for a in (ax, ax2, ax3):
+        a.set_xticks(lengths, [f"{t // 1024}K" for t in lengths])
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    lo, hi = ax2.get_ylim()
+    ax2.set_yticks([2.0**k for k in range(-6, 7) if lo <= 2.0**k <= hi], minor=False)
+    ax2.set_ylim(lo, hi)
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for axis in (ax.yaxis, ax3.yaxis):
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
@@ -408,9 +443,15 @@ def main() -> None:
     p.add_argument("--qkv", default=None)
     p.add_argument("--save", default=None)
     p.add_argument("--name", default="prefill", help="results file stem: results/NAME.{json,md,png}")
+    p.add_argument("--render", action="store_true", help="only rewrite results/NAME.{md,png} from NAME.json")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.render:
+        saved = RESULTS / f"{args.name}.json"
+        if not saved.exists():
+            p.error(f"--render: no saved run {saved} (give the --name of an existing results/NAME.json)")
+        return write_outputs(json.loads(saved.read_text()), args.name)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.model_lengths = [int(x) for x in args.model_lengths.split(",") if x]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -227,3 +227,42 @@ def test_single_process_ring_and_ulysses_equal_the_reference(tiny_llama):
                     sp(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
                 with pytest.raises(MethodError, match="use_cache"):
                     sp(ids, use_cache=True)
+
+
+def test_backend_follows_the_device():
+    from longkit.attention.sequence_parallel import default_backend
+
+    assert default_backend("cuda") == "nccl"
+    assert default_backend(torch.device("cuda", 1)) == "nccl"
+    assert default_backend("cpu") == "gloo"
+    assert default_backend(None) == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_init_distributed_without_torchrun_environment_names_the_variables(monkeypatch):
+    from longkit.attention.sequence_parallel import init_distributed
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(MethodError, match=r"RANK.*WORLD_SIZE.*MASTER_ADDR.*MASTER_PORT.*torchrun"):
+        init_distributed("cpu")
+
+
+def test_init_distributed_on_cuda_takes_nccl_and_the_local_rank_gpu(monkeypatch):
+    # No GPU here: record what init_distributed asks torch for on a CUDA device instead of running it.
+    import importlib
+
+    sp = importlib.import_module("longkit.attention.sequence_parallel")  # the module, not the function
+    calls = []
+    monkeypatch.setattr(sp.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(sp.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(sp.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(sp.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    env = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert sp.init_distributed("cuda") == (3, 4)
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    assert sp.init_distributed("cpu") == (3, 4)
+    assert calls == [("init", "gloo")]

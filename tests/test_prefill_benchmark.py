@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,13 +11,6 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "attention" / "prefill.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("prefill_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _data() -> dict:
@@ -33,13 +25,18 @@ def _data() -> dict:
     return {"note": "test run", "kernel": kernel, "model": model, "passkey": []}
 
 
-def test_render_rewrites_table_and_figure_from_json(tmp_path, monkeypatch):
+def test_render_rewrites_table_and_figure_from_json(tmp_path):
     pytest.importorskip("matplotlib")
-    mod = _module()
-    monkeypatch.setattr(mod, "RESULTS", tmp_path)
     (tmp_path / "run.json").write_text(json.dumps(_data()))
-    monkeypatch.setattr(sys, "argv", ["prefill.py", "--render", "--name", "run"])
-    mod.main()
+    # In a subprocess: the script draws through pyplot, which must not leak into this test process
+    # (tests/test_report.py checks that the report never imports it).
+    code = (
+        "import sys, importlib.util; from pathlib import Path; sys.argv = ['prefill.py', '--render', '--name', 'run'];"
+        f"spec = importlib.util.spec_from_file_location('prefill', {str(SCRIPT)!r}); m = importlib.util.module_from_spec(spec);"
+        f"spec.loader.exec_module(m); m.RESULTS = Path({str(tmp_path)!r}); m.main()"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     md = (tmp_path / "run.md").read_text().splitlines()
     assert "| 65536 | moba | 5.000 | 8.00x | 400 | 0.1000 |" in md
     assert "| 65536 | eager | timeout after 600 s | | | |" in md
@@ -48,6 +45,7 @@ def test_render_rewrites_table_and_figure_from_json(tmp_path, monkeypatch):
     assert (tmp_path / "run.png").stat().st_size > 10_000
     # Rendering reads the JSON only: it must not have rewritten it.
     assert json.loads((tmp_path / "run.json").read_text()) == _data()
+    assert "matplotlib.pyplot" not in sys.modules
 
 
 def test_render_of_a_missing_run_fails_naming_the_file(tmp_path):

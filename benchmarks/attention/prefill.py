@@ -385,28 +385,13 @@ def write_outputs(data: dict, name: str = "prefill") -> None:
         # The whole (tiny) model's prefill, dashed: attention plus everything around it.
         if pts := series(data.get("model") or [], m, "speedup_vs_sdpa"):
             ax2.plot(*zip(*pts, strict=True), marker="s", ls="--", color=colors[m], alpha=0.7)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="context (tokens)",
-        ylabel="prefill attention, one layer (s)",
-        title="Prefill time (median)",
-    )
     ax2.axhline(2.0, color="grey", ls=":", lw=0.8)
-    ax2.set(
-        xscale="log",
-        yscale="log",
-        xlabel="context (tokens)",
-        ylabel="speedup vs dense sdpa",
-        title="Speedup vs sdpa (solid: layer, dashed: 2-layer model)",
-    )
-    ax3.set(
-        xscale="log",
-        yscale="log",
-        xlabel="context (tokens)",
-        ylabel="peak RSS increase (MB)",
-        title="Peak memory of the attention call",
-    )
+    for a, ylabel, title in (
+        (ax, "prefill attention, one layer (s)", "Prefill time (median)"),
+        (ax2, "speedup vs dense sdpa", "Speedup vs sdpa (solid: layer, dashed: 2-layer model)"),
+        (ax3, "peak RSS increase (MB)", "Peak memory of the attention call"),
+    ):
+        a.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=ylabel, title=title)
     lengths = sorted({r["length"] for r in data["kernel"]})
     for a in (ax, ax2, ax3):
         a.set_xticks(lengths, [f"{t // 1024}K" for t in lengths])

@@ -56,6 +56,8 @@ def main() -> None:
             f"{args.method} on {world} ranks ({dist.get_backend()}): {args.tokens} tokens, loss "
             f"{out.loss.item():.4f}, forward + backward {elapsed:.2f} s"
         )
+    # Every rank is done before any tears gloo/NCCL down, so no peer loses a message still in flight.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ rank fails the launch with that rank's traceback.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -35,8 +36,16 @@ def _entry(rank: int, fn_name: str, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         globals()[fn_name](rank, world)
+        # No rank tears gloo down while a peer may still be reading its last message: that race aborted a rank
+        # (SIGABRT, "terminate called without an active exception") once in CI after the checks had run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every check passed: leave without interpreter finalisation, where gloo's worker threads can abort a
+    # process that has already succeeded (pytorch/pytorch#179291). A failed check raised above and is reported.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(fn_name: str, tmp_path, world: int = WORLD) -> None:

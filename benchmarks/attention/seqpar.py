@@ -147,6 +147,8 @@ def _worker(rank, world, init_file, args, out_path):
             print(json.dumps(row), flush=True)
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
+    # Every rank is done before any tears gloo/NCCL down, so no peer loses a message still in flight.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -116,7 +116,10 @@ def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
     head = ["method"]
     for task in tasks:
         head += [f"{task} {k(n)}" for n in lengths]
-    head += [f"ppl {k(n)}" for n in lengths] + [f"prefill x {k(n)}" for n in lengths] + ["KV x"]
+    head += [f"ppl {k(n)}" for n in lengths] + [f"prefill x {k(n)}" for n in lengths]
+    # Peak memory is the resident set above the pre-sample level on CPU (allocator reuse makes it noisy at short
+    # lengths), so only the longest length, where the KV cache and activations dominate, is shown.
+    head += [f"peak mem x {k(max(lengths))}", "KV x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in summary["methods"]:
         data = summary["per_method"][method]
@@ -128,6 +131,8 @@ def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
         row += [f"{ppl[n]:.2f}" if n in ppl else "-" for n in lengths]
         c = costs.get(method, {})
         row += [f"{c[n]['prefill_s_ratio']:.2f}" if c.get(n, {}).get("prefill_s_ratio") else "-" for n in lengths]
+        peak = c.get(max(lengths), {}).get("peak_mem_bytes_ratio")
+        row.append(f"{peak:.2f}" if peak else "-")
         kv = [c[n]["kv_bytes_ratio"] for n in lengths if c.get(n, {}).get("kv_bytes_ratio")]
         row.append(f"{max(kv):.2f}" if kv else "-")
         lines.append("| " + " | ".join(row) + " |")

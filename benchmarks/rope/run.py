@@ -2,8 +2,8 @@
 
 Passkey and needle accuracy over depths, and perplexity on public-domain text (Python's pydoc topics), at
 0.5x, 1x and 2x the trained length (4K, 8K, 16K on SmolLM2-135M; ``--lengths`` adds 32K), for the baseline and
-each method at extension factor 2 and 4, with prefill time and KV-cache bytes relative to the baseline measured
-in the same run. Built on longkit's eval runner, so an interrupted run resumes from its records.
+each method at extension factor 2 and 4, with prefill time, peak memory and KV-cache bytes relative to the
+baseline measured in the same run. Built on longkit's eval runner, so an interrupted run resumes from its records.
 
     nice -n 10 .venv/bin/python benchmarks/rope/run.py            # the full grid (hours on a 2-core CPU)
     nice -n 10 .venv/bin/python benchmarks/rope/run.py --quick    # a few methods at 4K and 8K, depth 0.5
@@ -117,8 +117,8 @@ def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
     for task in tasks:
         head += [f"{task} {k(n)}" for n in lengths]
     head += [f"ppl {k(n)}" for n in lengths] + [f"prefill x {k(n)}" for n in lengths]
-    # Peak memory is the resident set above the pre-sample level on CPU (allocator reuse makes it noisy at short
-    # lengths), so only the longest length, where the KV cache and activations dominate, is shown.
+    # Peak memory (on CPU the resident set above the pre-sample level; allocator reuse makes it noisy) is shown at
+    # the longest length only, where the KV cache and activations are largest, to keep the table narrow.
     head += [f"peak mem x {k(max(lengths))}", "KV x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in summary["methods"]:

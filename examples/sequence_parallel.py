@@ -43,6 +43,9 @@ def main() -> None:
         out = sp(ids, labels=ids)
         out.loss.backward()
         sp.sync_gradients()
+        if device.startswith("cuda"):
+            # CUDA kernels and NCCL collectives run asynchronously: wait for them before reading the clock.
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     if args.check:
         model.zero_grad()

@@ -65,6 +65,9 @@ def test_table_refuses_an_unknown_reference_naming_the_methods(tmp_path):
         table.table(table.load(tmp_path), "dense")
     with pytest.raises(SystemExit, match="run_dir"):
         table.load(tmp_path / "missing")
+    other = dict(_rec("baseline", "passkey", 0.5, 1, 100.0), length=8192)
+    with pytest.raises(SystemExit, match=r"lengths \[8192, 16384\]"):
+        table.table([_rec("baseline", "passkey", 0.5, 0, 100.0), other], None)
 
 
 def test_minference_search_summary_counts_patterns_and_errors():

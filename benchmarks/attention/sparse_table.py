@@ -12,7 +12,6 @@ one side has do not skew it. Run::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -21,15 +20,12 @@ from pathlib import Path
 
 def load(run_dir: str | Path) -> list[dict]:
     """The run's records; a later record with the same id replaces an earlier one (as the runner resumes)."""
-    path = Path(run_dir) / "samples.jsonl"
+    from longkit.eval.records import SAMPLES_FILE, load_records
+
+    path = Path(run_dir) / SAMPLES_FILE
     if not path.is_file():
         raise SystemExit(f"run_dir: {path} does not exist; pass the --out directory of a longkit eval run")
-    by_id = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_id[rec["id"]] = rec
-    return list(by_id.values())
+    return load_records(run_dir)
 
 
 def prompt_key(rec: dict) -> tuple:
@@ -39,6 +35,9 @@ def prompt_key(rec: dict) -> tuple:
 
 def table(records: list[dict], reference: str | None) -> str:
     """Markdown table, one row per method in order of first appearance."""
+    lengths = sorted({r["length"] for r in records})
+    if len(lengths) > 1:
+        raise SystemExit(f"run_dir holds lengths {lengths}; the table pools prompts, so it needs a run of one length")
     methods = list(dict.fromkeys(r["method"] for r in records))
     if reference is not None and reference not in methods:
         raise SystemExit(f"--reference {reference!r} is not a method of this run; methods: {methods}")

@@ -10,10 +10,11 @@ from attention_helpers import qkv
 from conftest import sample_ids
 from longkit.attention.a_shape import a_shape_attention
 from longkit.attention.block_sparse import block_sparse_attention, block_sparse_select
-from longkit.attention.minference import MInference, per_head_attention, search_patterns
+from longkit.attention.minference import MInference, per_head_attention
 from longkit.attention.sparse import dense_attention
 from longkit.attention.vertical_slash import vertical_slash_attention, vertical_slash_select
 from longkit.errors import MethodError
+from longkit.tools.minference_search import search_patterns
 
 AS = {"pattern": "a_shape", "sinks": 2, "window": 9, "block_q": 16}
 VS = {"pattern": "vertical_slash", "vertical_size": 5, "slash_size": 4, "sinks": 1, "local": 2, "block": 16}

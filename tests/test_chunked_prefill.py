@@ -4,9 +4,9 @@ from transformers import DynamicCache
 
 import longkit
 from conftest import sample_ids
-from longkit.attention.chunked_prefill import chunked_prefill
 from longkit.errors import MethodError
-from longkit.eval.generate import greedy_generate
+from longkit.runtime.chunked_prefill import chunked_prefill
+from longkit.runtime.generate import greedy_generate
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 200, None])

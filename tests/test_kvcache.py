@@ -12,11 +12,12 @@ from transformers import AttentionInterface, DynamicCache
 import longkit
 from conftest import sample_ids
 from longkit.errors import MethodError
-from longkit.kvcache import CompressedCache, CompressionMethod, cache_nbytes, compress_context
+from longkit.kvcache import CompressedCache, CompressionMethod, cache_nbytes
 from longkit.kvcache.budget import keep_layerwide, keep_topk, pyramid_budgets
 from longkit.kvcache.cache import rotate_keys
 from longkit.kvcache.snapkv import SnapKV
 from longkit.registry import REGISTRIES, register
+from longkit.runtime import compress_context
 
 EVICTION = sorted(n for n in REGISTRIES["kv"].names() if issubclass(REGISTRIES["kv"].get(n), CompressionMethod))
 
@@ -341,7 +342,7 @@ def test_every_tiny_model_family(any_tiny, spec):
 
 
 def test_chunked_prefill_keeps_the_cache_within_budget_plus_chunk(tiny_llama):
-    from longkit.attention.chunked_prefill import chunked_prefill
+    from longkit.runtime.chunked_prefill import chunked_prefill
 
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=150)
@@ -363,7 +364,7 @@ def test_chunked_prefill_keeps_the_cache_within_budget_plus_chunk(tiny_llama):
 
 
 def test_greedy_generate_with_prefill_chunks_and_compression(tiny_llama):
-    from longkit.eval.generate import greedy_generate
+    from longkit.runtime.generate import greedy_generate
 
     ids = sample_ids(tiny_llama, n=120)[0].tolist()
     with longkit.apply(tiny_llama.model, kv="knorm:tokens=32") as applied:

@@ -11,8 +11,8 @@ import torch
 import longkit
 from conftest import sample_ids
 from longkit.errors import MethodError
-from longkit.kvcache import compress_context
 from longkit.kvcache.expected_attention import ExpectedAttention
+from longkit.runtime import compress_context
 
 
 def _record(monkeypatch):

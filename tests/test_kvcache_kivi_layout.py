@@ -14,9 +14,9 @@ import torch
 
 import longkit
 from conftest import sample_ids
-from longkit.attention.chunked_prefill import chunked_prefill
 from longkit.kvcache import kivi
 from longkit.kvcache.kivi import KIVIRaggedLayer
+from longkit.runtime.chunked_prefill import chunked_prefill
 
 D = 8
 

@@ -11,7 +11,7 @@ import torch
 import longkit
 from longkit.errors import MethodError
 from longkit.kvcache import cache_nbytes
-from longkit.kvcache.sweep import capture_prefill
+from longkit.runtime.prefill_capture import capture_prefill
 from registry_cases import CASES
 
 KV_CASES = [

@@ -14,8 +14,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import longkit
 from longkit.errors import MethodError
 from longkit.eval.haystack import pydoc_text
-from longkit.rope.base import rotary_modules
-from longkit.rope.longrope_search import (
+from longkit.models.introspect import rotary_modules
+from longkit.tools.longrope_search import (
     Candidate,
     LongRopeSearch,
     PerplexityObjective,

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 import longkit
 from longkit.cli import app
 from longkit.errors import EvalError
-from longkit.eval.generate import window_nll
 from longkit.eval.records import load_records
 from longkit.eval.runner import EvalConfig, evaluate
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.tasks.perplexity import FULL
+from longkit.runtime.generate import window_nll
 
 # An odd window: 301 tokens, the last 150 scored.
 LENGTH = 301

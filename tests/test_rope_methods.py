@@ -8,7 +8,7 @@ import torch
 
 import longkit
 from longkit.errors import MethodError
-from longkit.rope import rotary_modules, trained_length
+from longkit.models.introspect import rotary_modules, trained_length
 
 BASE, HEAD_DIM = 10000.0, 16
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from longkit.cli import app
 from longkit.errors import MethodError
-from longkit.rope import scaling_laws as sl
+from longkit.tools import scaling_laws as sl
 
 runner = CliRunner()
 

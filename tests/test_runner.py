@@ -5,9 +5,9 @@ import torch
 
 import longkit
 from longkit.errors import EvalError
-from longkit.eval.generate import greedy_generate
 from longkit.eval.records import SAMPLES_FILE, load_records, load_run
 from longkit.eval.runner import EvalConfig, evaluate
+from longkit.runtime.generate import greedy_generate
 
 
 def config(tmp_path, **kw):

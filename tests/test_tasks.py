@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from longkit.errors import EvalError
-from longkit.eval.generate import window_nll
 from longkit.eval.tasks import TASKS, TaskContext, get_task
+from longkit.runtime.generate import window_nll
 
 
 def test_registered_tasks():

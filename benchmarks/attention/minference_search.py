@@ -1,6 +1,6 @@
 """MInference's offline pattern search on a real model: one sparse pattern per attention head, saved as a config.
 
-Runs :func:`longkit.attention.minference.search_patterns` on a calibration prompt of ``--length`` tokens taken
+Runs :func:`longkit.tools.minference_search.search_patterns` on a calibration prompt of ``--length`` tokens taken
 from the *end* of Python's documentation topics (the perplexity task reads from the start, the passkey task uses
 its own filler, so the calibration text is held out from both), optionally under a RoPE method (the q and k the
 search sees must be the ones the evaluation will see). Writes the config that the ``minference`` attention method
@@ -65,9 +65,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import longkit
-    from longkit.attention.minference import DEFAULT_CANDIDATES, search_patterns
     from longkit.eval.haystack import pydoc_text
     from longkit.eval.prompt import encode
+    from longkit.tools.minference_search import DEFAULT_CANDIDATES, search_patterns
 
     lm = longkit.load_model(args.model, dtype=args.dtype)
     model, tok = lm.model, lm.tokenizer

@@ -33,9 +33,9 @@ def one(model, length: int, chunk: int, method: str | None) -> dict:
     import torch
 
     import longkit
-    from longkit.attention.chunked_prefill import chunked_prefill
-    from longkit.eval.generate import PeakMemory
     from longkit.kvcache import cache_nbytes
+    from longkit.runtime.chunked_prefill import chunked_prefill
+    from longkit.runtime.generate import PeakMemory
 
     g = torch.Generator().manual_seed(length)
     device = next(model.parameters()).device

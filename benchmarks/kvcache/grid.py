@@ -5,7 +5,7 @@ full cache (and kvpress, when its runner's output is given), on one model at one
     python benchmarks/kvcache/grid.py --lengths 4096 --speed                                    # prefill/decode
     python benchmarks/kvcache/grid.py --report                                                  # table + plot
 
-Accuracy: each prompt is prefilled ONCE (``longkit.kvcache.sweep.capture_prefill``) and every method's compressed
+Accuracy: each prompt is prefilled ONCE (``longkit.runtime.prefill_capture.capture_prefill``) and every method's compressed
 cache is replayed from that prefill (tested equal to a real prefill, cache and tokens, for every registered method
 in ``tests/test_kvcache_sweep.py``), then decoded greedily with ``model.generate``. KV bytes are the exact bytes the
 cache holds after the prompt (``cache_nbytes``). Records go to ``results/grid/<model>/records.jsonl`` one per line as
@@ -37,7 +37,7 @@ import longkit
 from longkit.eval.tasks import get_task
 from longkit.eval.tasks.base import TaskContext
 from longkit.kvcache import cache_nbytes
-from longkit.kvcache.sweep import capture_prefill
+from longkit.runtime.prefill_capture import capture_prefill
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -164,7 +164,7 @@ def sweep(args: argparse.Namespace) -> None:
     import torch
 
     import longkit
-    from longkit.eval.generate import greedy_generate
+    from longkit.runtime.generate import greedy_generate
 
     lm = longkit.load_model(args.model)
     tok = lm.tokenizer
@@ -214,9 +214,9 @@ def layers(args: argparse.Namespace) -> None:
     import torch
 
     import longkit
-    from longkit.eval.generate import greedy_generate
     from longkit.kvcache.snapkv import SnapKV
     from longkit.registry import REGISTRIES, register
+    from longkit.runtime.generate import greedy_generate
 
     lm = longkit.load_model(args.model)
     tok = lm.tokenizer

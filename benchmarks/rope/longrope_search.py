@@ -25,7 +25,7 @@ import longkit
 from longkit.eval.haystack import pydoc_text
 from longkit.eval.records import load_records
 from longkit.eval.runner import EvalConfig, evaluate, hardware
-from longkit.rope.longrope_search import search_model
+from longkit.tools.longrope_search import search_model
 
 HERE = Path(__file__).resolve().parent
 

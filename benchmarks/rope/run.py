@@ -45,8 +45,7 @@ HERE = Path(__file__).resolve().parent
 
 def method_grid(lm, factors: list[float]) -> tuple[list[str], list[str]]:
     """(method specs for the runner, names skipped because they are not registered)."""
-    from longkit.rope.base import rope_config
-    from longkit.rope.params import head_dim_of
+    from longkit.models.introspect import head_dim_of, rope_config
 
     cfg = rope_config(lm.model)
     L = lm.trained_length

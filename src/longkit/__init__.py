@@ -3,7 +3,7 @@
 Importing longkit registers its methods in longkit's own registries and patches nothing.
 """
 
-from longkit import attention, kvcache, memory, rope  # noqa: F401  (method registration)
+from longkit import attention, kvcache, memory, rope, runtime  # noqa: F401  (method registration; runtime API)
 from longkit.errors import EvalError, LongkitError, MethodError, ModelError
 from longkit.methods import Method
 from longkit.models import LoadedModel, load_model

@@ -304,8 +304,7 @@ def _model_rope(name: str) -> tuple[int, float, int]:
     """(rotary dimension, rope_theta, trained length) of a model alias or directory."""
     import longkit
     from longkit.errors import MethodError
-    from longkit.rope import trained_length
-    from longkit.rope.base import rope_config
+    from longkit.models.introspect import rope_config, trained_length
 
     lm = longkit.load_model(name)
     config = rope_config(lm.model)
@@ -345,7 +344,7 @@ def rope_bound_cmd(
 
     Men et al. 2024: smallest base with sum_i cos(m*theta_i) >= 0 for all m <= T. https://arxiv.org/abs/2405.14591
     """
-    from longkit.rope import scaling_laws
+    from longkit.tools import scaling_laws
 
     try:
         defaults = _model_rope(model) if model else (128, 10000.0, 4096)
@@ -425,7 +424,7 @@ def rope_search_cmd(
 
     import longkit
     from longkit.eval.haystack import pydoc_text
-    from longkit.rope import longrope_search as lrs
+    from longkit.tools import longrope_search as lrs
 
     try:
         target = _one_length(target_length, "target_length")

@@ -20,8 +20,8 @@ from longkit.attention.masks import MaskSpec
 from longkit.attention.position_remap import log_n_factors
 from longkit.errors import MethodError
 from longkit.methods import Undo
+from longkit.models.introspect import trained_length
 from longkit.registry import param, register
-from longkit.rope.base import trained_length
 
 # attention module -> trained length of its model, filled at apply
 _TRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

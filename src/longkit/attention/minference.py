@@ -1,8 +1,7 @@
 """MInference: one sparse pattern per attention head (A-shape, vertical-slash, block-sparse), from an offline search.
 
-A per-head config maps layer -> head -> pattern and its parameters. :func:`search_patterns` builds one: it runs
-the model densely on a calibration prompt, captures every layer's q, k, v, and gives each head the candidate
-pattern whose output is closest to dense attention on that prompt.
+A per-head config maps layer -> head -> pattern and its parameters. The offline search that builds one lives with
+the tools (:func:`longkit.tools.minference_search.search_patterns`).
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from typing import Any
 import torch
 
 from longkit.attention.a_shape import AShape
-from longkit.attention.base import AttentionMethod
 from longkit.attention.block_sparse import BlockSparse
-from longkit.attention.sparse import SparseAttention, dense_attention, transformers_inputs
+from longkit.attention.sparse import SparseAttention, dense_attention
 from longkit.attention.vertical_slash import VerticalSlashAttention
 from longkit.errors import MethodError
 from longkit.registry import param, register
@@ -31,18 +29,8 @@ PATTERNS: dict[str, type | None] = {
     "dense": None,
 }
 
-#: Candidates of the offline search: MInference's three patterns at comparable budgets (about 4K keys per query
-#: at long context), plus a lighter vertical-slash.
-DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
-    {"pattern": "a_shape", "sinks": 128, "window": 4096},
-    {"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 3000},
-    {"pattern": "vertical_slash", "vertical_size": 3000, "slash_size": 1000},
-    {"pattern": "vertical_slash", "vertical_size": 300, "slash_size": 800},
-    {"pattern": "block_sparse", "block_size": 64, "top_k": 64},
-)
 
-
-def _pattern(entry: Any, where: str) -> SparseAttention | None:
+def pattern_method(entry: Any, where: str) -> SparseAttention | None:
     """Build one head's pattern from ``{"pattern": name, **params}``; errors name the config entry."""
     if not isinstance(entry, dict) or entry.get("pattern") not in PATTERNS:
         raise MethodError(
@@ -95,7 +83,7 @@ def load_config(config: str | dict) -> dict[int, list[dict[str, Any]]]:
                 "non-empty list with one entry per head"
             )
         for h, entry in enumerate(heads):
-            _pattern(entry, f"[{layer}][{h}]")
+            pattern_method(entry, f"[{layer}][{h}]")
         out[int(layer)] = heads
     return out
 
@@ -122,7 +110,7 @@ def per_head_attention(
         # (B, h, S, D): each selected query head with its own key/value head, so the pattern sees no GQA
         q_h, k_h, v_h = q[:, idx], k[:, idx // group], v[:, idx // group]
         d_h = dense if dense is None or dense.shape[1] == 1 else dense[:, idx]
-        method = _pattern(json.loads(key), f"for heads {hs}")
+        method = pattern_method(json.loads(key), f"for heads {hs}")
         out[:, idx] = (
             dense_attention(q_h, k_h, v_h, d_h, scale)
             if method is None
@@ -165,58 +153,3 @@ class MInference(SparseAttention):
         layer = getattr(module, "layer_idx", None)
         heads = self._layers.get(layer, [{"pattern": self.default}] * q.shape[1])
         return per_head_attention(q, k, v, heads, dense, scale)
-
-
-@dataclass
-class _Capture(AttentionMethod):
-    """Dense sdpa attention that records each layer's q, k, v, mask and scale (for the offline search)."""
-
-    seen: dict = field(default_factory=dict, init=False)
-
-    def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
-        dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
-        self.seen[module.layer_idx] = (query, key, value, dense, scaling)
-        return dense_attention(query, key, value, dense, scaling)
-
-
-_Capture.name = "minference_search"
-
-
-def search_patterns(
-    model: Any, input_ids: torch.Tensor, candidates: Sequence[dict[str, Any]] = DEFAULT_CANDIDATES
-) -> dict[str, Any]:
-    """Pick each head's pattern: the candidate with the lowest output error against dense attention.
-
-    Runs ``model`` densely on ``input_ids`` (a calibration prompt, (1, T)), captures every layer's q, k, v, and for
-    every candidate computes all heads' sparse outputs on them; the relative error ``||o - o_dense|| /
-    ||o_dense||`` per head picks the candidate. MInference's search picks by attention recall under a FLOPs
-    budget on a real kernel; the candidates here have comparable budgets, so the lowest error plays that role.
-    Returns ``{"layers": {"<layer>": [entry per head]}, "errors": {"<layer>": [error per head]}}``, which
-    :class:`MInference` reads (``json.dumps`` it to a file or pass it inline).
-    """
-    for i, entry in enumerate(candidates):
-        _pattern(entry, f"candidates[{i}]")
-    capture = _Capture()
-    with torch.inference_mode():
-        undo = capture.apply(model)
-        try:
-            model(input_ids)
-        finally:
-            undo()
-        layers, errors = {}, {}
-        for layer, (q, k, v, dense, scale) in sorted(capture.seen.items()):
-            H = q.shape[1]
-            # (B, H, T, D_v) -> (H,) norms over batch, positions and channels
-            ref = dense_attention(q, k, v, dense, scale).float()
-            norm = ref.pow(2).sum((0, 2, 3)).sqrt().clamp(min=1e-12)
-            errs = torch.stack(
-                [
-                    (per_head_attention(q, k, v, [entry] * H, dense, scale).float() - ref).pow(2).sum((0, 2, 3)).sqrt()
-                    / norm
-                    for entry in candidates
-                ]
-            )
-            best = errs.argmin(0)
-            layers[str(layer)] = [dict(candidates[int(c)]) for c in best]
-            errors[str(layer)] = [round(float(errs[int(c), h]), 6) for h, c in enumerate(best)]
-    return {"layers": layers, "errors": errors}

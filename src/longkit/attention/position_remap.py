@@ -27,7 +27,7 @@ from longkit.attention.masks import MaskSpec
 from longkit.attention.reference import check_qkv
 from longkit.errors import MethodError
 from longkit.methods import Undo
-from longkit.rope.base import rope_config, rotary_modules, trained_length
+from longkit.models.introspect import rope_config, rotary_modules, trained_length
 
 Positions = Callable[[torch.Tensor], torch.Tensor]
 

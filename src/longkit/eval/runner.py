@@ -192,13 +192,13 @@ def hardware() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import torch
     import transformers
 
-    import longkit
-
     return {
-        "longkit": longkit.__version__,
+        "longkit": version("longkit"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],

@@ -7,7 +7,7 @@ API in one screen (details in :mod:`longkit.kvcache.base` and :mod:`longkit.kvca
         model.generate(ids, cache=cache, max_new_tokens=32)             # compressed after the prompt
         cache_nbytes(cache)                                             # exact bytes held
 
-    ctx = compress_context(model, context_ids, "knorm:ratio=0.25")      # query-agnostic: compress once ...
+    ctx = longkit.runtime.compress_context(model, context_ids, "knorm:ratio=0.25")   # compress once ...
     with longkit.apply(model, kv=ctx.method):                          # ... then ask many questions
         model.generate(full_ids, cache=ctx.copy())                      #     (full_ids = context + question)
 
@@ -32,7 +32,6 @@ from longkit.kvcache import (  # noqa: F401  (registration)
 )
 from longkit.kvcache.base import CompressionMethod, KVMethod, cache_nbytes
 from longkit.kvcache.cache import CompressedCache, RaggedLayer, ScoreContext
-from longkit.kvcache.context import compress_context
 from longkit.kvcache.kivi import KIVI, KIVICache
 
 __all__ = [
@@ -44,5 +43,4 @@ __all__ = [
     "RaggedLayer",
     "ScoreContext",
     "cache_nbytes",
-    "compress_context",
 ]

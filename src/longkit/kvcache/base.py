@@ -13,7 +13,7 @@ Compression API (eviction methods derive from :class:`CompressionMethod`):
   override :meth:`CompressionMethod.layer_target`; per-head budgets (``adakv``) override ``select``.
 - When: after every multi-token forward (one-shot after prefill; between chunks in a chunked prefill), and every
   ``decode_every`` decoding steps (0 = never). ``cache.compressing = False`` stops it, which is how
-  :func:`compress_context` compresses a context once for many questions.
+  :func:`longkit.runtime.compress_context` compresses a context once for many questions.
 
 ``longkit.apply(model, kv="snapkv:ratio=0.25")`` installs the attention hook; ``applied.new_cache()`` gives the
 :class:`~longkit.kvcache.cache.CompressedCache`, which frees the evicted bytes (ragged per-head storage).

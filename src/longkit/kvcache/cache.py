@@ -376,7 +376,7 @@ def keep_oldest_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
 class CompressedCache(Cache):
     """A transformers ``Cache`` of :class:`RaggedLayer` layers, compressed by a KV method through the attention hook.
 
-    ``compressing`` switches compression off (e.g. after :func:`compress_context`, to ask questions against the
+    ``compressing`` switches compression off (e.g. after :func:`longkit.runtime.compress_context`, to ask questions against the
     compressed context without compressing them too). ``nbytes()`` is the exact bytes of every stored tensor.
     """
 
@@ -555,7 +555,7 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
 
 def replay_attention(module, query, key, value, attention_mask, scaling) -> None:
     """What :func:`kv_attention` does around the attention itself, for a first (prefill) call replayed from a
-    captured prefill (:mod:`longkit.kvcache.sweep`): the compression never depends on the attention output."""
+    captured prefill (:mod:`longkit.runtime.prefill_capture`): the compression never depends on the attention output."""
     cache = _ACTIVE.get(module)
     if not isinstance(cache, CompressedCache):
         return

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from longkit.errors import ModelError
+from longkit.models.introspect import trained_length
 from longkit.models.smollm2 import cache_dir, smollm2_dir
 from longkit.models.tiny import TINY_CONFIGS, tiny_model
 from longkit.models.tokenizer import byte_tokenizer
@@ -36,8 +37,6 @@ class LoadedModel:
 
     @property
     def trained_length(self) -> int:
-        from longkit.rope.base import trained_length
-
         return trained_length(self.model)
 
     def info(self) -> dict[str, Any]:

@@ -15,28 +15,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from longkit.errors import MethodError
 from longkit.methods import Method, Undo
-
-
-def rotary_modules(model: Any) -> list[tuple[Any, str, torch.nn.Module]]:
-    """(parent, attribute name, module) of every rotary-embedding module of ``model``."""
-    found = []
-    for parent in model.modules():
-        for attr, child in parent.named_children():
-            if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq"):
-                found.append((parent, attr, child))
-    return found
-
-
-def rope_config(model: Any) -> Any:
-    """The text config that owns ``rope_parameters`` (the model config itself for Llama-family models)."""
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config
+from longkit.models.introspect import rope_config, rotary_modules
 
 
 def require_rope(model: Any, method: str) -> tuple[Any, dict]:
@@ -55,13 +36,6 @@ def require_rope(model: Any, method: str) -> tuple[Any, dict]:
             "only models with one rope_parameters dict are supported"
         )
     return config, dict(params)
-
-
-def trained_length(model: Any) -> int:
-    """The context length the model was trained at (before any RoPE scaling already in its config)."""
-    config = rope_config(model)
-    params = getattr(config, "rope_parameters", None) or {}
-    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
 @dataclass

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from longkit.models.introspect import trained_length
 from longkit.registry import param, register
-from longkit.rope.base import HFRopeMethod, trained_length
+from longkit.rope.base import HFRopeMethod
 from longkit.rope.frequencies import register_frequencies
 from longkit.rope.params import RopeParams
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from longkit.errors import MethodError
-from longkit.rope.params import RopeParams, head_dim_of, rope_params
+from longkit.models.introspect import head_dim_of
+from longkit.rope.params import RopeParams, rope_params
 
 FrequencyFn = Callable[[RopeParams, int | None], tuple[torch.Tensor, float]]
 

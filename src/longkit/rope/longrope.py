@@ -12,8 +12,9 @@ import torch
 
 from longkit.errors import MethodError
 from longkit.methods import Undo
+from longkit.models.introspect import rotary_modules, trained_length
 from longkit.registry import param, register
-from longkit.rope.base import HFRopeMethod, require_rope, rotary_modules, trained_length
+from longkit.rope.base import HFRopeMethod, require_rope
 from longkit.rope.frequencies import register_frequencies
 from longkit.rope.params import RopeParams
 

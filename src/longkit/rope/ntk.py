@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from longkit.models.introspect import head_dim_of
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, require_rope
 from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams, head_dim_of, rope_params
+from longkit.rope.params import RopeParams, rope_params
 
 
 def ntk_base(p: RopeParams) -> float:

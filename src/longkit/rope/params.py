@@ -147,8 +147,3 @@ def rope_params(method: str, *, head_dim: int, base: float, **params: Any) -> Ro
         )
     given = {key: value for key, value in params.items() if value is not None}
     return RopeParams(method, head_dim=head_dim, base=base, **given)
-
-
-def head_dim_of(config: Any) -> int:
-    """The attention head dim of a model config: ``head_dim``, else hidden_size // num_attention_heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from longkit.eval.backends.base import GenerationRequest, GenerationResult
-from longkit.eval.generate import greedy_generate
+from longkit.runtime.generate import greedy_generate
 
 
 class HFBackend:

@@ -76,7 +76,7 @@ class Perplexity(Task):
         """
         cache = kv_cache(applied)
         if cache is None:
-            from longkit.eval.generate import window_nll
+            from longkit.runtime.generate import window_nll
 
             nll, n_targets, seconds, peak = window_nll(model, ids, first_target)
             return {
@@ -144,8 +144,8 @@ def chunked_window_nll(model: Any, ids: list[int], first_target: int, cache: Any
     and the chunk's own hidden states give the NLL of the tokens they predict: teacher forcing, the method's cache
     as the only memory of earlier chunks. The LM head runs only on the positions whose next token is scored.
     """
-    from longkit.eval.generate import PeakMemory, _sync
     from longkit.kvcache import cache_nbytes
+    from longkit.runtime.generate import PeakMemory, _sync
 
     device = next(model.parameters()).device
     T = len(ids)

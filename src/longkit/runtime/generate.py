@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from longkit.attention.chunked_prefill import chunked_prefill
 from longkit.kvcache import cache_nbytes
+from longkit.runtime.chunked_prefill import chunked_prefill
 
 
 def _rss_bytes() -> int:

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 
 from longkit.errors import MethodError
+from longkit.kvcache.cache import CompressedCache
+from longkit.runtime.chunked_prefill import chunked_prefill
+from longkit.seam import apply
 
 
 @torch.inference_mode()
@@ -24,11 +27,9 @@ def compress_context(
     Query-aware scorers see the context's own last tokens as their observation window. ``chunk_size`` prefills
     in chunks, compressing between them.
     """
-    import longkit
-    from longkit.attention.chunked_prefill import chunked_prefill
-    from longkit.kvcache.cache import CompressedCache
 
-    with longkit.apply(model, kv=method) as applied:
+
+    with apply(model, kv=method) as applied:
         kv = applied.spec.kv
         tokens = getattr(kv, "tokens", None)  # eviction budgets only (KIVI has none of its own)
         if tokens is not None and tokens > input_ids.shape[1]:

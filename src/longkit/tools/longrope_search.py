@@ -476,7 +476,7 @@ class PerplexityObjective:
         )
 
     def __call__(self, cand: Candidate) -> float:
-        from longkit.eval.generate import window_nll
+        from longkit.runtime.generate import window_nll
 
         undo = self.method(cand).apply(self.model)
         try:
@@ -546,9 +546,9 @@ def search_model(
 
     ``target_length`` must exceed the model's trained length (factor = target / trained > 1).
     """
+    from longkit.models.introspect import head_dim_of
+    from longkit.models.introspect import trained_length as trained_of
     from longkit.rope.base import require_rope
-    from longkit.rope.base import trained_length as trained_of
-    from longkit.rope.params import head_dim_of
 
     model = lm.model
     config, old = require_rope(model, "longrope")

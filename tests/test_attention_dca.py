@@ -12,10 +12,10 @@ from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import dca as dca_mod
 from longkit.attention.dca import dca_attention, dca_reference
-from longkit.attention.position_remap import rotate_by
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 from longkit.rope import relative_positions
+from longkit.rope.rotation import rotate_by
 
 # (T, S, H_kv, chunk_size, local_window, block): odd lengths, decoding (T = 1), queries after a cache that
 # start mid-chunk, GQA, w = 0, a chunk longer than the sequence, blocks that do not divide the lengths.

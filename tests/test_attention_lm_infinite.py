@@ -12,10 +12,10 @@ from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import lm_infinite as lmi
 from longkit.attention.lm_infinite import lm_infinite_attention, lm_infinite_reference
-from longkit.attention.position_remap import rotate_by
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 from longkit.rope import relative_positions
+from longkit.rope.rotation import rotate_by
 
 # (T, S, H_kv, window, n_sinks, block): odd lengths, decoding, queries after a cache, GQA, no sinks, more
 # sinks than the window, a window longer than the sequence.

@@ -10,10 +10,10 @@ import longkit
 from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import self_extend as se
-from longkit.attention.position_remap import rotate_by
 from longkit.attention.self_extend import self_extend_attention, self_extend_reference
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
+from longkit.rope.rotation import rotate_by
 
 # (T, S, H_kv, group_size, window, block): odd lengths, decoding (T = 1), queries after a cache, GQA, windows
 # smaller and larger than the sequence, G = 1, block sizes that do not divide the lengths.

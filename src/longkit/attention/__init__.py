@@ -30,7 +30,7 @@ from longkit.attention.base import AttentionMethod
 from longkit.attention.blockwise import Blockwise, blockwise_attention
 from longkit.attention.lse import merge_partials, merge_partials_
 from longkit.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
-from longkit.attention.position_remap import RemapAttention, remapped_attention, rotate_by
+from longkit.attention.position_remap import RemapAttention, remapped_attention
 from longkit.attention.reference import reference_attention
 from longkit.attention.rerope import LeakyReRoPE, ReRoPE, rerope_attention
 from longkit.attention.ring import Ring, ring_attention
@@ -55,7 +55,6 @@ __all__ = [
     "reference_attention",
     "remapped_attention",
     "rerope_attention",
-    "rotate_by",
     "self_extend_attention",
     "Ring",
     "SequenceParallel",

@@ -17,11 +17,12 @@ import torch
 from longkit.attention.blockwise import MIN_BLOCK
 from longkit.attention.lse import merge_partials
 from longkit.attention.masks import MaskSpec
-from longkit.attention.position_remap import RemapAttention, attend_part, remapped_reference, rotate_by
+from longkit.attention.position_remap import RemapAttention, attend_part, remapped_reference
 from longkit.attention.reference import check_qkv
 from longkit.errors import MethodError
 from longkit.registry import param, register
 from longkit.rope.remap import dca_matrix
+from longkit.rope.rotation import rotate_by
 
 
 def _check(chunk_size: Any, local_window: Any) -> tuple[int, int]:

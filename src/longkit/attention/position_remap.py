@@ -3,7 +3,7 @@
 transformers hands the attention function RoPE-rotated queries and keys (query i at position p_i = S - T + i,
 key j at position j). Every remap here keeps exact distances below a window W and, for farther keys, moves
 queries and keys to new positions. RoPE rotations compose, so rotating an already rotated vector by
-``new - old`` equals rotating the raw vector at ``new`` (:func:`rotate_by`). The near part (d < W) and the
+``new - old`` equals rotating the raw vector at ``new`` (:func:`longkit.rope.rotation.rotate_by`). The near part (d < W) and the
 far part (d >= W) are each one :func:`blockwise_attention` call with a causal mask, merged through their
 log-sum-exp with :func:`merge_partials`: no (T, S) matrix is built. :func:`remapped_reference` is the
 plain O(T·S·D) version from an explicit relative-position matrix, for tests. Dual Chunk Attention (``dca.py``)
@@ -28,30 +28,9 @@ from longkit.attention.reference import check_qkv
 from longkit.errors import MethodError
 from longkit.methods import Undo
 from longkit.models.introspect import rope_config, rotary_modules, trained_length
+from longkit.rope.rotation import rotate_by
 
 Positions = Callable[[torch.Tensor], torch.Tensor]
-
-
-def rotate_by(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Move RoPE vectors rotated at positions ``old`` to positions ``new``: x (..., N, D), old/new (N,).
-
-    The angles are computed as transformers computes them (float32 ``position * inv_freq``) and subtracted in
-    float64, so the result equals rotating the raw vector at ``new`` up to the final rounding. Positions may be
-    fractional. Dimensions past ``2 * len(inv_freq)`` (partial rotary) are left as they are. Uses transformers'
-    rotate-half layout.
-    """
-    rot = 2 * inv_freq.shape[0]
-    f = inv_freq.float().to(x.device)
-    # (N, rot / 2): the angle difference per frequency
-    delta = (new.to(x.device).float()[:, None] * f).double() - (old.to(x.device).float()[:, None] * f).double()
-    # (N, rot): rotate-half layout repeats each frequency in both halves
-    delta = torch.cat([delta, delta], dim=-1)
-    cos, sin = delta.cos().to(torch.float32), delta.sin().to(torch.float32)
-    xr = x[..., :rot].float()
-    half = rot // 2
-    rotated_half = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = (xr * cos + rotated_half * sin).to(x.dtype)
-    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 #: Let :func:`attend_part` use PyTorch's fused CPU kernel where it can; False forces the blockwise primitive

@@ -1,4 +1,4 @@
-"""KV-cache benchmark grid (issue #4 §8): every KV method x keep ratio on passkey and needle, side by side with the
+"""KV-cache benchmark grid: every KV method x keep ratio on passkey and needle, side by side with the
 full cache (and kvpress, when its runner's output is given), on one model at one or more lengths.
 
     python benchmarks/kvcache/grid.py --lengths 4096 --depths 0,0.25,0.5,0.75,1 --samples 2     # accuracy

@@ -1,4 +1,4 @@
-"""SnapKV's observation window on the eval's passkey prompt (issue #4): kvpress parity and a window sweep.
+"""SnapKV's observation window on the eval's passkey prompt: kvpress parity and a window sweep.
 
     # kvpress SnapKVPress vs longkit snapkv on the exact prompt `longkit eval --task passkey` builds
     nice -n 10 .venv/bin/python benchmarks/kvcache/snapkv_window_sweep.py parity --length 2048 --keeps 0.99,0.25
@@ -139,7 +139,7 @@ def parity_md(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n\n" + PARITY_NOTE
 
 
-#: Why SnapKV window 32 loses the passkey even at 99% kept (issue #4), rendered under the parity table.
+#: Why SnapKV window 32 loses the passkey even at 99% kept (the passkey failure this script was written to explain), rendered under the parity table.
 PARITY_NOTE = """\
 Heads missing needle tokens: (layer, kv head) pairs whose kept set lacks at least one of the 22 tokens of the needle
 sentence (both copies of the digits). At keep 0.99 the two sides differ by one token per head only because of

@@ -6,7 +6,7 @@ the median wall time of ``--repeats`` calls (every call timed, no separate warm-
 PyTorch's fused CPU kernel can run sent there (``auto``, what inference uses) and once all blockwise (what a
 call with gradients uses). The baseline is plain causal ``scaled_dot_product_attention`` measured the same way
 in the same run; ratios are against it. A dense (T, T) fp32 score matrix per head would
-take ``4 · T² · H`` bytes, listed for comparison. Results go to ``remap_memory_results.json`` beside this file.
+take ``4 · T² · H`` bytes, listed for comparison. Each run is appended to ``results/remap_memory.json``.
 
     .venv/bin/python benchmarks/rope/remap_memory.py --length 16384 --repeats 2
 """
@@ -123,7 +123,7 @@ def main() -> None:
         "dense_scores_fp32_mib": round(dense_mib, 1),
         "rows": rows,
     }
-    path = Path(__file__).with_name("remap_memory_results.json")
+    path = Path(__file__).parent / "results" / "remap_memory.json"
     history = json.loads(path.read_text()) if path.exists() else []
     history.append(result)
     path.write_text(json.dumps(history, indent=1) + "\n")

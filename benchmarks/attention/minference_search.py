@@ -9,6 +9,8 @@ output error against dense attention. Run::
 
     .venv/bin/python benchmarks/attention/minference_search.py --length 16384 --rope ntk:factor=4 \\
         --name minference_smollm2_16k
+
+``--render`` only rewrites ``results/NAME.md`` from the saved ``results/NAME.json``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,26 @@ def summary(found: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def header(meta: dict, name: str) -> str:
+    """The summary's title and config line, from the ``meta`` the search stores in its config."""
+    return (
+        f"# MInference pattern search: {meta['model']}, {meta['length']}-token calibration prompt (end of Python's "
+        f"doc topics), rope {meta['rope'] or 'none'}, {meta['dtype']}, {meta['seconds']:.0f} s\n\nConfig: "
+        f"`{name}.json` (use `attention=minference:config=benchmarks/attention/results/{name}.json`)."
+    )
+
+
+def render(name: str) -> str:
+    """Rewrite results/NAME.md from the saved config results/NAME.json; return the text."""
+    config = RESULTS / f"{name}.json"
+    if not config.is_file():
+        raise SystemExit(f"--render: no saved search {config} (give the --name of an existing results/NAME.json)")
+    found = json.loads(config.read_text())
+    text = summary(found, header(found["meta"], name))
+    (RESULTS / f"{name}.md").write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -62,7 +84,11 @@ def main() -> None:
     ap.add_argument("--rope", default=None, help="RoPE method spec applied during the search, e.g. ntk:factor=4")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--name", default="minference_search")
+    ap.add_argument("--render", action="store_true", help="only rewrite results/NAME.md from results/NAME.json")
     args = ap.parse_args()
+    if args.render:
+        print(render(args.name), end="")
+        return
 
     import longkit
     from longkit.eval.haystack import pydoc_text
@@ -93,15 +119,8 @@ def main() -> None:
         "candidates": [dict(c) for c in DEFAULT_CANDIDATES],
         "seconds": round(elapsed, 1),
     }
-    config = RESULTS / f"{args.name}.json"
-    config.write_text(json.dumps(found, indent=1) + "\n")
-    header = (
-        f"# MInference pattern search: {args.model}, {args.length}-token calibration prompt (end of Python's doc "
-        f"topics), rope {args.rope or 'none'}, {args.dtype}, {elapsed:.0f} s\n\nConfig: `{config.name}` "
-        f"(use `attention=minference:config=benchmarks/attention/results/{config.name}`)."
-    )
-    (RESULTS / f"{args.name}.md").write_text(summary(found, header))
-    print(summary(found, header))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(found, indent=1) + "\n")
+    print(render(args.name), end="")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ the gate's quality given correct inputs, the usual attention-recall analysis of 
 
     .venv/bin/python benchmarks/attention/moba_recall.py --length 8192 --name moba_recall_8k
     .venv/bin/python benchmarks/attention/moba_recall.py --length 32768 --rope ntk:factor=8 --name moba_recall_32k
+
+``--render`` only rewrites ``results/NAME.md`` from ``results/NAME.json``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,60 @@ def layer_stats(q, k, scale, key_blocks: list[int], block_size: int, top_ks: lis
     return out
 
 
+def markdown(data: dict) -> str:
+    """results/NAME.md from a run's JSON: where the key lies and the dense model's answer, then the layer table."""
+    a = data["args"]
+    first, last = data["key_tokens"]
+    lines = [
+        f"# MoBA gate recall on a passkey prompt: {a['model']}, {a['length']} tokens, depth {a['depth']}, "
+        f"rope {a['rope'] or 'none'}",
+        "",
+        f"Key line at tokens {first}..{last}, block(s) {data['key_blocks']} of "
+        f"{-(-a['length'] // a['block_size'])} (block size {a['block_size']}); last {a['rows']} queries; dense "
+        f"model's next token: {data['next_token']!r}; {data['wall_s']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines + table_lines(data)) + "\n"
+
+
+def table_lines(data: dict) -> list[str]:
+    """The per-layer table and the mean recall per top-k, from a run's JSON (layer and top-k keys are strings)."""
+    top_ks = data["args"]["top_k"].split(",")
+    layers = sorted(data["layers"].items(), key=lambda item: int(item[0]))
+    lines = [
+        "| layer | key mass max | retrieving heads | key rank (median; retrieving heads) | "
+        + " | ".join(f"top-{k} recall / key chosen (retrieving)" for k in top_ks)
+        + " |",
+        "|---" * (4 + len(top_ks)) + "|",
+    ]
+    for layer, s in layers:
+        cells = [
+            f"{t['recall']:.2f} / {t['key_chosen']:.2f}"
+            + (f" ({t['key_chosen_retrieving']:.2f})" if t["key_chosen_retrieving"] is not None else "")
+            for t in s["top_k"].values()
+        ]
+        lines.append(
+            f"| {layer} | {s['key_mass_max']:.3f} | {len(s['retrieving_heads'])} | {s['key_rank_median']}; "
+            f"{s['key_rank_retrieving']} | " + " | ".join(cells) + " |"
+        )
+    for top_k in top_ks:
+        rec = statistics.mean(s["top_k"][top_k]["recall"] for _, s in layers)
+        lines.append(f"\nMean recall over layers, top-{top_k}: {rec:.3f}.")
+    return lines
+
+
+def render(name: str) -> str:
+    """Rewrite results/NAME.md from results/NAME.json; return the text."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--render: no saved run {path} (give the --name of an existing results/NAME.json)")
+    data = json.loads(path.read_text())
+    if "key_tokens" not in data:
+        raise SystemExit(f"--render: {path} predates key_tokens/next_token in the JSON; its header cannot be redrawn")
+    (RESULTS / f"{name}.md").write_text(markdown(data))
+    return markdown(data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -94,7 +150,11 @@ def main() -> None:
     ap.add_argument("--retrieving", type=float, default=0.1, help="key mass above which a head counts as retrieving")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--name", default="moba_recall")
+    ap.add_argument("--render", action="store_true", help="only rewrite results/NAME.md from results/NAME.json")
     args = ap.parse_args()
+    if args.render:
+        print(render(args.name), end="")
+        return
 
     import longkit
     from longkit.attention.base import AttentionMethod
@@ -130,39 +190,20 @@ def main() -> None:
     wall = time.perf_counter() - t0
     first = tok.decode([int(logits.argmax())])
 
-    lines = [
-        f"# MoBA gate recall on a passkey prompt: {args.model}, {args.length} tokens, depth {args.depth}, "
-        f"rope {args.rope or 'none'}",
-        "",
-        f"Key line at tokens {start}..{start + key_tokens - 1}, block(s) {key_blocks} of "
-        f"{-(-args.length // args.block_size)} (block size {args.block_size}); last {args.rows} queries; dense "
-        f"model's next token: {first!r}; {wall:.0f} s.",
-        "",
-        "| layer | key mass max | retrieving heads | key rank (median; retrieving heads) | "
-        + " | ".join(f"top-{k} recall / key chosen (retrieving)" for k in top_ks)
-        + " |",
-        "|---" * (4 + len(top_ks)) + "|",
-    ]
-    for layer, s in sorted(stats.items()):
-        cells = [
-            f"{t['recall']:.2f} / {t['key_chosen']:.2f}"
-            + (f" ({t['key_chosen_retrieving']:.2f})" if t["key_chosen_retrieving"] is not None else "")
-            for t in s["top_k"].values()
-        ]
-        lines.append(
-            f"| {layer} | {s['key_mass_max']:.3f} | {len(s['retrieving_heads'])} | {s['key_rank_median']}; "
-            f"{s['key_rank_retrieving']} | " + " | ".join(cells) + " |"
-        )
-    for top_k in top_ks:
-        rec = statistics.mean(s["top_k"][top_k]["recall"] for s in stats.values())
-        lines.append(f"\nMean recall over layers, top-{top_k}: {rec:.3f}.")
+    data = {
+        "args": vars(args),
+        "key_blocks": key_blocks,
+        "key_tokens": [start, start + key_tokens - 1],
+        "next_token": first,
+        "wall_s": round(wall, 1),
+        "layers": stats,
+    }
+    # Through JSON once, so the table is drawn from exactly what the results file holds (string keys included).
+    data = json.loads(json.dumps(data))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"args": vars(args), "key_blocks": key_blocks, "wall_s": round(wall, 1), "layers": stats}, indent=1)
-        + "\n"
-    )
-    print("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(data))
+    print(markdown(data), end="")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Passkey accuracy comes from a ``longkit eval`` run directory (``--passkey-run``)
         --attention "vertical_slash:vertical_size=300,slash_size=500" --out /tmp/sparse_passkey --no-report
 
 Writes ``results/prefill.json``, ``results/prefill.md`` and ``results/prefill.png`` (``--name`` changes the stem;
-``--render`` redraws the table and figure from a saved JSON). Run::
+``--render`` redraws the table and figure from a saved JSON); ``results/NAME.notes.md``, when present, is
+appended to the table. Run::
 
     nice -n 10 .venv/bin/python benchmarks/attention/prefill.py --lengths 4096,8192,16384,32768
 """
@@ -317,8 +318,15 @@ def passkey_summary(run: Path) -> list[dict]:
 
 
 def write_outputs(data: dict, name: str = "prefill") -> None:
+    """results/NAME.json (the run's records), then the table and figure drawn from them."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    # A new run: notes on an earlier run under this name no longer apply.
+    render(data, name, notes=False)
+
+
+def markdown(data: dict, notes: Path | None = None) -> str:
+    """The results table of a run's records (``results/NAME.md``), then the ``notes`` file if it exists."""
     lines = [
         "# Attention prefill benchmark",
         "",
@@ -361,7 +369,17 @@ def write_outputs(data: dict, name: str = "prefill") -> None:
             f"| {r['method']} | {r['length']} | {r['samples']} | {r['accuracy']:.0f} | {r.get('median_prefill_s', '')} |"
             for r in data["passkey"]
         ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    table = "\n".join(lines) + "\n"
+    return table + "\n" + notes.read_text() if notes is not None and notes.is_file() else table
+
+
+def render(data: dict, name: str, notes: bool = True) -> None:
+    """Write results/NAME.md and results/NAME.png from a run's records; the JSON is left as it is.
+
+    Hand-written notes on a run (measurements made outside this script) live in results/NAME.notes.md and are
+    appended to the table, so that redrawing it keeps them.
+    """
+    (RESULTS / f"{name}.md").write_text(markdown(data, RESULTS / f"{name}.notes.md" if notes else None))
     try:
         import matplotlib
 
@@ -436,7 +454,7 @@ def main() -> None:
         saved = RESULTS / f"{args.name}.json"
         if not saved.exists():
             p.error(f"--render: no saved run {saved} (give the --name of an existing results/NAME.json)")
-        return write_outputs(json.loads(saved.read_text()), args.name)
+        return render(json.loads(saved.read_text()), args.name)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.model_lengths = [int(x) for x in args.model_lengths.split(",") if x]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

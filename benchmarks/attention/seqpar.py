@@ -11,7 +11,8 @@ Ratios: speedup = one-process time / W-rank time; efficiency = speedup / W; comm
 
     nice -n 10 .venv/bin/python benchmarks/attention/seqpar.py --lengths 1024 2048 4096 --repeats 5
 
-Writes ``benchmarks/attention/results/seqpar.json`` and ``seqpar.md``.
+Writes ``benchmarks/attention/results/seqpar.json`` and ``seqpar.md`` (``--render``: only the ``.md``, from the
+``.json``).
 """
 
 from __future__ import annotations
@@ -188,7 +189,12 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     ap.add_argument("--out", default=str(RESULTS / "seqpar"), help="results path without extension")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    if args.render:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(_markdown(data["meta"], data["rows"]))
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_path = os.path.join(tmp, "store"), os.path.join(tmp, "rows.json")

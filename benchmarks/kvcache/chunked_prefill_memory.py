@@ -8,7 +8,8 @@ on CPU, the allocator's peak on CUDA); KV bytes are ``cache_nbytes`` after the p
 
     nice -n 10 .venv/bin/python benchmarks/kvcache/chunked_prefill_memory.py --lengths 2k,4k,8k,16k
 
-Writes ``benchmarks/kvcache/results/chunked_prefill_memory.json`` and ``.md``.
+Writes ``benchmarks/kvcache/results/chunked_prefill_memory.json`` and ``.md`` (``--render``: only the ``.md``, from
+the ``.json``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _forked(model, length: int, chunk: int, method: str | None) -> dict:
     return out
 
 
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """results/chunked_prefill_memory.md from the run's ``meta`` and ``rows``."""
+    lines = [
+        f"chunked prefill, {meta['model']}, chunk {meta['chunk']}, SnapKV budget {meta['budget']} tokens, "
+        f"medians of {meta['repeats']} runs",
+        "",
+        "| tokens | cache | KV MiB | peak MiB | prefill s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['length']} | {r['method']} | {r['kv_bytes'] / 2**20:.2f} | "
+            f"{r['peak_bytes_median'] / 2**20:.1f} | {r['seconds_median']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
@@ -75,7 +93,12 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
     args = ap.parse_args()
+    if args.render:
+        data = json.loads((RESULTS / "chunked_prefill_memory.json").read_text())
+        (RESULTS / "chunked_prefill_memory.md").write_text(markdown(data["meta"], data["rows"]))
+        return
 
     import torch
 
@@ -111,20 +134,8 @@ def main() -> None:
         "python": platform.python_version(),
     }
     (RESULTS / "chunked_prefill_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        f"chunked prefill, {args.model}, chunk {args.chunk}, SnapKV budget {args.budget} tokens, "
-        f"medians of {args.repeats} runs",
-        "",
-        "| tokens | cache | KV MiB | peak MiB | prefill s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['length']} | {r['method']} | {r['kv_bytes'] / 2**20:.2f} | "
-            f"{r['peak_bytes_median'] / 2**20:.1f} | {r['seconds_median']:.2f} |"
-        )
-    (RESULTS / "chunked_prefill_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (RESULTS / "chunked_prefill_memory.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows), end="")
 
 
 if __name__ == "__main__":

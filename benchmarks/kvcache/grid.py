@@ -239,6 +239,19 @@ def family(cell: str) -> str:
 
 def report(out: Path) -> str:
     """results/grid/<model>/grid.md and pareto_<length>.png from the records (and kvpress.jsonl when present)."""
+    text = grid_markdown(out)
+    recs = [r for r in _load(out / "records.jsonl") if r.get("error") is None]
+    kvp = [r for r in _load(out / "kvpress.jsonl") if r.get("error") is None and r.get("score") is not None]
+    for length in sorted({r["length"] for r in recs}):
+        at = [r for r in recs if r["length"] == length]
+        full_bytes = statistics.mean(r["kv_bytes"] for r in at if r["cell"] == "full")
+        _pareto(at, kvp, length, full_bytes, out / f"pareto_{length}.png")
+    (out / "grid.md").write_text(text)
+    return text
+
+
+def grid_markdown(out: Path) -> str:
+    """The text of grid.md from the records of ``out`` (no figures drawn, nothing written)."""
     recs = [r for r in _load(out / "records.jsonl") if r.get("error") is None]
     errors = [r for r in _load(out / "records.jsonl") if r.get("error") is not None]
     kvp = [r for r in _load(out / "kvpress.jsonl") if r.get("error") is None and r.get("score") is not None]
@@ -298,13 +311,10 @@ def report(out: Path) -> str:
                 lines.append(f"| {cell} | {pre:.2f} | {pre / full_pre:.2f} | {1000 * dec:.1f} | {full_dec / dec:.2f}x "
                              f"| {len(rs)} |")  # fmt: skip
             lines.append("")
-        _pareto(at, kvp, length, full_bytes, out / f"pareto_{length}.png")
         lines += [f"![accuracy vs KV bytes at {length}](pareto_{length}.png)", ""]
     if errors:
         lines += ["## Errors", ""] + sorted({f"- {r['cell']}: {r['error']}" for r in errors}) + [""]
-    text = "\n".join(lines)
-    (out / "grid.md").write_text(text)
-    return text
+    return "\n".join(lines)
 
 
 def _pareto(at: list[dict], kvp: list[dict], length: int, full_bytes: float, path: Path) -> None:

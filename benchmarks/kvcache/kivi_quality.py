@@ -7,7 +7,8 @@ tokens are fed one at a time through the cache (teacher forcing), so every score
 as decoding would. Reported per cache: mean NLL and perplexity of the scored tokens, the share of next-token
 argmaxes equal to the full-precision cache's, the largest logit difference from it, the cache's exact bytes after
 the run, and the median decode time per token (3 repeats, ratios to the full-precision cache of the same run; the
-machine may be shared, so only ratios are meaningful). Writes ``results/kivi_quality.json`` and ``.md``.
+machine may be shared, so only ratios are meaningful). Writes ``results/kivi_quality.json`` and ``.md``
+(``--render``: only the ``.md``, from the ``.json`` and the hand-written ``kivi_quality.notes.md`` appended to it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,30 @@ def run(model, ids: torch.Tensor, n_ctx: int, spec: str | None):
         return torch.stack(logits), cache_nbytes(cache), statistics.median(times)
 
 
+def markdown(meta: dict, rows: list[dict], notes: Path | None = None) -> str:
+    """results/kivi_quality.md from the run's ``meta`` and ``rows``, then the ``notes`` file if it exists."""
+    lines = [
+        f"# KIVI on {meta['model']} ({meta['dtype']}): {meta['context']}-token context, {meta['scored_tokens']} "
+        "teacher-forced decode steps",
+        "",
+        f"`{meta['command']}`; transformers {meta['transformers']}, torch {meta['torch']}. Decode time: median of "
+        f"{meta['repeats']} repeats per token, shared CPU (ratios only).",
+        "",
+        "| cache | NLL | PPL | argmax = full cache | max logit diff | KV bytes | bytes vs full | decode ms/token | "
+        "decode vs full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cache']} | {r['nll']:.4f} | {r['ppl']:.3f} | {100 * r['argmax_agreement']:.1f}% | "
+            f"{r['max_logit_diff']:.3f} | {r['kv_bytes']:,} | {r['bytes_ratio']:.3f} | {r['decode_ms_median']:.1f} | "
+            f"{r['decode_ratio']:.2f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    # Hand-written notes on the run (e.g. the machine's load) live beside it and stay under a redrawn table.
+    return table + "\n" + notes.read_text() if notes is not None and notes.is_file() else table
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -57,7 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT/kivi_quality.md from its .json")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads((args.out / "kivi_quality.json").read_text())
+        md = markdown(data["meta"], data["rows"], args.out / "kivi_quality.notes.md")
+        (args.out / "kivi_quality.md").write_text(md)
+        return
 
     import transformers
 
@@ -111,24 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kivi_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        f"# KIVI on {args.model} ({meta['dtype']}): {n_ctx}-token context, {len(targets)} teacher-forced decode steps",
-        "",
-        f"`{meta['command']}`; transformers {meta['transformers']}, torch {meta['torch']}. Decode time: median of "
-        f"{args.repeats} repeats per token, shared CPU (ratios only).",
-        "",
-        "| cache | NLL | PPL | argmax = full cache | max logit diff | KV bytes | bytes vs full | decode ms/token | "
-        "decode vs full |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['cache']} | {r['nll']:.4f} | {r['ppl']:.3f} | {100 * r['argmax_agreement']:.1f}% | "
-            f"{r['max_logit_diff']:.3f} | {r['kv_bytes']:,} | {r['bytes_ratio']:.3f} | {r['decode_ms_median']:.1f} | "
-            f"{r['decode_ratio']:.2f} |"
-        )
-    (args.out / "kivi_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (args.out / "kivi_quality.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows), end="")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ the table and report cover every record the directory holds.
 Methods not registered in this checkout are skipped and listed in the results.
 
 Writes results/<name>/ (summary.json, report.html, score_vs_length.png, perplexity.png, grid.png, table.md,
-results.json).
+results.json); ``--render --name NAME`` only rewrites table.md and grid.png from results/NAME/run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -103,8 +104,23 @@ def cost_table(summary: dict) -> dict[str, dict[int, dict[str, float | None]]]:
 
 
 def display(method: str) -> str:
-    """A method's label as shown in tables and figures: config files relative to the repository, not absolute."""
-    return method.replace(f"{HERE}/", f"{HERE.relative_to(HERE.parents[1])}/")
+    """A method's label as shown in tables and figures: config files relative to the repository, not absolute.
+
+    The records keep the absolute path of the checkout that ran them, which need not be this one.
+    """
+    room = f"{HERE.relative_to(HERE.parents[1])}/"  # benchmarks/rope/
+    return re.sub(rf"=/\S*?/{re.escape(room)}", f"={room}", method)
+
+
+def write_table(run_dir: Path, out: Path) -> str:
+    """Write out/table.md and out/grid.png from every record in ``run_dir``; return the table."""
+    summary = summarize(run_dir)
+    costs = cost_table(summary)
+    # The directory may hold earlier parts of the grid (other lengths or tasks): report all of it.
+    table = markdown(summary, costs, summary["lengths"])
+    (out / "table.md").write_text(table)
+    grid_figure(summary, costs, summary["lengths"], out / "grid.png")
+    return table
 
 
 def markdown(summary: dict, costs: dict, lengths: list[int]) -> str:
@@ -230,7 +246,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--name", default=None, help="results sub-directory (default: full, or quick)")
     ap.add_argument("--run-dir", default=None, help="runner directory (default: results/<name>/run)")
+    ap.add_argument("--render", action="store_true", help="only rewrite table.md and grid.png from the run's records")
     args = ap.parse_args()
+    if args.render:
+        out = HERE / "results" / (args.name or "full")
+        print(write_table(Path(args.run_dir) if args.run_dir else out / "run", out))
+        return
 
     t0 = time.monotonic()
     lm = longkit.load_model(args.model, dtype=args.dtype)
@@ -265,26 +286,21 @@ def main() -> None:
         lm.model(torch.ones(1, 256, dtype=torch.long, device=lm.model.device))
     evaluate(config, lm=lm, argv=sys.argv)
     write_report(run_dir, out_dir=out)
+    table = write_table(run_dir, out)
     summary = summarize(run_dir)
-    costs = cost_table(summary)
-    # The directory may hold earlier parts of the grid (other lengths or tasks): report all of it.
-    all_lengths = summary["lengths"]
-    table = markdown(summary, costs, all_lengths)
-    (out / "table.md").write_text(table)
-    grid_figure(summary, costs, all_lengths, out / "grid.png")
     (out / "results.json").write_text(
         json.dumps(
             {
                 "model": args.model,
                 "dtype": lm.dtype,
                 "trained_length": L,
-                "lengths": all_lengths,
+                "lengths": summary["lengths"],
                 "tasks": summary["tasks"],
                 "depths": depths,
                 "samples": args.samples,
                 "methods": ["baseline", *specs],
                 "skipped_unregistered": skipped,
-                "cost_ratios_vs_baseline": costs,
+                "cost_ratios_vs_baseline": cost_table(summary),
                 "wall_s": round(time.monotonic() - t0, 1),
                 "hardware": hardware(),
                 "note": "timings on a shared CPU; ratios are against the baseline of the same run",

@@ -5,6 +5,7 @@
         --method rope=yarn:factor=2 --method kv=snapkv:ratio=0.25             # more combinations
 
     python benchmarks/ruler/run.py --combine smollm2-4k smollm2-8k               # one table from both runs
+    python benchmarks/ruler/run.py --render smollm2-4k smollm2-8k                # rewrite ruler.md from the records
 
 Runs the evaluation runner (one record per sample appended to ``results/<name>/samples.jsonl`` at once, so an
 interrupted run resumes where it stopped) on RULER's 13 tasks; qa_1/qa_2 are the offline synthetic stand-ins
@@ -68,9 +69,14 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results sub-directory (default: derived from the settings)")
     ap.add_argument("--combine", nargs="+", metavar="NAME",
                     help="only write one task x (method, length) table from these result directories")  # fmt: skip
+    ap.add_argument("--render", nargs="+", metavar="NAME", help="only rewrite results/NAME/ruler.md from its records")
     args = ap.parse_args()
     if args.combine:
         print(combined([HERE / "results" / n for n in args.combine]))
+        return
+    if args.render:
+        for n in args.render:
+            (HERE / "results" / n / "ruler.md").write_text(table(summarize(HERE / "results" / n)) + "\n")
         return
     methods = ([] if args.no_baseline else ["baseline"]) + args.method
     lengths = [int(n) for n in args.lengths.split(",")]

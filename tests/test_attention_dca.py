@@ -11,7 +11,8 @@ import longkit
 from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import dca as dca_mod
-from longkit.attention.dca import dca_attention, dca_reference
+from longkit.attention.dca import dca_attention
+from longkit.attention.naive import dca_reference
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 from longkit.rope import relative_positions

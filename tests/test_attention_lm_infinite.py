@@ -11,7 +11,8 @@ import longkit
 from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import lm_infinite as lmi
-from longkit.attention.lm_infinite import lm_infinite_attention, lm_infinite_reference
+from longkit.attention.lm_infinite import lm_infinite_attention
+from longkit.attention.naive import lm_infinite_reference
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 from longkit.rope import relative_positions

@@ -12,7 +12,8 @@ import longkit
 from attention_helpers import qkv
 from conftest import sample_ids
 from longkit.attention import MaskSpec, blockwise_attention
-from longkit.attention.logn import log_n_reference, log_n_scale_queries
+from longkit.attention.logn import log_n_scale_queries
+from longkit.attention.naive import log_n_reference
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 

@@ -12,8 +12,9 @@ import longkit
 from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import rerope as rr
-from longkit.attention.position_remap import log_n_factors
-from longkit.attention.rerope import rerope_attention, rerope_reference
+from longkit.attention.logn import log_n_factors
+from longkit.attention.naive import rerope_reference
+from longkit.attention.rerope import rerope_attention
 from longkit.attention.self_extend import self_extend_attention
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES

@@ -10,7 +10,8 @@ import longkit
 from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import self_extend as se
-from longkit.attention.self_extend import self_extend_attention, self_extend_reference
+from longkit.attention.naive import self_extend_reference
+from longkit.attention.self_extend import self_extend_attention
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES
 from longkit.rope.rotation import rotate_by
@@ -152,3 +153,49 @@ def test_memory_stays_blockwise(T, S):
         out, lse = self_extend_attention(q, k, v, INV_FREQ, 8, 512, block_q=256, block_k=256)
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
     assert seen.largest < T * S / 4, seen.largest
+
+
+def test_equal_instances_on_two_models_keep_their_own_state(tiny_llama):
+    # The state a remap reads at call time (rotary module, trained length) lives on the applied instance, and
+    # each instance registers its own attention function: two equal instances on two models do not collide.
+    import copy
+
+    model = tiny_llama.model
+    twin = copy.deepcopy(model)
+    ids = sample_ids(tiny_llama, n=40)
+    args = {"window": 4, "block_q": 16, "block_k": 16}
+    a, b = (REGISTRIES["attention"].create("self_extend", args) for _ in range(2))
+    with torch.inference_mode():
+        undo_a, undo_b = a.apply(model), b.apply(twin)
+        try:
+            got_a, got_b = model(ids).logits, twin(ids).logits
+        finally:
+            undo_b()
+            undo_a()
+        plain = model(ids).logits
+    assert a == b and a.implementation_name() != b.implementation_name()
+    torch.testing.assert_close(got_a, got_b, rtol=0, atol=0)
+    assert (got_a - plain).abs().max() > 1e-3
+    assert len(a._bound) == 0 and len(b._bound) == 0
+    with pytest.raises(MethodError, match="was called for a model it was not applied to"):
+        a.attention(model.model.layers[0].self_attn, *qkv(3, 3, 2)[:3], None, None, {})
+
+
+def test_fused_cpu_off_runs_the_blockwise_primitive_with_equal_logits(tiny_llama, monkeypatch):
+    # fused_cpu is an attribute of the instance, not a parameter: a benchmark turns the fused CPU kernel off on
+    # the method it runs, and the model's logits stay the same.
+    from longkit.attention import position_remap
+
+    ids = sample_ids(tiny_llama, n=45)
+    method = REGISTRIES["attention"].create("self_extend", {"group_size": 3, "window": 8, "block_q": 16, "block_k": 16})
+    assert "fused_cpu" not in method.params() and method.label() == "self_extend:group_size=3,window=8,block_q=16,block_k=16"
+    outs, calls, real = {}, [], position_remap.blockwise_attention
+    monkeypatch.setattr(position_remap, "blockwise_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.inference_mode():
+        for fused in (True, False):
+            method.fused_cpu = fused
+            with longkit.apply(tiny_llama.model, attention=method):
+                outs[fused] = tiny_llama.model(ids).logits
+            outs[fused, "blockwise calls"] = len(calls)
+    assert outs[True, "blockwise calls"] == 0 and outs[False, "blockwise calls"] > 0
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)

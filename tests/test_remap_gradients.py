@@ -10,15 +10,15 @@ import torch
 import longkit
 from attention_helpers import INV_FREQ, qkv
 from conftest import sample_ids
-from longkit.attention import dca, lm_infinite, rerope, self_extend
+from longkit.attention import dca, lm_infinite, naive, rerope, self_extend
 
 # name -> (blockwise function, reference function, positional parameters, keyword parameters)
 REMAPS = {
-    "self_extend": (self_extend.self_extend_attention, self_extend.self_extend_reference, (3, 5), {}),
-    "rerope": (rerope.rerope_attention, rerope.rerope_reference, (6,), {"trained": 8}),
-    "leaky_rerope": (rerope.rerope_attention, rerope.rerope_reference, (6,), {"leak": 3.0, "trained": 8}),
-    "dca": (dca.dca_attention, dca.dca_reference, (9, 2), {}),
-    "lm_infinite": (lm_infinite.lm_infinite_attention, lm_infinite.lm_infinite_reference, (7, 3), {}),
+    "self_extend": (self_extend.self_extend_attention, naive.self_extend_reference, (3, 5), {}),
+    "rerope": (rerope.rerope_attention, naive.rerope_reference, (6,), {"trained": 8}),
+    "leaky_rerope": (rerope.rerope_attention, naive.rerope_reference, (6,), {"leak": 3.0, "trained": 8}),
+    "dca": (dca.dca_attention, naive.dca_reference, (9, 2), {}),
+    "lm_infinite": (lm_infinite.lm_infinite_attention, naive.lm_infinite_reference, (7, 3), {}),
 }
 
 
@@ -51,16 +51,16 @@ MODEL_CASES = {
     "self_extend": (
         self_extend,
         "self_extend_attention",
-        self_extend.self_extend_reference,
+        naive.self_extend_reference,
         {"group_size": 3, "window": 6},
     ),
-    "rerope": (rerope, "rerope_attention", rerope.rerope_reference, {"window": 6}),
-    "leaky_rerope": (rerope, "rerope_attention", rerope.rerope_reference, {"window": 6, "leak": 4.0}),
-    "dca": (dca, "dca_attention", dca.dca_reference, {"chunk_size": 10, "local_window": 3}),
+    "rerope": (rerope, "rerope_attention", naive.rerope_reference, {"window": 6}),
+    "leaky_rerope": (rerope, "rerope_attention", naive.rerope_reference, {"window": 6, "leak": 4.0}),
+    "dca": (dca, "dca_attention", naive.dca_reference, {"chunk_size": 10, "local_window": 3}),
     "lm_infinite": (
         lm_infinite,
         "lm_infinite_attention",
-        lm_infinite.lm_infinite_reference,
+        naive.lm_infinite_reference,
         {"window": 8, "n_sinks": 2},
     ),
 }

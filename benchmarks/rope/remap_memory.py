@@ -26,21 +26,22 @@ B, H, H_KV, D = 1, 1, 1, 64
 BLOCK = 512
 
 
-def _methods(length: int) -> dict:
-    from longkit.attention.dca import dca_attention
-    from longkit.attention.lm_infinite import lm_infinite_attention
-    from longkit.attention.rerope import rerope_attention
-    from longkit.attention.self_extend import self_extend_attention
+def _methods() -> dict:
+    from longkit.registry import registry
 
     kw = {"block_q": BLOCK, "block_k": BLOCK}
     # settings for a model trained at 8K (smollm2-135m), as the method defaults pick them
-    return {
-        "self_extend": lambda q, k, v, f: self_extend_attention(q, k, v, f, 8, 512, **kw),
-        "rerope": lambda q, k, v, f: rerope_attention(q, k, v, f, 512, trained=8192, **kw),
-        "leaky_rerope": lambda q, k, v, f: rerope_attention(q, k, v, f, 512, leak=16.0, trained=8192, **kw),
-        "dca": lambda q, k, v, f: dca_attention(q, k, v, f, 6144, 512, **kw),
-        "lm_infinite": lambda q, k, v, f: lm_infinite_attention(q, k, v, f, 8192, 100, **kw),
+    args = {
+        "self_extend": {"group_size": 8, "window": 512},
+        "rerope": {"window": 512},
+        "leaky_rerope": {"window": 512, "leak": 16.0},
+        "dca": {"chunk_size": 6144, "local_window": 512},
+        "lm_infinite": {"window": 8192, "n_sinks": 100},
     }
+    return {name: registry("attention").create(name, {**a, **kw}) for name, a in args.items()}
+
+
+TRAINED = 8192
 
 
 def _rss_mib() -> float:
@@ -50,12 +51,6 @@ def _rss_mib() -> float:
 
 def run_one(name: str, length: int, repeats: int, kernel: str) -> dict:
     import torch
-
-    import longkit.attention.position_remap as remap
-
-    # "auto": the parts PyTorch's fused CPU kernel can run go there (what inference uses); "blockwise": the
-    # blockwise primitive everywhere (what training, with gradients, uses)
-    remap.FUSED_CPU = kernel == "auto"
 
     torch.manual_seed(0)
     q = torch.randn(B, H, length, D)
@@ -67,10 +62,14 @@ def run_one(name: str, length: int, repeats: int, kernel: str) -> dict:
         def fn():
             return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
     else:
-        method = _methods(length)[name]
+        method = _methods()[name]
+        # "auto": the parts PyTorch's fused CPU kernel can run go there (what inference uses); "blockwise": the
+        # blockwise primitive everywhere (what training, with gradients, uses)
+        method.fused_cpu = kernel == "auto"
 
         def fn():
-            return method(q, k, v, inv_freq)
+            # the method's own call with the model's rotated q, k (trained length 8K), as inference makes it
+            return method.attend(q, k, v, inv_freq, TRAINED, dense=None, scale=None, **method.tiles())
 
     before = _rss_mib()
     times = []

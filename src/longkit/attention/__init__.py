@@ -3,11 +3,12 @@
 ``reference_attention`` (plain, O(T·S)) is the ground truth; ``blockwise_attention`` is the FlashAttention
 algorithm in PyTorch; ``merge_partials`` is the one log-sum-exp merge for combining partial attentions;
 ``MaskSpec`` describes masks (causal, window, sinks, documents, block-sparse, dense). Training-free position
-remaps (``self_extend``, ``rerope``, ``leaky_rerope``) share ``position_remap.py``: RoPE re-rotation and a near
-part + far part, each blockwise, merged by log-sum-exp.
+remaps (``self_extend``, ``rerope``, ``leaky_rerope``, ``lm_infinite``, ``dca``) share ``position_remap.py``: RoPE
+re-rotation and a near part + far part, each blockwise, merged by log-sum-exp. Every plain-PyTorch reference
+(the ground truth of the fast paths' tests) lives in ``naive.py``.
 """
 
-from longkit.attention import (  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)
+from longkit.attention import (  # noqa: F401  (registration)
     a_shape,
     block_sparse,
     blockwise,
@@ -30,8 +31,8 @@ from longkit.attention.base import AttentionMethod
 from longkit.attention.blockwise import Blockwise, blockwise_attention
 from longkit.attention.lse import merge_partials, merge_partials_
 from longkit.attention.masks import EMPTY, FULL, PARTIAL, MaskSpec
+from longkit.attention.naive import reference_attention
 from longkit.attention.position_remap import RemapAttention, remapped_attention
-from longkit.attention.reference import reference_attention
 from longkit.attention.rerope import LeakyReRoPE, ReRoPE, rerope_attention
 from longkit.attention.ring import Ring, ring_attention
 from longkit.attention.self_extend import SelfExtend, self_extend_attention

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from longkit.attention.reference import check_qkv
+from longkit.attention.base import check_args, check_qkv
+from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     check_dense,
-    check_int,
     gathered_attention,
-    masked_reference,
     tile_firsts,
 )
 from longkit.registry import param, register
@@ -71,9 +70,7 @@ def a_shape_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_int("a_shape", "sinks", sinks, 0)
-    check_int("a_shape", "window", window, 1)
-    check_int("a_shape", "block_q", block_q, 1)
+    check_args(AShape, sinks=sinks, window=window, block_q=block_q)
     B, H, _, T, S, _ = check_qkv(q, k, v)
     check_dense("a_shape", dense, B, H, T, S)
     if reference:

@@ -2,19 +2,78 @@
 
 An :class:`AttentionMethod` either switches the model to an implementation transformers already has
 (``eager``, ``sdpa``) or registers its own attention function under ``longkit_<name>`` and selects it
-with ``model.set_attn_implementation``. Undo restores the previous implementation.
+with ``model.set_attn_implementation``. Undo restores the previous implementation. Also here: the input
+checks every attention function shares (:func:`check_qkv`, :func:`check_args`, :func:`transformers_inputs`)
+and :class:`BoundAttention`, the base of methods that read something from the model they are applied to.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import operator
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from longkit.attention.masks import MaskSpec
 from longkit.errors import MethodError
 from longkit.methods import Method, Undo
+from longkit.registry import params_of
+
+# (bound of ParamInfo, test that a value breaks it)
+_BREAKS = (("ge", operator.lt), ("gt", operator.le), ("le", operator.gt), ("lt", operator.ge))
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Check attention inputs and return ``(B, H, H_kv, T, S, D)``; errors name the tensor and the rule."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise MethodError(
+            f"attention: 'query' (B, H, T, D), 'key' and 'value' (B, H_kv, S, D) must be 4-D; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, H, T, D = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[-1] != D:
+        raise MethodError(
+            f"attention: 'key' must be (B, H_kv, S, D) and 'value' (B, H_kv, S, D_v) with B = {B}, D = {D}; got "
+            f"key {tuple(k.shape)}, value {tuple(v.shape)}"
+        )
+    H_kv, S = k.shape[1], k.shape[2]
+    if H % H_kv:
+        raise MethodError(f"attention: query heads H = {H} must be a multiple of key/value heads H_kv = {H_kv}")
+    return B, H, H_kv, T, S, D
+
+
+def check_args(cls: type, where: str | None = None, /, **values: Any) -> None:
+    """Check the arguments of a method's plain function against the ranges ``cls`` declares for those fields.
+
+    The :func:`longkit.registry.param` declaration is the one statement of a range: the registry checks it when
+    a method is built, this when its function is called directly. Ints must be ints, floats any real number;
+    None is never accepted. ``where`` names the method in the message when the field is another method's (the
+    ``trained`` length of ReRoPE's log-n scaling is :class:`LogN`'s).
+    """
+    declared = {p.name: p for p in params_of(cls)}
+    for name, value in values.items():
+        p = declared[name]
+        integral = p.type.startswith("int")
+        ok = not isinstance(value, bool) and isinstance(value, int if integral else int | float)
+        if not ok or any(getattr(p, b) is not None and breaks(value, getattr(p, b)) for b, breaks in _BREAKS):
+            raise MethodError(
+                f"{where or cls.name} attention: parameter '{name}' must be {'an int' if integral else 'a number'} "
+                f"{p.range_text()} (got {value!r})"
+            )
+
+
+def transformers_inputs(method: AttentionMethod, module, query, key, attention_mask, kwargs) -> torch.Tensor | None:
+    """The padding mask a transformers attention call carries, as ``dense`` for methods that are causal by
+    construction (sparse methods, position remaps); a non-causal or sliding-window layer is refused."""
+    spec = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
+    if spec.window is not None:
+        raise MethodError(f"attention method '{method.name}' does not support sliding-window attention layers")
+    if not spec.causal and spec.dense is None:
+        raise MethodError(f"attention method '{method.name}' needs causal attention")
+    return spec.dense
 
 
 @dataclass
@@ -67,6 +126,10 @@ class AttentionMethod(Method):
         if kwargs.get("softcap") is not None:
             raise MethodError(f"attention method '{self.name}' does not support logit softcapping")
 
+    def registration_key(self) -> str:
+        """What tells this method's registered attention functions apart: its parameter setting."""
+        return self.label()
+
     def implementation_name(self) -> str:
         if self.implementation:
             return self.implementation
@@ -75,7 +138,7 @@ class AttentionMethod(Method):
 
         # One key per parameter setting, so two models using the same method with different settings at
         # once do not share one registered function.
-        label = self.label()
+        label = self.registration_key()
         suffix = "" if label == self.name else "_" + hashlib.sha1(label.encode()).hexdigest()[:8]
         name = f"longkit_{self.name}{suffix}"
         # Registering adds a new key to transformers' registries; no existing implementation is replaced.
@@ -98,3 +161,39 @@ class AttentionMethod(Method):
             model.set_attn_implementation(previous)
 
         return undo
+
+
+@dataclass
+class BoundAttention(AttentionMethod):
+    """Base of attention methods that read something from the model they are applied to (its rotary module,
+    its trained length): :meth:`bind` keeps it on this instance per attention module of the model, and
+    :meth:`bound` reads it when transformers calls the attention function. Each instance registers its own
+    attention function, so two instances, even with equal settings, never read each other's models.
+    """
+
+    _bound: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
+    )
+
+    def registration_key(self) -> str:
+        return f"{self.label()}@{id(self):x}"
+
+    def bind(self, model: Any, state: Any) -> Undo:
+        """Keep ``state`` for every module of ``model``, then switch its attention; the undo forgets both."""
+        modules = list(model.modules())
+        for m in modules:
+            self._bound[m] = state
+        undo_impl = AttentionMethod.apply(self, model)
+
+        def undo() -> None:
+            undo_impl()
+            for m in modules:
+                self._bound.pop(m, None)
+
+        return undo
+
+    def bound(self, module: torch.nn.Module) -> Any:
+        """What :meth:`bind` kept for the model ``module`` belongs to."""
+        if module not in self._bound:
+            raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
+        return self._bound[module]

@@ -6,17 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from longkit.attention.reference import check_qkv
+from longkit.attention.base import check_args, check_qkv
+from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     block_means,
     blocks_from_flags,
     check_dense,
-    check_int,
     expand_blocks,
     gathered_attention,
     mask_from_blocks,
-    masked_reference,
 )
 from longkit.registry import param, register
 
@@ -71,7 +70,7 @@ def block_sparse_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_int("block_sparse", "block_size", block_size, 1)
+    check_args(BlockSparse, block_size=block_size)
     B, H, _, T, S, _ = check_qkv(q, k, v)
     check_dense("block_sparse", dense, B, H, T, S)
     if reference:

@@ -13,19 +13,12 @@ from typing import Any
 
 import torch
 
-from longkit.attention.base import AttentionMethod
+from longkit.attention.base import AttentionMethod, check_args, check_qkv
 from longkit.attention.lse import merge_partials_
 from longkit.attention.masks import EMPTY, FULL, MaskSpec
-from longkit.attention.reference import check_qkv
-from longkit.errors import MethodError
 from longkit.registry import param, register
 
 MIN_BLOCK = 16
-
-
-def _check_block(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_BLOCK:
-        raise MethodError(f"blockwise attention: parameter '{name}' must be an int >= {MIN_BLOCK} (got {value!r})")
 
 
 def _masked_(s: torch.Tensor, visible: torch.Tensor, group: int) -> torch.Tensor:
@@ -191,8 +184,7 @@ def blockwise_attention(
 
     Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
     """
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    check_args(Blockwise, block_q=block_q, block_k=block_k)
     B, H, _, T, S, D = check_qkv(q, k, v)
     if mask is not None:
         mask.check(B, H, T, S)

@@ -14,21 +14,18 @@ from typing import Any
 
 import torch
 
+from longkit.attention.base import check_args
 from longkit.attention.blockwise import MIN_BLOCK
 from longkit.attention.lse import merge_partials
 from longkit.attention.masks import MaskSpec
-from longkit.attention.position_remap import RemapAttention, attend_part, remapped_reference
-from longkit.attention.reference import check_qkv
+from longkit.attention.position_remap import RemapAttention, attend_part, check_remap_qkv
 from longkit.errors import MethodError
 from longkit.registry import param, register
-from longkit.rope.remap import dca_matrix
 from longkit.rope.rotation import rotate_by
 
 
-def _check(chunk_size: Any, local_window: Any) -> tuple[int, int]:
-    for name, value, lo in (("chunk_size", chunk_size, 2), ("local_window", local_window, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise MethodError(f"dca attention: parameter '{name}' must be an int >= {lo} (got {value!r})")
+def check_sizes(chunk_size: int, local_window: int) -> tuple[int, int]:
+    """``(s, w)`` if the local window fits inside a chunk, w < s (the relation the declared ranges cannot say)."""
     if local_window >= chunk_size:
         raise MethodError(
             f"dca attention: parameter 'local_window' must be < chunk_size = {chunk_size} (got {local_window})"
@@ -44,8 +41,7 @@ def _part(
     dense: torch.Tensor | None,
     inv_freq: torch.Tensor,
     scale: float | None,
-    block_q: int,
-    block_k: int,
+    tiles: dict[str, Any],
     new_pos: torch.Tensor,
     j0: int,
     j1: int,
@@ -63,7 +59,7 @@ def _part(
         mask = MaskSpec(causal=True, q_offset=int(qpos[0]) - j0, dense=part_dense)
     else:
         mask = None if part_dense is None else MaskSpec(causal=False, dense=part_dense)
-    return attend_part(qr, kc[:, :, j0:j1], v[:, :, j0:j1], mask, scale, block_q=block_q, block_k=block_k)
+    return attend_part(qr, kc[:, :, j0:j1], v[:, :, j0:j1], mask, scale, **tiles)
 
 
 def dca_attention(
@@ -78,8 +74,10 @@ def dca_attention(
     scale: float | None = None,
     block_q: int = 128,
     block_k: int = 128,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual Chunk Attention over RoPE-rotated q and k, blockwise: intra + successive + inter parts, LSE-merged.
+    """Dual Chunk Attention (:class:`DualChunkAttention`) over RoPE-rotated q and k: intra + successive + inter
+    parts, each blockwise, LSE-merged.
 
     Query i sits at position ``p = S - T + i`` and key j at position j (a cache holds the keys in order), so
     prefill and cached decoding take the same path. Keys are re-rotated once to ``j mod c``; for each query
@@ -87,19 +85,13 @@ def dca_attention(
     (causal), chunk b - 1 and chunks < b - 1. Memory O(S·D + tiles), never O(T·S). Based on
     https://arxiv.org/abs/2402.17463 (An et al. 2024, ``HKUNLP/ChunkLlama``).
 
-    Parameters:
-        q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
-        v: (B, H_kv, S, D_v). inv_freq: (rotary_dim / 2,) the model's RoPE inverse frequencies.
-        chunk_size: int >= 2, s. local_window: int >= 0 and < s, w; chunks hold c = s - w tokens.
-        dense: optional bool (B|1, 1|H, T, S) extra mask (padding), True = visible.
-        scale: score scale (default D ** -0.5). block_q, block_k: int >= 16, tile edges.
-
-    Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
+    chunk_size: int >= 2, s. local_window: int >= 0 and < s, w; chunks hold c = s - w tokens. The tensors, the
+    keyword arguments and the result ``(out, lse)`` are as :func:`remapped_attention`'s.
     """
-    s, w = _check(chunk_size, local_window)
-    _, _, _, T, S, _ = check_qkv(q, k, v)
-    if T > S:
-        raise MethodError(f"dca attention: more queries (T = {T}) than keys (S = {S})")
+    check_args(DualChunkAttention, chunk_size=chunk_size, local_window=local_window)
+    s, w = check_sizes(chunk_size, local_window)
+    _, _, _, T, S, _ = check_remap_qkv("dca", q, k, v)
+    tiles = {"block_q": block_q, "block_k": block_k, "fused": fused}
     c, off = s - w, S - T
     kpos = torch.arange(S, device=q.device)
     # (B, H_kv, S, D): every key at its in-chunk position j mod c
@@ -110,17 +102,7 @@ def dca_attention(
         p0, p1 = max(b * c, off), min((b + 1) * c, S)
         r0, r1, k0 = p0 - off, p1 - off, b * c
         qpos = torch.arange(p0, p1, device=q.device)
-        rows = (
-            q[:, :, r0:r1],
-            qpos,
-            kc,
-            v,
-            None if dense is None else dense[:, :, r0:r1],
-            inv_freq,
-            scale,
-            block_q,
-            block_k,
-        )
+        rows = (q[:, :, r0:r1], qpos, kc, v, None if dense is None else dense[:, :, r0:r1], inv_freq, scale, tiles)
         out, lse = _part(*rows, qpos % c, k0, p1, causal=True)
         if b >= 1:
             out, lse = merge_partials(out, lse, *_part(*rows, (qpos % c + c).clamp(max=s), k0 - c, k0))
@@ -130,26 +112,6 @@ def dca_attention(
         lses.append(lse.float())
     # (B, H, T, D_v) and (B, H, T)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def dca_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    chunk_size: int,
-    local_window: int,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain DCA from the explicit relative-position matrix of :func:`longkit.rope.relative_positions` (``dca``)
-    and dense scores, O(T·S·D) memory (tests only). Same arguments and result as :func:`dca_attention`."""
-    s, w = _check(chunk_size, local_window)
-    T, S = q.shape[2], k.shape[2]
-    # (T, S) relative positions of the queries at S - T .. S - 1; -1 marks the future
-    rel = dca_matrix(S, s, w)[S - T :]
-    return remapped_reference(q, k, v, inv_freq, rel, dense=dense, scale=scale)
 
 
 @register("attention", "dca")
@@ -180,17 +142,13 @@ class DualChunkAttention(RemapAttention):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_size is not None and self.local_window is not None:
-            _check(self.chunk_size, self.local_window)
+            check_sizes(self.chunk_size, self.local_window)
 
     def sizes(self, trained: int) -> tuple[int, int]:
         """(s, w) for a model trained at ``trained`` tokens; the defaults follow ``replace_with_chunkllama``."""
         s = trained * 3 // 4 if self.chunk_size is None else self.chunk_size
         w = trained // 16 if self.local_window is None else self.local_window
-        return _check(s, w)
+        return check_sizes(s, w)
 
-    def attend(self, q, k, v, inv_freq, trained, dense, scale):
-        s, w = self.sizes(trained)
-        out, _ = dca_attention(
-            q, k, v, inv_freq, s, w, dense=dense, scale=scale, block_q=self.block_q, block_k=self.block_k
-        )
-        return out
+    def attend(self, q, k, v, inv_freq, trained, **kw):
+        return dca_attention(q, k, v, inv_freq, *self.sizes(trained), **kw)

@@ -13,86 +13,25 @@ from typing import Any
 
 import torch
 
+from longkit.attention.base import check_args
 from longkit.attention.blockwise import MIN_BLOCK
-from longkit.attention.position_remap import RemapAttention, remapped_attention, remapped_reference
-from longkit.errors import MethodError
+from longkit.attention.position_remap import RemapAttention, remapped_attention
 from longkit.registry import param, register
-from longkit.rope.remap import lm_infinite_matrix
-
-
-def _check(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise MethodError(f"lm_infinite attention: parameter '{name}' must be an int >= {lo} (got {value!r})")
-    return value
 
 
 def lm_infinite_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    window: int,
-    n_sinks: int,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, window: int, n_sinks: int, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LM-Infinite attention over RoPE-rotated q and k, blockwise: local window part + sink part, LSE-merged.
+    """LM-Infinite (:class:`LMInfinite`) over RoPE-rotated q and k: local window part + sink part, LSE-merged.
 
-    Query i sits at position ``S - T + i`` and key j at position j. Local part: keys at distance < L with
-    their own rotations. Sink part: keys j < n_sinks at distance >= L, query re-rotated to L and key to 0
-    (relative distance L). Memory O(T·D + tiles), never O(T·S). Based on https://arxiv.org/abs/2308.16137
-    (Han et al. 2024, ``Glaciohound/LM-Infinite``).
-
-    Parameters:
-        q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
-        v: (B, H_kv, S, D_v). inv_freq: (rotary_dim / 2,) the model's RoPE inverse frequencies.
-        window: int >= 1, L (local window and distance cap). n_sinks: int >= 0, the global (sink) tokens.
-        dense: optional bool (B|1, 1|H, T, S) extra mask (padding), True = visible.
-        scale: score scale (default D ** -0.5). block_q, block_k: int >= 16, tile edges.
-
-    Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
+    window: int >= 1, L (local window and distance cap). n_sinks: int >= 0, the global (sink) tokens, seen
+    beyond the window at relative distance L (query re-rotated to L, key to 0). The tensors, the keyword
+    arguments (dense, scale, block_q, block_k, fused) and the result ``(out, lse)`` are as
+    :func:`remapped_attention`'s. Based on https://arxiv.org/abs/2308.16137 (Han et al. 2024).
     """
-    L = _check("window", window, 1)
-    n = _check("n_sinks", n_sinks, 0)
-    return remapped_attention(
-        q,
-        k,
-        v,
-        inv_freq,
-        L,
-        lambda p: torch.full_like(p, L),
-        torch.zeros_like,
-        far_keys=n,
-        dense=dense,
-        scale=scale,
-        block_q=block_q,
-        block_k=block_k,
-    )
-
-
-def lm_infinite_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    window: int,
-    n_sinks: int,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain LM-Infinite from the explicit relative-position matrix of :func:`longkit.rope.relative_positions`
-    (``lm_infinite``) and dense scores, O(T·S·D) memory (tests only). Same arguments and result as
-    :func:`lm_infinite_attention`."""
-    L = _check("window", window, 1)
-    n = _check("n_sinks", n_sinks, 0)
-    T, S = q.shape[2], k.shape[2]
-    # (T, S) relative positions of the queries at S - T .. S - 1; -1 marks hidden pairs
-    rel = lm_infinite_matrix(S, L, n)[S - T :]
-    return remapped_reference(q, k, v, inv_freq, rel, dense=dense, scale=scale)
+    check_args(LMInfinite, window=window, n_sinks=n_sinks)
+    L = window
+    return remapped_attention(q, k, v, inv_freq, L, lambda p: torch.full_like(p, L), torch.zeros_like, far_keys=n_sinks, **kw)
 
 
 @register("attention", "lm_infinite")
@@ -121,18 +60,6 @@ class LMInfinite(RemapAttention):
     block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
 
-    def attend(self, q, k, v, inv_freq, trained, dense, scale):
+    def attend(self, q, k, v, inv_freq, trained, **kw):
         window = trained if self.window is None else self.window
-        out, _ = lm_infinite_attention(
-            q,
-            k,
-            v,
-            inv_freq,
-            window,
-            self.n_sinks,
-            dense=dense,
-            scale=scale,
-            block_q=self.block_q,
-            block_k=self.block_k,
-        )
-        return out
+        return lm_infinite_attention(q, k, v, inv_freq, window, self.n_sinks, **kw)

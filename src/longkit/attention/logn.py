@@ -3,28 +3,28 @@
 Attention entropy grows with the number of keys; scaling the logits of the query at position n by
 ``log_L n`` (L the trained length) keeps it near what the model saw in training. The factor depends only on
 the query, so it scales the query vector before an ordinary attention kernel (sdpa or blockwise). The factors
-are :func:`longkit.attention.position_remap.log_n_factors`, the same function ReRoPE's log-n uses.
+are :func:`log_n_factors`, the same function ReRoPE's log-n uses.
 """
 
 from __future__ import annotations
 
-import weakref
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from longkit.attention.base import AttentionMethod
+from longkit.attention.base import BoundAttention, check_args
 from longkit.attention.blockwise import MIN_BLOCK, blockwise_attention
 from longkit.attention.masks import MaskSpec
-from longkit.attention.position_remap import log_n_factors
-from longkit.errors import MethodError
 from longkit.methods import Undo
 from longkit.models.introspect import trained_length
 from longkit.registry import param, register
 
-# attention module -> trained length of its model, filled at apply
-_TRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+def log_n_factors(positions: torch.Tensor, trained: int) -> torch.Tensor:
+    """log-n query scaling: ``max(1, log(p + 1) / log(L))`` per position (ReRoPE, ``bojone/rerope``)."""
+    return (torch.log(positions.double() + 1) / math.log(trained)).clamp(min=1.0).float()
 
 
 def log_n_scale_queries(query: torch.Tensor, positions: torch.Tensor, trained: int) -> torch.Tensor:
@@ -34,36 +34,16 @@ def log_n_scale_queries(query: torch.Tensor, positions: torch.Tensor, trained: i
     (https://kexue.fm/archives/8823, ``bojone/rerope``) and Chiang & Cholak 2022
     (https://arxiv.org/abs/2202.12172). trained L: int >= 2.
     """
-    if isinstance(trained, bool) or not isinstance(trained, int) or trained < 2:
-        raise MethodError(f"log-n scaling: parameter 'trained' must be an int >= 2 (got {trained!r})")
+    check_args(LogN, trained=trained)
     # (B|1, 1, T, 1) factors, computed in float32 as transformers computes positions
     f = log_n_factors(positions, trained).to(query.device)
     f = f[None, None, :, None] if f.ndim == 1 else f[:, None, :, None]
     return (query.float() * f).to(query.dtype)
 
 
-def log_n_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, trained: int, *, scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain causal attention with the logits of query i (at position S - T + i) multiplied by
-    ``max(1, log_L (S - T + i + 1))``: explicit (T, S) scores, tests only. q (B, H, T, D), k, v (B, H_kv, S, D).
-    Returns ``(out (B, H, T, D_v), lse (B, H, T))``."""
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)
-    vf = v.float().repeat_interleave(H // v.shape[1], dim=1)
-    p = torch.arange(S - T, S)
-    lam = torch.clamp(torch.log(p.double() + 1) / torch.log(torch.tensor(float(trained), dtype=torch.float64)), min=1)
-    # (B, H, T, S): the logits, then each query row multiplied by its factor
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale * lam.float()[:, None]
-    scores = scores.masked_fill(torch.arange(S)[None, :] > p[:, None], float("-inf"))
-    return torch.softmax(scores, -1) @ vf, torch.logsumexp(scores, -1)
-
-
 @register("attention", "logn")
 @dataclass
-class LogN(AttentionMethod):
+class LogN(BoundAttention):
     """log-n attention scaling: the logits of the query at position n multiplied by ``max(1, log_L n)``.
 
     Past the trained length L the attention logits grow with log n so the attention entropy stays near the
@@ -90,32 +70,20 @@ class LogN(AttentionMethod):
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile (inner = blockwise)")
 
     def apply(self, model: Any) -> Undo:
-        trained = self.trained if self.trained is not None else trained_length(model)
-        modules = list(model.modules())
-        for m in modules:
-            _TRAINED[m] = trained
-        undo_impl = super().apply(model)
-
-        def undo() -> None:
-            undo_impl()
-            for m in modules:
-                _TRAINED.pop(m, None)
-
-        return undo
+        return self.bind(model, self.trained if self.trained is not None else trained_length(model))
 
     def attention(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        if module not in _TRAINED:
-            raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
+        trained = self.bound(module)
         layer = getattr(module, "layer_idx", None)
         if layer is None or layer >= self.skip_layers:
             T, S = query.shape[2], key.shape[2]
             positions = kwargs.get("position_ids")
             # (B, T) real positions (left padding honoured), else the cache index S - T .. S - 1
             positions = torch.arange(S - T, S) if positions is None else positions
-            query = log_n_scale_queries(query, positions, _TRAINED[module])
+            query = log_n_scale_queries(query, positions, trained)
         if self.inner == "blockwise":
             mask = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
             out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)

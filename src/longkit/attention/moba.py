@@ -7,17 +7,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longkit.attention.base import check_args, check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials, require_fused_cpu_kernel
-from longkit.attention.reference import check_qkv
+from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     block_means,
     blocks_from_flags,
     check_dense,
-    check_int,
     expand_blocks,
     gathered_attention,
-    masked_reference,
     positions,
 )
 from longkit.registry import param, register
@@ -166,8 +165,7 @@ def moba_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_int("moba", "block_size", block_size, 1)
-    check_int("moba", "block_q", block_q, 1)
+    check_args(MoBA, block_size=block_size, block_q=block_q)
     B, H, _, T, S, D = check_qkv(q, k, v)
     check_dense("moba", dense, B, H, T, S)
     if reference:

@@ -5,37 +5,29 @@ key j at position j). Every remap here keeps exact distances below a window W an
 queries and keys to new positions. RoPE rotations compose, so rotating an already rotated vector by
 ``new - old`` equals rotating the raw vector at ``new`` (:func:`longkit.rope.rotation.rotate_by`). The near part (d < W) and the
 far part (d >= W) are each one :func:`blockwise_attention` call with a causal mask, merged through their
-log-sum-exp with :func:`merge_partials`: no (T, S) matrix is built. :func:`remapped_reference` is the
-plain O(T·S·D) version from an explicit relative-position matrix, for tests. Dual Chunk Attention (``dca.py``)
-splits by chunk instead of by distance but uses the same re-rotation and merge.
+log-sum-exp with :func:`merge_partials`: no (T, S) matrix is built. Its plain O(T·S·D) reference from an
+explicit relative-position matrix is :func:`longkit.attention.naive.remapped_reference`. Dual Chunk Attention
+(``dca.py``) splits by chunk instead of by distance but uses the same re-rotation and merge.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from longkit.attention.base import AttentionMethod
+from longkit.attention.base import BoundAttention, check_qkv, transformers_inputs
 from longkit.attention.blockwise import blockwise_attention
 from longkit.attention.lse import fused_cpu_kernel, merge_partials
 from longkit.attention.masks import MaskSpec
-from longkit.attention.reference import check_qkv
 from longkit.errors import MethodError
 from longkit.methods import Undo
 from longkit.models.introspect import rope_config, rotary_modules, trained_length
 from longkit.rope.rotation import rotate_by
 
 Positions = Callable[[torch.Tensor], torch.Tensor]
-
-
-#: Let :func:`attend_part` use PyTorch's fused CPU kernel where it can; False forces the blockwise primitive
-#: everywhere (benchmarks compare the two).
-FUSED_CPU = True
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
@@ -91,6 +83,7 @@ def attend_part(
     *,
     block_q: int = 128,
     block_k: int = 128,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One part of a remapped attention: ``(out (B, H, T, D_v), lse (B, H, T) float32)`` as
     :func:`blockwise_attention` returns them.
@@ -99,9 +92,9 @@ def attend_part(
     (``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp, memory
     O(tiles)): no mask, causal with any ``q_offset >= 0``, and causal with a sliding ``window``, each split
     into full / causal-at-the-first-key pieces merged by log-sum-exp. That is about 10-30x faster than the
-    Python tile loop on CPU. Every other mask (dense, documents, block-sparse, sinks) and every call that needs
-    gradients (the kernel's log-sum-exp is not differentiable) runs :func:`blockwise_attention`; the two agree
-    to float rounding (tested).
+    Python tile loop on CPU. Every other mask (dense, documents, block-sparse, sinks), every call that needs
+    gradients (the kernel's log-sum-exp is not differentiable) and ``fused=False`` (benchmarks compare the two)
+    run :func:`blockwise_attention`; the two agree to float rounding (tested).
     """
     simple = mask is None or (
         mask.causal
@@ -111,8 +104,7 @@ def attend_part(
         and mask.block_mask is None
         and mask.dense is None
     )
-    fusable = FUSED_CPU and simple and q.shape[2] > 0 and k.shape[2] > 0 and fused_cpu_kernel(q, k, v) is not None
-    if not fusable:
+    if not (fused and simple and q.shape[2] > 0 and k.shape[2] > 0 and fused_cpu_kernel(q, k, v) is not None):
         return blockwise_attention(q, k, v, mask, scale, block_q=block_q, block_k=block_k)
     _, _, _, T, S, D = check_qkv(q, k, v)
     if mask is not None:
@@ -127,9 +119,12 @@ def attend_part(
     return out.to(q.dtype), lse
 
 
-def log_n_factors(positions: torch.Tensor, trained: int) -> torch.Tensor:
-    """log-n query scaling: ``max(1, log(p + 1) / log(L))`` per position (ReRoPE, ``bojone/rerope``)."""
-    return (torch.log(positions.double() + 1) / math.log(trained)).clamp(min=1.0).float()
+def check_remap_qkv(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """:func:`check_qkv` for a remap, whose queries are the last T of its S keys: ``(B, H, H_kv, T, S, D)``."""
+    dims = check_qkv(q, k, v)
+    if dims[3] > dims[4]:
+        raise MethodError(f"{method} attention: more queries (T = {dims[3]}) than keys (S = {dims[4]})")
+    return dims
 
 
 def remapped_attention(
@@ -147,12 +142,14 @@ def remapped_attention(
     scale: float | None = None,
     block_q: int = 128,
     block_k: int = 128,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise attention with exact positions below ``window`` and remapped positions at or beyond it.
 
     Query i sits at position ``S - T + i`` and key j at position j. Near part: keys at distance < W with their
     own rotations. Far part: keys at distance >= W, queries moved to ``far_query(p)`` and keys to
-    ``far_key(j)``. Memory O(T·D + tiles), never O(T·S).
+    ``far_key(j)``. Memory O(T·D + tiles), never O(T·S). The remap functions (``self_extend_attention``, ...)
+    take the tensors and the keyword arguments dense, scale, block_q, block_k and fused described here.
 
     Parameters:
         q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
@@ -161,27 +158,22 @@ def remapped_attention(
         q_factor: optional (T,) per-query multiplier (log-n scaling). far_keys: int >= 0 or None; only keys
         j < far_keys take part in the far part (LM-Infinite's sinks), None for all. dense: optional bool (B|1, 1|H, T, S)
         extra mask (padding), True = visible. scale: score scale (default D ** -0.5).
-        block_q, block_k: int >= 16, tile edges.
+        block_q, block_k: int >= 16, tile edges. fused: let :func:`attend_part` use the fused CPU kernel.
 
     Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
     """
-    B, H, _, T, S, D = check_qkv(q, k, v)
-    if T > S:
-        raise MethodError(f"remapped attention: more queries (T = {T}) than keys (S = {S})")
+    B, H, _, T, S, D = check_remap_qkv("remapped", q, k, v)
     W, off = window, S - T
+    tiles = {"block_q": block_q, "block_k": block_k, "fused": fused}
     if q_factor is not None:
         # (B, H, T, D): the factor multiplies the logits of every key, so it scales the query itself
         q = (q.float() * q_factor.to(q.device)[:, None]).to(q.dtype)
-    near, near_lse = attend_part(
-        q, k, v, MaskSpec(causal=True, window=W, q_offset=off, dense=dense), scale, block_q=block_q, block_k=block_k
-    )
+    near, near_lse = attend_part(q, k, v, MaskSpec(causal=True, window=W, q_offset=off, dense=dense), scale, **tiles)
     # Queries before position W have no key at distance >= W: the far part starts at query index i0.
     i0 = max(0, W - off)
-    if i0 >= T:
-        return near, near_lse
     # Only keys 0 .. S - 1 - W are at distance >= W from the last query.
     n_far = S - W if far_keys is None else min(S - W, far_keys)
-    if n_far <= 0:
+    if i0 >= T or n_far <= 0:
         return near, near_lse
     qpos = torch.arange(off + i0, S, device=q.device)
     kpos = torch.arange(n_far, device=q.device)
@@ -191,62 +183,22 @@ def remapped_attention(
     # Key j is far for the query at p iff j <= p - W: causal with the query offset moved back by W.
     far_dense = None if dense is None else dense[:, :, i0:, :n_far]
     far_mask = MaskSpec(causal=True, q_offset=off + i0 - W, dense=far_dense)
-    far, far_lse = attend_part(qf, kf, v[:, :, :n_far], far_mask, scale, block_q=block_q, block_k=block_k)
+    far, far_lse = attend_part(qf, kf, v[:, :, :n_far], far_mask, scale, **tiles)
     out, lse = merge_partials(near[:, :, i0:], near_lse[:, :, i0:], far, far_lse)
     # (B, H, T, D_v): rows before i0 keep the near part alone
     return torch.cat([near[:, :, :i0], out.to(q.dtype)], dim=2), torch.cat([near_lse[:, :, :i0], lse], dim=2)
 
 
-def remapped_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    rel: torch.Tensor,
-    *,
-    q_factor: torch.Tensor | None = None,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain remapped attention from an explicit (T, S) relative-position matrix; O(T·S·D) memory, tests only.
-
-    Un-rotates q and k to position 0, then scores query i against key j with q_i rotated by ``rel[i, j]``
-    (RoPE scores depend only on the distance); ``rel < 0`` hides the pair. Arguments as
-    :func:`remapped_attention`; returns ``(out (B, H, T, D_v), lse (B, H, T))``.
-    """
-    B, H, H_kv, T, S, D = check_qkv(q, k, v)
-    off = S - T
-    scale = D**-0.5 if scale is None else scale
-    qf = q.float() if q_factor is None else q.float() * q_factor[:, None]
-    # (B, H, T, D) and (B, H, S, D): the raw projections, as if RoPE had rotated them at position 0
-    q0 = rotate_by(qf, torch.arange(off, S), torch.zeros(T), inv_freq)
-    k0 = rotate_by(k.float(), torch.arange(S), torch.zeros(S), inv_freq).repeat_interleave(H // H_kv, dim=1)
-    vf = v.float().repeat_interleave(H // H_kv, dim=1)
-    # (B, H, T, S, D): every query rotated by every relative position it uses
-    qr = rotate_by(
-        q0[:, :, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D),
-        torch.zeros(T * S),
-        rel.clamp(min=0).reshape(-1),
-        inv_freq,
-    ).view(B, H, T, S, D)
-    scores = (qr * k0[:, :, None]).sum(-1) * scale
-    vis = (rel >= 0)[None, None]
-    vis = vis if dense is None else vis & dense
-    empty = ~vis.any(-1, keepdim=True)
-    scores = scores.masked_fill(~vis, float("-inf")).masked_fill(empty, 0.0)
-    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
-    return torch.matmul(probs, vf).to(q.dtype), lse
-
-
-# attention module -> (rotary parent, attribute, trained length) of its model, filled at apply
-_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 @dataclass
-class RemapAttention(AttentionMethod):
+class RemapAttention(BoundAttention):
     """Base of the position-remap attention methods: finds the model's RoPE at apply, checks the inputs and
-    calls :meth:`attend` with RoPE-rotated q, k and the model's inverse frequencies."""
+    calls :meth:`attend` with RoPE-rotated q, k, the model's inverse frequencies and trained length.
+
+    Every remap declares ``block_q`` and ``block_k`` (in its own field order, which its labels follow).
+    ``fused_cpu`` is not a parameter: set it False on an instance to run every part on the blockwise primitive.
+    """
+
+    fused_cpu: bool = field(default=True, init=False, repr=False, compare=False)
 
     def apply(self, model: Any) -> Undo:
         found = rotary_modules(model)
@@ -261,54 +213,33 @@ class RemapAttention(AttentionMethod):
                 "models with one are supported"
             )
         parent, attr, _ = found[0]
-        modules = list(model.modules())
-        for m in modules:
-            _MODELS[m] = (parent, attr, trained_length(model))
-        undo_impl = super().apply(model)
-
-        def undo() -> None:
-            undo_impl()
-            for m in modules:
-                _MODELS.pop(m, None)
-
-        return undo
+        return self.bind(model, (parent, attr, trained_length(model)))
 
     def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        inv_freq: torch.Tensor,
-        trained: int,
-        dense: torch.Tensor | None,
-        scale: float | None,
-    ) -> torch.Tensor:
-        """(B, H, T, D_v) attention output for rotated q (B, H, T, D), k and v (B, H_kv, S, D)."""
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, trained: int, **kw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The remap's function on rotated q (B, H, T, D), k and v (B, H_kv, S, D): ``(out, lse)``; ``kw`` are
+        dense, scale and :meth:`tiles`, as :func:`remapped_attention` takes them."""
         raise NotImplementedError
 
     def attention(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        if module not in _MODELS:
-            raise MethodError(f"attention method '{self.name}' was called for a model it was not applied to")
-        parent, attr, trained = _MODELS[module]
-        # Read at call time: a RoPE method applied before this one swaps the rotary module.
-        inv_freq = getattr(parent, attr).inv_freq
+        parent, attr, trained = self.bound(module)
+        dense = transformers_inputs(self, module, query, key, attention_mask, kwargs)
         T, S = query.shape[2], key.shape[2]
-        spec = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
-        if spec.window is not None:
-            raise MethodError(f"attention method '{self.name}' does not support sliding-window attention layers")
-        if not spec.causal and spec.dense is None:
-            raise MethodError(f"attention method '{self.name}' needs causal attention")
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            # The remap needs each key's position; the cache gives only its index, so the two must agree.
-            want = torch.arange(S - T, S, device=position_ids.device)
-            if not bool((position_ids == want).all()):
-                raise MethodError(
-                    f"attention method '{self.name}' needs position_ids = cache index (S - T .. S - 1); left-padded "
-                    "or packed batches are not supported"
-                )
-        out = self.attend(query, key, value, inv_freq, trained, spec.dense, scaling)
-        return out
+        pos = kwargs.get("position_ids")
+        # The remap needs each key's position; the cache gives only its index, so the two must agree.
+        if pos is not None and not bool((pos == torch.arange(S - T, S, device=pos.device)).all()):
+            raise MethodError(
+                f"attention method '{self.name}' needs position_ids = cache index (S - T .. S - 1); left-padded "
+                "or packed batches are not supported"
+            )
+        # inv_freq is read at call time: a RoPE method applied before this one swaps the rotary module.
+        inv_freq = getattr(parent, attr).inv_freq
+        return self.attend(query, key, value, inv_freq, trained, dense=dense, scale=scaling, **self.tiles())[0]
+
+    def tiles(self) -> dict[str, Any]:
+        """The execution options of :meth:`attend`: tile edges and whether the fused CPU kernel may run."""
+        return {"block_q": self.block_q, "block_k": self.block_k, "fused": self.fused_cpu}

@@ -8,16 +8,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.reference import check_qkv
+from longkit.attention.base import check_args, check_qkv, transformers_inputs
+from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     check_dense,
-    check_int,
     dense_attention,
     expand_blocks,
     gathered_attention,
-    masked_reference,
-    transformers_inputs,
 )
 from longkit.registry import param, register
 
@@ -67,7 +65,7 @@ def quest_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_int("quest", "page_size", page_size, 1)
+    check_args(Quest, page_size=page_size)
     B, H, _, T, S, _ = check_qkv(q, k, v)
     check_dense("quest", dense, B, H, T, S)
     idx = expand_blocks(pages, page_size, S)

@@ -10,28 +10,15 @@ Keys closer than the window w keep their RoPE positions. For farther keys, ReRoP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from longkit.attention.base import check_args
 from longkit.attention.blockwise import MIN_BLOCK
-from longkit.attention.position_remap import RemapAttention, log_n_factors, remapped_attention, remapped_reference
-from longkit.errors import MethodError
+from longkit.attention.logn import LogN, log_n_factors
+from longkit.attention.position_remap import RemapAttention, remapped_attention
 from longkit.registry import param, register
-from longkit.rope.remap import rerope_matrix
-
-
-def _check(window: int, leak: float | None, trained: int | None) -> None:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise MethodError(f"rerope attention: parameter 'window' must be an int >= 1 (got {window!r})")
-    if leak is not None and not leak > 1:
-        raise MethodError(f"rerope attention: parameter 'leak' must be > 1 (got {leak!r})")
-    if trained is not None and (isinstance(trained, bool) or not isinstance(trained, int) or trained < 2):
-        raise MethodError(f"rerope attention: parameter 'trained' must be an int >= 2 or None (got {trained!r})")
-
-
-def _factors(T: int, S: int, trained: int | None) -> torch.Tensor | None:
-    # (T,) log-n factor of the queries at positions S - T .. S - 1
-    return None if trained is None else log_n_factors(torch.arange(S - T, S), trained)
 
 
 def rerope_attention(
@@ -43,58 +30,28 @@ def rerope_attention(
     *,
     leak: float | None = None,
     trained: int | None = None,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    **kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ReRoPE (``leak`` None) or Leaky ReRoPE attention over RoPE-rotated q and k, blockwise, LSE-merged.
+    """ReRoPE (``leak`` None, :class:`ReRoPE`) or Leaky ReRoPE (:class:`LeakyReRoPE`) over RoPE-rotated q and k.
 
-    Query i sits at position ``S - T + i`` and key j at position j. Keys at distance < w keep their rotations;
-    farther keys are seen at relative position w (ReRoPE) or ``w + (d - w) / k`` (leaky). Memory
-    O(T·D + tiles). Based on Su 2023, https://kexue.fm/archives/9708 (``bojone/rerope``).
-
-    Parameters:
-        q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
-        v: (B, H_kv, S, D_v). inv_freq: (rotary_dim / 2,) the model's RoPE inverse frequencies.
-        window: int >= 1, w. leak: float > 1 (k) for Leaky ReRoPE, None for ReRoPE.
-        trained: int >= 2, the trained length L of log-n scaling, or None for no scaling.
-        dense: optional bool (B|1, 1|H, T, S) extra mask, True = visible. scale: score scale (default D ** -0.5).
-        block_q, block_k: int >= 16, tile edges.
-
-    Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
+    Keys at distance < w keep their rotations; farther keys are seen at relative position w (ReRoPE) or
+    ``w + (d - w) / k`` (leaky). window: int >= 1, w. leak: float > 1 (k) for Leaky ReRoPE, None for ReRoPE.
+    trained: int >= 2, the trained length L of log-n scaling, or None for no scaling. The tensors, the keyword
+    arguments (dense, scale, block_q, block_k, fused) and the result ``(out, lse)`` are as
+    :func:`remapped_attention`'s. Based on Su 2023, https://kexue.fm/archives/9708 (``bojone/rerope``).
     """
-    _check(window, leak, trained)
+    check_args(LeakyReRoPE, "rerope", window=window, **({} if leak is None else {"leak": leak}))
+    if trained is not None:
+        check_args(LogN, "rerope", trained=trained)
     w = window
     if leak is None:
         far_q, far_k = (lambda p: torch.full_like(p, w)), torch.zeros_like
     else:
         far_q, far_k = (lambda p: p / leak + w - w / leak), (lambda j: j / leak)
-    return remapped_attention(
-        q, k, v, inv_freq, w, far_q, far_k, q_factor=_factors(q.shape[2], k.shape[2], trained), dense=dense,
-        scale=scale, block_q=block_q, block_k=block_k,
-    )
-
-
-def rerope_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    window: int,
-    *,
-    leak: float | None = None,
-    trained: int | None = None,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain (Leaky) ReRoPE from the explicit relative-position matrix of :func:`longkit.rope.relative_positions`
-    and dense scores, O(T·S·D) memory (tests only). Same arguments and result as :func:`rerope_attention`."""
-    _check(window, leak, trained)
     T, S = q.shape[2], k.shape[2]
-    # (T, S) relative positions of the queries at S - T .. S - 1; -1 marks the future
-    rel = rerope_matrix(S, window, leak)[S - T :]
-    return remapped_reference(q, k, v, inv_freq, rel, q_factor=_factors(T, S, trained), dense=dense, scale=scale)
+    # (T,) log-n factor of the queries at positions S - T .. S - 1
+    factor = None if trained is None else log_n_factors(torch.arange(S - T, S), trained)
+    return remapped_attention(q, k, v, inv_freq, w, far_q, far_k, q_factor=factor, **kw)
 
 
 @register("attention", "rerope")
@@ -119,12 +76,9 @@ class ReRoPE(RemapAttention):
     block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
 
-    def attend(self, q, k, v, inv_freq, trained, dense, scale):
-        out, _ = rerope_attention(
-            q, k, v, inv_freq, self.window, trained=trained if self.log_n else None, dense=dense, scale=scale,
-            block_q=self.block_q, block_k=self.block_k,
-        )
-        return out
+    def attend(self, q, k, v, inv_freq, trained, **kw):
+        leak, trained = getattr(self, "leak", None), trained if self.log_n else None
+        return rerope_attention(q, k, v, inv_freq, self.window, leak=leak, trained=trained, **kw)
 
 
 @register("attention", "leaky_rerope")
@@ -151,9 +105,4 @@ class LeakyReRoPE(RemapAttention):
     block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
 
-    def attend(self, q, k, v, inv_freq, trained, dense, scale):
-        out, _ = rerope_attention(
-            q, k, v, inv_freq, self.window, leak=self.leak, trained=trained if self.log_n else None, dense=dense,
-            scale=scale, block_q=self.block_q, block_k=self.block_k,
-        )
-        return out
+    attend = ReRoPE.attend

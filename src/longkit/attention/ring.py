@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longkit.attention.blockwise import _backward, _check_block, _forward, _plan
+from longkit.attention.base import check_args, check_qkv
+from longkit.attention.blockwise import Blockwise, _backward, _forward, _plan
 from longkit.attention.lse import merge_partials_
 from longkit.attention.masks import MaskSpec
-from longkit.attention.reference import check_qkv
 from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
 from longkit.errors import MethodError
 from longkit.registry import register
@@ -204,8 +204,7 @@ def ring_attention(
 
     Returns ``(out (B, H, L, D_v) in q's dtype, lse (B, H, L) float32)``, both differentiable.
     """
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    check_args(Blockwise, block_q=block_q, block_k=block_k)
     _, _, _, T, S, D = check_qkv(q, k, v)
     _, size = rank_and_size(group)
     if S != T:

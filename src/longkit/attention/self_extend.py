@@ -12,76 +12,24 @@ from typing import Any
 
 import torch
 
+from longkit.attention.base import check_args
 from longkit.attention.blockwise import MIN_BLOCK
-from longkit.attention.position_remap import RemapAttention, remapped_attention, remapped_reference
-from longkit.errors import MethodError
+from longkit.attention.position_remap import RemapAttention, remapped_attention
 from longkit.registry import param, register
-from longkit.rope.remap import self_extend_matrix
-
-
-def _check(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise MethodError(f"self_extend attention: parameter '{name}' must be an int >= {lo} (got {value!r})")
-    return value
 
 
 def self_extend_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    group_size: int,
-    window: int,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, group_size: int, window: int, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-Extend attention over RoPE-rotated q and k, blockwise: neighbour part + grouped part, LSE-merged.
+    """Self-Extend (:class:`SelfExtend`) over RoPE-rotated q and k: neighbour part + grouped part, LSE-merged.
 
-    Query i sits at position ``S - T + i`` and key j at position j (a cache holds the keys in order).
-    Neighbour part: keys at distance < W with their own rotations. Grouped part: keys at distance >= W, query
-    re-rotated to ``p // G + W - W // G`` and key to ``j // G``. Memory O(T·D + tiles), never O(T·S).
-    Based on https://arxiv.org/abs/2401.01325 (Jin et al. 2024).
-
-    Parameters:
-        q: (B, H, T, D) rotated at positions S - T .. S - 1. k: (B, H_kv, S, D) rotated at 0 .. S - 1.
-        v: (B, H_kv, S, D_v). inv_freq: (rotary_dim / 2,) the model's RoPE inverse frequencies.
-        group_size: int >= 1, G. window: int >= 1, W.
-        dense: optional bool (B|1, 1|H, T, S) extra mask (padding), True = visible.
-        scale: score scale (default D ** -0.5). block_q, block_k: int >= 16, tile edges.
-
-    Returns ``(out (B, H, T, D_v) in q's dtype, lse (B, H, T) float32)``.
+    group_size: int >= 1, G. window: int >= 1, W. The tensors, the keyword arguments (dense, scale, block_q,
+    block_k, fused) and the result ``(out (B, H, T, D_v), lse (B, H, T))`` are as :func:`remapped_attention`'s.
+    Memory O(T·D + tiles), never O(T·S). Based on https://arxiv.org/abs/2401.01325 (Jin et al. 2024).
     """
-    G = _check("group_size", group_size, 1)
-    W = _check("window", window, 1)
-    return remapped_attention(
-        q, k, v, inv_freq, W, lambda p: p // G + W - W // G, lambda j: j // G, dense=dense, scale=scale,
-        block_q=block_q, block_k=block_k,
-    )
-
-
-def self_extend_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inv_freq: torch.Tensor,
-    group_size: int,
-    window: int,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain Self-Extend from the explicit relative-position matrix of :func:`longkit.rope.relative_positions`
-    (``self_extend``) and dense scores, O(T·S·D) memory (tests only). Same arguments and result as
-    :func:`self_extend_attention`."""
-    G = _check("group_size", group_size, 1)
-    W = _check("window", window, 1)
-    T, S = q.shape[2], k.shape[2]
-    # (T, S) relative positions of the queries at S - T .. S - 1; -1 marks the future
-    rel = self_extend_matrix(S, G, W)[S - T :]
-    return remapped_reference(q, k, v, inv_freq, rel, dense=dense, scale=scale)
+    check_args(SelfExtend, group_size=group_size, window=window)
+    G, W = group_size, window
+    return remapped_attention(q, k, v, inv_freq, W, lambda p: p // G + W - W // G, lambda j: j // G, **kw)
 
 
 @register("attention", "self_extend")
@@ -107,9 +55,5 @@ class SelfExtend(RemapAttention):
     block_q: int = param(128, ge=MIN_BLOCK, help="query rows per tile")
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile")
 
-    def attend(self, q, k, v, inv_freq, trained, dense, scale):
-        out, _ = self_extend_attention(
-            q, k, v, inv_freq, self.group_size, self.window, dense=dense, scale=scale, block_q=self.block_q,
-            block_k=self.block_k,
-        )
-        return out
+    def attend(self, q, k, v, inv_freq, trained, **kw):
+        return self_extend_attention(q, k, v, inv_freq, self.group_size, self.window, **kw)

@@ -4,7 +4,7 @@ Every sparse method first *selects* which keys each query may see (a small index
 over that selection in one of two ways that must agree:
 
 - the reference path builds the explicit boolean (T, S) mask from the selection and calls
-  :func:`longkit.attention.reference.reference_attention` (O(T·S) memory; tests only);
+  :func:`longkit.attention.naive.masked_reference` (O(T·S) memory; tests only);
 - the fast path, :func:`gathered_attention`, gathers per query tile the selected key indices, so a tile of
   ``block_q`` queries attends to ``L`` gathered keys instead of all ``S``: cost O(T·L·D) instead of O(T·S·D).
 
@@ -21,9 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import AttentionMethod
+from longkit.attention.base import AttentionMethod, check_qkv, transformers_inputs
 from longkit.attention.masks import MaskSpec
-from longkit.attention.reference import check_qkv, reference_attention
 from longkit.errors import MethodError
 from longkit.registry import param
 
@@ -32,13 +31,6 @@ CHUNK_ELEMENTS = 32 * 2**20
 
 #: Extra visibility rule for tiles ``t0 .. t1 - 1``: returns bool (B, H, t1 - t0, block_q, L) or None.
 VisibleFn = Callable[[int, int], torch.Tensor]
-
-
-def check_int(method: str, name: str, value: Any, lo: int) -> int:
-    """An int >= lo, or a MethodError naming the parameter and the range."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise MethodError(f"{method} attention: parameter '{name}' must be an int >= {lo} (got {value!r})")
-    return value
 
 
 def check_dense(method: str, dense: torch.Tensor | None, B: int, H: int, T: int, S: int) -> None:
@@ -245,26 +237,6 @@ def gathered_attention(
     return out, None if lse is None else lse.view(B, H, nq * block_q)[:, :, :T]
 
 
-def masked_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    visible: torch.Tensor,
-    *,
-    dense: torch.Tensor | None = None,
-    scale: float | None = None,
-    block_q: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path: causal attention under an explicit selection mask ``visible`` (B|1, H|1, T, S),
-    widened by the keys of each query's own tile of ``block_q`` rows when given (what the fast path adds)."""
-    T, S = q.shape[2], k.shape[2]
-    if block_q is not None:
-        visible = visible | own_tile_mask(T, S, block_q, q.device)
-    if dense is not None:
-        visible = visible & dense
-    return reference_attention(q, k, v, MaskSpec(causal=True, q_offset=S - T, dense=visible), scale)
-
-
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
@@ -277,19 +249,6 @@ def dense_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
-
-
-def transformers_inputs(method: AttentionMethod, module, query, key, attention_mask, kwargs) -> torch.Tensor | None:
-    """The padding mask a transformers attention call carries, as ``dense`` for the sparse functions.
-
-    Sparse methods are causal by construction; a non-causal or sliding-window layer is refused.
-    """
-    spec = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
-    if spec.window is not None:
-        raise MethodError(f"attention method '{method.name}' does not support sliding-window attention layers")
-    if not spec.causal and spec.dense is None:
-        raise MethodError(f"attention method '{method.name}' needs causal attention")
-    return spec.dense
 
 
 @dataclass

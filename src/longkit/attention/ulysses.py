@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longkit.attention.reference import check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
 from longkit.errors import MethodError
 from longkit.registry import register

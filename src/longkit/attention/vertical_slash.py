@@ -8,14 +8,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from longkit.attention.base import check_args, check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials_, require_fused_cpu_kernel
-from longkit.attention.reference import check_qkv
+from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     check_dense,
-    check_int,
     gathered_attention,
-    masked_reference,
     positions,
     tile_firsts,
 )
@@ -289,7 +288,7 @@ def vertical_slash_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_int("vertical_slash", "block", block, 1)
+    check_args(VerticalSlashAttention, block=block)
     B, H, _, T, S, D = check_qkv(q, k, v)
     check_dense("vertical_slash", dense, B, H, T, S)
     if reference:

@@ -142,8 +142,8 @@ def test_one_registry_class_serves_functions_and_tables_with_clear_errors():
 
 def test_every_registry_is_a_registry():
     from longkit.attention.minference import PATTERNS
-    from longkit.rope import REMAPS
+    from longkit.rope import FREQUENCIES, REMAPS
 
-    for reg in (*REGISTRIES.values(), REMAPS, PATTERNS):
+    for reg in (*REGISTRIES.values(), FREQUENCIES, REMAPS, PATTERNS):
         assert isinstance(reg, Registry)
     assert list(PATTERNS) == ["a_shape", "vertical_slash", "block_sparse", "dense"]

@@ -1,4 +1,4 @@
-"""String-keyed registries of long-context methods, and the typed parameters they declare.
+"""String-keyed registries (one :class:`Registry` class for all), and the typed parameters methods declare.
 
 A method is a dataclass whose fields are declared with :func:`param`; the field metadata carries the
 valid range and the help text, so the CLI (``--rope yarn:factor=2``), ``longkit methods`` and the
@@ -184,12 +184,12 @@ def check_value(info: ParamInfo, value: Any, kind: str, name: str) -> Any:
     return value
 
 
-def check_params(obj: Any, *, kind: str | None = None, name: str | None = None) -> None:
+def check_params(obj: Any) -> None:
     """Coerce and validate every declared parameter of a method instance (called in __post_init__)."""
     cls = type(obj)
     for info in params_of(cls):
         value = getattr(obj, info.name)
-        coerced = check_value(info, value, kind or getattr(cls, "kind", "?"), name or getattr(cls, "name", cls.__name__))
+        coerced = check_value(info, value, getattr(cls, "kind", "?"), getattr(cls, "name", cls.__name__))
         if coerced is not value:
             object.__setattr__(obj, info.name, coerced)
 

@@ -195,17 +195,13 @@ def check_params(obj: Any) -> None:
 
 
 class Registry:
-    """A string-keyed registry, name -> object: the one shape of every registry in longkit.
+    """Name -> object, the one shape of every registry: the method kinds (:data:`REGISTRIES`), ``rope.FREQUENCIES``,
+    ``rope.REMAPS``, ``attention.minference.PATTERNS``, the eval tasks and suites.
 
-    It serves the four kinds of method (:data:`REGISTRIES`), the RoPE frequency functions
-    (``rope.FREQUENCIES``), the position remaps (``rope.REMAPS``), MInference's head patterns
-    (``attention.minference.PATTERNS``) and the eval tasks and suites. ``what`` names one entry in messages
-    (``"position remap"``), ``plural`` the list of valid names, ``error`` the exception raised. Left without
-    ``what``, it is the registry of the ``kind`` methods: each class registered is stamped with its ``kind``
-    and ``name``, and :meth:`create` builds one from a dict of parameters.
-
-    Iterating gives the names in registration order (as a dict does); :meth:`names` sorts them. An unknown
-    name raises ``error`` listing the valid names; a second object under a taken name raises too.
+    ``what`` names one entry in messages (``"position remap"``), ``plural`` the valid names, ``error`` the exception.
+    Without ``what`` it holds the ``kind`` methods: each class is stamped with its ``kind`` and ``name``, and
+    :meth:`create` builds one from a dict of parameters. Iteration is in registration order (as a dict's);
+    :meth:`names` sorts. An unknown name, or a second object under a taken one, raises ``error``.
     """
 
     def __init__(self, kind: str, what: str = "", *, plural: str = "", error: type[Exception] = MethodError):

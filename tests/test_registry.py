@@ -111,3 +111,39 @@ def test_labels_round_trip_through_the_parser():
     assert longkit.MethodSpec.parse("yarn:factor=3").rope.factor == 3.0
     with pytest.raises(MethodError, match="two rope methods"):
         longkit.MethodSpec.parse("rope=yarn+rope=linear")
+
+
+def test_one_registry_class_serves_functions_and_tables_with_clear_errors():
+    from longkit.errors import EvalError
+
+    reg = Registry("remap", "position remap", plural="remaps", error=EvalError)
+
+    def b(length):
+        return length
+
+    def a(length):
+        return length
+
+    assert reg.register("b")(b) is b and reg.add("a", a) is a and reg.add("none", None) is None
+    # registration order when iterated (as a dict), sorted names in listings; functions are not stamped
+    assert list(reg) == ["b", "a", "none"] and reg.names() == ["a", "b", "none"] and len(reg) == 3
+    assert reg["a"] is a and reg.get("none") is None and "b" in reg and "c" not in reg and not hasattr(a, "kind")
+    assert reg.items() == [("b", b), ("a", a), ("none", None)]
+    with pytest.raises(EvalError, match=r"^unknown position remap 'c'; valid remaps: a, b, none$"):
+        reg["c"]
+    with pytest.raises(EvalError, match=r"^position remap 'a' is already registered by <function"):
+        reg.add("a", b)
+    reg.add("a", a)  # the same object again is no error (a module imported twice)
+    reg.unregister("a")
+    assert reg.names() == ["b", "none"]
+    with pytest.raises(MethodError, match=r"^unknown kv method 'x'; valid kv methods: \(none\)$"):
+        Registry("kv").get("x")
+
+
+def test_every_registry_is_a_registry():
+    from longkit.attention.minference import PATTERNS
+    from longkit.rope import FREQUENCIES, REMAPS
+
+    for reg in (*REGISTRIES.values(), FREQUENCIES, REMAPS, PATTERNS):
+        assert isinstance(reg, Registry)
+    assert list(PATTERNS) == ["a_shape", "vertical_slash", "block_sparse", "dense"]

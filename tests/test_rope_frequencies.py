@@ -13,8 +13,9 @@ from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
 import longkit
 from longkit.errors import MethodError
-from longkit.registry import REGISTRIES
+from longkit.registry import REGISTRIES, params_of
 from longkit.rope import FREQUENCIES, RopeParams, frequencies, frequencies_from_config, rope_params
+from longkit.rope.frequencies import ModelInputs, inputs_of
 from registry_cases import CASES
 
 HEAD_DIMS = (64, 128)
@@ -401,3 +402,76 @@ def test_bad_input_names_the_parameter_and_range(name, kwargs, match):
 def test_frequencies_from_config_bad_configs(config, match):
     with pytest.raises(MethodError, match=match):
         frequencies_from_config(config)
+
+
+# One declaration: a rope method's frequency inputs are its dataclass parameters
+
+
+MODEL_INPUTS = {"head_dim", "base", "partial_rotary_factor", "max_position_embeddings"}
+
+
+def test_frequency_functions_and_rope_methods_are_the_same_set():
+    assert set(FREQUENCIES) == set(REGISTRIES["rope"].names())
+    assert {p.name for p in params_of(ModelInputs)} == MODEL_INPUTS
+
+
+def _range(info):
+    return info.type.removesuffix(" | None"), info.ge, info.gt, info.le, info.lt, info.choices
+
+
+@pytest.mark.parametrize("name", sorted(FREQUENCIES))
+def test_frequency_inputs_are_the_method_parameters(name):
+    cls = REGISTRIES["rope"].get(name)
+    inputs = inputs_of(name)
+    declared = {p.name: p for p in params_of(cls)}
+    assert set(cls.required) <= set(declared) and set(cls.apply_only) <= set(declared)
+    for key, info in declared.items():
+        if key in cls.apply_only:
+            assert key not in inputs, key
+            continue
+        # the same range and type, and the class default unless transformers requires the key
+        assert _range(inputs[key]) == _range(info), key
+        assert inputs[key].default == (None if key in cls.required else info.default), key
+    # A parameter declared by several rope methods has one range (no drift between yarn's and longrope's factor).
+    for other in REGISTRIES["rope"].names():
+        for info in params_of(REGISTRIES["rope"].get(other)):
+            if info.name in declared and info.name not in cls.apply_only:
+                assert _range(info) == _range(declared[info.name]), (other, info.name)
+
+
+class RecordingParams(RopeParams):
+    """RopeParams that records which inputs a frequency function reads."""
+
+    def __getattribute__(self, key):
+        if not key.startswith("_") and key in object.__getattribute__(self, "_inputs"):
+            object.__getattribute__(self, "_read").add(key)
+        return object.__getattribute__(self, key)
+
+    def __init__(self, *args, **kwargs):
+        object.__setattr__(self, "_read", set())
+        super().__init__(*args, **kwargs)
+        self._read.clear()
+
+
+@pytest.mark.parametrize("name", sorted(FREQUENCIES))
+def test_frequency_functions_read_only_the_model_and_their_method_parameters(name):
+    own = {p.name for p in params_of(REGISTRIES["rope"].get(name))}
+    arg_sets = [universal_args(64), {**universal_args(64), "mscale": 1.0, "mscale_all_dim": 0.5},
+                {**universal_args(64), "attention_factor": 1.1}]
+    read = set()
+    for args in arg_sets:
+        for seq_len in (None, 4096):
+            p = RecordingParams(name, head_dim=64, base=10000.0, **args)
+            FREQUENCIES[name](p, seq_len)
+            read |= p._read
+    assert read and read <= MODEL_INPUTS | own, sorted(read - MODEL_INPUTS - own)
+
+
+def test_cross_parameter_rules_are_checked_once_for_both_paths():
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 1.0, "beta_slow": 32.0}
+    for build in (lambda: REGISTRIES["rope"].create("yarn", yarn), lambda: frequencies("yarn", head_dim=64, base=1e4, **yarn)):
+        with pytest.raises(MethodError, match=r"rope method 'yarn': parameter 'beta_fast' must be >= beta_slow"):
+            build()
+    # ranges agree with transformers: a longrope factor of 1 and a yarn mscale of 0 ("off") are valid on both paths
+    assert REGISTRIES["rope"].create("longrope", {"factor": 1.0}).factor == 1.0
+    assert REGISTRIES["rope"].create("yarn", {"mscale": 0.0, "mscale_all_dim": 0.0}).mscale == 0.0

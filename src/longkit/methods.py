@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+from longkit.errors import MethodError
 from longkit.registry import check_params, params_of
 
 Undo = Callable[[], None]
@@ -31,6 +32,10 @@ class Method:
 
     def __post_init__(self) -> None:
         check_params(self)
+
+    def fail(self, key: str, text: str) -> NoReturn:
+        """Raise the MethodError that names this method and its parameter ``key``; ``text`` says what is wrong."""
+        raise MethodError(f"{self.kind} method '{self.name}': parameter '{key}' {text}")
 
     def apply(self, model: Any) -> Undo:
         """Install the method on ``model``; return a callable that removes it."""

@@ -1,4 +1,4 @@
-"""String-keyed registries of long-context methods, and the typed parameters they declare.
+"""String-keyed registries (one :class:`Registry` class for all), and the typed parameters methods declare.
 
 A method is a dataclass whose fields are declared with :func:`param`; the field metadata carries the
 valid range and the help text, so the CLI (``--rope yarn:factor=2``), ``longkit methods`` and the
@@ -9,6 +9,7 @@ is all it takes for a new method to appear everywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -53,6 +54,8 @@ class ParamInfo:
     le: float | None = None
     lt: float | None = None
     choices: tuple | None = None
+    #: The annotation itself, which values are coerced to.
+    hint: Any = dataclasses.field(default=Any, compare=False, repr=False)
 
     def range_text(self) -> str:
         if self.choices:
@@ -97,8 +100,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def params_of(cls: type) -> list[ParamInfo]:
-    """The declared parameters of a method class, in declaration order."""
+@functools.cache
+def params_of(cls: type) -> tuple[ParamInfo, ...]:
+    """The declared parameters of a method class, in declaration order (a class's fields never change: cached)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -108,20 +112,10 @@ def params_of(cls: type) -> list[ParamInfo]:
             f.default_factory() if f.default_factory is not _MISSING else None
         )
         m = f.metadata
-        out.append(
-            ParamInfo(
-                name=f.name,
-                type=_type_name(hints.get(f.name, Any)),
-                default=default,
-                help=m.get("help", ""),
-                ge=m.get("ge"),
-                gt=m.get("gt"),
-                le=m.get("le"),
-                lt=m.get("lt"),
-                choices=m.get("choices"),
-            )
-        )
-    return out
+        hint = hints.get(f.name, Any)
+        out.append(ParamInfo(f.name, _type_name(hint), default, m.get("help", ""), m.get("ge"), m.get("gt"),
+                             m.get("le"), m.get("lt"), m.get("choices"), hint))
+    return tuple(out)
 
 
 def _coerce(kind: str, method: str, name: str, tp: Any, value: Any) -> Any:
@@ -170,76 +164,89 @@ def _coerce(kind: str, method: str, name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def check_params(obj: Any, *, kind: str | None = None, name: str | None = None) -> None:
-    """Validate every declared parameter of a method instance against its range (called in __post_init__).
+def check_value(info: ParamInfo, value: Any, kind: str, name: str) -> Any:
+    """``value`` coerced to parameter ``info``'s type and checked against its range; a MethodError otherwise."""
+    value = _coerce(kind, name, info.name, info.hint, value)
+    bad = False
+    if value is None:
+        pass
+    elif info.choices is not None:
+        bad = value not in info.choices
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        bad = (
+            (info.ge is not None and value < info.ge)
+            or (info.gt is not None and value <= info.gt)
+            or (info.le is not None and value > info.le)
+            or (info.lt is not None and value >= info.lt)
+        )
+    if bad:
+        raise MethodError(f"{kind} method '{name}': parameter '{info.name}' must be {info.range_text()} (got {value!r})")
+    return value
 
-    ``kind`` and ``name`` override the class's own for the messages (a parameter object shared by several
-    methods, such as ``RopeParams``, names the method it was built for).
-    """
+
+def check_params(obj: Any) -> None:
+    """Coerce and validate every declared parameter of a method instance (called in __post_init__)."""
     cls = type(obj)
-    kind = kind or getattr(cls, "kind", "?")
-    name = name or getattr(cls, "name", cls.__name__)
-    hints = typing.get_type_hints(cls)
     for info in params_of(cls):
         value = getattr(obj, info.name)
-        coerced = _coerce(kind, name, info.name, hints.get(info.name, Any), value)
+        coerced = check_value(info, value, getattr(cls, "kind", "?"), getattr(cls, "name", cls.__name__))
         if coerced is not value:
             object.__setattr__(obj, info.name, coerced)
-        value = coerced
-        if value is None:
-            continue
-        bad = False
-        if info.choices is not None:
-            bad = value not in info.choices
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            bad = (
-                (info.ge is not None and value < info.ge)
-                or (info.gt is not None and value <= info.gt)
-                or (info.le is not None and value > info.le)
-                or (info.lt is not None and value >= info.lt)
-            )
-        if bad:
-            raise MethodError(
-                f"{kind} method '{name}': parameter '{info.name}' must be {info.range_text()} (got {value!r})"
-            )
 
 
 class Registry:
-    """Name -> method class for one kind of method (rope, attention, kv, memory)."""
+    """Name -> object, the one shape of every registry: the method kinds (:data:`REGISTRIES`), ``rope.FREQUENCIES``,
+    ``rope.REMAPS``, ``attention.minference.PATTERNS``, the eval tasks and suites.
 
-    def __init__(self, kind: str):
+    ``what`` names one entry in messages (``"position remap"``), ``plural`` the valid names, ``error`` the exception.
+    Without ``what`` it holds the ``kind`` methods: each class is stamped with its ``kind`` and ``name``, and
+    :meth:`create` builds one from a dict of parameters. Iteration is in registration order (as a dict's);
+    :meth:`names` sorts. An unknown name, or a second object under a taken one, raises ``error``.
+    """
+
+    def __init__(self, kind: str, what: str = "", *, plural: str = "", error: type[Exception] = MethodError):
         self.kind = kind
-        self._items: dict[str, type] = {}
+        self._methods = not what
+        self.what = what or f"{kind} method"
+        self.plural = plural or f"{self.what}s"
+        self.error = error
+        self._items: dict[str, Any] = {}
 
-    def register(self, name: str) -> Callable[[type], type]:
-        def deco(cls: type) -> type:
-            if name in self._items and self._items[name] is not cls:
-                raise MethodError(f"{self.kind} method '{name}' is already registered by {self._items[name]}")
-            cls.kind = self.kind
-            cls.name = name
-            self._items[name] = cls
-            return cls
+    def add(self, name: str, obj: Any) -> Any:
+        """Register ``obj`` under ``name`` and return it."""
+        if name in self._items and self._items[name] is not obj:
+            raise self.error(f"{self.what} '{name}' is already registered by {self._items[name]}")
+        if self._methods:
+            obj.kind, obj.name = self.kind, name
+        self._items[name] = obj
+        return obj
 
-        return deco
+    def register(self, name: str) -> Callable[[Any], Any]:
+        """Decorator: ``@registry("rope").register("yarn")``, ``@REMAPS.register("rerope")``."""
+        return lambda obj: self.add(name, obj)
 
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> Any:
         if name not in self._items:
-            raise MethodError(
-                f"unknown {self.kind} method '{name}'; valid {self.kind} methods: {', '.join(self.names()) or '(none)'}"
-            )
+            valid = ", ".join(self.names()) or "(none)"
+            raise self.error(f"unknown {self.what} '{name}'; valid {self.plural}: {valid}")
         return self._items[name]
+
+    __getitem__ = get
 
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def __contains__(self, name: str) -> bool:
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._items.items())
+
+    def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
+        return iter(list(self._items))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -252,7 +259,7 @@ class Registry:
         unknown = sorted(set(args) - valid)
         if unknown:
             raise MethodError(
-                f"{self.kind} method '{name}' has no parameter {', '.join(repr(u) for u in unknown)}; "
+                f"{self.what} '{name}' has no parameter {', '.join(repr(u) for u in unknown)}; "
                 f"valid parameters: {', '.join(sorted(valid)) or '(none)'}"
             )
         return cls(**args)

@@ -19,15 +19,14 @@ from longkit.attention.block_sparse import BlockSparse
 from longkit.attention.sparse import SparseAttention, dense_attention
 from longkit.attention.vertical_slash import VerticalSlashAttention
 from longkit.errors import MethodError
-from longkit.registry import param, register
+from longkit.registry import Registry, param, register
 
-#: Patterns a head may use; "dense" keeps the head's full causal attention.
-PATTERNS: dict[str, type | None] = {
-    "a_shape": AShape,
-    "vertical_slash": VerticalSlashAttention,
-    "block_sparse": BlockSparse,
-    "dense": None,
-}
+#: Patterns a head may use, name -> attention class; "dense" (None) keeps the head's full causal attention.
+PATTERNS = Registry("attention", "minference pattern")
+PATTERNS.add("a_shape", AShape)
+PATTERNS.add("vertical_slash", VerticalSlashAttention)
+PATTERNS.add("block_sparse", BlockSparse)
+PATTERNS.add("dense", None)
 
 
 def pattern_method(entry: Any, where: str) -> SparseAttention | None:

@@ -10,8 +10,14 @@ The LongRoPE factor search and the RoPE scaling laws are tools over these method
 from longkit.models.introspect import rotary_modules, trained_length
 from longkit.rope import abf, default, dynamic, linear, llama3, longrope, ntk, yarn  # noqa: F401  (registration)
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import FREQUENCIES, frequencies, frequencies_from_config, register_frequencies
-from longkit.rope.params import RopeParams, rope_params
+from longkit.rope.frequencies import (
+    FREQUENCIES,
+    RopeParams,
+    frequencies,
+    frequencies_from_config,
+    register_frequencies,
+    rope_params,
+)
 from longkit.rope.remap import REMAPS, register_remap, relative_positions
 
 __all__ = [

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 #: The base Xiong et al. raised Llama 2's 10,000 to.
 ABF_THETA = 500_000.0
 
 
-@register_frequencies("abf", sets_theta=True)
+@register_frequencies("abf")
 def abf_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """ABF frequencies: the default formula at the new base ``rope_theta`` (``base`` is the model's old one).
 
@@ -24,7 +22,7 @@ def abf_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, f
     trained at the long length. Based on https://arxiv.org/abs/2309.16039. Parameters: rope_theta (> 1;
     default 500000); attention factor 1; seq_len is unused.
     """
-    return p.inv_freq(p.rope_theta if p.rope_theta is not None else ABF_THETA), 1.0
+    return p.inv_freq(p.rope_theta), 1.0
 
 
 @register("rope", "abf")
@@ -46,6 +44,3 @@ class Abf(HFRopeMethod):
     rope_type = "default"
     shown = ("rope_theta",)
     rope_theta: float = param(ABF_THETA, gt=1.0, help="new RoPE base")
-
-    def scaled_theta(self, model: Any, theta: float) -> float:
-        return self.rope_theta

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from longkit.errors import MethodError
 from longkit.methods import Method, Undo
-from longkit.models.introspect import rope_config, rotary_modules
+from longkit.models.introspect import rope_config, rotary_modules, trained_length
+from longkit.registry import params_of
 
 
 def require_rope(model: Any, method: str) -> tuple[Any, dict]:
@@ -44,13 +45,34 @@ class HFRopeMethod(Method):
 
     #: The transformers rope_type this method builds.
     rope_type = "default"
+    #: Parameters transformers' rope_parameters must hold: the method's frequency function gives them no default
+    #: (the class default is the CLI's convenience), so ``frequencies("llama3", ...)`` asks for them.
+    required: ClassVar[tuple[str, ...]] = ()
+    #: Parameters that act only when the method is applied to a model (a file, a hook): no frequency inputs.
+    apply_only: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self)
+
+    @staticmethod
+    def check(p: Any) -> None:
+        """Rules across parameters (one parameter's range is declared with ``param``), checked once for both
+        paths: ``p`` is the method itself, or the :class:`~longkit.rope.frequencies.RopeParams` of its
+        frequency function (there, parameters not given are None). Both have ``fail(key, text)``."""
 
     def rope_parameters(self, model: Any) -> dict[str, Any]:
-        """This method's entries of ``rope_parameters`` (rope_theta and partial_rotary_factor are added)."""
-        return {}
+        """This method's entries of ``rope_parameters``: its parameters (less ``apply_only``; the trained length
+        defaults to the model's). :meth:`scaled_config` adds rope_theta and partial_rotary_factor."""
+        out = {p.name: getattr(self, p.name) for p in params_of(type(self)) if p.name not in self.apply_only}
+        if "original_max_position_embeddings" in out:
+            out["original_max_position_embeddings"] = out["original_max_position_embeddings"] or trained_length(model)
+        return out
 
     def scaled_theta(self, model: Any, theta: float) -> float:
-        """The ``rope_theta`` to build with; the model's own unless the method changes the base (ntk, abf)."""
+        """The ``rope_theta`` to build with: the model's own unless the method changes the base (ntk).
+
+        abf's parameter is ``rope_theta`` itself, so its :meth:`rope_parameters` carry the new base."""
         return theta
 
     def scaled_config(self, model: Any) -> Any:

@@ -8,8 +8,7 @@ import torch
 
 from longkit.registry import register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
 @register("rope", "default")

@@ -10,8 +10,8 @@ import torch
 from longkit.models.introspect import trained_length
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
+from longkit.rope.ntk import ntk_base
 
 
 @register("rope", "dynamic")
@@ -32,10 +32,12 @@ class Dynamic(HFRopeMethod):
     paper = "Dynamic NTK (emozilla 2023) https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr/"
     rope_type = "dynamic"
     shown = ("factor",)
+    required = ("factor",)
     factor: float = param(2.0, ge=1.0, help="scaling factor")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
 
     def rope_parameters(self, model: Any) -> dict[str, Any]:
+        # The trained length goes to max_position_embeddings (scaled_config): transformers' dynamic reads it there.
         return {"factor": self.factor}
 
     def scaled_config(self, model: Any) -> Any:
@@ -55,10 +57,6 @@ def dynamic_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tenso
     original_max_position_embeddings or max_position_embeddings (> 0), rotary dim d > 2.
     """
     factor, trained = p.require("factor"), p.require_trained_length()
-    dim = p.rotary_dim
-    if dim <= 2:
-        p.fail("head_dim", f"needs a rotary dim > 2 for the d/(d-2) exponent (got {dim})")
     length = trained if seq_len is None else max(seq_len, trained)
     # Same operation order as transformers, in Python floats, so the float32 frequencies match bit for bit.
-    base = p.base * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
-    return p.inv_freq(base), 1.0
+    return p.inv_freq(ntk_base(p, (factor * length / trained) - (factor - 1))), 1.0

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
 @register("rope", "linear")
@@ -29,10 +27,8 @@ class Linear(HFRopeMethod):
     paper = "Position Interpolation (Chen et al. 2023) https://arxiv.org/abs/2306.15595"
     rope_type = "linear"
     shown = ("factor",)
+    required = ("factor",)
     factor: float = param(2.0, ge=1.0, help="context extension factor")
-
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
-        return {"factor": self.factor}
 
 
 @register_frequencies("linear")

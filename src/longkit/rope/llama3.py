@@ -8,12 +8,9 @@ from typing import Any
 
 import torch
 
-from longkit.errors import MethodError
-from longkit.models.introspect import trained_length
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
 @register("rope", "llama3")
@@ -35,26 +32,17 @@ class Llama3(HFRopeMethod):
     paper = "Llama 3 (Meta 2024) https://arxiv.org/abs/2407.21783"
     rope_type = "llama3"
     shown = ("factor",)
+    required = ("factor", "low_freq_factor", "high_freq_factor")
     factor: float = param(8.0, ge=1.0, help="low-frequency interpolation factor")
     low_freq_factor: float = param(1.0, gt=0, help="low band edge")
     high_freq_factor: float = param(4.0, gt=0, help="high band edge")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.low_freq_factor >= self.high_freq_factor:
-            raise MethodError(
-                f"rope method 'llama3': parameter 'low_freq_factor' must be < high_freq_factor "
-                f"(got {self.low_freq_factor} >= {self.high_freq_factor})"
-            )
-
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
-        return {
-            "factor": self.factor,
-            "low_freq_factor": self.low_freq_factor,
-            "high_freq_factor": self.high_freq_factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings or trained_length(model),
-        }
+    @staticmethod
+    def check(p: Any) -> None:
+        low, high = p.low_freq_factor, p.high_freq_factor
+        if low is not None and high is not None and low >= high:
+            p.fail("low_freq_factor", f"must be < high_freq_factor (got {low} >= {high})")
 
 
 @register_frequencies("llama3")
@@ -68,8 +56,6 @@ def llama3_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor
     """
     factor, low, high = p.require("factor"), p.require("low_freq_factor"), p.require("high_freq_factor")
     trained = p.require_trained_length()
-    if low >= high:
-        p.fail("low_freq_factor", f"must be < high_freq_factor (got {low} >= {high})")
     inv_freq = p.inv_freq()
     # (d/2,) wavelengths in tokens, compared with the band edges L/low and L/high
     wavelen = 2 * math.pi / inv_freq

@@ -12,11 +12,10 @@ import torch
 
 from longkit.errors import MethodError
 from longkit.methods import Undo
-from longkit.models.introspect import rotary_modules, trained_length
+from longkit.models.introspect import head_dim_of, rotary_modules, trained_length
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, require_rope
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
 @register("rope", "longrope")
@@ -34,7 +33,7 @@ class LongRope(HFRopeMethod):
         ``[1,1.5,...]`` or ``1;1.5;...``.
     config: a JSON file holding them (a rope-parameters dict, or a model config with ``rope_parameters``), such
         as ``longkit rope search`` writes; its ``rope_theta``, when present, must be the model's.
-    factor: target length / trained length (> 1); sets the attention factor.
+    factor: target length / trained length (>= 1); sets the attention factor.
     original_max_position_embeddings: trained length L (> 0); default: the model's.
     attention_factor: explicit cos/sin scale (> 0).
     start_tokens: the first n positions (>= 0) keep the model's original cos/sin, un-interpolated and unscaled
@@ -45,10 +44,11 @@ class LongRope(HFRopeMethod):
 
     paper = "LongRoPE (Ding et al. 2024) https://arxiv.org/abs/2402.13753"
     rope_type = "longrope"
+    apply_only = ("config", "start_tokens")
     short_factor: list[float] | None = param(None, help="per-frequency factors up to the trained length")
     long_factor: list[float] | None = param(None, help="per-frequency factors beyond the trained length")
     config: str | None = param(None, help="JSON file with short_factor/long_factor")
-    factor: float | None = param(None, gt=1.0, help="target length / trained length")
+    factor: float | None = param(None, ge=1.0, help="target length / trained length")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
     attention_factor: float | None = param(None, gt=0, help="explicit cos/sin scale")
     start_tokens: int | None = param(None, ge=0, help="first n positions keep the original RoPE (default: file's or 0)")
@@ -101,8 +101,7 @@ class LongRope(HFRopeMethod):
 
     def rope_parameters(self, model: Any) -> dict[str, Any]:
         config, old = require_rope(model, self.name)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        half = int(head_dim * old.get("partial_rotary_factor", 1.0)) // 2
+        half = int(head_dim_of(config) * old.get("partial_rotary_factor", 1.0)) // 2
         out = self._factors()
         theta = self._load_config()[0].get("rope_theta")
         if theta is not None and float(theta) != float(old["rope_theta"]):

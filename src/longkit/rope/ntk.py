@@ -10,16 +10,15 @@ import torch
 from longkit.models.introspect import head_dim_of
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod, require_rope
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams, rope_params
+from longkit.rope.frequencies import RopeParams, register_frequencies, rope_params
 
 
-def ntk_base(p: RopeParams) -> float:
-    """base * factor^(d/(d-2)) over the rotary dim d: the lowest frequency is divided by exactly ``factor``."""
+def ntk_base(p: RopeParams, scale: float) -> float:
+    """base * scale^(d/(d-2)) over the rotary dim d: the lowest frequency is divided by exactly ``scale``."""
     dim = p.rotary_dim
     if dim <= 2:
         p.fail("head_dim", f"needs a rotary dim > 2 for the d/(d-2) exponent (got {dim})")
-    return p.base * p.require("factor") ** (dim / (dim - 2))
+    return p.base * scale ** (dim / (dim - 2))
 
 
 @register_frequencies("ntk")
@@ -30,7 +29,7 @@ def ntk_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, f
     Based on bloc97 2023, https://www.reddit.com/r/LocalLLaMA/comments/14lz7j5/. Parameters: factor
     (required, >= 1), rotary dim d > 2; seq_len is unused (``dynamic`` is the length-dependent variant).
     """
-    return p.inv_freq(ntk_base(p)), 1.0
+    return p.inv_freq(ntk_base(p, p.require("factor"))), 1.0
 
 
 @register("rope", "ntk")
@@ -50,7 +49,11 @@ class Ntk(HFRopeMethod):
     paper = "NTK-aware scaled RoPE (bloc97 2023) https://www.reddit.com/r/LocalLLaMA/comments/14lz7j5/"
     rope_type = "default"
     shown = ("factor",)
+    required = ("factor",)
     factor: float = param(2.0, ge=1.0, help="extension factor")
+
+    def rope_parameters(self, model: Any) -> dict[str, Any]:
+        return {}
 
     def scaled_theta(self, model: Any, theta: float) -> float:
         config, old = require_rope(model, self.name)
@@ -61,4 +64,4 @@ class Ntk(HFRopeMethod):
             factor=self.factor,
             partial_rotary_factor=old.get("partial_rotary_factor"),
         )
-        return ntk_base(p)
+        return ntk_base(p, self.factor)

@@ -18,23 +18,14 @@ from typing import Any
 import torch
 
 from longkit.errors import MethodError
+from longkit.registry import Registry
 
 RemapFn = Callable[..., torch.Tensor]
 
 #: name -> pure function ``(length, **params) -> (T, T) tensor``.
-REMAPS: dict[str, RemapFn] = {}
-
-
-def register_remap(name: str) -> Callable[[RemapFn], RemapFn]:
-    """Function decorator: ``@register_remap("rerope")``."""
-
-    def deco(fn: RemapFn) -> RemapFn:
-        if name in REMAPS and REMAPS[name] is not fn:
-            raise MethodError(f"position remap '{name}' is already registered by {REMAPS[name]}")
-        REMAPS[name] = fn
-        return fn
-
-    return deco
+REMAPS = Registry("remap", "position remap", plural="remaps")
+#: Function decorator: ``@register_remap("rerope")``.
+register_remap = REMAPS.register
 
 
 def _int(method: str, name: str, value: Any, lo: int) -> int:
@@ -85,10 +76,8 @@ def relative_positions(name: str, length: int, **params: Any) -> torch.Tensor:
         length: int >= 1, the sequence length T.
         params: the remap's parameters above; errors name the parameter and its valid range.
     """
-    if name not in REMAPS:
-        raise MethodError(f"unknown position remap '{name}'; valid remaps: {', '.join(sorted(REMAPS))}")
+    fn = REMAPS.get(name)
     _int(name, "length", length, 1)
-    fn = REMAPS[name]
     try:
         return fn(length, **params)
     except TypeError as err:

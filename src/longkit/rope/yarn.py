@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-from longkit.models.introspect import trained_length
 from longkit.registry import param, register
 from longkit.rope.base import HFRopeMethod
-from longkit.rope.frequencies import register_frequencies
-from longkit.rope.params import RopeParams
+from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
 @register("rope", "yarn")
@@ -28,8 +26,8 @@ class Yarn(HFRopeMethod):
     ----------
     factor: extension factor, >= 1.
     original_max_position_embeddings: trained length (> 0); default: the model's.
-    beta_fast, beta_slow: ramp boundaries in rotations, > 0 (32 and 1 in the paper).
-    mscale, mscale_all_dim: DeepSeek-style attention-factor terms (optional, > 0).
+    beta_fast, beta_slow: ramp boundaries in rotations, beta_fast >= beta_slow > 0 (32 and 1 in the paper).
+    mscale, mscale_all_dim: DeepSeek-style attention-factor terms (optional, >= 0; used when both are non-zero).
     attention_factor: explicit cos/sin scale (> 0); default from factor/mscale.
     truncate: round the correction range to whole dimensions (paper behaviour).
     """
@@ -37,26 +35,20 @@ class Yarn(HFRopeMethod):
     paper = "YaRN (Peng et al. 2023) https://arxiv.org/abs/2309.00071"
     rope_type = "yarn"
     shown = ("factor",)
+    required = ("factor",)
     factor: float = param(2.0, ge=1.0, help="extension factor")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
     beta_fast: float = param(32.0, gt=0, help="fast ramp boundary (rotations)")
     beta_slow: float = param(1.0, gt=0, help="slow ramp boundary (rotations)")
-    mscale: float | None = param(None, gt=0, help="attention-factor numerator term")
-    mscale_all_dim: float | None = param(None, gt=0, help="attention-factor denominator term")
+    mscale: float | None = param(None, ge=0, help="attention-factor numerator term (0 = off)")
+    mscale_all_dim: float | None = param(None, ge=0, help="attention-factor denominator term (0 = off)")
     attention_factor: float | None = param(None, gt=0, help="explicit cos/sin scale")
     truncate: bool = param(True, help="truncate the correction range to integers")
 
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
-        return {
-            "factor": self.factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings or trained_length(model),
-            "beta_fast": self.beta_fast,
-            "beta_slow": self.beta_slow,
-            "mscale": self.mscale,
-            "mscale_all_dim": self.mscale_all_dim,
-            "attention_factor": self.attention_factor,
-            "truncate": self.truncate,
-        }
+    @staticmethod
+    def check(p: Any) -> None:
+        if p.beta_fast < p.beta_slow:
+            p.fail("beta_fast", f"must be >= beta_slow (got {p.beta_fast} < {p.beta_slow})")
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
@@ -75,8 +67,6 @@ def yarn_frequencies(p: RopeParams, seq_len: int | None) -> tuple[torch.Tensor, 
     attention_factor (> 0), truncate (bool); seq_len is unused.
     """
     trained, factor = p.require_trained_length(), p.implied_factor()
-    if p.beta_fast < p.beta_slow:
-        p.fail("beta_fast", f"must be >= beta_slow (got {p.beta_fast} < {p.beta_slow})")
     if p.attention_factor is not None:
         attention_factor = p.attention_factor
     elif p.mscale and p.mscale_all_dim:

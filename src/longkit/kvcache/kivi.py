@@ -29,7 +29,6 @@ of ragged storage. ``crop`` (assisted decoding) removes the newest tokens while 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,8 +37,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod, KVMethod
-from longkit.kvcache.cache import CompressedCache, RaggedLayer, _gather_padded, keep_oldest_rows
+from longkit.kvcache.cache import CompressedCache
 from longkit.kvcache.quant import SCALE_DTYPES, dequantize, pack, quantize, unpack
+from longkit.kvcache.storage import RaggedLayer, gather_padded, keep_oldest_rows
 from longkit.methods import Undo
 from longkit.registry import param, params_of, register, registry
 
@@ -212,7 +212,7 @@ def _merge_by_head(old: torch.Tensor, old_heads: torch.Tensor, new: torch.Tensor
 
 
 class KIVIRaggedLayer(RaggedLayer):
-    """A :class:`~longkit.kvcache.cache.RaggedLayer` whose kept tokens are stored KIVI-quantised.
+    """A :class:`~longkit.kvcache.storage.RaggedLayer` whose kept tokens are stored KIVI-quantised.
 
     Storage, all packed rows in (sequence, head, slot) order: quantised rows ``qkeys``/``qvalues`` ``(N_q, D*bits/8)``
     uint8 with key scales/zeros ``(N_q / G, D)`` and value scales/zeros ``(N_q, D / G)``; exact residual rows
@@ -234,7 +234,6 @@ class KIVIRaggedLayer(RaggedLayer):
         self.bits, self.group_size, self.residual = bits, group_size, residual
         self.scale_dtype = SCALE_DTYPES[scale_dtype]
         self._appending = 0
-        self._returned: weakref.ref | None = None
         super().__init__(track)
 
     def _reset_state(self) -> None:
@@ -284,9 +283,9 @@ class KIVIRaggedLayer(RaggedLayer):
         lengths = self.stored_lengths()
         s_max = self.max_length()
         keys, values = self._rows()
-        pk, valid = _gather_padded(keys, lengths, s_max)
-        pv, _ = _gather_padded(values, lengths, s_max)
-        extras = {n: _gather_padded(t, lengths, s_max)[0] for n, t in self.extras.items()}
+        pk, valid = gather_padded(keys, lengths, s_max)
+        pv, _ = gather_padded(values, lengths, s_max)
+        extras = {n: gather_padded(t, lengths, s_max)[0] for n, t in self.extras.items()}
         if lengths.numel() and bool((lengths == lengths.flatten()[0]).all()):
             valid = None
         return pk, pv, valid, extras
@@ -301,8 +300,6 @@ class KIVIRaggedLayer(RaggedLayer):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
         finally:
             self._appending = 0
-        # A method that hands this very view back to compact() (H2O) has not moved any key.
-        self._returned = weakref.ref(keys)
         return keys, values
 
     def _store(self, keys, values, keep, extras) -> None:
@@ -329,12 +326,9 @@ class KIVIRaggedLayer(RaggedLayer):
         self.q_lengths = torch.zeros_like(self.r_lengths)
         self._flush(protect=self.residual)
 
-    def compact(self, keep: torch.Tensor, keys: torch.Tensor | None = None, extras: dict | None = None) -> None:
+    def compact(self, keep: torch.Tensor, keys=None, values=None, extras: dict | None = None) -> None:
         """Keep the slots ``keep`` (B, H_kv, S_view) of the view the last ``update`` returned (optionally with moved
         keys/extras in that layout); quantised rows are re-quantised only if hit."""
-        returned = self._returned() if self._returned is not None else None
-        if keys is not None and keys is returned:
-            keys = None
         # After a ragged update the view is [old slots padded | new tokens], not the padded storage: read it as such.
         pk, pv, valid, pextras = self.view(keep.shape[-1])
         B, H, S = keep.shape
@@ -528,6 +522,11 @@ class KIVI(KVMethod):
             if "decode_every" in {p.name for p in params_of(reg.get(self.evict))}:
                 args["decode_every"] = 0
             self._evictor = reg.create(self.evict, args)
+            if self._evictor.merges_values:
+                raise MethodError(
+                    f"kv method 'kivi': parameter 'evict': {self.evict!r} merges values, which quantised storage "
+                    "cannot take; use it without quantisation"
+                )
         elif self.ratio != 1.0:
             raise MethodError(
                 f"kv method 'kivi': parameter 'ratio' needs an eviction method in 'evict' (got {self.ratio})"

@@ -54,7 +54,7 @@ class Prefill:
 
     def cache(self, applied: Any) -> Any:
         """The cache of ``applied`` (a ``longkit.apply(model, kv=...)`` context, still open) after this prefill."""
-        from longkit.kvcache.cache import replay_attention
+        from longkit.kvcache.hook import replay_attention
 
         if applied.model is not self.model:
             raise MethodError("parameter 'applied': the methods were applied to another model than the captured one")
@@ -82,7 +82,7 @@ class Prefill:
                 extra = {k: v for k, v in kwargs.items() if k not in _MODULE_ARGS}
                 key, value = cache.update(call.key, call.value, module.layer_idx, kwargs=extra)
                 if impl.startswith("longkit_kv_"):
-                    replay_attention(module, call.query, key, value, call.attention_mask, call.scaling)
+                    replay_attention(cache, module, call.query, key, value, call.attention_mask, call.scaling)
         return cache
 
     def generate(self, cache: Any, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
@@ -123,9 +123,9 @@ def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
     the attention modules' inputs of every layer are kept (about 1 GB for a 30-layer 135M model at 8K in bf16).
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from longkit.kvcache.cache import _inner
+    from longkit.kvcache.hook import inner_attention
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise MethodError(f"parameter 'input_ids' must have shape (1, T) (got {tuple(input_ids.shape)})")
@@ -139,7 +139,7 @@ def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     if not modules:
         raise MethodError(f"capture_prefill: found no attention modules with a layer_idx in {type(model).__name__}")
-    inner = _inner(impl)
+    inner = inner_attention(impl)
     calls: list[_Call] = []
     pending: dict[torch.nn.Module, tuple[tuple, dict]] = {}
 
@@ -154,7 +154,7 @@ def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
 
     name = f"longkit_capture_{impl}"
     AttentionInterface.register(name, capture)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
     handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in modules]
     model.set_attn_implementation(name)
     try:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from longkit.kvcache.cache import CompressedCache
     from longkit.kvcache.storage import RaggedLayer
 
+
 @dataclass
 class ScoreContext:
     """What a scorer sees after one attention call of one layer.
@@ -69,7 +70,6 @@ class ScoreContext:
     @property
     def groups(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
-
 
 
 @dataclass

@@ -112,4 +112,3 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.real_seen, self.decode_steps, self.own_mask = None, 0, False
-

@@ -47,7 +47,6 @@ def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw
     return out, weights
 
 
-
 def inner_attention(name: str):
     """The attention function transformers runs for ``name`` (eager is not registered there: ours, equal to it)."""
     if name == "eager":
@@ -86,8 +85,6 @@ def _key_validity(incoming: torch.Tensor | None, B: int, S: int, device) -> torc
         return None
     valid = _mask_to_bool(incoming)[:, 0, -1, :]
     return None if bool(valid.all()) else valid.expand(B, S)
-
-
 
 
 class KVAttention:

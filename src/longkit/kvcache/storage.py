@@ -100,8 +100,11 @@ class RaggedLayer(DynamicLayer):
         extras = {n: gather_padded(t, self.lengths, s_max)[0] for n, t in self.extras.items()}
         return keys, values, valid, extras
 
-    def _store(self, keys, values, keep: torch.Tensor | None, extras: dict[str, torch.Tensor]) -> None:
-        """Store the slots of the padded ``keys``/``values`` where ``keep`` is True (all slots when None)."""
+    def _store(
+        self, keys, values, keep: torch.Tensor | None, extras: dict[str, torch.Tensor], appended: int = 0
+    ) -> None:
+        """Store the slots of the padded ``keys``/``values`` where ``keep`` is True (all slots when None); the last
+        ``appended`` slots are new tokens (storage that keeps its older rows as they are, KIVI's, uses that)."""
         if keep is None:
             self.keys, self.values, self.extras, self.lengths = keys, values, extras, None
             return
@@ -145,7 +148,7 @@ class RaggedLayer(DynamicLayer):
             valid = torch.cat([old_valid, old_valid.new_ones((B, H, T))], dim=-1)
         self.seen += T
         self.tail += T
-        self._store(keys, values, valid, new_extras)
+        self._store(keys, values, valid, new_extras, appended=T)
         # (B, H_kv, S_max + T): which slots of the returned view are real; None = all
         self.last_valid = valid
         return keys, values
@@ -261,7 +264,7 @@ class RaggedLayer(DynamicLayer):
         n = -int(tokens_to_remove)
         if n == 0 or not self.is_initialized:
             return 0
-        if not self.is_croppable:
+        if "acc" in self.track:
             raise MethodError(
                 f"crop: this cache tracks attention accumulated over all queries ({', '.join(self.track)}), which "
                 "already includes the queries of the tokens to remove; it cannot be rolled back (no assisted decoding)"
@@ -300,7 +303,6 @@ class RaggedLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self._reset_state()
-
 
 
 def keep_oldest_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:

@@ -66,6 +66,8 @@ class ScoreContext:
     decoding: bool
     #: free slot for a method to pass what it computed in ``compress`` on to ``on_compact``
     scratch: Any = None
+    #: (B or 1, T) the model's RoPE positions of this call's queries, when its attention module passed them on
+    position_ids: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:

@@ -112,11 +112,11 @@ class KVAttention:
                     ~mask, torch.finfo(query.dtype).min
                 )
         out = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-        _compress(cache, layer, module, query, key, value, attention_mask, scaling)
+        _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
         return out
 
 
-def replay_attention(cache: Any, module, query, key, value, attention_mask, scaling) -> None:
+def replay_attention(cache: Any, module, query, key, value, attention_mask, scaling, position_ids=None) -> None:
     """What :class:`KVAttention` does around the attention itself, for a first (prefill) call replayed from a captured
     prefill (:mod:`longkit.runtime.prefill_capture`): the compression never depends on the attention output."""
     if not isinstance(cache, CompressedCache):
@@ -124,10 +124,11 @@ def replay_attention(cache: Any, module, query, key, value, attention_mask, scal
     if cache.own_mask:
         raise MethodError("a replayed prefill must start from an empty cache")
     cache.hooked = False
-    _compress(cache, cache.layers[module.layer_idx], module, query, key, value, attention_mask, scaling)
+    layer = cache.layers[module.layer_idx]
+    _compress(cache, layer, module, query, key, value, attention_mask, scaling, position_ids)
 
 
-def _compress(cache, layer, module, query, key, value, incoming, scaling) -> None:
+def _compress(cache, layer, module, query, key, value, incoming, scaling, position_ids=None) -> None:
     """After one attention call: count the real tokens seen, then apply the method's decision (and drop the first
     forward's left padding in any case)."""
     B, H, T, _ = query.shape
@@ -167,6 +168,7 @@ def _compress(cache, layer, module, query, key, value, incoming, scaling) -> Non
             scaling=scaling,
             real_seen=cache.real_seen,
             decoding=T == 1,
+            position_ids=position_ids,
         )
         decision = method.decide(ctx)
     if decision is None and pad_valid is not None:

@@ -14,9 +14,9 @@ from conftest import sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import CompressedCache, CompressionMethod, cache_nbytes
 from longkit.kvcache.budget import keep_layerwide, keep_topk, pyramid_budgets
-from longkit.kvcache.cache import rotate_keys
 from longkit.kvcache.snapkv import SnapKV
 from longkit.registry import REGISTRIES, register
+from longkit.rope.rotation import rotate_by
 from longkit.runtime import compress_context
 
 EVICTION = sorted(n for n in REGISTRIES["kv"].names() if issubclass(REGISTRIES["kv"].get(n), CompressionMethod))
@@ -254,7 +254,7 @@ def test_snapkv_keeps_what_explicit_window_attention_selects(tiny_llama):
 # ---- StreamingLLM -------------------------------------------------------------------------------------------------
 
 
-def test_rotate_keys_equals_rotating_at_the_new_position(tiny_llama):
+def test_rotate_by_equals_rotating_at_the_new_position(tiny_llama):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     rotary = tiny_llama.model.model.rotary_emb
@@ -265,7 +265,7 @@ def test_rotate_keys_equals_rotating_at_the_new_position(tiny_llama):
     k_old = apply_rotary_pos_emb(k, k, cos, sin)[1]
     cos, sin = rotary(k, new)
     k_new = apply_rotary_pos_emb(k, k, cos, sin)[1]
-    moved = rotate_keys(k_old, (new - old)[:, None].expand(1, 2, 5), rotary)
+    moved = rotate_by(k_old, old[:, None].expand(1, 2, 5), new[:, None].expand(1, 2, 5), rotary.inv_freq)
     torch.testing.assert_close(moved, k_new, rtol=1e-5, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ import longkit
 from conftest import sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import cache_nbytes
-from longkit.kvcache.cache import ScoreContext
+from longkit.kvcache.base import ScoreContext
 from longkit.kvcache.cam import CaM, merge_into_following, merge_weights
 
 

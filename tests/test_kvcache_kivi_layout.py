@@ -3,7 +3,7 @@
 After an update on ragged (per-head) storage the view is [each head's stored slots, padded to the longest | the new
 tokens], while the storage, padded, is [each head's slots + new tokens]: a second compression (a chunked prefill,
 or any multi-token forward) must map the mask, or it drops the wrong slots. Same class of bug as
-``test_kvcache_ragged_layout.py`` for the plain :class:`~longkit.kvcache.cache.RaggedLayer`. Batch moves (beam
+``test_kvcache_ragged_layout.py`` for the plain :class:`~longkit.kvcache.storage.RaggedLayer`. Batch moves (beam
 search) must move the packed rows as they are, never re-quantise them.
 """
 

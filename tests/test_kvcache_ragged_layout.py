@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from longkit.kvcache.cache import RaggedLayer
+from longkit.kvcache.storage import RaggedLayer
 
 
 def _heads(layer: RaggedLayer) -> list[torch.Tensor]:

@@ -1,6 +1,7 @@
 """KV-cache room: eviction, merging and quantisation methods, registered under kind ``kv``.
 
-API in one screen (details in :mod:`longkit.kvcache.base` and :mod:`longkit.kvcache.cache`)::
+API in one screen (details in :mod:`longkit.kvcache.base`, :mod:`~longkit.kvcache.storage`,
+:mod:`~longkit.kvcache.cache` and :mod:`~longkit.kvcache.hook`)::
 
     with longkit.apply(model, kv="snapkv:ratio=0.25") as applied:       # installs the attention hook
         cache = applied.new_cache()                                     # a CompressedCache (real, ragged memory)
@@ -30,13 +31,15 @@ from longkit.kvcache import (  # noqa: F401  (registration)
     streaming_llm,
     tova,
 )
-from longkit.kvcache.base import CompressionMethod, KVMethod, cache_nbytes
-from longkit.kvcache.cache import CompressedCache, RaggedLayer, ScoreContext
+from longkit.kvcache.base import CompressionMethod, Decision, KVMethod, ScoreContext, cache_nbytes
+from longkit.kvcache.cache import CompressedCache
 from longkit.kvcache.kivi import KIVI, KIVICache
+from longkit.kvcache.storage import RaggedLayer
 
 __all__ = [
     "CompressedCache",
     "CompressionMethod",
+    "Decision",
     "KIVI",
     "KIVICache",
     "KVMethod",

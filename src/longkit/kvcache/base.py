@@ -6,11 +6,14 @@ Methods register under kind ``kv``. The seam asks the last method that returns o
 Compression API (eviction methods derive from :class:`CompressionMethod`):
 
 - ``score(ctx) -> (B, H_kv, S)``: how much each cached token of one layer is worth keeping, from a
-  :class:`~longkit.kvcache.cache.ScoreContext` (the layer's post-RoPE queries of the current call, the padded cached
+  :class:`ScoreContext` (the layer's post-RoPE queries of the current call, the padded cached
   keys/values, which slots are real). ``+inf`` marks tokens that must stay (observation window, sinks).
 - ``select(ctx, scores) -> (B, H_kv, S) bool``: the budget. ``ratio`` (keep a fraction of the real tokens seen),
   ``tokens`` (keep a count) or ``threshold`` (keep scores >= it) — see :mod:`longkit.kvcache.budget`. Per-layer budgets
   override :meth:`CompressionMethod.layer_target`; per-head budgets (``adakv``) override ``select``.
+- ``decide(ctx) -> Decision | None``: the one value the layer applies: the slots to keep plus, where a method
+  provides them, keys moved to new positions (``on_compact``: StreamingLLM), values with the evicted ones merged in
+  (``merge_values``: CaM) and per-slot side arrays; None keeps everything.
 - When: after every multi-token forward (one-shot after prefill; between chunks in a chunked prefill), and every
   ``decode_every`` decoding steps (0 = never). ``cache.compressing = False`` stops it, which is how
   :func:`longkit.runtime.compress_context` compresses a context once for many questions.
@@ -22,13 +25,68 @@ Compression API (eviction methods derive from :class:`CompressionMethod`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from longkit.errors import MethodError
 from longkit.methods import Method, Undo
 from longkit.registry import param
+
+if TYPE_CHECKING:
+    from longkit.kvcache.cache import CompressedCache
+    from longkit.kvcache.storage import RaggedLayer
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer sees after one attention call of one layer.
+
+    ``keys``/``values`` are the padded view of the whole cache including this call's new tokens (the last ``n_new``
+    slots); ``valid`` marks real slots (padded slots and left-padding tokens are False). ``queries`` are the
+    post-RoPE queries of this call.
+    """
+
+    module: torch.nn.Module
+    layer: RaggedLayer
+    cache: CompressedCache
+    layer_idx: int
+    num_layers: int
+    # (B, H, T, D)
+    queries: torch.Tensor
+    # (B, H_kv, S, D)
+    keys: torch.Tensor
+    values: torch.Tensor
+    # (B, H_kv, S) bool
+    valid: torch.Tensor
+    n_new: int
+    scaling: float
+    #: (B,) real (non-padding) tokens seen so far per sequence, this call included
+    real_seen: torch.Tensor
+    decoding: bool
+    #: free slot for a method to pass what it computed in ``compress`` on to ``on_compact``
+    scratch: Any = None
+    #: (B or 1, T) the model's RoPE positions of this call's queries, when its attention module passed them on
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+@dataclass
+class Decision:
+    """What one compression step leaves in a layer, in the layout of the padded view the attention call saw.
+
+    ``keep`` (B, H_kv, S) bool: the slots that stay. The others are optional replacements of the view's contents,
+    stored for the kept slots: ``keys`` (B, H_kv, S, D) moved to new positions, ``values`` (B, H_kv, S, D) with
+    evicted values merged in, ``extras`` the per-slot side arrays (B, H_kv, S) of the layer's ``track``.
+    """
+
+    keep: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -72,11 +130,13 @@ class CompressionMethod(KVMethod):
 
     #: per-slot side arrays the cache must keep aligned with the keys ("pos": current RoPE position of each key)
     track: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`merge_values` returns merged values (storage that cannot take them refuses the method)
+    merges_values: ClassVar[bool] = False
 
     # ---- the seam ----------------------------------------------------------------------------------------------
 
     def apply(self, model: Any) -> Undo:
-        from longkit.kvcache.cache import install
+        from longkit.kvcache.hook import install
 
         return install(model, self.name)
 
@@ -119,8 +179,19 @@ class CompressionMethod(KVMethod):
         scores = self.score(ctx).float().masked_fill(~ctx.valid, float("-inf"))
         return self.select(ctx, scores) & ctx.valid
 
-    def on_compact(self, ctx: Any, keep: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
-        """Optionally return replacement padded (keys, extras) before the layer drops the other slots (StreamingLLM)."""
+    def decide(self, ctx: ScoreContext) -> Decision | None:
+        """The slots to keep (:meth:`compress`) with this method's replacements for them; None keeps everything."""
+        keep = self.compress(ctx)
+        if keep is None:
+            return None
+        keep = keep & ctx.valid
+        values = self.merge_values(ctx, keep)
+        keys, extras = self.on_compact(ctx, keep) or (None, None)
+        return Decision(keep, keys=keys, values=values, extras=extras)
+
+    def on_compact(self, ctx: Any, keep: torch.Tensor) -> tuple[torch.Tensor | None, dict] | None:
+        """Optionally return replacement padded (keys, extras) before the layer drops the other slots (StreamingLLM);
+        keys None = not moved."""
         return None
 
     def merge_values(self, ctx: Any, keep: torch.Tensor) -> torch.Tensor | None:
@@ -175,7 +246,7 @@ class RunningScoreMethod(CompressionMethod):
     def on_compact(self, ctx: Any, keep: torch.Tensor) -> tuple[torch.Tensor, dict]:
         _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         extras["acc"] = ctx.scratch
-        return ctx.keys, extras
+        return None, extras
 
 
 def check_scorer_name(method: str, scorer: str) -> type:

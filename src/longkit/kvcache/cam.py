@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -80,6 +81,7 @@ class CaM(SnapKV):
     merge: int = param(8, ge=1, help="number of following kept tokens each evicted value is spread over")
     mode: str = param("sample", choices=("sample", "expected"), help="Bernoulli merge mask (paper) or its expectation")
     seed: int = param(0, ge=0, help="seed of the Bernoulli merge draws")
+    merges_values: ClassVar[bool] = True
 
     def merge_values(self, ctx, keep: torch.Tensor) -> torch.Tensor | None:
         evicted = ctx.valid & ~keep

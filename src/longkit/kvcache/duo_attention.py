@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from longkit.errors import MethodError
-from longkit.kvcache.base import KVMethod
+from longkit.kvcache.base import Decision, KVMethod
 from longkit.methods import Undo
 from longkit.registry import param, register
 
@@ -82,7 +82,7 @@ class _Capture:
     def wants_compression(self, cache: Any, n_new: int) -> bool:
         return n_new > 1
 
-    def compress(self, ctx: Any) -> None:
+    def decide(self, ctx: Any) -> None:
         rows, cols = self.probe.rows.to(ctx.keys.device), self.probe.cols.to(ctx.keys.device)
         B, H, _, D = ctx.queries.shape
         S = ctx.keys.shape[-2]
@@ -99,21 +99,6 @@ class _Capture:
         # (H_kv,) averaged over the query heads of each kv head and over the probes
         self.scores[ctx.layer_idx] = mass.view(B, H // ctx.groups, ctx.groups).mean((0, 2)).cpu()
         return None
-
-    def on_compact(self, ctx: Any, keep: torch.Tensor) -> None:
-        return None
-
-    def merge_values(self, ctx: Any, keep: torch.Tensor) -> None:
-        return None
-
-
-def _select_rows(layer: Any, rows: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Keep the packed rows ``rows`` (N,) bool of a packed ragged layer; ``lengths`` (B, H_kv) are the new counts."""
-    layer.keys = layer.keys[rows]
-    layer.values = layer.values[rows]
-    layer.extras = {k: t[rows] for k, t in layer.extras.items()}
-    layer.lengths = lengths
-    layer.compacted = True
 
 
 def save_heads(mask: torch.Tensor, path: str | Path) -> None:
@@ -200,7 +185,8 @@ class DuoAttention(KVMethod):
 
     def probe_scores(self, model: Any, tokenizer: Any = None) -> torch.Tensor:
         """(layers, kv heads) float32 retrieval scores from the synthetic probe (deterministic for a seed)."""
-        from longkit.kvcache.cache import CompressedCache, install
+        from longkit.kvcache.cache import CompressedCache
+        from longkit.kvcache.hook import install
 
         num_layers, _, vocab = _shape(model)
         special = tuple(getattr(tokenizer, "all_special_ids", None) or ())
@@ -250,7 +236,7 @@ class DuoAttention(KVMethod):
     # ---- the seam ----------------------------------------------------------------------------------------------
 
     def apply(self, model: Any) -> Undo:
-        from longkit.kvcache.cache import install
+        from longkit.kvcache.hook import install
 
         self.calibrate(model)
         return install(model, self.name)
@@ -271,8 +257,8 @@ class DuoAttention(KVMethod):
             return True
         return self.decode_every > 0 and cache.decode_steps % self.decode_every == 0
 
-    def compress(self, ctx: Any) -> torch.Tensor | None:
-        """(B, H_kv, S) slots to keep: everything on retrieval heads, sinks + window on streaming heads."""
+    def decide(self, ctx: Any) -> Decision | None:
+        """Keep everything on retrieval heads, sinks + window on streaming heads (slots of the view, (B, H_kv, S))."""
         # (H_kv,) bool
         retrieval = ctx.cache.retrieval_heads[ctx.layer_idx].to(ctx.valid.device)
         if bool(retrieval.all()):
@@ -281,18 +267,4 @@ class DuoAttention(KVMethod):
         order = ctx.valid.long().cumsum(-1)
         count = order[..., -1:]
         stream = ctx.valid & ((order <= self.sinks) | (order > count - self.window))
-        keep = torch.where(retrieval[None, :, None], ctx.valid, stream)
-        if ctx.layer.packed:
-            # A packed layer stores each head's real slots first, while ``keep`` is in the layout of the padded
-            # view the attention call saw (new tokens last); the cache's compact() would read it in the stored
-            # layout and drop the wrong slots. The stored rows are the view's real slots in (batch, head, slot)
-            # order, so select them directly and tell the cache to keep everything.
-            _select_rows(ctx.layer, keep[ctx.valid], keep.sum(-1))
-            return None
-        return keep
-
-    def on_compact(self, ctx: Any, keep: torch.Tensor) -> None:
-        return None
-
-    def merge_values(self, ctx: Any, keep: torch.Tensor) -> None:
-        return None
+        return Decision(torch.where(retrieval[None, :, None], ctx.valid, stream))

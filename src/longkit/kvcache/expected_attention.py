@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod
-from longkit.methods import Undo
 from longkit.registry import param, register
-
-#: attention module -> the ``position_ids`` (B or 1, T) of its current forward (recorded by ExpectedAttention.apply)
-_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def query_positions(ctx) -> torch.Tensor:
     """(B, T) RoPE positions of this call's queries.
 
-    The model's own ``position_ids`` when :meth:`ExpectedAttention.apply` recorded them for this module. Otherwise
-    (e.g. run as ``adakv``'s scorer) positions are assumed to count the real tokens, as ``generate`` does: the new
+    The model's own ``position_ids`` of the attention call when it passed them on. Otherwise positions are assumed to count the real tokens, as ``generate`` does: the new
     tokens are the last ``n_new`` slots and, with left padding, the real ones are right-aligned, so the query in slot
     ``t`` of sequence ``b`` sits at ``real_seen[b] - (T - t)`` (padding slots get negative values, masked later).
     """
     B, T = ctx.queries.shape[0], ctx.n_new
-    recorded = _POSITIONS.get(ctx.module)
+    recorded = ctx.position_ids
     if recorded is not None and recorded.shape[-1] == T:
         return recorded.to(ctx.keys.device).long().expand(B, T)
     ar = torch.arange(T, device=ctx.keys.device)
@@ -77,7 +70,7 @@ class ExpectedAttention(CompressionMethod):
     averaged over the query heads of a kv head (GQA), then ``(score + epsilon) * ||v||`` when ``use_vnorm``.
     The first ``n_sink`` real tokens are always kept. While decoding (``decode_every`` > 0) the statistics come from
     the single new query (covariance zero). Pre-RoPE queries are recovered by inverting RoPE at the model's own
-    ``position_ids`` (recorded by a forward pre-hook while applied).
+    ``position_ids`` (those of the attention call, :attr:`ScoreContext.position_ids`).
     Based on Devoto et al. 2025, Expected Attention: KV cache compression by estimating attention from future
     queries distribution (https://arxiv.org/abs/2510.00636); reference code NVIDIA kvpress ``ExpectedAttentionPress``.
 
@@ -97,29 +90,6 @@ class ExpectedAttention(CompressionMethod):
     use_covariance: bool = param(True, help="include the queries' covariance (else the mean only)")
     use_vnorm: bool = param(True, help="rescale scores by the value norm: (score + epsilon) * ||v||")
     epsilon: float = param(0.0, ge=0.0, help="added to the scores before the value-norm rescaling")
-
-    def apply(self, model: Any) -> Undo:
-        undo_hook = super().apply(model)
-        modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-
-        def record(module, args, kwargs):
-            # the queries' true RoPE positions (a plain forward with left padding counts the padding too)
-            pos = kwargs.get("position_ids")
-            if pos is None:
-                _POSITIONS.pop(module, None)
-            else:
-                _POSITIONS[module] = pos
-
-        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
-
-        def undo() -> None:
-            for h in handles:
-                h.remove()
-            for m in modules:
-                _POSITIONS.pop(m, None)
-            undo_hook()
-
-        return undo
 
     def query_statistics(self, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RoPE-averaged mean (B, H, D) and covariance (B, H, D, D) (None without ``use_covariance``) of the queries."""

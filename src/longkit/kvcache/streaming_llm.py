@@ -9,8 +9,8 @@ import torch
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod
-from longkit.kvcache.cache import rotate_keys
 from longkit.registry import param, register
+from longkit.rope.rotation import rotate_by
 
 
 @register("kv", "streaming_llm")
@@ -21,7 +21,7 @@ class StreamingLLM(CompressionMethod):
     Positions are those of the paper's rolling cache: after each eviction the kept keys are re-rotated so that
     they sit at consecutive positions ending at the newest token (sinks first). New tokens keep their true
     position, so the distance between a query and every cached key is exactly its distance in the rolling
-    cache, while ``generate``'s position ids stay valid. Re-rotation uses the model's own rotary embedding
+    cache, while ``generate``'s position ids stay valid. Re-rotation uses the model's own rotary frequencies
     (``R(p + d) k = R(d) R(p) k``); the current position of each key is tracked (8 bytes per kept key and head,
     counted in ``nbytes``).
     Based on Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks
@@ -45,8 +45,11 @@ class StreamingLLM(CompressionMethod):
         return torch.where(order <= self.sink, torch.full_like(order, 0).float() + float("inf"), order.float())
 
     def on_compact(self, ctx, keep: torch.Tensor):
-        if ctx.cache.rotary is None:
-            raise MethodError(f"kv method '{self.name}' needs a model with a rotary embedding (model.model.rotary_emb)")
+        inv_freq = getattr(ctx.cache.rotary, "inv_freq", None)
+        if inv_freq is None:
+            raise MethodError(
+                f"kv method '{self.name}' needs a model with a rotary embedding (model.model.rotary_emb.inv_freq)"
+            )
         _, _, _, extras = ctx.layer.view(ctx.keys.shape[-2])
         # (B, H_kv, S) position each key is rotated at now, and the one it moves to
         pos = extras["pos"]
@@ -54,7 +57,8 @@ class StreamingLLM(CompressionMethod):
         n_kept = keep.sum(-1, keepdim=True)
         rank = keep.long().cumsum(-1) - 1
         target = newest - (n_kept - 1) + rank
-        delta = torch.where(keep, target - pos, torch.zeros_like(pos))
-        keys = rotate_keys(ctx.keys, delta, ctx.cache.rotary)
-        extras["pos"] = torch.where(keep, target, pos)
+        moved = torch.where(keep, target, pos)
+        # the model's own frequencies (scaled RoPE included); a pure rotation, so any attention scaling stays as is
+        keys = rotate_by(ctx.keys, pos, moved, inv_freq)
+        extras["pos"] = moved
         return keys, extras

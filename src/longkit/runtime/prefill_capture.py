@@ -4,10 +4,10 @@ A KV method compresses a layer *after* that layer's attention call, so the prefi
 layer's queries, keys and values) is the same whatever method runs; only what each layer keeps differs. Sweeping
 methods and budgets over long prompts (the kvcache benchmark: 40 method/ratio cells per prompt) therefore needs one
 prefill per prompt, not one per cell. :func:`capture_prefill` runs the prompt once with the model's plain attention
-and records, per attention call, the module's forward arguments and the post-RoPE queries, keys and values;
-:meth:`Prefill.cache` replays, under an applied KV method, exactly what the real forward does after attention —
-the module's forward pre-hooks, ``cache.update``, the method's compression — and returns the cache a real prefill
-would have left. :meth:`Prefill.generate` then decodes from it with ``model.generate`` (greedy).
+and records, per attention call, the post-RoPE queries, keys and values and the call's other keyword arguments;
+:meth:`Prefill.cache` replays, under an applied KV method, exactly what the real forward does around attention —
+``cache.update`` with those arguments, the method's compression — and returns the cache a real prefill would have
+left. :meth:`Prefill.generate` then decodes from it with ``model.generate`` (greedy).
 
     pre = capture_prefill(model, ids)
     for spec in ("snapkv:ratio=0.25", "tova:ratio=0.1"):
@@ -32,7 +32,7 @@ from longkit.errors import MethodError
 @dataclass
 class _Call:
     module: torch.nn.Module
-    args: tuple
+    #: the attention call's keyword arguments (those the module also passes on to ``cache.update``)
     kwargs: dict[str, Any]
     # (1, H, T, D) post-RoPE queries; (1, H_kv, T, D) keys and values as the attention call saw them
     query: torch.Tensor
@@ -54,7 +54,7 @@ class Prefill:
 
     def cache(self, applied: Any) -> Any:
         """The cache of ``applied`` (a ``longkit.apply(model, kv=...)`` context, still open) after this prefill."""
-        from longkit.kvcache.cache import replay_attention
+        from longkit.kvcache.hook import replay_attention
 
         if applied.model is not self.model:
             raise MethodError("parameter 'applied': the methods were applied to another model than the captured one")
@@ -66,23 +66,10 @@ class Prefill:
         cache = applied.new_cache()
         with torch.inference_mode():
             for call in self.calls:
-                module = call.module
-                kwargs = {**call.kwargs, "cache": cache}
-                args = call.args
-                # the forward pre-hooks the applied methods installed (they point the attention hook at this cache)
-                for hid, hook in list(module._forward_pre_hooks.items()):
-                    if hid in module._forward_pre_hooks_with_kwargs:
-                        res = hook(module, args, kwargs)
-                        if res is not None:
-                            args, kwargs = res
-                    else:
-                        res = hook(module, args)
-                        if res is not None:
-                            args = res if isinstance(res, tuple) else (res,)
-                extra = {k: v for k, v in kwargs.items() if k not in _MODULE_ARGS}
-                key, value = cache.update(call.key, call.value, module.layer_idx, kwargs=extra)
+                module, pos = call.module, call.kwargs.get("position_ids")
+                key, value = cache.update(call.key, call.value, module.layer_idx, kwargs=call.kwargs)
                 if impl.startswith("longkit_kv_"):
-                    replay_attention(module, call.query, key, value, call.attention_mask, call.scaling)
+                    replay_attention(cache, module, call.query, key, value, call.attention_mask, call.scaling, pos)
         return cache
 
     def generate(self, cache: Any, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
@@ -112,20 +99,33 @@ class Prefill:
             )
 
 
-#: the attention module's own forward parameters (the rest of its kwargs go on to ``cache.update``)
-_MODULE_ARGS = ("hidden_states", "position_embeddings", "attention_mask", "cache")
+#: the keyword argument through which capture_prefill's pre-hooks hand each attention call its recorder
+_RECORDER = "longkit_capture_record"
+
+
+def _capturing(impl: str):
+    """The attention function ``longkit_capture_<impl>``: hand the call to the recorder it carries, then attend.
+    It holds no recorder itself, so the registry that keeps it keeps no captured tensors alive."""
+    from longkit.kvcache.hook import inner_attention
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        kwargs.pop(_RECORDER)(module, query, key, value, attention_mask, scaling, dict(kwargs))
+        return inner_attention(impl)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+
+    return attention
 
 
 def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
     """Run ``input_ids`` (1, T) through ``model`` once and record what :meth:`Prefill.cache` replays.
 
     The model must use sdpa or eager attention with no longkit method applied. Memory: the queries, keys, values and
-    the attention modules' inputs of every layer are kept (about 1 GB for a 30-layer 135M model at 8K in bf16).
+    the attention calls' other arguments of every layer are kept (about 1 GB for a 30-layer 135M model at 8K in bf16).
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from longkit.kvcache.cache import _inner
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise MethodError(f"parameter 'input_ids' must have shape (1, T) (got {tuple(input_ids.shape)})")
@@ -139,23 +139,20 @@ def capture_prefill(model: Any, input_ids: torch.Tensor) -> Prefill:
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     if not modules:
         raise MethodError(f"capture_prefill: found no attention modules with a layer_idx in {type(model).__name__}")
-    inner = _inner(impl)
     calls: list[_Call] = []
-    pending: dict[torch.nn.Module, tuple[tuple, dict]] = {}
 
-    def record_inputs(module, args, kwargs):
-        pending[module] = (args, dict(kwargs))
+    def record(module, query, key, value, attention_mask, scaling, kwargs):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        calls.append(_Call(module, kwargs, query, key, value, attention_mask, scaling))
 
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        args, mkw = pending.pop(module)
-        calls.append(_Call(module, args, mkw, query, key, value, attention_mask,
-                           query.shape[-1] ** -0.5 if scaling is None else scaling))  # fmt: skip
-        return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    def pre_hook(module, args, kwargs):
+        return args, {**kwargs, _RECORDER: record}
 
     name = f"longkit_capture_{impl}"
-    AttentionInterface.register(name, capture)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
-    handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in modules]
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _capturing(impl))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules]
     model.set_attn_implementation(name)
     try:
         with torch.inference_mode():

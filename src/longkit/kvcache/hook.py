@@ -1,0 +1,219 @@
+"""The attention hook of KV methods: mask ragged storage, attend with the model's own attention, then compress.
+
+A KV method's :meth:`~longkit.kvcache.base.CompressionMethod.apply` calls :func:`install`: it registers (once per
+implementation) the attention function ``longkit_kv_<sdpa|eager>``, a :class:`KVAttention` that wraps the model's own
+implementation, and adds forward pre-hooks to the attention modules that hand each call's
+:class:`~longkit.kvcache.cache.CompressedCache` to it through the call's keyword arguments (transformers passes an
+attention module's keyword arguments on to its attention function). After the attention call the method sees the
+layer's queries and cached keys (:class:`~longkit.kvcache.base.ScoreContext`) and returns a
+:class:`~longkit.kvcache.base.Decision`, which the layer applies. Nothing in the model's code is patched, and no
+table of live caches is kept: the cache travels with the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from longkit.errors import MethodError
+from longkit.kvcache.base import Decision, ScoreContext
+from longkit.kvcache.cache import CompressedCache
+from longkit.kvcache.storage import RaggedLayer
+
+WRAPPABLE = ("sdpa", "eager")
+#: the keyword argument through which the pre-hooks hand an attention call its cache
+CACHE_KWARG = "longkit_kv_cache"
+
+
+def _mask_to_bool(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    # eager masks are additive: 0 where visible, the dtype's minimum where masked
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention (repeat the kv heads, softmax in float32)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def inner_attention(name: str):
+    """The attention function transformers runs for ``name`` (eager is not registered there: ours, equal to it)."""
+    if name == "eager":
+        return _eager
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _own_mask(
+    layer: RaggedLayer, incoming: torch.Tensor | None, B: int, H: int, T: int, S: int, device
+) -> torch.Tensor:
+    """(B, H or 1, T, S) bool: stored slots by the layer's validity, new tokens by transformers' mask (or causal).
+
+    Dense layers (every head holds the same real tokens) get one mask for all heads, ragged ones a mask per head.
+    """
+    s_old = S - T
+    if layer.last_valid is not None:
+        # (B, H_kv, S_old) -> the query heads of each kv head
+        old = layer.last_valid[..., :s_old]
+        old = old.repeat_interleave(H // old.shape[1], dim=1)[:, :, None, :]
+    else:
+        old = torch.ones((B, 1, 1, s_old), dtype=torch.bool, device=device)
+    heads = old.shape[1]
+    old = old.expand(B, heads, T, s_old)
+    if incoming is not None:
+        new = _mask_to_bool(incoming)[..., -T:].expand(B, heads, T, T)
+    else:
+        new = torch.ones((T, T), dtype=torch.bool, device=device).tril()[None, None].expand(B, heads, T, T)
+    return torch.cat([old, new], dim=-1)
+
+
+def _key_validity(incoming: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor | None:
+    """(B, S) which keys the last query may see, from the first forward's mask (left padding); None = all."""
+    if incoming is None:
+        return None
+    valid = _mask_to_bool(incoming)[:, 0, -1, :]
+    return None if bool(valid.all()) else valid.expand(B, S)
+
+
+class KVAttention:
+    """The registered attention function ``longkit_kv_<inner>``: mask ragged storage, attend, compress the layer."""
+
+    def __init__(self, inner: str):
+        #: the implementation this one wraps ("sdpa" or "eager")
+        self.inner = inner
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        cache = kwargs.pop(CACHE_KWARG, None)
+        inner = inner_attention(self.inner)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if not isinstance(cache, CompressedCache):
+            return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        cache.hooked = False
+        layer = cache.layers[module.layer_idx]
+        B, H, T, _ = query.shape
+        mask = attention_mask
+        if cache.own_mask:
+            mask = _own_mask(layer, attention_mask, B, H, T, key.shape[-2], query.device)
+            if self.inner == "eager":
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min
+                )
+        out = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
+        return out
+
+
+def replay_attention(cache: Any, module, query, key, value, attention_mask, scaling, position_ids=None) -> None:
+    """What :class:`KVAttention` does around the attention itself, for a first (prefill) call replayed from a captured
+    prefill (:mod:`longkit.runtime.prefill_capture`): the compression never depends on the attention output."""
+    if not isinstance(cache, CompressedCache):
+        return
+    if cache.own_mask:
+        raise MethodError("a replayed prefill must start from an empty cache")
+    cache.hooked = False
+    layer = cache.layers[module.layer_idx]
+    _compress(cache, layer, module, query, key, value, attention_mask, scaling, position_ids)
+
+
+def _compress(cache, layer, module, query, key, value, incoming, scaling, position_ids=None) -> None:
+    """After one attention call: count the real tokens seen, then apply the method's decision (and drop the first
+    forward's left padding in any case)."""
+    B, H, T, _ = query.shape
+    S = key.shape[-2]
+    first = layer.seen == T
+    pad_valid = _key_validity(incoming, B, S, key.device) if first and not cache.own_mask else None
+    if module.layer_idx == 0:
+        if cache.real_seen is None or first:
+            cache.real_seen = (
+                pad_valid.sum(-1) if pad_valid is not None else torch.full((B,), S, dtype=torch.long, device=key.device)
+            )
+        else:
+            cache.real_seen = cache.real_seen + T
+        if T == 1:
+            cache.decode_steps += 1
+    # (B, H_kv, S) real slots of the view
+    valid = (
+        layer.last_valid
+        if layer.last_valid is not None
+        else torch.ones(key.shape[:3], dtype=torch.bool, device=key.device)
+    )
+    if pad_valid is not None:
+        valid = valid & pad_valid[:, None, :]
+    method, decision = cache.method, None
+    if cache.compressing and method is not None and method.wants_compression(cache, T):
+        ctx = ScoreContext(
+            module=module,
+            layer=layer,
+            cache=cache,
+            layer_idx=module.layer_idx,
+            num_layers=cache.num_layers,
+            queries=query,
+            keys=key,
+            values=value,
+            valid=valid,
+            n_new=T,
+            scaling=scaling,
+            real_seen=cache.real_seen,
+            decoding=T == 1,
+            position_ids=position_ids,
+        )
+        decision = method.decide(ctx)
+    if decision is None and pad_valid is not None:
+        decision = Decision(valid)
+    if decision is not None:
+        layer.compact(decision.keep, decision.keys, decision.values, decision.extras)
+
+
+def install(model: Any, method_name: str) -> Any:
+    """Select ``longkit_kv_<impl>`` on ``model`` and hook its attention modules; return the undo callable."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not hasattr(model, "set_attn_implementation"):
+        raise MethodError(f"kv method '{method_name}' needs a transformers PreTrainedModel")
+    previous = model.config._attn_implementation
+    if previous not in WRAPPABLE:
+        raise MethodError(
+            f"kv method '{method_name}' needs the model's attention implementation to be one of "
+            f"{', '.join(WRAPPABLE)} (got {previous!r}); use attention=sdpa or attention=eager"
+        )
+    name = f"longkit_kv_{previous}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, KVAttention(previous))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    if not modules:
+        raise MethodError(
+            f"kv method '{method_name}': found no attention modules with a layer_idx in {type(model).__name__}"
+        )
+
+    def pre_hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if not isinstance(cache, CompressedCache):
+            return None
+        cache.hooked = True
+        return args, {**kwargs, CACHE_KWARG: cache}
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules]
+    model.set_attn_implementation(name)
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(previous)
+
+    return undo

@@ -442,6 +442,23 @@ def test_compressed_cache_without_its_method_is_an_error(tiny_llama):
             model(ids[:, :1], cache=cache, use_cache=True)
 
 
+def test_attention_module_that_drops_its_keyword_arguments_is_an_error(tiny_llama):
+    # The cache reaches the attention function through the module's keyword arguments; a model whose attention
+    # module did not pass them on would otherwise run uncompressed without a word.
+    from longkit.kvcache.hook import CACHE_KWARG
+
+    model = tiny_llama.model
+    drop = lambda module, args, kwargs: (args, {k: v for k, v in kwargs.items() if k != CACHE_KWARG})  # noqa: E731
+    with longkit.apply(model, kv="knorm:ratio=0.5") as applied:
+        handles = [m.register_forward_pre_hook(drop, with_kwargs=True) for m in model.modules() if hasattr(m, "layer_idx")]
+        try:
+            with pytest.raises(MethodError, match="does not pass its keyword arguments"):
+                model(sample_ids(tiny_llama, n=20), cache=applied.new_cache(), use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+
+
 # ---- H2O ----------------------------------------------------------------------------------------------------------
 
 

@@ -205,6 +205,13 @@ def install(model: Any, method_name: str) -> Any:
         cache = kwargs.get("cache")
         if not isinstance(cache, CompressedCache):
             return None
+        # The attention function resets the flag when the cache reached it; still set at the next layer means the
+        # model's attention module dropped its keyword arguments, and compression would silently not run.
+        if cache.hooked and module.layer_idx != 0:
+            raise MethodError(
+                f"kv method '{method_name}': {type(module).__name__} does not pass its keyword arguments on to its "
+                "attention function, so the KV cache cannot be compressed on this model"
+            )
         cache.hooked = True
         return args, {**kwargs, CACHE_KWARG: cache}
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from longkit.cli import app
 from longkit.errors import EvalError
-from longkit.eval.backends import GenerationRequest, OpenAIBackend
+from longkit.eval.backends import GenerationRequest, NLLRequest, OpenAIBackend
 from longkit.eval.records import load_records
 from longkit.eval.runner import EvalConfig, evaluate
 
@@ -166,6 +166,33 @@ def test_concurrency_limit(server):
     results = dict(backend.generate_many([GenerationRequest(4, prompt=f"BUSY {i}") for i in range(9)]))
     assert sorted(results) == list(range(9)) and all(r.ok for r in results.values())
     assert 2 <= server.max_in_flight <= 3
+
+
+def test_requests_are_taken_lazily_a_few_ahead(server):
+    backend = OpenAIBackend(server.url, "m", concurrency=2, retries=0)
+    built = []
+
+    def requests():
+        for i in range(12):
+            built.append(i)
+            yield GenerationRequest(4, prompt=f"BUSY {i}")
+
+    for n, (_, result) in enumerate(backend.generate_many(requests()), 1):
+        assert result.ok and len(built) <= n + 2 * 2
+    assert n == 12 and server.max_in_flight <= 2
+
+
+def test_token_ids_go_out_decoded_without_bos_and_nll_is_refused(server, tiny_llama):
+    tok = tiny_llama.tokenizer
+    ids = tok("The pass key is 4242. What is the pass key?").input_ids
+    assert ids[0] == tok.bos_token_id
+    with pytest.raises(EvalError, match="token ids and the backend's tokenizer"):
+        OpenAIBackend(server.url, "m").generate(GenerationRequest(8, input_ids=ids))
+    result = OpenAIBackend(server.url, "m", tokenizer=tok).generate(GenerationRequest(8, input_ids=ids))
+    assert result.ok and result.text == " 4242. That is all."
+    assert server.requests[-1]["prompt"] == tok.decode(ids[1:])
+    with pytest.raises(EvalError, match="task 'perplexity' needs the model's log-probabilities"):
+        NLLRequest(ids, 4, "perplexity").send(OpenAIBackend(server.url, "m"))
 
 
 def test_bad_backend_parameters():

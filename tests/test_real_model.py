@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import longkit
+from longkit.eval.backends import HFBackend
+from longkit.eval.jobs import TaskJob
 from longkit.eval.prompt import chat_frame
-from longkit.eval.runner import Job, run_job
 from longkit.eval.tasks import TaskContext, get_task
 
 pytestmark = pytest.mark.real_model
@@ -30,8 +31,9 @@ def test_smollm2_facts(smollm2):
 
 def test_passkey_at_1k_is_answered_without_any_method(smollm2):
     ctx = TaskContext(smollm2.tokenizer, seed=0)
+    job = TaskJob("baseline", "passkey", 1024, 0.5, 0)
     with longkit.apply(smollm2.model) as applied:
-        record = run_job(smollm2, ctx, applied, Job("baseline", "passkey", 1024, 0.5, 0))
+        record = job.record(job.request(ctx).send(HFBackend(smollm2, applied)))
     assert record["n_tokens"] == 1024
     assert record["score"] == 100.0, record["prediction"]
     # float32: 30 layers x (K, V) x 3 kv heads x 64 x 1024 tokens x 4 bytes

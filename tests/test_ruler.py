@@ -82,7 +82,7 @@ def test_the_13_tasks_and_their_configs():
 @pytest.mark.parametrize("task", ruler.TASKS)
 def test_length_fits_the_budget_exactly_as_counted(task, samples, tok):
     s = samples[task]
-    gen = ruler.RulerTask(task, tok)
+    gen = ruler.RulerGenerator(task, tok)
     ids = gen.input_ids(s)
     assert len(ids) == s["input_tokens"] and s["length"] == s["input_tokens"] + s["tokens_to_generate"]
     assert s["tokens_to_generate"] == FAMILIES[ruler.family(task)].tokens_to_generate
@@ -204,7 +204,7 @@ def test_deterministic_with_seed(tok):
 
 def test_chat_template_counts_and_prefix_after_assistant(tok):
     s = ruler.generate("niah_single_1", tok, 2048, 1, chat=True)[0]
-    ids = ruler.RulerTask("niah_single_1", tok, chat=True).input_ids(s)
+    ids = ruler.RulerGenerator("niah_single_1", tok, chat=True).input_ids(s)
     text = tok.decode(ids)
     assert len(ids) == s["input_tokens"] and s["length"] <= 2048
     assert text.startswith("<|im_start|>user\n")
@@ -233,7 +233,7 @@ def test_errors(tok):
     with pytest.raises(EvalError, match="parameter 'type_needle_v' must be one of"):
         ruler.generate("niah_single_1", tok, 4096, 1, type_needle_v="letters")
     with pytest.raises(EvalError, match=r"parameter 'num_hops' must be in \[1, 100\] \(got 0\)"):
-        ruler.RulerTask("vt", tok, num_hops=0)
+        ruler.RulerGenerator("vt", tok, num_hops=0)
     with pytest.raises(EvalError, match="parameter 'freq_ucw' must be < freq_cw = 2"):
         ruler.generate("cwe", tok, 8192, 1, freq_cw=2, freq_ucw=3)
     with pytest.raises(EvalError, match=r"parameter 'alpha' must be in \(1, 10\]"):
@@ -294,7 +294,7 @@ def test_all_tasks_with_smollm2_tokenizer():
         pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
     for task in ruler.TASKS:
         s = ruler.generate(task, tok, 4096, 1, chat=True)[0]
-        ids = ruler.RulerTask(task, tok, chat=True).input_ids(s)
+        ids = ruler.RulerGenerator(task, tok, chat=True).input_ids(s)
         assert len(ids) + s["tokens_to_generate"] == s["length"] <= 4096
         # within one haystack unit (a uuid distractor line or a two-passage step: < 150 tokens)
         assert 4096 - s["length"] < 150, (task, s["length"])

@@ -12,16 +12,22 @@ from rich.console import Console
 from rich.table import Table
 
 from longkit.errors import LongkitError
+from longkit.eval.runner import EvalConfig
+from longkit.seam import BASELINE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="longkit: long-context LLM toolkit.")
 console = Console(stderr=True)
 
-#: The main job's default grid: up to and beyond SmolLM2's 8K window, ~5 minutes on a 2-core CPU.
-QUICK = {"lengths": "4k,8k,12k", "depths": "0.25,0.75", "samples": 1}
+#: The defaults of ``longkit eval``, stated once: the fields of :class:`EvalConfig`. Its grid is the main job's: up to
+#: and beyond SmolLM2's 8K window, ~5 minutes on a 2-core CPU, baseline versus dynamic NTK (training-free, leaves
+#: the model untouched inside its window, extends it beyond).
+D = EvalConfig()
+#: The methods run when no method option is given (besides the baseline, which ``--baseline`` governs).
+DEFAULT_METHODS = [m for m in D.methods if m != BASELINE]
 #: ``--full``: the larger grid (about 30 minutes per method on a 2-core CPU).
-FULL = {"lengths": "2k,4k,8k,12k,16k", "depths": "0.1,0.3,0.5,0.7,0.9", "samples": 1}
-#: Dynamic NTK: training-free, leaves the model untouched inside its window, extends it beyond.
-DEFAULT_METHOD = "rope=dynamic:factor=2"
+FULL = {"lengths": [2048, 4096, 8192, 12288, 16384], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
+#: Suite truncation budget in tokens when ``--lengths`` is not given (BABILong: every split present).
+SUITE_LENGTHS = [7500]
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -58,74 +64,73 @@ def _k(n: int | None) -> str:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
     rope: Annotated[list[str], typer.Option(help="RoPE method to compare, e.g. yarn:factor=2 (repeatable).")] = None,
     attention: Annotated[list[str], typer.Option(help="Attention method to compare (repeatable).")] = None,
     kv: Annotated[list[str], typer.Option(help="KV-cache method to compare (repeatable).")] = None,
     memory: Annotated[list[str], typer.Option(help="Memory method to compare (repeatable).")] = None,
     combo: Annotated[list[str], typer.Option(help="A full combination, e.g. 'rope=yarn:factor=2+attention=eager'.")] = None,
-    baseline: Annotated[bool, typer.Option(help="Also run the untouched model.")] = True,
+    baseline: Annotated[bool, typer.Option(help="Also run the untouched model.")] = BASELINE in D.methods,
     task: Annotated[list[str], typer.Option(help="Task (passkey, needle, perplexity, multi_needle, lost_in_middle, "
                     "RULER's 13: niah_single_1 ... qa_2, qa_1_synthetic, qa_2_synthetic); repeatable.")] = None,
     lengths: Annotated[str | None, typer.Option(help="Context lengths in tokens, e.g. 4k,8k,12k.")] = None,
     depths: Annotated[str | None, typer.Option(help="Needle depths as fractions, e.g. 0.1,0.5,0.9.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Samples per (length, depth).")] = None,
+    samples: Annotated[int, typer.Option(help="Samples per (length, depth).")] = D.samples,
     full: Annotated[bool, typer.Option("--full", help="The larger grid: 2K..16K tokens x 5 depths.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of keys, needles and depths.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of keys, needles and depths.")] = D.seed,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Chat template on/off for every task "
-                    "(default: each task's own: passkey off, as the classic protocol; needle on).")] = None,
-    haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack.")] = None,
-    ppl_text: Annotated[str | None, typer.Option(help="Text file for the perplexity task.")] = None,
+                    "(default: each task's own: passkey off, as the classic protocol; needle on).")] = D.chat,
+    haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack.")] = D.haystack,
+    ppl_text: Annotated[str | None, typer.Option(help="Text file for the perplexity task.")] = D.ppl_text,
     ppl_chunk: Annotated[int, typer.Option(help="Perplexity under a KV method: feed each window this many tokens "
                          "at a time into the compressed cache (1 = token by token, StreamingLLM's protocol; "
-                         "must be below the length).")] = 512,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    attn_implementation: Annotated[str, typer.Option(help="transformers attention implementation.")] = "sdpa",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+                         "must be below the length).")] = D.ppl_chunk,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = D.dtype,
+    attn_implementation: Annotated[str, typer.Option(help="transformers attention implementation.")] = D.attn_implementation,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = D.device,
     prefill_chunk: Annotated[str | None, typer.Option(help="Prefill in chunks of this many tokens (e.g. 2k).")] = None,
-    threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = 85.6,
-    out: Annotated[str | None, typer.Option(help="Run directory (default: runs/<model>-<hash of settings>).")] = None,
+    threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = D.threshold,
+    out: Annotated[str | None, typer.Option(help="Run directory (default: runs/<model>-<hash of settings>).")] = D.run_dir,
     report: Annotated[bool, typer.Option(help="Write the HTML report at the end.")] = True,
     suite: Annotated[str | None, typer.Option(help="Benchmark suite from local files: longbench, longbench_v2, "
                      "infinitebench, babilong (--task: its tasks, default all found; --lengths: truncation budgets, "
-                     "default 7500; babilong: data splits such as 0k,4k, default all found).")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Directory holding the suite's published data files.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Suite: first N records per task.")] = None,
+                     "default 7500; babilong: data splits such as 0k,4k, default all found).")] = D.suite,
+    data_dir: Annotated[str | None, typer.Option(help="Directory holding the suite's published data files.")] = D.data_dir,
+    limit: Annotated[int | None, typer.Option(help="Suite: first N records per task.")] = D.limit,
     backend: Annotated[str, typer.Option(help="hf (local model under the methods) or openai (an OpenAI-compatible "
-                       "endpoint; baseline only).")] = "hf",
-    base_url: Annotated[str | None, typer.Option(help="Endpoint base URL, e.g. http://localhost:8000/v1.")] = None,
-    api_model: Annotated[str | None, typer.Option(help="Model name served by the endpoint.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the endpoint's API key.")] = "OPENAI_API_KEY",
+                       "endpoint; baseline only).")] = D.backend,
+    base_url: Annotated[str | None, typer.Option(help="Endpoint base URL, e.g. http://localhost:8000/v1.")] = D.base_url,
+    api_model: Annotated[str | None, typer.Option(help="Model name served by the endpoint.")] = D.api_model,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the endpoint's API key.")] = D.api_key_env,
     tokenizer: Annotated[str | None, typer.Option(help="Local tokenizer for an endpoint (HF directory or model "
-                         "alias): counts tokens for truncation and length fitting.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Endpoint requests in flight.")] = 4,
-    timeout: Annotated[float, typer.Option(help="Endpoint request timeout, seconds.")] = 600.0,
-    retries: Annotated[int, typer.Option(help="Endpoint retries after a failed request (exponential backoff).")] = 3,
+                         "alias): counts tokens for truncation and length fitting.")] = D.tokenizer,
+    concurrency: Annotated[int, typer.Option(help="Endpoint requests in flight.")] = D.concurrency,
+    timeout: Annotated[float, typer.Option(help="Endpoint request timeout, seconds.")] = D.timeout,
+    retries: Annotated[int, typer.Option(help="Endpoint retries after a failed request (exponential backoff).")] = D.retries,
 ) -> None:
     """Evaluate a model with and without long-context methods; resumable; ends with a report.
 
     With no arguments this is the main job: smollm2-135m, passkey and needle at 4K, 8K and 12K tokens
     (its trained window is 8K) and depths 25%/75%, baseline versus dynamic NTK scaling (factor 2).
     """
-    from longkit.eval.runner import EvalConfig, evaluate
-    from longkit.seam import BASELINE
+    from longkit.eval.runner import evaluate
 
-    grid = FULL if full else QUICK
+    grid = FULL if full else {"lengths": D.lengths, "depths": D.depths}
     methods = [BASELINE] if baseline else []
     for kind, specs in (("rope", rope), ("attention", attention), ("kv", kv), ("memory", memory)):
         methods += [f"{kind}={s}" for s in specs or []]
     methods += list(combo or [])
     if not any((rope, attention, kv, memory, combo)) and backend == "hf":
-        methods.append(DEFAULT_METHOD)
+        methods += DEFAULT_METHODS
     if suite:
-        suite_lengths = parse_lengths(lengths) if lengths else ([] if suite == "babilong" else [7500])
+        grid = {**grid, "lengths": [] if suite == "babilong" else SUITE_LENGTHS}
     config = EvalConfig(
         model=model,
         methods=methods,
-        tasks=list(task or ([] if suite else ["passkey", "needle"])),
-        lengths=suite_lengths if suite else parse_lengths(lengths or grid["lengths"]),
-        depths=parse_depths(depths or grid["depths"]),
-        samples=samples if samples is not None else grid["samples"],
+        tasks=list(task or ([] if suite else D.tasks)),
+        lengths=parse_lengths(lengths) if lengths else list(grid["lengths"]),
+        depths=parse_depths(depths) if depths else list(grid["depths"]),
+        samples=samples,
         seed=seed,
         chat=chat,
         haystack=haystack,
@@ -221,7 +226,7 @@ def report_cmd(
     run_dirs: Annotated[
         list[Path], typer.Argument(help="Run directories written by `longkit eval`; several = compared side by side.")
     ],
-    threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = 85.6,
+    threshold: Annotated[float, typer.Option(help="Effective-length threshold (RULER: 85.6).")] = D.threshold,
     out: Annotated[
         str | None, typer.Option(help="Output directory (default: the run directory; required for several runs).")
     ] = None,
@@ -397,7 +402,7 @@ def _bound_table(r: dict) -> Table:
 
 @rope_app.command("search")
 def rope_search_cmd(
-    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
     target_length: Annotated[str, typer.Option(help="Context length to extend to, beyond the trained one (e.g. 16k).")] = "16k",
     out: Annotated[Path, typer.Option(help="Rope config JSON to write (load it with --rope longrope:config=FILE).")] = Path("factors.json"),
     budget: Annotated[str | None, typer.Option(help="Wall-clock budget: 90s, 20m, 1h (default: none).")] = None,
@@ -413,8 +418,8 @@ def rope_search_cmd(
     windows: Annotated[int, typer.Option(help="Calibration windows of target length per candidate.")] = 1,
     log: Annotated[Path | None, typer.Option(help="JSONL log of evaluated candidates; rerun with it to resume "
                                              "(default: OUT with .log.jsonl).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = D.dtype,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = D.device,
 ) -> None:
     """LongRoPE evolutionary search of per-dimension RoPE factors minimising perplexity at a target length.
 

@@ -13,7 +13,7 @@ A run directory holds:
     ============== ====================================================================
     id             unique key ``method|task|length|depth|sample`` (resume skips these)
     method         method-combination label
-    task           ``passkey``, ``needle``, ``perplexity`` (later: RULER tasks...)
+    task           task name: ``passkey``, ``needle``, ``perplexity``, RULER's ``niah_single_1``...; ``suite/task`` for a suite
     length         requested context length in tokens (int)
     depth          needle depth as a fraction 0..1 (float), or null
     sample         sample index (int)

@@ -14,16 +14,18 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 from longkit.errors import EvalError
-from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend, messages_for
+from longkit.eval.backends import HFBackend, OpenAIBackend
+from longkit.eval.jobs import Job, plan
 from longkit.eval.metrics import RULER_THRESHOLD
-from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run, sample_id
+from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, check_chunk
 from longkit.seam import MethodSpec, apply
@@ -205,90 +207,6 @@ def versions() -> dict[str, str]:
     }
 
 
-@dataclass
-class Job:
-    method: str
-    task: str
-    length: int
-    depth: float | None
-    sample: int
-
-    @property
-    def id(self) -> str:
-        return sample_id(self.method, self.task, self.length, self.depth, self.sample)
-
-
-def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
-    """Every sample of the grid, grouped by method (one apply per method), short lengths first."""
-    jobs = []
-    for label in labels:
-        for length in sorted(int(n) for n in config.lengths):
-            for task_name in config.tasks:
-                task = get_task(task_name)
-                depths = config.depths if task.uses_depth else [None]
-                for depth in depths:
-                    for sample in range(config.samples):
-                        jobs.append(Job(label, task_name, length, depth, sample))
-    return jobs
-
-
-def run_job(
-    lm: Any, ctx: TaskContext, applied: Any, job: Job, prefill_chunk: int | None = None, backend: Any = None,
-    ppl_chunk: int = DEFAULT_PPL_CHUNK,
-) -> dict[str, Any]:
-    """Compute one sample under the applied methods (or on ``backend``); return its record."""
-    task = get_task(job.task)
-    record: dict[str, Any] = {
-        "id": job.id,
-        "method": job.method,
-        "task": job.task,
-        "length": job.length,
-        "depth": job.depth,
-        "sample": job.sample,
-    }
-    if not task.scored:
-        if backend is not None and not isinstance(backend, HFBackend):
-            raise EvalError(f"task '{job.task}' needs the model's log-probabilities; it runs with --backend hf only")
-        ids, first_target = task.window(ctx, job.length, job.sample)
-        # One forward, or chunks against the compressed cache when a KV method is applied (ppl_protocol says which).
-        record.update(n_tokens=len(ids), score=None, decode_s=0.0, new_tokens=0,
-                      **task.nll(lm.model, ids, first_target, applied, ppl_chunk))
-        return record
-    sample = task.build(ctx, job.length, job.depth, job.sample)
-    if backend is None:
-        backend = HFBackend(lm, applied, prefill_chunk)
-    ids = list(sample.prompt.input_ids)
-    if isinstance(backend, HFBackend):
-        request = GenerationRequest(sample.max_new_tokens, input_ids=ids)
-    else:
-        # An endpoint takes text: the fitted ids decoded with their template markers, less a leading BOS
-        # (the server adds its own).
-        bos = getattr(ctx.tokenizer, "bos_token_id", None)
-        request = GenerationRequest(sample.max_new_tokens, prompt=ctx.tokenizer.decode(ids[1:] if ids and ids[0] == bos else ids))
-    result = backend.generate(request)
-    record.update(
-        n_tokens=len(sample.prompt),
-        score=task.score(result.text, sample.answers) if result.ok else None,
-        prediction=result.text,
-        answer=sample.answers,
-        needle_start=sample.prompt.needle_start,
-        **_result_fields(result),
-    )
-    return record
-
-
-def _result_fields(result: Any) -> dict[str, Any]:
-    """The generation fields of a record; a failed request keeps ``error`` and no score (never a wrong answer)."""
-    fields: dict[str, Any] = {"prefill_s": None, "decode_s": None, "new_tokens": result.completion_tokens,
-                              "peak_mem_bytes": None, "kv_bytes": None}
-    fields.update(result.stats)
-    if not result.ok:
-        fields.update(error=result.error, attempts=result.attempts)
-    elif result.attempts > 1:
-        fields["attempts"] = result.attempts
-    return fields
-
-
 def _check_identity(run_dir: Path, meta: dict[str, Any]) -> None:
     old = load_run(run_dir)
     if not old:
@@ -329,84 +247,6 @@ class _Model:
         return {"name": self.name, "source": self.base_url, "backend": "openai", "dtype": self.dtype}
 
 
-def _endpoint(config: EvalConfig) -> OpenAIBackend:
-    return OpenAIBackend(
-        config.base_url or "", config.api_model or "", api_key_env=config.api_key_env, timeout=config.timeout,
-        retries=config.retries, concurrency=config.concurrency,
-    )
-
-
-@dataclass
-class SuiteJob(Job):
-    """A suite record to run: ``sample`` is its index in the task's file (at this length for BABILong)."""
-
-    suite_task: str = ""
-    record: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-def plan_suite(config: EvalConfig, labels: list[str]) -> list[SuiteJob]:
-    """Every (method, length, task, record) of a suite run; records loaded and validated here."""
-    from longkit.eval.suites import get_suite
-
-    suite = get_suite(config.suite or "")
-    lengths = sorted(int(n) for n in config.lengths)
-    split = suite.length_kind == "split"
-    cache: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
-    jobs = []
-    for label in labels:
-        for length in lengths:
-            for task in config.tasks:
-                key = (task, length if split else None)
-                if key not in cache:
-                    if split and not _has_split(suite, config, task, length):
-                        # BABILong: not every task is published (or downloaded) at every length.
-                        cache[key] = []
-                        continue
-                    records = suite.load(config.data_dir or "", task, key[1])
-                    cache[key] = records[: config.limit] if config.limit else records
-                for index, record in enumerate(cache[key]):
-                    jobs.append(SuiteJob(label, f"{suite.name}/{task}", length, None, index, task, record))
-    if not jobs:
-        raise EvalError(f"no {suite.name} records for tasks {config.tasks} at lengths {lengths} in {config.data_dir}")
-    return jobs
-
-
-def _has_split(suite: Any, config: EvalConfig, task: str, length: int) -> bool:
-    try:
-        suite.data_file(Path(config.data_dir or ""), task, length)
-    except EvalError:
-        return False
-    return True
-
-
-def run_suite_request(suite: Any, job: SuiteJob, tokenizer: Any, chat: bool | None) -> tuple[dict[str, Any], GenerationRequest]:
-    """The record skeleton and the generation request of one suite sample."""
-    prompt = suite.prompt(job.suite_task, job.record, tokenizer, job.length, chat)
-    if prompt.chat:
-        request = GenerationRequest(prompt.max_new_tokens, messages=messages_for(prompt.text, prompt.system),
-                                    stop_newline=prompt.stop_newline)
-    else:
-        request = GenerationRequest(prompt.max_new_tokens, prompt=prompt.text, stop_newline=prompt.stop_newline)
-    record: dict[str, Any] = {
-        "id": job.id, "method": job.method, "task": job.task, "length": job.length, "depth": None,
-        "sample": job.sample, "suite": suite.name, "n_tokens_full": prompt.n_tokens_full,
-        "truncated": prompt.truncated, "chat": prompt.chat, **suite.meta(job.suite_task, job.record),
-    }
-    return record, request
-
-
-def finish_suite_record(suite: Any, job: SuiteJob, record: dict[str, Any], result: Any) -> dict[str, Any]:
-    """Score a finished request; a failed one is recorded with its error and no score."""
-    record.update(
-        n_tokens=result.prompt_tokens,
-        score=suite.score(job.suite_task, result.text, job.record) if result.ok else None,
-        prediction=result.text,
-        answer=suite.answers(job.suite_task, job.record),
-        **_result_fields(result),
-    )
-    return record
-
-
 def evaluate(
     config: EvalConfig,
     *,
@@ -428,16 +268,18 @@ def evaluate(
 
     endpoint = None
     if config.backend == "openai":
-        endpoint = _endpoint(config)
+        endpoint = OpenAIBackend(config.base_url or "", config.api_model or "", api_key_env=config.api_key_env,
+                                 timeout=config.timeout, retries=config.retries, concurrency=config.concurrency)
         endpoint.check()
         if lm is None:
             lm = _Model(load_tokenizer(config.tokenizer or ""), config.api_model or "", config.base_url or "")
+        endpoint.tokenizer = lm.tokenizer
     elif lm is None:
         from longkit.models import load_model
 
         lm = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation,
                         device=config.device)
-    suite_jobs = plan_suite(config, labels) if config.suite else None
+    jobs = plan(config, labels)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "config": {**asdict(config), "dtype": lm.dtype, "run_dir": str(run_dir)},
@@ -460,13 +302,20 @@ def evaluate(
 
     # Failed requests are not done: a rerun retries them.
     done = {r["id"] for r in load_records(run_dir) if r.get("error") is None}
-    jobs: list[Any] = [j for j in (suite_jobs if suite_jobs is not None else plan(config, labels)) if j.id not in done]
+    jobs = [j for j in jobs if j.id not in done]
     ctx = TaskContext(lm.tokenizer, seed=config.seed, chat=config.chat, haystack=config.haystack,
                       ppl_text=config.ppl_text)
-    if not jobs:
-        _write_suite_summary(config, run_dir)
-        return run_dir
+    if jobs:
+        by_label = dict(zip(labels, specs, strict=True))
+        _run(jobs, ctx, lambda label: _backend(config, lm, by_label[label], endpoint), run_dir, progress, on_record)
+    _write_suite_summary(config, run_dir)
+    return run_dir
 
+
+def _run(jobs: list[Job], ctx: TaskContext, backend_for: Callable[[str], Any], run_dir: Path, progress: bool,
+         on_record: Callable[[dict[str, Any]], None] | None) -> None:
+    """Every job through the backend of its method (jobs come grouped by method); each record is written as its
+    result comes back."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -482,35 +331,30 @@ def evaluate(
         # Progress counts prompt tokens, so the ETA accounts for long samples costing more.
         total = bar.add_task("eval", total=sum(j.length for j in jobs))
 
-        def emit(record: dict[str, Any], job: Any) -> None:
-            writer.write(record)
-            if on_record is not None:
-                on_record(record)
-            bar.advance(total, job.length)
+        def requests(mine: list[Job]) -> Iterator[Any]:
+            for job in mine:
+                bar.update(total, description=f"{job.method} | {job.task} | {job.length} tok")
+                yield job.request(ctx)
 
-        if endpoint is not None:
-            bar.update(total, description=f"{config.api_model} @ {config.base_url}")
-            _run_on_endpoint(config, endpoint, ctx, jobs, emit)
-            _write_suite_summary(config, run_dir)
-            return run_dir
-        for label, spec in zip(labels, specs, strict=True):
-            mine = [j for j in jobs if j.method == label]
-            if not mine:
-                continue
-            with apply(lm.model, spec) as applied:
-                backend = HFBackend(lm, applied, config.prefill_chunk)
-                for job in mine:
-                    bar.update(total, description=f"{label} | {job.task} | {job.length} tok")
-                    if isinstance(job, SuiteJob):
-                        suite = _suite(config)
-                        record, request = run_suite_request(suite, job, lm.tokenizer, config.chat)
-                        record = finish_suite_record(suite, job, record, backend.generate(request))
-                    else:
-                        record = run_job(lm, ctx, applied, job, prefill_chunk=config.prefill_chunk, backend=backend,
-                                         ppl_chunk=config.ppl_chunk)
-                    emit(record, job)
-    _write_suite_summary(config, run_dir)
-    return run_dir
+        for label, group in groupby(jobs, key=lambda j: j.method):
+            mine = list(group)
+            with backend_for(label) as backend:
+                for index, result in backend.generate_many(requests(mine)):
+                    record = mine[index].record(result)
+                    writer.write(record)
+                    if on_record is not None:
+                        on_record(record)
+                    bar.advance(total, mine[index].length)
+
+
+@contextmanager
+def _backend(config: EvalConfig, lm: Any, spec: MethodSpec, endpoint: OpenAIBackend | None) -> Iterator[Any]:
+    """The endpoint as it is (its methods are validated to be the baseline), or the local model under ``spec``."""
+    if endpoint is not None:
+        yield endpoint
+        return
+    with apply(lm.model, spec) as applied:
+        yield HFBackend(lm, applied, config.prefill_chunk, config.ppl_chunk)
 
 
 SUITE_SUMMARY_FILE = "suite_summary.json"
@@ -520,29 +364,10 @@ def _write_suite_summary(config: EvalConfig, run_dir: Path) -> None:
     """The suite's official aggregates of every record in the run, next to samples.jsonl."""
     if not config.suite:
         return
-    suite = _suite(config)
+    from longkit.eval.suites import get_suite
+
+    suite = get_suite(config.suite)
     records = [r for r in load_records(run_dir) if r.get("suite") == suite.name]
     summary = {"suite": suite.name, "paper": suite.paper, "scores": suite.summarize(records),
                "errors": sum(1 for r in records if r.get("error") is not None)}
     (run_dir / SUITE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-
-
-def _suite(config: EvalConfig) -> Any:
-    from longkit.eval.suites import get_suite
-
-    return get_suite(config.suite or "")
-
-
-def _run_on_endpoint(config: EvalConfig, endpoint: OpenAIBackend, ctx: TaskContext, jobs: list[Any],
-                     emit: Callable[[dict[str, Any], Any], None]) -> None:
-    """Send every job to the endpoint, ``concurrency`` at a time; records are written as requests finish."""
-    if config.suite:
-        suite = _suite(config)
-        prepared = [run_suite_request(suite, job, ctx.tokenizer, config.chat) for job in jobs]
-        for index, result in endpoint.generate_many([request for _, request in prepared]):
-            emit(finish_suite_record(suite, jobs[index], prepared[index][0], result), jobs[index])
-        return
-    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
-        futures = {pool.submit(run_job, None, ctx, None, job, None, endpoint): job for job in jobs}
-        for future in as_completed(futures):
-            emit(future.result(), futures[future])

@@ -1,7 +1,9 @@
-"""What a generation backend is: text or chat messages in, generated text + token usage + error out."""
+"""What a backend is: a generation request (text, chat messages or token ids) in, generated text + token usage +
+error out; or, on a local model, a perplexity window in, its summed NLL out."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,6 +18,23 @@ class GenerationRequest:
     input_ids: list[int] | None = None
     #: Stop at the first newline of the generated text.
     stop_newline: bool = False
+
+    def send(self, backend: Backend) -> GenerationResult:
+        return backend.generate(self)
+
+
+@dataclass
+class NLLRequest:
+    """A teacher-forced window to score (perplexity): a backend with the model's log-probabilities only."""
+
+    input_ids: list[int]
+    #: Index in ``input_ids`` of the first scored target token.
+    first_target: int
+    #: The task asking, named in the error of a backend that has no log-probabilities.
+    task: str
+
+    def send(self, backend: Backend) -> dict[str, Any]:
+        return backend.nll(self)
 
 
 @dataclass
@@ -34,20 +53,35 @@ class GenerationResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def record_fields(self) -> dict[str, Any]:
+        """The generation fields of a run record; a failed request keeps ``error`` (its record is never scored)."""
+        fields: dict[str, Any] = {"prefill_s": None, "decode_s": None, "new_tokens": self.completion_tokens,
+                                  "peak_mem_bytes": None, "kv_bytes": None}
+        fields.update(self.stats)
+        if not self.ok:
+            fields.update(error=self.error, attempts=self.attempts)
+        elif self.attempts > 1:
+            fields["attempts"] = self.attempts
+        return fields
+
 
 @runtime_checkable
 class Backend(Protocol):
-    """Anything that turns :class:`GenerationRequest` into :class:`GenerationResult`.
+    """Anything that turns :class:`GenerationRequest` into :class:`GenerationResult` (and :class:`NLLRequest` into
+    the record fields of a perplexity window, or a clear error where it has no log-probabilities).
 
-    ``generate_many`` yields ``(index, result)`` pairs in completion order, so a backend may run requests
-    concurrently; a failed request is returned with ``error`` set, never raised.
+    ``generate_many`` takes requests of either kind, built lazily as it consumes them, and yields ``(index, result)``
+    pairs in completion order, so a backend may run requests concurrently; a failed generation is returned with
+    ``error`` set, never raised.
     """
 
     name: str
 
     def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
-    def generate_many(self, requests: list[GenerationRequest]) -> Any: ...
+    def nll(self, request: NLLRequest) -> dict[str, Any]: ...
+
+    def generate_many(self, requests: Iterable[GenerationRequest | NLLRequest]) -> Iterator[tuple[int, Any]]: ...
 
 
 def messages_for(text: str, system: str | None = None) -> list[dict[str, str]]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from longkit.eval.backends.base import GenerationRequest, GenerationResult
+from longkit.eval.backends.base import GenerationRequest, GenerationResult, NLLRequest
 from longkit.runtime.generate import greedy_generate
 
 
@@ -13,15 +14,17 @@ class HFBackend:
 
     ``applied`` is the handle from :func:`longkit.apply` (its ``new_cache()`` gives each request a fresh cache
     of the applied KV method). Chat messages go through the tokenizer's chat template; plain text is tokenized
-    with the tokenizer's special tokens (a BOS where the model uses one).
+    with the tokenizer's special tokens (a BOS where the model uses one). Perplexity windows are scored with
+    ``ppl_chunk`` tokens per forward under a KV method (None: the perplexity task's default).
     """
 
     name = "hf"
 
-    def __init__(self, lm: Any, applied: Any, prefill_chunk: int | None = None):
+    def __init__(self, lm: Any, applied: Any, prefill_chunk: int | None = None, ppl_chunk: int | None = None):
         self.lm = lm
         self.applied = applied
         self.prefill_chunk = prefill_chunk
+        self.ppl_chunk = ppl_chunk
         tok = lm.tokenizer
         eos = {
             i for i in (tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)) if i is not None
@@ -62,6 +65,14 @@ class HFBackend:
             },
         )
 
-    def generate_many(self, requests: list[GenerationRequest]):
+    def nll(self, request: NLLRequest) -> dict[str, Any]:
+        # Lazy: the perplexity task builds its requests with this module's request types.
+        from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, Perplexity
+
+        # One forward, or chunks against the compressed cache when a KV method is applied (ppl_protocol says which).
+        return Perplexity.nll(self.lm.model, request.input_ids, request.first_target, self.applied,
+                              self.ppl_chunk or DEFAULT_PPL_CHUNK)
+
+    def generate_many(self, requests: Iterable[GenerationRequest | NLLRequest]) -> Iterator[tuple[int, Any]]:
         for index, request in enumerate(requests):
-            yield index, self.generate(request)
+            yield index, request.send(self)

@@ -10,12 +10,12 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from typing import Any
 
 from longkit.errors import EvalError
-from longkit.eval.backends.base import GenerationRequest, GenerationResult
+from longkit.eval.backends.base import GenerationRequest, GenerationResult, NLLRequest
 
 #: HTTP statuses worth retrying: rate limits, timeouts and server-side failures.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -29,6 +29,8 @@ class OpenAIBackend:
     ``timeout`` seconds per request (> 0); ``retries`` extra attempts (>= 0) for connection errors, timeouts
     and HTTP 408/409/425/429/5xx, waiting ``backoff * 2**attempt`` seconds (capped at ``max_backoff``);
     ``concurrency`` parallel requests (>= 1). A request that still fails returns a result with ``error`` set.
+    ``tokenizer`` (optional, local) lets requests of token ids go out as text: decoded with their template markers,
+    less a leading BOS (the server adds its own).
     """
 
     name = "openai"
@@ -45,6 +47,7 @@ class OpenAIBackend:
         max_backoff: float = 60.0,
         concurrency: int = 4,
         temperature: float = 0.0,
+        tokenizer: Any = None,
     ):
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise EvalError(
@@ -69,6 +72,7 @@ class OpenAIBackend:
         self.max_backoff = max_backoff
         self.concurrency = concurrency
         self.temperature = temperature
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------------ HTTP
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,9 +111,19 @@ class OpenAIBackend:
             body["stop"] = ["\n"]
         if request.messages is not None:
             return "/chat/completions", {**body, "messages": request.messages}
-        if request.prompt is None:
-            raise EvalError("an endpoint request needs prompt text or chat messages (token ids cannot be sent)")
-        return "/completions", {**body, "prompt": request.prompt}
+        return "/completions", {**body, "prompt": self._text(request)}
+
+    def _text(self, request: GenerationRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        if request.input_ids is None or self.tokenizer is None:
+            raise EvalError("an endpoint request needs prompt text, chat messages, or token ids and the backend's "
+                            "tokenizer to decode them")
+        ids, bos = request.input_ids, getattr(self.tokenizer, "bos_token_id", None)
+        return self.tokenizer.decode(ids[1:] if ids and ids[0] == bos else ids)
+
+    def nll(self, request: NLLRequest) -> dict[str, Any]:
+        raise EvalError(f"task '{request.task}' needs the model's log-probabilities; it runs with --backend hf only")
 
     @staticmethod
     def _parse(path: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -152,9 +166,19 @@ class OpenAIBackend:
                 return GenerationResult(error=error, attempts=attempt + 1)
         return GenerationResult(error=f"{error} (after {self.retries + 1} attempts)", attempts=self.retries + 1)
 
-    def generate_many(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
-        """Up to ``concurrency`` requests in flight; yields ``(index, result)`` as each finishes."""
+    def generate_many(self, requests: Iterable[GenerationRequest | NLLRequest]) -> Iterator[tuple[int, Any]]:
+        """Up to ``concurrency`` requests in flight; yields ``(index, result)`` as each finishes.
+
+        Requests are taken from ``requests`` as slots free up (a few ahead), so a lazy iterable of long prompts is
+        never held in memory at once.
+        """
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.generate, r): i for i, r in enumerate(requests)}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            pending: dict[Any, int] = {}
+            for index, request in enumerate(requests):
+                pending[pool.submit(request.send, self)] = index
+                if len(pending) >= 2 * self.concurrency:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield pending.pop(future), future.result()
+            for future in as_completed(pending):
+                yield pending[future], future.result()

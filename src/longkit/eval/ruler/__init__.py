@@ -71,8 +71,12 @@ def _config(task: str, options: dict[str, Any]) -> tuple[str, Any, dict[str, Any
     return fam, cls(**merged), general
 
 
-class RulerTask:
-    """A RULER task bound to a tokenizer and run settings; ``sample(length, index)`` builds one sample."""
+class RulerGenerator:
+    """The sample generator of one RULER task, bound to a tokenizer and run settings: ``sample(length, index)``.
+
+    The runner's task (what ``--task niah_single_1`` names, scored into records) is
+    :class:`longkit.eval.tasks.ruler.Ruler`; this class only builds its samples.
+    """
 
     def __init__(
         self,
@@ -183,8 +187,8 @@ def generate(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise EvalError(f"parameter 'num_samples' must be an integer >= 1 (got {num_samples!r})")
-    runner = RulerTask(task, tokenizer, seed=seed, chat=chat, haystack=haystack, **options)
-    return [runner.sample(length, i) for i in range(num_samples)]
+    generator = RulerGenerator(task, tokenizer, seed=seed, chat=chat, haystack=haystack, **options)
+    return [generator.sample(length, i) for i in range(num_samples)]
 
 
-__all__ = ["TASKS", "RulerTask", "family", "generate"]
+__all__ = ["TASKS", "RulerGenerator", "family", "generate"]

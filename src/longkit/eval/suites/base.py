@@ -4,7 +4,7 @@ truncation, and its official metric per task. Suites are registered by name in :
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,16 +25,6 @@ class SuitePrompt:
     #: Stop at the first newline (LongBench samsum, as its pred.py adds the newline token to the EOS ids).
     stop_newline: bool = False
     system: str | None = None
-
-
-@dataclass
-class SuiteTask:
-    """A task as the runner sees it: records loaded from a file and what the records are."""
-
-    suite: str
-    task: str
-    path: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""What an evaluation task is: build a prompt for (length, depth, sample), then score the model's answer."""
+"""What an evaluation task is: build a prompt for (length, depth, sample), then score the model's answer.
+
+The runner sees a task through :meth:`Task.request` (what to send a backend for one sample) and
+:meth:`Task.fields` (the record fields of the backend's answer); the perplexity task overrides both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from longkit.errors import EvalError
+from longkit.eval.backends.base import GenerationRequest
 from longkit.eval.prompt import FittedPrompt
 
 
@@ -55,6 +60,22 @@ class Task:
 
     def score(self, prediction: str, answers: list[str]) -> float:
         raise NotImplementedError
+
+    def request(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> tuple[Any, Any]:
+        """What to send a backend for one sample, and what :meth:`fields` needs of it later (the built sample)."""
+        built = self.build(ctx, length, depth, sample)
+        return GenerationRequest(built.max_new_tokens, input_ids=list(built.prompt.input_ids)), built
+
+    def fields(self, built: Any, result: Any) -> dict[str, Any]:
+        """The record fields of one sample from the backend's result; a failed request is not scored."""
+        return {
+            "n_tokens": len(built.prompt),
+            "score": self.score(result.text, built.answers) if result.ok else None,
+            "prediction": result.text,
+            "answer": built.answers,
+            "needle_start": built.prompt.needle_start,
+            **result.record_fields(),
+        }
 
 
 TASKS: dict[str, type[Task]] = {}

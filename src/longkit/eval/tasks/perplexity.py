@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from longkit.errors import EvalError
+from longkit.eval.backends.base import NLLRequest
 from longkit.eval.haystack import haystack_text
 from longkit.eval.prompt import chat_frame, encode
 from longkit.eval.tasks.base import Task, TaskContext, register_task
@@ -65,8 +66,16 @@ class Perplexity(Task):
             )
         return head + ids[start : start + body], len(head) + body - stride
 
+    def request(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> tuple[NLLRequest, int]:
+        ids, first_target = self.window(ctx, length, sample)
+        return NLLRequest(ids, first_target, self.name), len(ids)
+
+    def fields(self, n_tokens: int, result: dict[str, Any]) -> dict[str, Any]:
+        return {"n_tokens": n_tokens, "score": None, "decode_s": 0.0, "new_tokens": 0, **result}
+
+    @staticmethod
     def nll(
-        self, model: Any, ids: list[int], first_target: int, applied: Any = None, chunk: int = DEFAULT_PPL_CHUNK
+        model: Any, ids: list[int], first_target: int, applied: Any = None, chunk: int = DEFAULT_PPL_CHUNK
     ) -> dict[str, Any]:
         """The record fields of one window: ``nll_sum``, ``n_targets``, ``prefill_s``, ``peak_mem_bytes``,
         ``kv_bytes``, ``kv_kept`` and ``ppl_protocol`` (see the class docstring for the protocols).

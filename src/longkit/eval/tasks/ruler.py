@@ -1,6 +1,6 @@
-"""RULER's 13 tasks as runner tasks: ``longkit eval --task niah_single_1 --task vt ...``.
+"""RULER's 13 tasks: ``longkit eval --task niah_single_1 --task vt ...``.
 
-Each task builds its sample with :mod:`longkit.eval.ruler` (RULER's recipe, fitted to the run's length with
+Each task builds its sample with a :class:`~longkit.eval.ruler.RulerGenerator` (RULER's recipe, fitted to the run's length with
 the answer reserve) and scores with RULER's metric on the post-processed prediction, so the per-length mean of
 the records is RULER's task score. The depth grid does not apply (RULER draws its own insertion depths).
 
@@ -19,15 +19,16 @@ from longkit.errors import EvalError
 from longkit.eval.metrics import METRICS, RULER_TASK_METRICS, postprocess_pred
 from longkit.eval.prompt import FittedPrompt
 from longkit.eval.ruler import TASKS as RULER_TASKS
-from longkit.eval.ruler import RulerTask
+from longkit.eval.ruler import RulerGenerator
 from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
 
 #: Where qa_1 / qa_2 find their data.
 DATA_ENV = {"qa_1": "LONGKIT_RULER_SQUAD", "qa_2": "LONGKIT_RULER_HOTPOTQA"}
 
 
-class RulerRunnerTask(Task):
-    """Base of the RULER runner tasks; ``ruler_task`` names the RULER task, ``synthetic`` the offline qa data."""
+class Ruler(Task):
+    """Base of the RULER tasks; ``ruler_task`` names RULER's recipe (qa_1 for qa_1_synthetic), ``synthetic`` the
+    offline qa data."""
 
     uses_depth = False
     chat_default = True
@@ -49,11 +50,11 @@ class RulerRunnerTask(Task):
     def __init__(self) -> None:
         self.data = self._data()
 
-    def generator(self, ctx: TaskContext) -> RulerTask:
+    def generator(self, ctx: TaskContext) -> RulerGenerator:
         chat = ctx.use_chat(self)
         key = ("ruler", self.name, chat, ctx.haystack, ctx.seed, id(ctx.tokenizer))
         if key not in ctx.cache:
-            ctx.cache[key] = RulerTask(
+            ctx.cache[key] = RulerGenerator(
                 self.ruler_task, ctx.tokenizer, seed=ctx.seed, chat=chat, haystack=ctx.haystack, **self.data
             )
         return ctx.cache[key]
@@ -77,7 +78,7 @@ def _make(name: str, ruler_task: str, synthetic: bool) -> type[Task]:
     )
     cls = type(
         f"Ruler_{name}",
-        (RulerRunnerTask,),
+        (Ruler,),
         {"name": name, "ruler_task": ruler_task, "synthetic": synthetic, "__doc__": doc, "__module__": __name__},
     )
     return register_task(cls)

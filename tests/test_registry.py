@@ -142,8 +142,10 @@ def test_one_registry_class_serves_functions_and_tables_with_clear_errors():
 
 def test_every_registry_is_a_registry():
     from longkit.attention.minference import PATTERNS
+    from longkit.eval.suites import SUITES
+    from longkit.eval.tasks import TASKS
     from longkit.rope import FREQUENCIES, REMAPS
 
-    for reg in (*REGISTRIES.values(), FREQUENCIES, REMAPS, PATTERNS):
+    for reg in (*REGISTRIES.values(), FREQUENCIES, REMAPS, PATTERNS, TASKS, SUITES):
         assert isinstance(reg, Registry)
     assert list(PATTERNS) == ["a_shape", "vertical_slash", "block_sparse", "dense"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from longkit.errors import EvalError
+from longkit.registry import Registry
 
 
 @dataclass
@@ -180,18 +181,16 @@ def summarize_by_task(records: list[dict[str, Any]], extra: Any = None) -> dict[
     return out
 
 
-SUITES: dict[str, type[Suite]] = {}
+SUITES = Registry("suites", "suite", error=EvalError)
 
 
 def register_suite(cls: type[Suite]) -> type[Suite]:
-    SUITES[cls.name] = cls
+    SUITES.add(cls.name, cls)
     return cls
 
 
 def get_suite(name: str) -> Suite:
-    if name not in SUITES:
-        raise EvalError(f"unknown suite '{name}'; valid suites: {', '.join(sorted(SUITES))}")
-    return SUITES[name]()
+    return SUITES.get(name)()
 
 
 def use_chat(tokenizer: Any, chat: bool | None, default: bool = True) -> bool:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from longkit.errors import EvalError
 from longkit.eval.backends.base import GenerationRequest
 from longkit.eval.prompt import FittedPrompt
+from longkit.registry import Registry
 
 
 @dataclass
@@ -78,15 +79,13 @@ class Task:
         }
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS = Registry("tasks", "task", error=EvalError)
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    TASKS[cls.name] = cls
+    TASKS.add(cls.name, cls)
     return cls
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise EvalError(f"unknown task '{name}'; valid tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    return TASKS.get(name)()

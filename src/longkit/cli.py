@@ -26,8 +26,6 @@ D = EvalConfig()
 DEFAULT_METHODS = [m for m in D.methods if m != BASELINE]
 #: ``--full``: the larger grid (about 30 minutes per method on a 2-core CPU).
 FULL = {"lengths": [2048, 4096, 8192, 12288, 16384], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
-#: Suite truncation budget in tokens when ``--lengths`` is not given (BABILong: every split present).
-SUITE_LENGTHS = [7500]
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -115,7 +113,7 @@ def eval_cmd(
     """
     from longkit.eval.runner import evaluate
 
-    grid = FULL if full else {"lengths": D.lengths, "depths": D.depths}
+    grid = FULL if full else {"lengths": None, "depths": D.depths}
     methods = [BASELINE] if baseline else []
     for kind, specs in (("rope", rope), ("attention", attention), ("kv", kv), ("memory", memory)):
         methods += [f"{kind}={s}" for s in specs or []]
@@ -123,12 +121,12 @@ def eval_cmd(
     if not any((rope, attention, kv, memory, combo)) and backend == "hf":
         methods += DEFAULT_METHODS
     if suite:
-        grid = {**grid, "lengths": [] if suite == "babilong" else SUITE_LENGTHS}
+        grid = {**grid, "lengths": None}
     config = EvalConfig(
         model=model,
         methods=methods,
         tasks=list(task or ([] if suite else D.tasks)),
-        lengths=parse_lengths(lengths) if lengths else list(grid["lengths"]),
+        lengths=parse_lengths(lengths) if lengths else grid["lengths"],
         depths=parse_depths(depths) if depths else list(grid["depths"]),
         samples=samples,
         seed=seed,

@@ -37,6 +37,9 @@ SUITE_IDENTITY_KEYS = ("suite", "data_dir", "backend", "base_url", "api_model", 
 # Perplexity under a KV method depends on the chunk; hashed only when not the default, so older run names stay valid.
 PPL_IDENTITY_KEYS = ("ppl_chunk",)
 BACKENDS = ("hf", "openai")
+#: Context lengths of a task grid, and the truncation budget of a suite, when none are given.
+TASK_LENGTHS = (4096, 8192, 12288)
+SUITE_LENGTHS = (7500,)
 
 
 @dataclass
@@ -46,7 +49,9 @@ class EvalConfig:
     model: str = "smollm2-135m"
     methods: list[str] = field(default_factory=lambda: ["baseline", "rope=dynamic:factor=2"])
     tasks: list[str] = field(default_factory=lambda: ["passkey", "needle"])
-    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 12288])
+    #: None: the default of the kind of run, resolved on construction (:data:`TASK_LENGTHS`; for a suite
+    #: :data:`SUITE_LENGTHS`, or every data split present for BABILong).
+    lengths: list[int] | None = None
     depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
     samples: int = 1
     seed: int = 0
@@ -78,6 +83,17 @@ class EvalConfig:
     concurrency: int = 4
     timeout: float = 600.0
     retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            from longkit.eval.suites import SUITES
+
+            if self.suite is None:
+                self.lengths = list(TASK_LENGTHS)
+            elif self.suite in SUITES and SUITES[self.suite].length_kind == "split":
+                self.lengths = []
+            else:
+                self.lengths = list(SUITE_LENGTHS)
 
     def validate(self) -> None:
         if not self.methods:

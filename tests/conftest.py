@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 import longkit
+
+#: The repository root (benchmarks/ lives there) and the test data shared by the test folders.
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Tiny models run faster on one thread (thread start-up dominates); the real-model tests ask for two.
 torch.set_num_threads(1)

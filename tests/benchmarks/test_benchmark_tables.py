@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
 
 
 def _script(path: str):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import longkit
+from conformance import CASES
 from longkit.errors import MethodError
 from longkit.kvcache import cache_nbytes
 from longkit.runtime.prefill_capture import capture_prefill
-from registry_cases import CASES
 
 KV_CASES = [
     f"{name}:" + ",".join(f"{k}={v}" for k, v in args.items())

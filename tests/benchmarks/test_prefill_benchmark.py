@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "attention" / "prefill.py"
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "attention" / "prefill.py"
 
 
 def _data() -> dict:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from test_benchmark_tables import TABLES
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
 INDEX = BENCH / "README.md"
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from attention_helpers import qkv
 
 import longkit
-from attention_helpers import qkv
 from conftest import sample_ids
 from longkit.attention import MaskSpec, blockwise_attention
 from longkit.attention.logn import log_n_scale_queries

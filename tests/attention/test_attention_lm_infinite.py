@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_helpers import INV_FREQ, LargestTensor, qkv
 
 import longkit
-from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import lm_infinite as lmi
 from longkit.attention.lm_infinite import lm_infinite_attention

@@ -2,10 +2,10 @@
 truncation, and a suite run on the tiny model through the runner (resumable, official summary)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import FIXTURES
 from longkit.errors import EvalError
 from longkit.eval.records import load_records
 from longkit.eval.runner import EvalConfig, evaluate
@@ -14,7 +14,7 @@ from longkit.eval.suites import get_suite, scoring, truncate_middle
 from longkit.eval.suites import longbench as lb
 from longkit.eval.suites import longbench_v2 as v2
 
-FIX = Path(__file__).parent / "fixtures" / "suites"
+FIX = FIXTURES / "suites"
 
 
 class WordTokenizer:

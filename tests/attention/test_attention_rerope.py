@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from attention_helpers import INV_FREQ, LargestTensor, qkv
 
 import longkit
-from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import rerope as rr
 from longkit.attention.logn import log_n_factors

@@ -7,18 +7,18 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FIXTURES
 from longkit.cli import app
 from longkit.errors import EvalError
 from longkit.eval.backends import GenerationRequest, NLLRequest, OpenAIBackend
 from longkit.eval.records import load_records
 from longkit.eval.runner import EvalConfig, evaluate
 
-FIX = Path(__file__).parent / "fixtures" / "suites"
+FIX = FIXTURES / "suites"
 
 
 class Server:

@@ -4,14 +4,14 @@ venv exists (bash benchmarks/kvcache/kvpress_env.sh), one real round trip agains
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import longkit
+from conftest import REPO
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kvcache"
+BENCH = REPO / "benchmarks" / "kvcache"
 
 
 def _harness():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from attention_helpers import qkv
 
 import longkit
-from attention_helpers import qkv
 from conftest import sample_ids
 from longkit.attention.a_shape import a_shape_attention
 from longkit.attention.block_sparse import block_sparse_attention, block_sparse_select

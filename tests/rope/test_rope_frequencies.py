@@ -12,11 +12,11 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
 import longkit
+from conformance import CASES
 from longkit.errors import MethodError
 from longkit.registry import REGISTRIES, params_of
 from longkit.rope import FREQUENCIES, RopeParams, frequencies, frequencies_from_config, rope_params
 from longkit.rope.frequencies import ModelInputs, inputs_of
-from registry_cases import CASES
 
 HEAD_DIMS = (64, 128)
 BASES = (10000.0, 500000.0)

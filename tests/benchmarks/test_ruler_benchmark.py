@@ -6,9 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+from conftest import REPO
 from longkit.eval import ruler
 
-RUNNER = Path(__file__).parents[1] / "benchmarks" / "ruler" / "run.py"
+RUNNER = REPO / "benchmarks" / "ruler" / "run.py"
 
 
 def _runner():

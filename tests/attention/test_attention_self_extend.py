@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_helpers import INV_FREQ, LargestTensor, qkv
 
 import longkit
-from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import self_extend as se
 from longkit.attention.naive import self_extend_reference

@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import REPO
 from longkit.registry import registry
 
-RUNNER = Path(__file__).parents[1] / "benchmarks" / "rope" / "run.py"
+RUNNER = REPO / "benchmarks" / "rope" / "run.py"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kvcache_quant import _loop_fake_quant
 
 import longkit
 from conftest import sample_ids
@@ -12,7 +13,6 @@ from longkit.errors import MethodError
 from longkit.kvcache import cache_nbytes
 from longkit.kvcache.kivi import KIVICompressedCache, KIVIRaggedLayer
 from longkit.registry import REGISTRIES
-from test_kvcache_quant import _loop_fake_quant
 
 SPEC = "kivi:bits={bits},group_size=8,residual={r},evict={ev},ratio=0.5"
 

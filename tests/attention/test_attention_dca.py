@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_helpers import INV_FREQ, LargestTensor, qkv
 
 import longkit
-from attention_helpers import INV_FREQ, LargestTensor, qkv
 from conftest import sample_ids
 from longkit.attention import dca as dca_mod
 from longkit.attention.dca import dca_attention

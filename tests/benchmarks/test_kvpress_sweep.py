@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-KVCACHE = Path(__file__).resolve().parents[1] / "benchmarks" / "kvcache"
+from conftest import REPO
+
+KVCACHE = REPO / "benchmarks" / "kvcache"
 RUNNER = KVCACHE / "kvpress_sweep_runner.py"
 PYTHON = KVCACHE / ".venv-kvpress" / "bin" / "python"
 

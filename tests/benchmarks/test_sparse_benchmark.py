@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parents[1] / "benchmarks" / "attention"
+from conftest import REPO
+
+HERE = REPO / "benchmarks" / "attention"
 
 
 def _module(name: str):

@@ -3,10 +3,10 @@ selection, keep-everything == dense causal attention, selections against brute-f
 
 import pytest
 import torch
+from attention_helpers import qkv
 from transformers import DynamicCache
 
 import longkit
-from attention_helpers import qkv
 from conftest import sample_ids
 from longkit.attention import MaskSpec, reference_attention
 from longkit.attention.a_shape import a_shape_attention

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_helpers import INV_FREQ, qkv
 
 import longkit
-from attention_helpers import INV_FREQ, qkv
 from conftest import sample_ids
 from longkit.attention import dca, lm_infinite, naive, rerope, self_extend
 

@@ -1,0 +1,50 @@
+"""The common checks every registered method goes through (the matrix is in ``conformance.py``)."""
+
+import pytest
+import torch
+
+import longkit
+from conformance import CASES, all_cases
+from conftest import sample_ids
+from longkit.registry import REGISTRIES
+
+CASE_LIST = list(all_cases())
+
+
+def test_every_registered_method_is_in_the_conformance_matrix():
+    registered = {(kind, name) for kind, reg in REGISTRIES.items() for name in reg.names()}
+    assert registered <= set(CASES), f"add these to tests/conformance.py: {sorted(registered - set(CASES))}"
+
+
+@pytest.mark.parametrize("kind,name,args,changes,case_id", CASE_LIST, ids=[c[-1] for c in CASE_LIST])
+def test_apply_then_remove_restores_bit_identical_logits(any_tiny, kind, name, args, changes, case_id):
+    model = any_tiny.model
+    ids = sample_ids(any_tiny, n=97)
+    with torch.inference_mode():
+        before = model(ids).logits
+        with longkit.apply(model, **{kind: name, f"{kind}_args": args}) as applied:
+            assert applied.spec.label().startswith(f"{kind}={name}")
+            during = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    if changes:
+        assert not torch.allclose(before, during, atol=1e-4), f"{case_id} did not change the logits"
+    else:
+        torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,name,args,changes,case_id", CASE_LIST, ids=[c[-1] for c in CASE_LIST])
+def test_decoding_with_a_cache_matches_one_full_forward(tiny_llama, kind, name, args, changes, case_id):
+    # Any method must keep prefill + cached decoding consistent with a single forward pass over the same tokens.
+    if CASES[(kind, name)].get("lossy"):
+        pytest.skip("a lossy KV cache (eviction) cannot match a full forward; kvcache/test_kvcache.py checks it instead")
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=41)
+    with torch.inference_mode(), longkit.apply(model, **{kind: name, f"{kind}_args": args}) as applied:
+        full = model(ids).logits[:, -3:]
+        cache = applied.new_cache()
+        model(ids[:, :-3], cache=cache, use_cache=True)
+        steps = [model(ids[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(38, 41)]
+    if name == "dynamic":
+        pytest.skip("dynamic NTK recomputes the base from the current length: chunked and full passes differ by design")
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)

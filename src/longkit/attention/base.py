@@ -134,7 +134,7 @@ class AttentionMethod(Method):
         if self.implementation:
             return self.implementation
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         # One key per parameter setting, so two models using the same method with different settings at
         # once do not share one registered function.
@@ -143,7 +143,7 @@ class AttentionMethod(Method):
         name = f"longkit_{self.name}{suffix}"
         # Registering adds a new key to transformers' registries; no existing implementation is replaced.
         AttentionInterface.register(name, self.forward)
-        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[self.mask_format])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.mask_format])
         return name
 
     def apply(self, model: Any) -> Undo:

@@ -15,7 +15,7 @@ prefill, decoding) and key ``j`` at position ``j``; every method is causal on th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -257,10 +257,13 @@ class SparseAttention(AttentionMethod):
 
     The first ``skip_layers`` and the last ``skip_last`` layers stay dense. Quest keeps its first two layers
     dense, whose heads attend broadly; MoBA's layer-wise hybrid keeps the last three full (Lu et al. 2025, §2.3).
+    ``fused_cpu`` is not a parameter: set it False on an instance to run the gathered path where a method has a
+    gather-free CPU path (MoBA's grouped, vertical-slash's banded).
     """
 
     skip_layers: int = param(0, ge=0, help="leading layers kept dense")
     skip_last: int = param(0, ge=0, help="trailing layers kept dense")
+    fused_cpu: bool = field(default=True, init=False, repr=False, compare=False)
 
     def attend(
         self,

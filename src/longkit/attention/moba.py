@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import check_args, check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials, require_fused_cpu_kernel
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     block_means,
     blocks_from_flags,
-    check_dense,
+    check_sparse,
     expand_blocks,
     gathered_attention,
     positions,
@@ -163,9 +163,7 @@ def moba_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(MoBA, block_size=block_size, block_q=block_q)
-    B, H, _, T, S, D = check_qkv(q, k, v)
-    check_dense("moba", dense, B, H, T, S)
+    B, H, _, T, S, D = check_sparse(MoBA, q, k, v, dense, block_size=block_size, block_q=block_q)
     if reference:
         return masked_reference(q, k, v, moba_mask(sel, S, block_size), dense=dense, scale=scale, block_q=block_q)
     # Every query tile inside one block: the own tile then lies in the own block the grouped path attends.

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import check_args, check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials_, require_fused_cpu_kernel
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
-    check_dense,
+    check_sparse,
     gathered_attention,
     positions,
     tile_firsts,
@@ -287,9 +287,7 @@ def vertical_slash_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(VerticalSlashAttention, block=block)
-    B, H, _, T, S, D = check_qkv(q, k, v)
-    check_dense("vertical_slash", dense, B, H, T, S)
+    _, _, _, T, S, D = check_sparse(VerticalSlashAttention, q, k, v, dense, block=block)
     if reference:
         mask = vertical_slash_mask(sel, T, S, block)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block)

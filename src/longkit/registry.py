@@ -57,6 +57,15 @@ class ParamInfo:
     #: The annotation itself, which values are coerced to.
     hint: Any = dataclasses.field(default=Any, compare=False, repr=False)
 
+    def in_range(self, value: float) -> bool:
+        """Whether the number ``value`` keeps the declared bounds (``ge``, ``gt``, ``le``, ``lt``)."""
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
     def range_text(self) -> str:
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
@@ -173,12 +182,7 @@ def check_value(info: ParamInfo, value: Any, kind: str, name: str) -> Any:
     elif info.choices is not None:
         bad = value not in info.choices
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        bad = (
-            (info.ge is not None and value < info.ge)
-            or (info.gt is not None and value <= info.gt)
-            or (info.le is not None and value > info.le)
-            or (info.lt is not None and value >= info.lt)
-        )
+        bad = not info.in_range(value)
     if bad:
         raise MethodError(f"{kind} method '{name}': parameter '{info.name}' must be {info.range_text()} (got {value!r})")
     return value

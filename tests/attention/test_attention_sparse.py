@@ -172,16 +172,13 @@ def test_vertical_slash_selection_matches_brute_force_estimate():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,S", [(77, 77), (45, 131), (200, 200)])
 @pytest.mark.parametrize("need_lse", [True, False])
-def test_vertical_slash_banded_and_gathered_paths_equal_the_reference(monkeypatch, dtype, T, S, need_lse):
-    from longkit.attention import vertical_slash as vs
-
+def test_vertical_slash_banded_and_gathered_paths_equal_the_reference(dtype, T, S, need_lse):
     q, k, v = qkv(T, S, 2, dtype, seed=8)
     sel = vertical_slash_select(q, k, 6, 9, last_q=8, sinks=2, local=3)
     ref, ref_lse = vertical_slash_attention(q, k, v, sel, block=16, reference=True)
     outs = {}
     for banded in (True, False):
-        monkeypatch.setattr(vs, "BANDED", banded)
-        outs[banded] = vertical_slash_attention(q, k, v, sel, block=16, need_lse=need_lse)
+        outs[banded] = vertical_slash_attention(q, k, v, sel, block=16, need_lse=need_lse, fused=banded)
         torch.testing.assert_close(outs[banded][0].float(), ref.float(), **TOL[dtype])
         if need_lse:
             torch.testing.assert_close(outs[banded][1], ref_lse, **TOL[dtype])
@@ -247,17 +244,14 @@ def test_block_sparse_selection_matches_pooled_brute_force():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,S", [(77, 77), (51, 131), (20, 84), (128, 128)])
 @pytest.mark.parametrize("need_lse", [True, False])
-def test_moba_grouped_and_gathered_paths_equal_the_reference(monkeypatch, dtype, T, S, need_lse):
+def test_moba_grouped_and_gathered_paths_equal_the_reference(dtype, T, S, need_lse):
     # block_q divides block_size and S - T is a multiple of block_q: the grouped path applies. (51, 131) and
     # (20, 84) start inside a block (the block's earlier keys are seen in full).
-    from longkit.attention import moba
-
     q, k, v = qkv(T, S, 2, dtype, seed=10)
     sel = moba_select(q, k, 2, 32)
     ref, ref_lse = moba_attention(q, k, v, sel, 32, block_q=16, reference=True)
     for grouped in (True, False):
-        monkeypatch.setattr(moba, "GROUPED", grouped)
-        out, lse = moba_attention(q, k, v, sel, 32, block_q=16, need_lse=need_lse)
+        out, lse = moba_attention(q, k, v, sel, 32, block_q=16, need_lse=need_lse, fused=grouped)
         torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
         if need_lse:
             torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
@@ -450,3 +444,19 @@ def _reference_of(name, q, k, v, scale):
     if name == "moba":
         return moba_attention(q, k, v, moba_select(q, k, 2, 16), 16, scale=scale, block_q=16, reference=True)[0]
     return a_shape_attention(q, k, v, 2, 16, scale=scale, block_q=16, reference=True)[0]
+
+
+@pytest.mark.parametrize(
+    "name,args", [("moba", {"block_size": 32, "top_k": 2, "block_q": 16}), ("vertical_slash", {"block": 16})]
+)
+def test_fused_cpu_is_an_instance_switch_not_a_parameter(name, args):
+    # The gather-free CPU path (MoBA grouped, vertical-slash banded) is on by default; turning it off on an
+    # instance runs the gathered path, with the same output.
+    method = registry("attention").create(name, args)
+    assert method.fused_cpu and "fused_cpu" not in method.params()
+    q, k, v = qkv(96, 96, 2, seed=11)
+    outs = []
+    for fused in (True, False):
+        method.fused_cpu = fused
+        outs.append(method.attend(None, q, k, v, None, None))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from longkit.attention.base import check_args, check_qkv
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
-    check_dense,
+    check_sparse,
     gathered_attention,
     tile_firsts,
 )
@@ -70,9 +69,7 @@ def a_shape_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(AShape, sinks=sinks, window=window, block_q=block_q)
-    B, H, _, T, S, _ = check_qkv(q, k, v)
-    check_dense("a_shape", dense, B, H, T, S)
+    _, _, _, T, S, _ = check_sparse(AShape, q, k, v, dense, sinks=sinks, window=window, block_q=block_q)
     if reference:
         mask = a_shape_mask(T, S, sinks, window, block_q, q.device)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block_q)

@@ -10,7 +10,6 @@ and :class:`BoundAttention`, the base of methods that read something from the mo
 from __future__ import annotations
 
 import hashlib
-import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,9 +20,6 @@ from longkit.attention.masks import MaskSpec
 from longkit.errors import MethodError
 from longkit.methods import Method, Undo
 from longkit.registry import params_of
-
-# (bound of ParamInfo, test that a value breaks it)
-_BREAKS = (("ge", operator.lt), ("gt", operator.le), ("le", operator.gt), ("lt", operator.ge))
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -58,7 +54,7 @@ def check_args(cls: type, where: str | None = None, /, **values: Any) -> None:
         p = declared[name]
         integral = p.type.startswith("int")
         ok = not isinstance(value, bool) and isinstance(value, int if integral else int | float)
-        if not ok or any(getattr(p, b) is not None and breaks(value, getattr(p, b)) for b, breaks in _BREAKS):
+        if not ok or not p.in_range(value):
             raise MethodError(
                 f"{where or cls.name} attention: parameter '{name}' must be {'an int' if integral else 'a number'} "
                 f"{p.range_text()} (got {value!r})"
@@ -134,7 +130,7 @@ class AttentionMethod(Method):
         if self.implementation:
             return self.implementation
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         # One key per parameter setting, so two models using the same method with different settings at
         # once do not share one registered function.
@@ -143,7 +139,7 @@ class AttentionMethod(Method):
         name = f"longkit_{self.name}{suffix}"
         # Registering adds a new key to transformers' registries; no existing implementation is replaced.
         AttentionInterface.register(name, self.forward)
-        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[self.mask_format])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.mask_format])
         return name
 
     def apply(self, model: Any) -> Undo:

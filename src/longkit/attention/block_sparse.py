@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from longkit.attention.base import check_args, check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     block_means,
     blocks_from_flags,
-    check_dense,
+    check_sparse,
     expand_blocks,
     gathered_attention,
     mask_from_blocks,
@@ -70,9 +70,7 @@ def block_sparse_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(BlockSparse, block_size=block_size)
-    B, H, _, T, S, _ = check_qkv(q, k, v)
-    check_dense("block_sparse", dense, B, H, T, S)
+    _, _, _, T, S, _ = check_sparse(BlockSparse, q, k, v, dense, block_size=block_size)
     if reference:
         visible = mask_from_blocks(selected, T, S, block_size, block_size)
         return masked_reference(q, k, v, visible, dense=dense, scale=scale, block_q=block_size)

@@ -132,17 +132,20 @@ def _backward(do, dlse, q, k, v, out, lse, mask, scale, block_q, block_k, plan):
     return dq.view(B, H, T, D), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BlockwiseAttention(torch.autograd.Function):
+class LSEAttention(torch.autograd.Function):
+    """``(out, lse)`` with a recomputing backward, for blockwise attention and the ring: ``apply(q, k, v, (forward,
+    backward), *args)`` runs ``forward(q, k, v, *args) -> (out, lse)``, saves them (``out`` as computed, returned in
+    q's dtype), and its backward is ``backward(d_out, d_lse, q, k, v, out, lse, *args) -> (dq, dk, dv)``."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block_q, block_k):
-        B, H, T, _ = q.shape
-        plan = _plan(mask, B, H, T, k.shape[2], block_q, block_k, q.device)
-        out, lse = _forward(q, k, v, mask, scale, block_q, block_k, plan)
+    def forward(ctx, q, k, v, functions, *args):
+        forward, ctx.backward_fn = functions
+        out, lse = forward(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale, ctx.block_q, ctx.block_k, ctx.plan = mask, scale, block_q, block_k, plan
+        ctx.args = args
         # Unused outputs then arrive as None instead of zero tensors.
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -150,10 +153,7 @@ class _BlockwiseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv = _backward(
-            d_out, d_lse, q, k, v, out, lse, ctx.mask, ctx.scale, ctx.block_q, ctx.block_k, ctx.plan
-        )
-        return dq, dk, dv, None, None, None, None
+        return *ctx.backward_fn(d_out, d_lse, q, k, v, out, lse, *ctx.args), None, *(None for _ in ctx.args)
 
 
 def blockwise_attention(
@@ -189,7 +189,8 @@ def blockwise_attention(
     if mask is not None:
         mask.check(B, H, T, S)
     scale = D**-0.5 if scale is None else float(scale)
-    return _BlockwiseAttention.apply(q, k, v, mask, scale, block_q, block_k)
+    plan = _plan(mask, B, H, T, S, block_q, block_k, q.device)
+    return LSEAttention.apply(q, k, v, (_forward, _backward), mask, scale, block_q, block_k, plan)
 
 
 @register("attention", "blockwise")

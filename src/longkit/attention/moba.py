@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import check_args, check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials, require_fused_cpu_kernel
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
     block_means,
     blocks_from_flags,
-    check_dense,
+    check_sparse,
     expand_blocks,
     gathered_attention,
     positions,
@@ -52,10 +52,6 @@ def moba_mask(sel: torch.Tensor, S: int, block_size: int) -> torch.Tensor:
     cols = torch.arange(S, device=sel.device) // block_size
     causal = torch.arange(S, device=sel.device)[None, :] <= positions(T, S, sel.device)[:, None]
     return flags[..., cols] & causal
-
-
-#: Use the gather-free grouped path on CPU when it applies (False forces the gathered path; tests compare both).
-GROUPED = True
 
 
 def moba_grouped_attention(
@@ -146,6 +142,7 @@ def moba_attention(
     block_q: int = 64,
     reference: bool = False,
     need_lse: bool = True,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact causal attention of each query over its selected key blocks.
 
@@ -162,17 +159,16 @@ def moba_attention(
         dense: optional bool (B|1, H|1, T, S) extra mask. scale: default D ** -0.5.
         block_q: int >= 1, query rows per tile of the fast path.
         need_lse: False lets the fast path use torch's fused sdpa (lse is then None).
+        fused: False forces the gathered path where the grouped one applies (tests compare both).
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(MoBA, block_size=block_size, block_q=block_q)
-    B, H, _, T, S, D = check_qkv(q, k, v)
-    check_dense("moba", dense, B, H, T, S)
+    B, H, _, T, S, D = check_sparse(MoBA, q, k, v, dense, block_size=block_size, block_q=block_q)
     if reference:
         return masked_reference(q, k, v, moba_mask(sel, S, block_size), dense=dense, scale=scale, block_q=block_q)
     # Every query tile inside one block: the own tile then lies in the own block the grouped path attends.
     tiles_in_blocks = block_size % block_q == 0 and (S - T) % block_q == 0
-    if GROUPED and tiles_in_blocks and dense is None and fused_cpu_kernel(q, k, v) is not None:
+    if fused and tiles_in_blocks and dense is None and fused_cpu_kernel(q, k, v) is not None:
         out, lse = moba_grouped_attention(q, k, v, sel, block_size, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     nq, nk = -(-T // block_q), -(-S // block_size)
@@ -223,6 +219,7 @@ class MoBA(SparseAttention):
     def attend(self, module, q, k, v, dense, scale):
         sel = moba_select(q, k, self.top_k, self.block_size)
         out, _ = moba_attention(
-            q, k, v, sel, self.block_size, dense=dense, scale=scale, block_q=self.block_q, need_lse=False
+            q, k, v, sel, self.block_size, dense=dense, scale=scale, block_q=self.block_q, need_lse=False,
+            fused=self.fused_cpu,
         )
         return out

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import check_args, check_qkv, transformers_inputs
+from longkit.attention.base import check_qkv, transformers_inputs
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
-    check_dense,
+    check_sparse,
     dense_attention,
     expand_blocks,
     gathered_attention,
@@ -65,9 +65,7 @@ def quest_attention(
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(Quest, page_size=page_size)
-    B, H, _, T, S, _ = check_qkv(q, k, v)
-    check_dense("quest", dense, B, H, T, S)
+    B, H, _, T, S, _ = check_sparse(Quest, q, k, v, dense, page_size=page_size)
     idx = expand_blocks(pages, page_size, S)
     if reference:
         # (B, H, T, S + 1): the last column collects the -1 padding

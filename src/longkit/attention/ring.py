@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longkit.attention.base import check_args, check_qkv
-from longkit.attention.blockwise import Blockwise, _backward, _forward, _plan
+from longkit.attention.blockwise import Blockwise, LSEAttention, _backward, _forward, _plan
 from longkit.attention.lse import merge_partials_
 from longkit.attention.masks import MaskSpec
 from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
@@ -154,25 +154,6 @@ def _ring_backward(d_out, d_lse, q, k, v, out, lse, causal, scale, group, block_
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, block_q, block_k):
-        out, lse = _ring_forward(q, k, v, causal, scale, group, block_q, block_k)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, group, block_q, block_k)
-        ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(d_out, d_lse, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,7 +196,7 @@ def ring_attention(
             "equal chunks, two per rank)"
         )
     scale = D**-0.5 if scale is None else float(scale)
-    return _RingAttention.apply(q, k, v, bool(causal), scale, group, block_q, block_k)
+    return LSEAttention.apply(q, k, v, (_ring_forward, _ring_backward), bool(causal), scale, group, block_q, block_k)
 
 
 @register("attention", "ring")

@@ -15,13 +15,13 @@ prefill, decoding) and key ``j`` at position ``j``; every method is causal on th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import AttentionMethod, check_qkv, transformers_inputs
+from longkit.attention.base import AttentionMethod, check_args, check_qkv, transformers_inputs
 from longkit.attention.masks import MaskSpec
 from longkit.errors import MethodError
 from longkit.registry import param
@@ -33,13 +33,19 @@ CHUNK_ELEMENTS = 32 * 2**20
 VisibleFn = Callable[[int, int], torch.Tensor]
 
 
-def check_dense(method: str, dense: torch.Tensor | None, B: int, H: int, T: int, S: int) -> None:
-    """Check an optional extra (padding) mask: bool (B|1, H|1, T, S), True = visible."""
-    if dense is None:
-        return
-    if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool or dense.ndim != 4:
-        raise MethodError(f"{method} attention: parameter 'dense' must be a bool tensor (B|1, H|1, T, S)")
-    MaskSpec(causal=False, dense=dense).check(B, H, T, S)
+def check_sparse(
+    cls: type, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor | None, **args: Any
+) -> tuple[int, int, int, int, int, int]:
+    """The checks a sparse method's attention function starts with: ``args`` against the ranges ``cls`` declares,
+    q, k, v (:func:`check_qkv`, whose ``(B, H, H_kv, T, S, D)`` it returns) and the optional extra (padding) mask
+    ``dense``, bool (B|1, H|1, T, S), True = visible."""
+    check_args(cls, **args)
+    dims = B, H, _, T, S, _ = check_qkv(q, k, v)
+    if dense is not None:
+        if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool or dense.ndim != 4:
+            raise MethodError(f"{cls.name} attention: parameter 'dense' must be a bool tensor (B|1, H|1, T, S)")
+        MaskSpec(causal=False, dense=dense).check(B, H, T, S)
+    return dims
 
 
 def positions(T: int, S: int, device: Any) -> torch.Tensor:
@@ -257,10 +263,13 @@ class SparseAttention(AttentionMethod):
 
     The first ``skip_layers`` and the last ``skip_last`` layers stay dense. Quest keeps its first two layers
     dense, whose heads attend broadly; MoBA's layer-wise hybrid keeps the last three full (Lu et al. 2025, §2.3).
+    ``fused_cpu`` is not a parameter: set it False on an instance to run the gathered path where a method has a
+    gather-free CPU path (MoBA's grouped, vertical-slash's banded).
     """
 
     skip_layers: int = param(0, ge=0, help="leading layers kept dense")
     skip_last: int = param(0, ge=0, help="trailing layers kept dense")
+    fused_cpu: bool = field(default=True, init=False, repr=False, compare=False)
 
     def attend(
         self,

@@ -8,20 +8,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longkit.attention.base import check_args, check_qkv
+from longkit.attention.base import check_qkv
 from longkit.attention.lse import fused_cpu_kernel, merge_partials_, require_fused_cpu_kernel
 from longkit.attention.naive import masked_reference
 from longkit.attention.sparse import (
     SparseAttention,
-    check_dense,
+    check_sparse,
     gathered_attention,
     positions,
     tile_firsts,
 )
 from longkit.registry import param, register
-
-#: Use the gather-free banded path on CPU when it applies (False forces the gathered path; tests compare both).
-BANDED = True
 
 
 @dataclass(frozen=True)
@@ -271,6 +268,7 @@ def vertical_slash_attention(
     block: int = 64,
     reference: bool = False,
     need_lse: bool = True,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact causal attention over a vertical-slash selection.
 
@@ -285,16 +283,15 @@ def vertical_slash_attention(
         sel: a :class:`VerticalSlash` from :func:`vertical_slash_select`. block: int >= 1, tile edge.
         dense: optional bool (B|1, H|1, T, S) extra mask. scale: default D ** -0.5.
         need_lse: False lets the gathered path use torch's fused sdpa (lse is then None).
+        fused: False forces the gathered path where the banded one applies (tests compare both).
 
     Returns ``(out (B, H, T, D_v), lse (B, H, T) float32 or None)``.
     """
-    check_args(VerticalSlashAttention, block=block)
-    B, H, _, T, S, D = check_qkv(q, k, v)
-    check_dense("vertical_slash", dense, B, H, T, S)
+    _, _, _, T, S, D = check_sparse(VerticalSlashAttention, q, k, v, dense, block=block)
     if reference:
         mask = vertical_slash_mask(sel, T, S, block)
         return masked_reference(q, k, v, mask, dense=dense, scale=scale, block_q=block)
-    if BANDED and dense is None and fused_cpu_kernel(q, k, v) is not None:
+    if fused and dense is None and fused_cpu_kernel(q, k, v) is not None:
         out, lse = banded_attention(q, k, v, sel, block, D**-0.5 if scale is None else float(scale))
         return out.to(q.dtype), lse if need_lse else None
     idx = vertical_slash_indices(sel, T, S, block)
@@ -345,5 +342,7 @@ class VerticalSlashAttention(SparseAttention):
             dense=dense,
             scale=scale,
         )
-        out, _ = vertical_slash_attention(q, k, v, sel, dense=dense, scale=scale, block=self.block, need_lse=False)
+        out, _ = vertical_slash_attention(
+            q, k, v, sel, dense=dense, scale=scale, block=self.block, need_lse=False, fused=self.fused_cpu
+        )
         return out

@@ -51,9 +51,10 @@ def sample_id(method: str, task: str, length: int, depth: float | None, sample: 
     return f"{method}|{task}|{length}|{depth_text}|{sample}"
 
 
-def iter_records(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of a run; a torn last line (interrupted write) is skipped."""
-    path = Path(run_dir) / SAMPLES_FILE
+def read_jsonl(path: str | Path) -> Iterator[Any]:
+    """Every complete JSON line of an append-only log (none if it does not exist); a line cut short by an
+    interrupted write is skipped, so everything before it is kept."""
+    path = Path(path)
     if not path.is_file():
         return
     with path.open() as fh:
@@ -62,11 +63,16 @@ def iter_records(run_dir: str | Path) -> Iterator[dict[str, Any]]:
             if not line:
                 continue
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and "id" in record:
-                yield record
+
+
+def iter_records(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every complete record of a run; a torn last line (interrupted write) is skipped."""
+    for record in read_jsonl(Path(run_dir) / SAMPLES_FILE):
+        if isinstance(record, dict) and "id" in record:
+            yield record
 
 
 def load_records(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod, KVMethod
 from longkit.kvcache.cache import CompressedCache
 from longkit.kvcache.quant import SCALE_DTYPES, dequantize, pack, quantize, unpack
-from longkit.kvcache.storage import RaggedLayer, gather_padded, keep_oldest_rows
+from longkit.kvcache.storage import RaggedLayer, first_rows, head_ids
 from longkit.methods import Undo
 from longkit.models.introspect import head_dim_of
 from longkit.registry import param, params_of, register, registry
@@ -59,12 +59,6 @@ def check_head_dim(head_dim: int, bits: int, group_size: int, method: str = "kiv
         )
     if (head_dim * bits) % 8:
         raise MethodError(f"kv method '{method}': head dimension {head_dim} cannot be packed into bytes at {bits} bits")
-
-
-def _head_ids(lengths: torch.Tensor) -> torch.Tensor:
-    """(N,) flat head index (b * H_kv + h) of every packed row, from per-head row counts (B, H_kv)."""
-    flat = lengths.flatten()
-    return torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
 
 
 def _merge_by_head(old: torch.Tensor, old_heads: torch.Tensor, new: torch.Tensor, new_heads: torch.Tensor):
@@ -174,12 +168,9 @@ class KIVILayer(RaggedLayer):
         q = self._counts()[0] if self.is_initialized else None
         return int(q.max()) if q is not None and q.numel() else 0
 
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) keys and values of every stored token, dequantised, in (sequence, head, slot) order."""
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t if self.packed else t.flatten(0, 2)
-
+        flat = self.flat
         if self.qkeys is None:
             return flat(self.keys), flat(self.values)
         g = self.group_size
@@ -188,27 +179,16 @@ class KIVILayer(RaggedLayer):
         k = dequantize(codes, flat(self.k_scale), flat(self.k_zero), g, axis=0, dtype=self.dtype)
         codes = unpack(flat(self.qvalues), self.bits)
         v = dequantize(codes, flat(self.v_scale), flat(self.v_zero), g, axis=-1, dtype=self.dtype)
-        qh, rh = (_head_ids(n) for n in self._counts())
+        qh, rh = (head_ids(n) for n in self._counts())
         return _merge_by_head(k, qh, flat(self.keys), rh), _merge_by_head(v, qh, flat(self.values), rh)
 
     def padded(self):
-        lengths = self.stored_lengths()
-        s_max = self.max_length()
-        keys, values = self._rows()
-        pk, valid = gather_padded(keys, lengths, s_max)
-        pv, _ = gather_padded(values, lengths, s_max)
-        extras = {n: gather_padded(t.flatten(), lengths, s_max)[0] for n, t in self.extras.items()}
-        if lengths.numel() and bool((lengths == lengths.flatten()[0]).all()):
-            valid = None
-        return pk, pv, valid, extras
+        # Dense or packed, the stored rows are dequantised: always through :meth:`kv_rows`.
+        return self.padded_rows()
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache as attention sees it: (B, H_kv, S, D) keys and values (dense layout)."""
         return self.padded()[:2]
-
-    def rows(self):
-        keys, values = self._rows()
-        return keys, values, {n: t.flatten() for n, t in self.extras.items()}
 
     # ---- storage operations (on rows) ----------------------------------------------------------------------
 
@@ -224,9 +204,9 @@ class KIVILayer(RaggedLayer):
                 t = appended
                 new_k = keys[..., S - t :, :].reshape(-1, keys.shape[-1])
                 new_v = values[..., S - t :, :].reshape(-1, values.shape[-1])
-                fresh = _head_ids(torch.full_like(self.r_lengths, t))
-                self.keys = _merge_by_head(self.keys, _head_ids(self.r_lengths), new_k, fresh)
-                self.values = _merge_by_head(self.values, _head_ids(self.r_lengths), new_v, fresh)
+                fresh = head_ids(torch.full_like(self.r_lengths, t))
+                self.keys = _merge_by_head(self.keys, head_ids(self.r_lengths), new_k, fresh)
+                self.values = _merge_by_head(self.values, head_ids(self.r_lengths), new_v, fresh)
                 self.r_lengths = self.r_lengths + t
                 self._flush(protect=max(self.residual, t) if self.evicts else self.residual)
                 return
@@ -315,23 +295,15 @@ class KIVILayer(RaggedLayer):
             )
         return n
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest ``-tokens_to_remove`` tokens of every head: the last exact residual rows of each head.
-
-        Rows that a flush quantised while those tokens were cached stay quantised.
-        """
-        n = self.check_crop(tokens_to_remove)
-        if n == 0:
-            return
+    def drop_newest(self, n: int) -> None:
+        """The last ``n`` exact residual rows of each head go; rows that a flush quantised while those tokens were
+        cached stay quantised."""
         with self._as_rows():
-            rows = keep_oldest_rows(self.r_lengths, n)
+            rows = first_rows(self.r_lengths, self.r_lengths - n)
             self.keys, self.values = self.keys[rows], self.values[rows]
-            rows = keep_oldest_rows(self.stored_lengths(), n)
-            self.extras = {name: t[rows] for name, t in self.extras.items()}
+            lengths = self.stored_lengths()
+            self.extras = {name: t[first_rows(lengths, lengths - n)] for name, t in self.extras.items()}
             self.r_lengths = self.r_lengths - n
-        self.seen -= n
-        self.tail -= n
-        self.last_valid = None
 
     def _flush(self, protect: int) -> None:
         """Per head, quantise the oldest whole groups of residual rows beyond the newest ``protect``."""
@@ -339,10 +311,8 @@ class KIVILayer(RaggedLayer):
         n = torch.clamp((self.r_lengths - protect) // g * g, min=0)
         if not bool((n > 0).any()):
             return
-        heads = _head_ids(self.r_lengths)
-        starts = torch.cumsum(self.r_lengths.flatten(), 0) - self.r_lengths.flatten()
         # (N_r,) rows to quantise: the first n[head] rows of each head
-        move = (torch.arange(heads.numel(), device=heads.device) - starts[heads]) < n.flatten()[heads]
+        move = first_rows(self.r_lengths, n)
         sd = self.scale_dtype
         # (N_new, D): groups of G consecutive rows along axis 0 never span heads (each head moves a multiple of G)
         kc, ks, kz = quantize(self.keys[move], self.bits, g, axis=0, scale_dtype=sd)
@@ -355,8 +325,8 @@ class KIVILayer(RaggedLayer):
             "v_scale": vs,
             "v_zero": vz,
         }
-        row_old, row_new = _head_ids(self.q_lengths), _head_ids(n)
-        grp_old, grp_new = _head_ids(self.q_lengths // g), _head_ids(n // g)
+        row_old, row_new = head_ids(self.q_lengths), head_ids(n)
+        grp_old, grp_new = head_ids(self.q_lengths // g), head_ids(n // g)
         for name, t in new.items():
             old = getattr(self, name)
             if old is None:

@@ -94,11 +94,18 @@ class RaggedLayer(DynamicLayer):
         """(keys, values) as ``(B, H_kv, S_max, D)``, validity ``(B, H_kv, S_max)`` (None when dense), extras."""
         if self.lengths is None:
             return self.keys, self.values, None, dict(self.extras)
-        s_max = self.max_length()
-        keys, valid = gather_padded(self.keys, self.lengths, s_max)
-        values, _ = gather_padded(self.values, self.lengths, s_max)
-        extras = {n: gather_padded(t, self.lengths, s_max)[0] for n, t in self.extras.items()}
-        return keys, values, valid, extras
+        return self.padded_rows()
+
+    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """:meth:`rows` padded per head, as :meth:`padded` returns them (validity None when every head is full)."""
+        lengths, s_max = self.stored_lengths(), self.max_length()
+        keys, values, extras = self.rows()
+        pk, valid = gather_padded(keys, lengths, s_max)
+        pv, _ = gather_padded(values, lengths, s_max)
+        extras = {n: gather_padded(t, lengths, s_max)[0] for n, t in extras.items()}
+        if lengths.numel() and bool((lengths == lengths.flatten()[0]).all()):
+            valid = None
+        return pk, pv, valid, extras
 
     def _store(
         self, keys, values, keep: torch.Tensor | None, extras: dict[str, torch.Tensor], appended: int = 0
@@ -206,12 +213,16 @@ class RaggedLayer(DynamicLayer):
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Every stored slot as one row, ``(N, D)`` keys and values and ``(N,)`` extras, in (batch, head, slot)
         order (the order in which :meth:`view` and boolean masks of a padded layout list them)."""
+        keys, values = self.kv_rows()
+        return keys, values, {n: self.flat(t) for n, t in self.extras.items()}
 
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            # dense storage is (B, H_kv, n, *rest); packed storage is already (N, *rest)
-            return t.reshape(-1, *t.shape[3:]) if self.lengths is None else t
+    def kv_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of :meth:`rows`, ``(N, D)``."""
+        return self.flat(self.keys), self.flat(self.values)
 
-        return flat(self.keys), flat(self.values), {n: flat(t) for n, t in self.extras.items()}
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """A stored tensor as rows: dense storage is (B, H_kv, n, *rest), packed storage already (N, *rest)."""
+        return t if self.packed else t.reshape(-1, *t.shape[3:])
 
     def nbytes(self) -> int:
         if not self.is_initialized:
@@ -285,19 +296,23 @@ class RaggedLayer(DynamicLayer):
         n = self.check_crop(tokens_to_remove)
         if n == 0:
             return
+        self.drop_newest(n)
+        self.seen -= n
+        self.tail -= n
+        self.last_valid = None
+
+    def drop_newest(self, n: int) -> None:
+        """Remove the newest ``n`` stored slots of every head (checked by :meth:`check_crop`)."""
         if self.lengths is None:
             # (B, H_kv, S - n, D)
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
             self.extras = {k: t[..., :-n] for k, t in self.extras.items()}
         else:
             # every head loses the same count, so packed storage stays packed (its lengths stay unequal)
-            rows = keep_oldest_rows(self.lengths, n)
+            rows = first_rows(self.lengths, self.lengths - n)
             self.keys, self.values = self.keys[rows], self.values[rows]
             self.extras = {k: t[rows] for k, t in self.extras.items()}
             self.lengths = self.lengths - n
-        self.seen -= n
-        self.tail -= n
-        self.last_valid = None
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -305,12 +320,18 @@ class RaggedLayer(DynamicLayer):
         self._reset_state()
 
 
-def keep_oldest_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """(N,) bool over packed rows in (batch, head, slot) order with per-head counts ``lengths`` (B, H_kv): False for
-    the last ``n`` rows of every head."""
+def head_ids(lengths: torch.Tensor) -> torch.Tensor:
+    """(N,) flat head index (b * H_kv + h) of every packed row, from per-head row counts (B, H_kv)."""
     flat = lengths.flatten()
-    heads = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+    return torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+
+
+def first_rows(lengths: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(N,) bool over packed rows in (batch, head, slot) order with per-head counts ``lengths`` (B, H_kv): True for
+    the first ``n`` (B, H_kv) rows of every head."""
+    flat = lengths.flatten()
+    heads = head_ids(lengths)
     starts = torch.cumsum(flat, 0) - flat
     # (N,) each row's slot within its head
     slot = torch.arange(heads.numel(), device=flat.device) - starts[heads]
-    return slot < (flat - n)[heads]
+    return slot < n.flatten()[heads]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from longkit.errors import MethodError
+from longkit.eval.records import read_jsonl
 from longkit.registry import check_params, param
 
 #: n-hat values the paper searches (Ding et al. 2024, Section 3.2).
@@ -223,28 +224,17 @@ class LongRopeSearch:
 
     # -- the log -------------------------------------------------------------------------------------------
     def _read_log(self) -> dict[str, float]:
-        if self.log_path is None or not self.log_path.is_file():
-            return {}
         cached: dict[str, float] = {}
-        with self.log_path.open() as fh:
-            for _number, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    # A line cut short by an interruption: everything before it is kept.
-                    continue
-                if record.get("kind") == "identity":
-                    if record["identity"] != json.loads(json.dumps(self.identity)):
-                        raise MethodError(
-                            f"longrope search: parameter 'log' ({self.log_path}) belongs to another search "
-                            f"({record['identity']}); use a new log file for {self.identity}"
-                        )
-                elif record.get("kind") == "candidate":
-                    ppl = record.get("ppl")
-                    cached[record["key"]] = math.inf if ppl is None else float(ppl)
+        for record in [] if self.log_path is None else read_jsonl(self.log_path):
+            if record.get("kind") == "identity":
+                if record["identity"] != json.loads(json.dumps(self.identity)):
+                    raise MethodError(
+                        f"longrope search: parameter 'log' ({self.log_path}) belongs to another search "
+                        f"({record['identity']}); use a new log file for {self.identity}"
+                    )
+            elif record.get("kind") == "candidate":
+                ppl = record.get("ppl")
+                cached[record["key"]] = math.inf if ppl is None else float(ppl)
         return cached
 
     def _append(self, record: dict[str, Any]) -> None:

@@ -7,14 +7,24 @@
 Each sample follows RULER's jsonl fields: ``index``, ``input`` (the user text: task template with context and
 question), ``answer_prefix`` (appended after the chat template's assistant header, as RULER does),
 ``outputs`` (gold strings), ``length`` (prompt tokens + the task's ``tokens_to_generate``, <= the budget, as
-RULER counts it); plus ``input_tokens``, ``tokens_to_generate``, ``task``, ``label``, ``metric``, ``chat``,
+RULER counts it); plus ``examples`` (cwe's worked example as a [user, assistant] turn under a chat template),
+``input_tokens``, ``tokens_to_generate``, ``task``, ``label``, ``metric``, ``chat``,
 ``synthetic`` and ``meta``. Scores: :func:`longkit.eval.metrics.ruler_score`.
+
+longkit follows the current official code (NVIDIA/RULER main, commit c3f5e3b, 2025: ``scripts/data/synthetic/``,
+``scripts/synthetic.yaml``, ``scripts/eval/``), not the 2024 release; tests compare prompts, sizes and scores with
+values computed by running that code (``tests/fixtures/ruler_official.json``). The model template is the
+tokenizer's own chat template (``chat=True``) where RULER picks one of its ``template.py`` strings; cwe's worked
+example is then its own user/assistant turn, as RULER's template makes it (``examples`` of a sample).
 
 Differences from RULER, all documented where they happen: the essay haystack is public-domain prose (Python's
 documentation topics) or a user directory instead of Paul Graham's essays; sentences split by a regular
 expression instead of NLTK punkt; qa_1/qa_2 run on an offline synthetic dataset unless ``data=`` points to
-SQuAD / HotpotQA JSON (then ``synthetic`` is False); fwe reserves its answer tokens inside the budget (RULER's
-fwe fits the input alone); keys are drawn distinct and distractors never reuse a real key or gold value.
+SQuAD / HotpotQA JSON (then ``synthetic`` is False); cwe past the wonderwords vocabulary (~200K tokens) needs
+RULER's ``english_words.json`` passed as ``english_words=`` (no package ships it) and fails clearly without it;
+prompt tokens count what the model sees (BOS or the chat frame) where RULER counts the text's tokens; each
+sample gets the largest haystack that fits (RULER searches on its first sample and steps later ones down by a
+fixed increment); keys are drawn distinct and distractors never reuse a real key or gold value.
 """
 
 from __future__ import annotations
@@ -119,7 +129,7 @@ class RulerGenerator:
         if self.fam == "common_words_extraction":
             return CWEBuilder(self.cfg, sample_seed, self.seed, length)
         if self.fam == "freq_words_extraction":
-            return FWEBuilder(self.cfg, sample_seed, self.seed, length)
+            return FWEBuilder(self.cfg, sample_seed, self.seed, length, self.tokens_to_generate)
         dataset = self.cfg["dataset"]
         if self.data is None:
             items, docs = synthetic_qa(self.seed, hops=1 if dataset == "squad" else 2)
@@ -133,7 +143,11 @@ class RulerGenerator:
         if int(length) < 1:
             raise EvalError(f"parameter 'length' must be a positive token count (got {length!r})")
         builder = self._builder(int(length), index)
-        draft, n_tokens, _ = fit_size(
+        if hasattr(builder, "fit"):
+            # fwe sizes its text with RULER's own coarse steps, not the binary search.
+            draft, n_tokens, _ = builder.fit(self.frame.count)
+            return self._record(draft, n_tokens, index)
+        draft, n_tokens, size = fit_size(
             builder.build,
             self.frame,
             int(length),
@@ -142,6 +156,8 @@ class RulerGenerator:
             max_size=getattr(builder, "max_size", None),
             task=self.task,
         )
+        if hasattr(builder, "check_fit"):
+            builder.check_fit(size, n_tokens, int(length) - self.tokens_to_generate, self.frame.count)
         return self._record(draft, n_tokens, index)
 
     def _record(self, draft: Draft, n_tokens: int, index: int) -> dict[str, Any]:
@@ -149,8 +165,10 @@ class RulerGenerator:
             "index": index,
             "task": self.task,
             "label": self.label,
-            "input": draft.text,
+            "input": self.frame.user_text(draft),
             "answer_prefix": draft.answer_prefix,
+            # Worked examples as turns of their own (chat template only; otherwise they open ``input``).
+            "examples": [list(e) for e in draft.examples] if self.frame.turns else [],
             "outputs": draft.outputs,
             "length": n_tokens + self.tokens_to_generate,
             "input_tokens": n_tokens,
@@ -162,8 +180,9 @@ class RulerGenerator:
         }
 
     def input_ids(self, sample: dict[str, Any]) -> list[int]:
-        """The prompt's token ids (chat head + input + chat tail + answer prefix): ``sample["input_tokens"]`` long."""
-        return self.frame.ids(sample["input"], sample["answer_prefix"])
+        """The prompt's token ids (example turns, chat head + input + chat tail + answer prefix):
+        ``sample["input_tokens"]`` long."""
+        return self.frame.ids(sample["input"], sample["answer_prefix"], [tuple(e) for e in sample.get("examples", [])])
 
 
 def generate(
@@ -183,7 +202,8 @@ def generate(
     ``haystack``: directory of ``.txt`` files for the essay haystack (default: Python's documentation topics).
     ``options``: RULER's task arguments to override (e.g. ``num_needle_k=8``, ``type_haystack="noise"``,
     ``num_hops=8``, ``alpha=2.5``, ``tokens_to_generate=64``) and, for qa_1/qa_2, ``data=`` a SQuAD /
-    HotpotQA JSON file. Sample ``i`` depends only on (seed, task, length, i).
+    HotpotQA JSON file; for cwe, ``english_words=`` RULER's ``english_words.json`` (needed past ~200K tokens).
+    Sample ``i`` depends only on (seed, task, length, i).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise EvalError(f"parameter 'num_samples' must be an integer >= 1 (got {num_samples!r})")

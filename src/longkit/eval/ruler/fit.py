@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longkit.errors import EvalError
-from longkit.eval.prompt import chat_frame, encode
+from longkit.eval.prompt import chat_frame, encode, has_chat_template
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Draft:
     answer_prefix: str
     outputs: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Worked examples shown before the task, as (user text, assistant text) turns (cwe's one shot).
+    examples: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Frame:
@@ -35,13 +37,32 @@ class Frame:
         self.tokenizer = tokenizer
         self.chat = chat
         self.head, self.tail = chat_frame(tokenizer, chat)
+        # Worked examples get turns of their own only when a chat template frames the turns.
+        self.turns = chat and has_chat_template(tokenizer)
 
-    def ids(self, text: str, answer_prefix: str) -> list[int]:
-        """The prompt's token ids: head + user text + tail + answer prefix (pieces encoded separately)."""
-        return self.head + encode(self.tokenizer, text) + self.tail + encode(self.tokenizer, answer_prefix)
+    def user_text(self, draft: Draft) -> str:
+        """The last user turn: without a chat template the worked examples are part of it (RULER's ``base``
+        template), each as ``user + assistant + "\\n"``; with one they are turns of their own (see :meth:`ids`)."""
+        if self.turns:
+            return draft.text
+        return "".join(user + answer + "\n" for user, answer in draft.examples) + draft.text
+
+    def ids(self, text: str, answer_prefix: str, examples: list | tuple = ()) -> list[int]:
+        """The prompt's token ids: head + user text + tail + answer prefix (pieces encoded separately).
+
+        ``examples`` (chat only; :meth:`user_text` folds them in otherwise) come first, each wrapped in the whole
+        chat frame and followed by its answer and a newline: RULER applies its model template to the example's
+        template too (``common_words_extraction.py`` formats the few-shot with the full template), so the
+        example is a user turn, its answer follows the assistant header, and the task's own frame comes next.
+        """
+        shots: list[int] = []
+        for user, answer in examples:
+            shots += self.head + encode(self.tokenizer, user) + self.tail + encode(self.tokenizer, answer + "\n")
+        return shots + self.head + encode(self.tokenizer, text) + self.tail + encode(self.tokenizer, answer_prefix)
 
     def count(self, draft: Draft) -> int:
-        return len(self.ids(draft.text, draft.answer_prefix))
+        examples = draft.examples if self.turns else ()
+        return len(self.ids(self.user_text(draft), draft.answer_prefix, examples))
 
 
 def fit_size(

@@ -1,10 +1,15 @@
 """RULER's frequent words extraction (fwe): the three most frequent coded words of a Zipf-distributed text.
 
-A vocabulary of ``length // 50`` random 6-letter words is ranked; rank k appears ``int(N k^-alpha / zeta(alpha))``
-times in a shuffled text of about N words; rank 1 is the noise word ``...``, so the answer is ranks 2-4.
-N grows to the budget.
-Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654),
-``scripts/data/synthetic/freq_words_extraction.py``.
+A vocabulary of ``(length - tokens_to_generate) // 50`` random 6-letter words is ranked; rank k appears
+``int(N k^-alpha / zeta(alpha))`` times in a shuffled text of about N words; rank 1 is the noise word ``...``,
+so the answer is ranks 2-4. N is sized as RULER sizes it: start at ``budget // coded_wordlen``, grow in steps
+of ``budget // 32`` until the prompt reaches the budget, take one step back, and step down while it is over
+(``budget = length - tokens_to_generate``), so a prompt may end up to one step short of the budget, as RULER's.
+
+Follows the current official code, ``scripts/data/synthetic/freq_words_extraction.py`` of NVIDIA/RULER (main,
+commit c3f5e3b, 2025). RULER sizes N once on its first draw and reuses it; longkit sizes each sample on its own
+vocabulary with the same steps (so sample i depends only on the seed, the length and i).
+Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654).
 """
 
 from __future__ import annotations
@@ -49,20 +54,35 @@ class FWEConfig:
             )
 
 
+def vocab_size(cfg: FWEConfig, length: int, reserve: int) -> int:
+    """RULER's vocabulary size: ``(max_seq_length - tokens_to_generate) // 50`` unless ``vocab_size`` is set."""
+    size = (length - reserve) // 50 if cfg.vocab_size == -1 else int(cfg.vocab_size)
+    if size < 5:
+        # Ranks 2-4 are the answer and rank 5 the first non-answer: fewer words leave no question.
+        raise EvalError(
+            f"parameter 'length' = {length} is too short for fwe: its vocabulary (length - {reserve}) // 50 = {size} "
+            f"needs at least 5 words; use length >= {250 + reserve}"
+        )
+    return size
+
+
 class FWEBuilder:
-    def __init__(self, cfg: FWEConfig, sample_seed: str, run_seed: int, length: int):
+    def __init__(
+        self, cfg: FWEConfig, sample_seed: str, run_seed: int, length: int, reserve: int, vocab: list[str] | None = None
+    ):
         cfg.validate()
-        self.cfg, self.run_seed = cfg, run_seed
-        size = max(5, length // 50) if cfg.vocab_size == -1 else cfg.vocab_size
-        rng = random.Random(f"{sample_seed}|vocab")
-        vocab: set[str] = set()
-        while len(vocab) < size:
-            vocab.add("".join(rng.choices(string.ascii_lowercase, k=cfg.coded_wordlen)))
-        words = sorted(vocab)
-        # RULER shuffles the sorted vocabulary with the run seed, then makes the top rank the noise "...".
-        random.Random(run_seed).shuffle(words)
-        words[0] = "..."
-        self.vocab = words
+        self.cfg, self.run_seed, self.length, self.reserve = cfg, run_seed, length, reserve
+        if vocab is None:
+            size = vocab_size(cfg, length, reserve)
+            rng = random.Random(f"{sample_seed}|vocab")
+            drawn: set[str] = set()
+            while len(drawn) < size:
+                drawn.add("".join(rng.choices(string.ascii_lowercase, k=cfg.coded_wordlen)))
+            vocab = sorted(drawn)
+            # RULER shuffles the sorted vocabulary with the run seed, then makes the top rank the noise "...".
+            random.Random(run_seed).shuffle(vocab)
+            vocab[0] = "..."
+        self.vocab = vocab
         self.z = zeta(cfg.alpha)
 
     def counts(self, n: int) -> list[int]:
@@ -80,3 +100,30 @@ class FWEBuilder:
         family = FAMILIES["freq_words_extraction"]
         text = family.template.format(context=" ".join(items), query="")
         return Draft(text, family.answer_prefix, self.vocab[1:4], {"haystack_size": n, "counts": self.counts(n)[:5]})
+
+    def fit(self, count) -> tuple[Draft, int, int]:
+        """RULER's sizing of N (see the module doc); ``count`` gives a draft's prompt tokens.
+
+        Returns ``(draft, prompt_tokens, N)``; raises EvalError when no N >= ``min_size`` fits.
+        """
+        budget = self.length - self.reserve
+        step = max(1, budget // 32)
+        n = max(self.min_size, budget // self.cfg.coded_wordlen)
+        while count(self.build(n)) < budget:
+            n += step
+        n -= step
+        while n >= self.min_size:
+            draft = self.build(n)
+            tokens = count(draft)
+            if tokens <= budget:
+                return draft, tokens, n
+            n -= step
+        smallest = count(self.build(self.min_size))
+        if smallest <= budget:
+            draft = self.build(self.min_size)
+            return draft, smallest, self.min_size
+        raise EvalError(
+            f"parameter 'length' = {self.length} is too short for RULER task 'fwe': its template with the smallest "
+            f"text takes {smallest} tokens plus {self.reserve} reserved answer tokens; "
+            f"use length >= {smallest + self.reserve}"
+        )

@@ -1,12 +1,14 @@
 """RULER's question answering (qa_1: SQuAD, qa_2: HotpotQA): one question over many ``Document i:`` passages.
 
 The gold passage(s) of a question are mixed with other passages of the dataset (SQuAD: first the other
-paragraphs of the same article), shuffled, numbered, and as many passages as fit the budget are kept. Data
+paragraphs of the same article), shuffled, numbered, and as many passages as fit the budget are kept; when the
+budget needs more passages than the file has, the whole set repeats (current RULER). Data
 are the users' own files (SQuAD v2 ``dev-v2.0.json``, HotpotQA ``hotpot_dev_distractor_v1.json``). Without
 them an offline synthetic dataset in the same format runs instead, every sample marked ``synthetic`` and
 labelled "qa_1 (synthetic)": invented organisations, founders and towns, one gold passage for qa_1 and a
 two-hop pair (organisation -> founder -> birthplace) for qa_2. Synthetic scores are not RULER qa scores.
-Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654), ``scripts/data/synthetic/qa.py``.
+Follows the current official code, ``scripts/data/synthetic/qa.py`` of NVIDIA/RULER (main, commit c3f5e3b, 2025).
+Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654).
 """
 
 from __future__ import annotations
@@ -194,10 +196,6 @@ class QABuilder:
     def min_size(self) -> int:
         return len(self.item.context)
 
-    @property
-    def max_size(self) -> int:
-        return len(self.docs)
-
     def build(self, n: int) -> Draft:
         rng = random.Random(f"{self.sample_seed}|docs")
         item = self.item
@@ -210,7 +208,10 @@ class QABuilder:
             else:
                 chosen = gold + rng.sample(more, n - len(gold))
         else:
-            chosen = list(range(len(self.docs)))
+            # Current RULER repeats the whole document set as often as the length needs (the 2024 release
+            # stopped at the file's size, leaving long prompts short of the budget).
+            reps = -(-n // len(self.docs))
+            chosen = (list(range(len(self.docs))) * reps)[:n]
         passages = [self.docs[i] for i in chosen]
         # RULER shuffles the passages with a generator seeded by the run seed alone.
         random.Random(self.run_seed).shuffle(passages)

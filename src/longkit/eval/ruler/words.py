@@ -9,6 +9,7 @@ Graham's essays; longkit's default is public-domain prose (Python's documentatio
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,30 @@ def common_words() -> tuple[str, ...]:
     """RULER's cwe vocabulary: nouns + adjectives + verbs, distinct and sorted (shuffled per run by the caller)."""
     words = wonderwords_list("nounlist.txt") + wonderwords_list("adjectivelist.txt") + wonderwords_list("verblist.txt")
     return tuple(sorted(set(words)))
+
+
+@lru_cache(maxsize=2)
+def english_words(path: str) -> tuple[str, ...]:
+    """RULER's second cwe vocabulary, ``scripts/data/synthetic/json/english_words.json``: a JSON object whose
+    values are the words, read as RULER reads it (``list(json.load(f).values())``, order kept).
+
+    RULER draws every word of a cwe list from it when the list needs more distinct words than wonderwords has
+    (about 200K tokens and up). The file is a Git LFS object of NVIDIA/RULER and ships in no package, so longkit
+    cannot bring it: users pass their copy (``english_words=`` / ``$LONGKIT_RULER_ENGLISH_WORDS``).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise EvalError(f"parameter 'english_words': file {path} does not exist")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalError(f"parameter 'english_words': {path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not data or not all(isinstance(w, str) and w for w in data.values()):
+        raise EvalError(
+            f"parameter 'english_words': {path} must be a non-empty JSON object of words, as RULER's "
+            "english_words.json (got something else; a Git LFS pointer file is not the list)"
+        )
+    return tuple(data.values())
 
 
 @lru_cache(maxsize=4)

@@ -4,7 +4,8 @@ Each task builds its sample with a :class:`~longkit.eval.ruler.RulerGenerator` (
 the answer reserve) and scores with RULER's metric on the post-processed prediction, so the per-length mean of
 the records is RULER's task score. The depth grid does not apply (RULER draws its own insertion depths).
 
-qa_1 / qa_2 read SQuAD / HotpotQA JSON from ``$LONGKIT_RULER_SQUAD`` / ``$LONGKIT_RULER_HOTPOTQA``; the offline
+cwe reads RULER's ``english_words.json`` from ``$LONGKIT_RULER_ENGLISH_WORDS`` when set (lengths past ~200K
+tokens need it). qa_1 / qa_2 read SQuAD / HotpotQA JSON from ``$LONGKIT_RULER_SQUAD`` / ``$LONGKIT_RULER_HOTPOTQA``; the offline
 synthetic stand-ins are the separate tasks ``qa_1_synthetic`` / ``qa_2_synthetic``, so every record and report
 names what ran.
 Based on Hsieh et al. 2024, RULER (https://arxiv.org/abs/2404.06654).
@@ -24,6 +25,8 @@ from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, registe
 
 #: Where qa_1 / qa_2 find their data.
 DATA_ENV = {"qa_1": "LONGKIT_RULER_SQUAD", "qa_2": "LONGKIT_RULER_HOTPOTQA"}
+#: Where cwe finds RULER's english_words.json (optional: only lengths past the wonderwords vocabulary need it).
+ENGLISH_WORDS_ENV = "LONGKIT_RULER_ENGLISH_WORDS"
 
 
 class Ruler(Task):
@@ -36,6 +39,9 @@ class Ruler(Task):
     synthetic: ClassVar[bool] = False
 
     def _data(self) -> dict[str, Any]:
+        if self.ruler_task == "cwe":
+            path = os.environ.get(ENGLISH_WORDS_ENV)
+            return {"english_words": path} if path else {}
         if self.ruler_task not in DATA_ENV or self.synthetic:
             return {}
         env = DATA_ENV[self.ruler_task]

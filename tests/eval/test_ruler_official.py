@@ -11,8 +11,8 @@ fed to longkit's formatting; everything else is compared as it comes out.
 import json
 
 import pytest
-from conftest import FIXTURES
 
+from conftest import FIXTURES
 from longkit.errors import EvalError
 from longkit.eval import ruler
 from longkit.eval.metrics import postprocess_pred, ruler_score, string_match_all, string_match_part

@@ -103,8 +103,14 @@ def eval_cmd(
     tokenizer: Annotated[str | None, typer.Option(help="Local tokenizer for an endpoint (HF directory or model "
                          "alias): counts tokens for truncation and length fitting.")] = D.tokenizer,
     concurrency: Annotated[int, typer.Option(help="Endpoint requests in flight.")] = D.concurrency,
-    timeout: Annotated[float, typer.Option(help="Endpoint request timeout, seconds.")] = D.timeout,
-    retries: Annotated[int, typer.Option(help="Endpoint retries after a failed request (exponential backoff).")] = D.retries,
+    timeout: Annotated[float, typer.Option(help="Endpoint: seconds to wait for an answer once connected (the whole "
+                       "generation; answers are not streamed).")] = D.timeout,
+    connect_timeout: Annotated[float, typer.Option(help="Endpoint: seconds to wait for a connection.")] = D.connect_timeout,
+    retries: Annotated[int, typer.Option(help="Endpoint retries after a failed request (exponential backoff; a "
+                       "warning line per retry).")] = D.retries,
+    allow_failures: Annotated[bool, typer.Option("--allow-failures/--no-allow-failures", help="Exit 0 even when "
+                              "samples failed (they are counted in the tables and not scored; a rerun retries "
+                              "them). Default: exit 1.")] = D.allow_failures,
 ) -> None:
     """Evaluate a model with and without long-context methods; resumable; ends with a report.
 
@@ -150,7 +156,9 @@ def eval_cmd(
         tokenizer=tokenizer,
         concurrency=concurrency,
         timeout=timeout,
+        connect_timeout=connect_timeout,
         retries=retries,
+        allow_failures=allow_failures,
     )
     try:
         config.validate()
@@ -159,9 +167,24 @@ def eval_cmd(
         _fail(err)
     if suite:
         print_suite_summary(run_dir)
-    print_summary(run_dir, threshold)
+    failed = print_summary(run_dir, threshold)
     if report:
         _write_report(run_dir, threshold, None)
+    if failed and not allow_failures:
+        console.print(f"[bold red]error:[/] {failed}", soft_wrap=True, markup=True, highlight=False)
+        raise typer.Exit(1)
+
+
+def _failure_line(summary: dict) -> str:
+    """One line on a run's failed samples: how many, where, the most frequent error, and what to do."""
+    where = [f"{task} ({stats['failed']})" for m in summary["per_method"].values()
+             for task, stats in m["tasks"].items() if stats.get("failed")]
+    reasons = [(k, text) for m in summary["per_method"].values() for text, k in m.get("failure_reasons", {}).items()]
+    first = max(reasons)[1] if reasons else "see the 'error' field in samples.jsonl"
+    n = summary["failed"]
+    return (f"{n} sample{'s' if n != 1 else ''} failed and {'were' if n != 1 else 'was'} not scored"
+            f"{' in ' + ', '.join(dict.fromkeys(where)) if where else ''}; most frequent error: {first}. Rerun the "
+            "same command to retry them, or pass --allow-failures to accept them")
 
 
 def print_suite_summary(run_dir: Path) -> None:
@@ -183,8 +206,9 @@ def print_suite_summary(run_dir: Path) -> None:
     Console().print(table)
 
 
-def print_summary(run_dir: Path, threshold: float) -> None:
-    from longkit.eval.report import summarize
+def print_summary(run_dir: Path, threshold: float) -> str | None:
+    """Print the run's score table; return the one-line account of its failed samples (None if none failed)."""
+    from longkit.eval.report import effective_label, summarize
 
     summary = summarize(run_dir, threshold)
     lengths = summary["lengths"]
@@ -194,6 +218,7 @@ def print_summary(run_dir: Path, threshold: float) -> None:
     for n in lengths:
         table.add_column(_k(n), justify="right")
     table.add_column("effective", justify="right")
+    table.add_column("failed", justify="right")
     for label, m in summary["per_method"].items():
         rows = list(m["tasks"].items())
         if len(rows) > 1:
@@ -201,12 +226,15 @@ def print_summary(run_dir: Path, threshold: float) -> None:
         for task_name, t in rows:
             cells = [t["mean_by_length"].get(n) for n in lengths]
             table.add_row(label, task_name, *["-" if c is None else f"{c:.0f}" for c in cells],
-                          _k(t["effective_length"]))
+                          effective_label(t, _k), str(t.get("failed", 0)))
         ppl = m.get("perplexity")
         if ppl:
             cells = [ppl["ppl_by_length"].get(n) for n in lengths]
-            table.add_row(label, "perplexity", *["-" if c is None else f"{c:.2f}" for c in cells], "")
+            table.add_row(label, "perplexity", *["-" if c is None else f"{c:.2f}" for c in cells], "", "")
+    if summary["failed"]:
+        table.caption = f"n/a: not computed over tasks with failed samples ({summary['failed']} failed)"
     Console().print(table)
+    return _failure_line(summary) if summary["failed"] else None
 
 
 def _write_report(run_dir: Path | list[Path], threshold: float, out_dir: str | None) -> None:

@@ -270,3 +270,52 @@ def test_many_methods_with_long_labels_keep_their_plots_readable(tmp_path):
     assert (tmp_path / "ppl.png").read_bytes()[:8] == PNG_MAGIC
     assert report._line_style(mpl, 1) != report._line_style(mpl, 11)
     assert report._line_style(mpl, 1)["color"] == report._line_style(mpl, 11)["color"]
+
+
+def test_failed_samples_are_counted_and_block_the_aggregates_they_would_bias(tmp_path):
+    # passkey: 4K one of two samples failed; needle: every sample at 8K failed. A failed record has an error and
+    # no score; without the count, the "all tasks" effective length would be computed from what is left.
+    error = "HTTP 500 from http://x/v1/completions: boom"
+    records = [
+        record(BASE, "passkey", 2048, score=100),
+        record(BASE, "passkey", 4096, score=100, sample=0),
+        record(BASE, "passkey", 4096, error=error, attempts=4, sample=1),
+        record(BASE, "needle", 2048, score=100, depth=0.5),
+        record(BASE, "needle", 8192, error=error, attempts=4, depth=0.5, sample=0),
+        record(BASE, "needle", 8192, error="timeout", attempts=4, depth=0.5, sample=1),
+        *passkey_curve(YARN, [100, 100, 100, 100]),
+    ]
+    run = make_run(tmp_path / "run", records)
+    s = summarize(run)
+    assert s["failed"] == 3 and s["tasks"] == ["passkey", "needle"]
+    base = s["per_method"][BASE]
+    passkey, needle = base["tasks"]["passkey"], base["tasks"]["needle"]
+    assert passkey["mean_by_length"] == {2048: 100, 4096: 100}  # the mean of the scored samples
+    assert passkey["n_by_length"] == {2048: 1, 4096: 1} and passkey["failed_by_length"] == {2048: 0, 4096: 1}
+    for stats in (passkey, base["all_tasks"]):
+        assert stats["effective_length"] is None and stats["wavg_inc"] is None and stats["mean"] is None
+    assert needle["failed"] == 2 and needle["mean_by_length"] == {2048: 100, 8192: None}
+    # all tasks: no mean at a length where some task failed (it would be the mean of the others)
+    assert base["all_tasks"]["mean_by_length"] == {2048: 100, 4096: None, 8192: None}
+    assert base["all_tasks"]["failed"] == 3 and base["all_tasks"]["not_computed"].startswith(
+        "not computed: 3 samples failed and were not scored")
+    assert base["failed"] == 3 and base["failure_reasons"] == {error: 2, "timeout": 1}
+    assert base["needle_grid"]["lengths"] == [2048]  # failed samples are not zeros in the heat-map
+    # the method without failures is untouched
+    assert s["per_method"][YARN]["failed"] == 0 and s["per_method"][YARN]["all_tasks"]["effective_length"] == 12288
+    page = write_report(run).read_text()
+    assert "<h2>Failed samples</h2>" in page and html_cell("100.0 (1 failed)", "fail") in page
+    assert html_cell("n/a (2 failed)", "fail") in page and html_cell("n/a (3 failed)") in page
+    assert f"<td>{error}</td>" in page
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["per_method"][BASE]["tasks"]["needle"]["failed_by_length"] == {"2048": 0, "8192": 2}
+
+
+def test_a_run_without_failures_shows_no_failure_section(scored_run):
+    page = write_report(scored_run).read_text()
+    assert "Failed samples" not in page and "n/a (" not in page
+    assert summarize(scored_run)["failed"] == 0
+
+
+def html_cell(text, css=""):
+    return f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>"

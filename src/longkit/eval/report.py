@@ -7,6 +7,11 @@ record per finished sample). A run that was interrupted is summarised from whate
 ``summarize``), ``report.html`` and the PNG figures it shows (``needle_heatmap.png``, ``score_vs_length.png``,
 ``perplexity.png``; each only when there is something to draw). Length keys of the summary are ints in Python and
 strings in ``summary.json`` (JSON object keys are always strings).
+
+Failed samples (records with ``error``: an endpoint request that failed for good) are never scored and never
+dropped: each task, method and run counts them (``failed``, ``failed_by_length``, ``failure_reasons``), and the
+aggregates they would bias, the effective length, the wAvgs and the mean over lengths, are not computed over a set
+that has any (None, with ``not_computed`` saying why; shown as "n/a (3 failed)").
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import mean, median
@@ -49,31 +54,65 @@ def _group_by_length(records: Iterable[dict[str, Any]]) -> dict[int, list[dict[s
     return {length: groups[length] for length in sorted(groups)}
 
 
-def _score_stats(means: dict[int, float], threshold: float) -> dict[str, Any]:
-    """Everything derived from a ``{length: mean score}`` curve."""
+def failed(record: dict[str, Any]) -> bool:
+    """A sample whose request failed (its record carries ``error``): not scored, counted, retried on resume."""
+    return record.get("error") is not None
+
+
+def failed_note(n_failed: int) -> str:
+    """Why an aggregate over a set with failed samples is not computed."""
+    return (f"not computed: {n_failed} sample{'s' if n_failed != 1 else ''} failed and {'were' if n_failed != 1 else 'was'}"
+            " not scored (their records carry 'error'); rerun the same command to retry them")
+
+
+def effective_label(stats: dict[str, Any], fmt: Callable[[int], str]) -> str:
+    """The effective length as shown in tables: ``fmt(length)``, "none", or "n/a (3 failed)"."""
+    if stats.get("failed"):
+        return f"n/a ({stats['failed']} failed)"
+    value = stats.get("effective_length")
+    return "none" if value is None else fmt(value)
+
+
+def _score_stats(means: dict[int, float | None], threshold: float, n_failed: int = 0) -> dict[str, Any]:
+    """Everything derived from a ``{length: mean score}`` curve; None where a mean is missing, and the aggregates
+    None when samples failed (a curve with holes would pass or fail lengths it never measured)."""
+    scored = {n: v for n, v in means.items() if v is not None}
+    whole = not n_failed
     return {
         "mean_by_length": means,
-        "mean": mean(means.values()) if means else None,
-        "effective_length": effective_length(means, threshold),
-        "wavg_inc": weighted_average(means, increasing=True),
-        "wavg_dec": weighted_average(means, increasing=False),
+        "mean": mean(scored.values()) if scored and whole else None,
+        "effective_length": effective_length(scored, threshold) if whole else None,
+        "wavg_inc": weighted_average(scored, increasing=True) if whole else None,
+        "wavg_dec": weighted_average(scored, increasing=False) if whole else None,
+        "failed": n_failed,
+        "not_computed": None if whole else failed_note(n_failed),
     }
 
 
 def _task_summary(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Per length: the mean of the scored samples, how many were scored and how many failed."""
     groups = _group_by_length(records)
-    stats = _score_stats({n: mean(float(r["score"]) for r in rs) for n, rs in groups.items()}, threshold)
-    stats["n_by_length"] = {n: len(rs) for n, rs in groups.items()}
+    scores = {n: [float(r["score"]) for r in rs if not failed(r)] for n, rs in groups.items()}
+    failures = {n: sum(map(failed, rs)) for n, rs in groups.items()}
+    stats = _score_stats({n: mean(v) if v else None for n, v in scores.items()}, threshold, sum(failures.values()))
+    stats["n_by_length"] = {n: len(v) for n, v in scores.items()}
+    stats["failed_by_length"] = failures
     return stats
 
 
 def _all_tasks_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> dict[str, Any]:
     # Each task weighs the same at a length, however many samples it has: mean over tasks of per-task means.
-    per_length: dict[int, list[float]] = defaultdict(list)
+    # A length where some task has failed samples has no mean over all tasks (it would be over the rest only).
+    per_length: dict[int, list[float | None]] = defaultdict(list)
+    failures: dict[int, int] = defaultdict(int)
     for task in tasks.values():
         for length, value in task["mean_by_length"].items():
             per_length[length].append(value)
-    return _score_stats({n: mean(per_length[n]) for n in sorted(per_length)}, threshold)
+            failures[length] += task.get("failed_by_length", {}).get(length, 0)
+    means = {n: None if failures[n] or None in per_length[n] else mean(per_length[n]) for n in sorted(per_length)}
+    stats = _score_stats(means, threshold, sum(failures.values()))
+    stats["failed_by_length"] = {n: failures[n] for n in sorted(per_length)}
+    return stats
 
 
 def _ruler_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> dict[str, Any] | None:
@@ -98,6 +137,8 @@ def _ruler_summary(tasks: dict[str, dict[str, Any]], threshold: float) -> dict[s
         "effective_length": stats["effective_length"],
         "wavg_inc": stats["wavg_inc"],
         "wavg_dec": stats["wavg_dec"],
+        "failed": stats["failed"],
+        "not_computed": stats["not_computed"],
         "complete": {names[t] for t in present} == set(RULER_TASKS),
         "synthetic_qa": [t for t in present if t.endswith("_synthetic")],
     }
@@ -179,15 +220,16 @@ def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[s
         raise EvalError(f"no evaluation records in {run_dir} (expected finished samples in {SAMPLES_FILE})")
     run = load_run(run_dir)
     methods = _ordered(run.get("methods"), (r["method"] for r in records))
-    scored = [r for r in records if r.get("task") != PERPLEXITY and r.get("score") is not None]
-    tasks = _ordered(run.get("tasks"), (r["task"] for r in scored))
+    # A task's records: scored samples and failed ones (a task whose samples all failed still has its row).
+    graded = [r for r in records if r.get("task") != PERPLEXITY and (r.get("score") is not None or failed(r))]
+    tasks = _ordered(run.get("tasks"), (r["task"] for r in graded))
     per_method = {}
     for method in methods:
         mine = [r for r in records if r["method"] == method]
-        mine_scored = [r for r in scored if r["method"] == method]
+        mine_graded = [r for r in graded if r["method"] == method]
         by_task = {}
         for task in tasks:
-            task_records = [r for r in mine_scored if r["task"] == task]
+            task_records = [r for r in mine_graded if r["task"] == task]
             if task_records:
                 by_task[task] = _task_summary(task_records, threshold)
         per_method[method] = {
@@ -195,8 +237,10 @@ def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[s
             "all_tasks": _all_tasks_summary(by_task, threshold),
             "perplexity": _perplexity([r for r in mine if r.get("task") == PERPLEXITY]),
             "cost": _cost(mine),
-            "needle_grid": _needle_grid([r for r in mine_scored if r["task"] == NEEDLE]),
+            "needle_grid": _needle_grid([r for r in mine_graded if r["task"] == NEEDLE and not failed(r)]),
             "ruler": _ruler_summary(by_task, threshold),
+            "failed": sum(map(failed, mine)),
+            "failure_reasons": _failure_reasons(mine),
         }
     return {
         "run_dir": str(run_dir),
@@ -206,7 +250,14 @@ def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[s
         "tasks": tasks,
         "lengths": sorted({int(r["length"]) for r in records}),
         "per_method": per_method,
+        "failed": sum(pm["failed"] for pm in per_method.values()),
     }
+
+
+def _failure_reasons(records: list[dict[str, Any]], top: int = 5) -> dict[str, int]:
+    """The most frequent error messages of failed samples (cut to 200 characters) and how many samples had each."""
+    counts = Counter(str(r["error"])[:200] for r in records if failed(r))
+    return dict(counts.most_common(top))
 
 
 # ----------------------------------------------------------------------------------------------------- figures
@@ -321,7 +372,7 @@ def _plot_scores(mpl: SimpleNamespace, summary: dict[str, Any], path: Path) -> A
         for i, method in enumerate(summary["methods"]):
             stats = summary["per_method"][method]["tasks"].get(task)
             if stats:
-                means = stats["mean_by_length"]
+                means = {n: v for n, v in stats["mean_by_length"].items() if v is not None}
                 ax.plot(list(means), list(means.values()), marker="o", label=method, **_line_style(mpl, i))
         ax.axhline(
             summary["threshold"],
@@ -418,6 +469,7 @@ table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.name, th.name { text-align: left; }
 td.pass { font-weight: bold; background: #e3f7ee; }
+td.fail { font-weight: bold; background: #fde2e6; }
 img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
 .meta td, .meta th { text-align: left; } .note { color: #555; }
 """
@@ -425,10 +477,6 @@ img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
 
 def _num(value: float | None, fmt: str = ".1f") -> str:
     return "–" if value is None else format(value, fmt)
-
-
-def _length_or_none(value: int | None) -> str:
-    return "none" if value is None else _length_label(value)
 
 
 def _cell(cell: str | tuple[str, str]) -> str:
@@ -476,6 +524,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
     tasks, longest = summary["tasks"], _length_label(summary["lengths"][-1])
     header = [
         "method",
+        "failed samples",
         "effective length (all tasks)",
         *[f"eff. length {t}" for t in tasks],
         *[f"mean {t}" for t in tasks],
@@ -493,8 +542,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
         pm = summary["per_method"][method]
         by_task = [pm["tasks"].get(t) or {} for t in tasks]
         cost, at_longest = pm["cost"]["overall"], pm["cost"]["by_length"].get(summary["lengths"][-1], {})
-        row: list[str | tuple[str, str]] = [method, _length_or_none(pm["all_tasks"]["effective_length"])]
-        row += [_length_or_none(t.get("effective_length")) if t else "–" for t in by_task]
+        row: list[str | tuple[str, str]] = [method, _failed_cell(pm.get("failed", 0)),
+                                            effective_label(pm["all_tasks"], _length_label)]
+        row += [effective_label(t, _length_label) if t else "–" for t in by_task]
         row += [_num(t.get("mean")) for t in by_task]
         row += [
             _num(pm["all_tasks"]["wavg_inc"]),
@@ -506,6 +556,36 @@ def _summary_table(summary: dict[str, Any]) -> str:
         row += [_num(_mib(cost["peak_mem_bytes"])), _num(_mib(at_longest.get("kv_bytes")))]
         rows.append(row)
     return _table(header, rows)
+
+
+def _failed_cell(n: int) -> str | tuple[str, str]:
+    return (str(n), "fail") if n else "0"
+
+
+def _failures(summary: dict[str, Any]) -> str:
+    """Failed samples per method and task (and length), with their most frequent errors; empty when none failed."""
+    if not summary.get("failed"):
+        return ""
+    lengths = summary["lengths"]
+    rows: list[list[str | tuple[str, str]]] = []
+    for method in summary["methods"]:
+        pm = summary["per_method"][method]
+        for task, stats in pm["tasks"].items():
+            if stats.get("failed"):
+                by_length = stats["failed_by_length"]
+                rows.append([method, task, _failed_cell(stats["failed"]),
+                             *[str(by_length.get(n, 0)) if n in by_length else "–" for n in lengths]])
+    parts = [
+        "<h2>Failed samples</h2>",
+        f"<p class='note'>{html.escape(failed_note(summary['failed']))}. Effective lengths, wAvgs and means over "
+        "lengths of a set with failed samples are shown as n/a.</p>",
+        _table(["method", "task", "failed", *map(_length_label, lengths)], rows),
+    ]
+    reasons = [[m, str(k), text] for m in summary["methods"]
+               for text, k in summary["per_method"][m].get("failure_reasons", {}).items()]
+    if reasons:
+        parts.append(_table(["method", "samples", "error"], reasons, css="meta"))
+    return "\n".join(parts)
 
 
 def _mib(value: float | None) -> float | None:
@@ -522,12 +602,22 @@ def _score_tables(summary: dict[str, Any]) -> str:
             pm = summary["per_method"][method]
             stats = pm["all_tasks"] if task is None else pm["tasks"].get(task)
             if stats and stats["mean_by_length"]:
-                means = stats["mean_by_length"]
-                rows.append([method, *[_score_cell(means.get(n), threshold) for n in lengths], _num(stats["mean"])])
+                means, failures = stats["mean_by_length"], stats.get("failed_by_length", {})
+                cells = [_with_failures(_score_cell(means.get(n), threshold), failures.get(n, 0)) for n in lengths]
+                average = f"n/a ({stats['failed']} failed)" if stats.get("failed") else _num(stats["mean"])
+                rows.append([method, *cells, average, _failed_cell(stats.get("failed", 0))])
         if rows:
             parts.append(f"<h3>{html.escape(task or 'all scored tasks')}</h3>")
-            parts.append(_table(["method", *map(_length_label, lengths), "average"], rows))
+            parts.append(_table(["method", *map(_length_label, lengths), "average", "failed"], rows))
     return "\n".join(parts)
+
+
+def _with_failures(cell: str | tuple[str, str], n_failed: int) -> str | tuple[str, str]:
+    """A score cell that says how many samples of it failed: "90.0 (1 failed)", or "n/a (2 failed)" if all did."""
+    if not n_failed:
+        return cell
+    text = cell[0] if isinstance(cell, tuple) else cell
+    return (f"{'n/a' if text == '–' else text} ({n_failed} failed)", "fail")
 
 
 def _ruler_tables(summary: dict[str, Any]) -> str:
@@ -538,14 +628,18 @@ def _ruler_tables(summary: dict[str, Any]) -> str:
         ruler = summary["per_method"][method].get("ruler")
         if not ruler:
             continue
-        means = {t: summary["per_method"][method]["tasks"][t]["mean"] for t in ruler["tasks"]}
+        stats = {t: summary["per_method"][method]["tasks"][t] for t in ruler["tasks"]}
         rows = [
-            [t, *[_score_cell(ruler["table"][t].get(n), threshold) for n in lengths], _num(means[t])] for t in means
+            [t, *[_with_failures(_score_cell(ruler["table"][t].get(n), threshold), s.get("failed_by_length", {}).get(n, 0))
+                  for n in lengths], _num(s["mean"])]
+            for t, s in stats.items()
         ]
         average = [_score_cell(ruler["average"].get(n), threshold) for n in lengths]
         rows.append(["average", *average, _num(ruler["mean"])])
-        note = f"effective length {_length_or_none(ruler['effective_length'])}"
+        note = f"effective length {effective_label(ruler, _length_label)}"
         note += f", wAvg inc {_num(ruler['wavg_inc'])}, dec {_num(ruler['wavg_dec'])}"
+        if ruler.get("failed"):
+            note += f"; {ruler['not_computed']}"
         if not ruler["complete"]:
             note += "; not all 13 RULER tasks ran, so the average is not RULER's"
         if ruler["synthetic_qa"]:
@@ -596,6 +690,7 @@ def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str]
             "<h2>Summary</h2>",
             f'<p class="note">{html.escape(rule)}</p>',
             _summary_table(summary),
+            _failures(summary),
             _ruler_tables(summary),
             "<h2>Scores by length</h2>",
             _score_tables(summary),
@@ -638,6 +733,7 @@ def compare_runs(run_dirs: Sequence[str | Path], threshold: float = RULER_THRESH
         "tasks": tasks,
         "lengths": sorted({n for s in summaries for n in s["lengths"]}),
         "per_method": per_method,
+        "failed": sum(s["failed"] for s in summaries),
         "runs": [{"run_dir": s["run_dir"], "model": s["model"]} for s in summaries],
     }
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from longkit.errors import EvalError
-from longkit.eval.backends import HFBackend, OpenAIBackend
+from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend
+from longkit.eval.backends.openai import CONNECT_TIMEOUT, READ_TIMEOUT
 from longkit.eval.jobs import Job, plan
 from longkit.eval.metrics import RULER_THRESHOLD
 from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run
@@ -81,8 +82,12 @@ class EvalConfig:
     #: Local tokenizer (HF directory or model alias) for truncation and length fitting with an endpoint.
     tokenizer: str | None = None
     concurrency: int = 4
-    timeout: float = 600.0
+    #: Endpoint: seconds to wait for an answer once connected (the whole generation), and for the connection.
+    timeout: float = READ_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
     retries: int = 3
+    #: ``longkit eval`` exits 1 when samples failed (their records carry ``error``), unless this is set.
+    allow_failures: bool = False
 
     def __post_init__(self) -> None:
         if self.lengths is None:
@@ -109,9 +114,10 @@ class EvalConfig:
             if not self.tokenizer:
                 raise EvalError("--backend openai needs --tokenizer (a local HF tokenizer directory or a model alias) "
                                 "to count tokens for truncation and length fitting")
-            if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
-                raise EvalError("parameters 'concurrency' >= 1, 'retries' >= 0 and 'timeout' > 0 seconds "
-                                f"(got {self.concurrency}, {self.retries}, {self.timeout})")
+            if self.concurrency < 1 or self.retries < 0 or not self.timeout > 0 or not self.connect_timeout > 0:
+                raise EvalError("parameters 'concurrency' >= 1, 'retries' >= 0, 'timeout' > 0 and 'connect_timeout' > 0 "
+                                f"seconds (got {self.concurrency}, {self.retries}, {self.timeout}, "
+                                f"{self.connect_timeout})")
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"parameter 'limit' must be >= 1 records per task or None (got {self.limit})")
         if self.suite is not None:
@@ -285,7 +291,8 @@ def evaluate(
     endpoint = None
     if config.backend == "openai":
         endpoint = OpenAIBackend(config.base_url or "", config.api_model or "", api_key_env=config.api_key_env,
-                                 timeout=config.timeout, retries=config.retries, concurrency=config.concurrency)
+                                 timeout=config.timeout, connect_timeout=config.connect_timeout,
+                                 retries=config.retries, concurrency=config.concurrency)
         endpoint.check()
         if lm is None:
             lm = _Model(load_tokenizer(config.tokenizer or ""), config.api_model or "", config.base_url or "")
@@ -350,13 +357,22 @@ def _run(jobs: list[Job], ctx: TaskContext, backend_for: Callable[[str], Any], r
         def requests(mine: list[Job]) -> Iterator[Any]:
             for job in mine:
                 bar.update(total, description=f"{job.method} | {job.task} | {job.length} tok")
-                yield job.request(ctx)
+                request = job.request(ctx)
+                if isinstance(request, GenerationRequest):
+                    request.label = job.id
+                yield request
 
         for label, group in groupby(jobs, key=lambda j: j.method):
             mine = list(group)
             with backend_for(label) as backend:
+                warn = getattr(backend, "warn", None)
+                if progress and warn is not None:
+                    # Retry warnings print above the live progress bar instead of tearing it.
+                    warn = backend.warn = lambda line: bar.console.print(line, markup=False, highlight=False)
                 for index, result in backend.generate_many(requests(mine)):
                     record = mine[index].record(result)
+                    if record.get("error") is not None and warn is not None:
+                        warn(f"warning: {record['id']}: failed, not scored: {record['error']}")
                     writer.write(record)
                     if on_record is not None:
                         on_record(record)

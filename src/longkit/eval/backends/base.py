@@ -18,6 +18,8 @@ class GenerationRequest:
     input_ids: list[int] | None = None
     #: Stop at the first newline of the generated text.
     stop_newline: bool = False
+    #: The sample asking (its record id), named in retry warnings.
+    label: str | None = None
 
     def send(self, backend: Backend) -> GenerationResult:
         return backend.generate(self)
@@ -39,7 +41,11 @@ class NLLRequest:
 
 @dataclass
 class GenerationResult:
-    """Generated text, token counts, and an error message when the request failed (text is then empty)."""
+    """Generated text, token counts, and an error message when the request failed (text is then empty).
+
+    A failed request is never an empty answer: its record keeps ``error`` and no score, the report counts it,
+    and a resumed run sends it again.
+    """
 
     text: str = ""
     prompt_tokens: int | None = None

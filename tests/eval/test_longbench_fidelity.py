@@ -94,6 +94,19 @@ def test_longbench_v2_prompt_uses_the_joined_decode_and_v1_the_separate_one():
         )
 
 
+def test_truncated_prompts_equal_the_official_pred_py_paths():
+    """truncation.json holds the prompt LongBench/pred.py get_pred (v1) and pred.py query_llm (v2) hand to the
+    model, run with metaspace_tokenizer() at many lengths (a fake model / API client captured it)."""
+    official = json.loads((FIXTURES / "suites" / "longbench_official" / "truncation.json").read_text("utf-8"))
+    tok = metaspace_tokenizer()
+    v1, v2_suite = get_suite("longbench"), get_suite("longbench_v2")
+    for dataset, by_length in official["v1"].items():
+        for length, expected in by_length.items():
+            assert v1.prompt(dataset, official["record_v1"], tok, int(length), chat=True).text == expected
+    for length, expected in official["v2"].items():
+        assert v2_suite.prompt("all", official["item_v2"], tok, int(length), chat=None).text == expected
+
+
 # ----------------------------------------------------------------------- differential tables (official code)
 # Expected values produced by running THUDM/LongBench's own code (LongBench/eval.py + metrics.py with jieba,
 # rouge, fuzzywuzzy + python-Levenshtein; pred.py's template and answer extraction; result.py) on fixed inputs

@@ -89,13 +89,21 @@ def check_record(record: Any, required: dict[str, type | tuple[type, ...]], wher
             raise EvalError(f"{where}: field '{key}' must be {names}, got {type(record[key]).__name__}")
 
 
-def truncate_middle(tokenizer: Any, text: str, max_length: int, *, style: str) -> tuple[str, int, bool]:
+def truncate_middle(
+    tokenizer: Any, text: str, max_length: int, *, style: str, joined: bool = False
+) -> tuple[str, int, bool]:
     """Keep the start and the end of a too-long prompt, measured in tokens: (text, tokens before, truncated).
 
     ``style="longbench"`` keeps ``int(L/2)`` tokens from each end (LongBench v1 pred.py, so L-1 tokens for odd L);
     ``style="floor"`` keeps ``ids[:L//2] + ids[-L//2:]`` (LongBench v2 and InfiniteBench; ``-L//2`` rounds
     down, so the end keeps the extra token for odd L). Tokens are counted with the tokenizer's special tokens
     and decoded with ``skip_special_tokens=True``, as all three suites do.
+
+    ``joined`` picks how the kept ids become text, which the suites' official code does differently:
+    ``False`` decodes head and tail separately and concatenates the strings (LongBench v1 pred.py);
+    ``True`` decodes ``head + tail`` once (LongBench v2 pred.py). They differ at the seam for SentencePiece /
+    Metaspace tokenizers, whose decode drops the leading space of its first piece: separate decodes lose the
+    space the tail's first token carries ("Monday Thethe" where the joined decode gives "Monday The the").
     """
     ids = tokenizer(text).input_ids
     if len(ids) <= max_length:
@@ -107,7 +115,10 @@ def truncate_middle(tokenizer: Any, text: str, max_length: int, *, style: str) -
         head, tail = ids[: max_length // 2], ids[-max_length // 2 :]
     else:
         raise EvalError(f"truncation style must be 'longbench' or 'floor' (got {style!r})")
-    cut = tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True)
+    if joined:
+        cut = tokenizer.decode(list(head) + list(tail), skip_special_tokens=True)
+    else:
+        cut = tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True)
     return cut, len(ids), True
 
 

@@ -159,7 +159,7 @@ class LongBench(Suite):
     ) -> SuitePrompt:
         dataset = dataset_of(task)
         text = PROMPTS[dataset].format(context=record["context"], input=record["input"])
-        text, n_full, cut = truncate_middle(tokenizer, text, max_length, style="longbench")
+        text, n_full, cut = truncate_middle(tokenizer, text, max_length, style="longbench", joined=False)
         wrap = dataset not in NO_CHAT and use_chat(tokenizer, chat)
         return SuitePrompt(text, wrap, MAX_NEW_TOKENS[dataset], n_full, cut, stop_newline=dataset == "samsum")
 

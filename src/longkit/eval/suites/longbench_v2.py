@@ -40,11 +40,11 @@ class LongBenchV2(Suite):
     """LongBench v2, zero-shot without chain of thought (``prompts/0shot.txt``).
 
     Prompt: the template with ``$DOC$ $Q$ $C_A..$C_D$`` replaced by the stripped fields, truncated in the middle
-    to ``length`` tokens (``ids[:L//2] + ids[-L//2:]`` as pred.py), sent as one user turn (chat template on
-    by default when the tokenizer has one). 128 new tokens. Score: 100 if the answer extracted by
-    "The correct answer is (X)" / "The correct answer is X" (after removing '*') equals the gold letter, else 0;
-    the summary gives Overall, Easy, Hard, Short, Medium, Long as result.py (whose 'medium' branch has a typo
-    that files medium under long; longkit buckets by the field's value).
+    to ``length`` tokens (``ids[:L//2] + ids[-L//2:]``, decoded once as one list as pred.py does, so a
+    SentencePiece seam keeps its space), sent as one user turn (chat template on by default when the tokenizer
+    has one). 128 new tokens. Score: 100 if the answer extracted by "The correct answer is (X)" /
+    "The correct answer is X" (after removing '*') equals the gold letter, else 0; the summary gives Overall,
+    Easy, Hard, Short, Medium, Long as result.py (1 dp; its early 'medium' typo is fixed upstream in 5214a55).
     Differences: pred.py samples at temperature 0.1; longkit decodes greedily. CoT, no-context and RAG modes
     are not provided. Task: ``all`` (every record of the file).
     Based on LongBench v2 (Bai et al. 2024), https://arxiv.org/abs/2412.15204.
@@ -77,7 +77,7 @@ class LongBenchV2(Suite):
     def prompt(
         self, task: str, record: dict[str, Any], tokenizer: Any, max_length: int, chat: bool | None
     ) -> SuitePrompt:
-        text, n_full, cut = truncate_middle(tokenizer, fill_template(record), max_length, style="floor")
+        text, n_full, cut = truncate_middle(tokenizer, fill_template(record), max_length, style="floor", joined=True)
         return SuitePrompt(text, use_chat(tokenizer, chat), MAX_NEW_TOKENS, n_full, cut)
 
     def answers(self, task: str, record: dict[str, Any]) -> list[str]:

@@ -187,3 +187,19 @@ def test_truncation_budgets_and_the_joined_seam():
     # decoding head and tail apart would glue the seam ("Mondayand"); one joined decode keeps the space
     apart = tok.decode(ids[:3], skip_special_tokens=True) + tok.decode(ids[-3:], skip_special_tokens=True)
     assert apart == "On Mondayand then vetoed"
+
+
+def test_documented_differences_from_the_official_scorer():
+    """Where compute_scores.py would be silently wrong or crash on the published data layout, longkit differs
+    (each listed in the InfiniteBench docstring)."""
+    # kv_retrieval: the data's answer is a one-element list; officially `label in words` is then always false
+    assert scoring.ib_kv_retrieval("The value is 0d3a-value.", ["0d3a-value"])
+    # Math.Find: int("3.5") raises officially; a float-looking prediction for an int label scores 0 here
+    assert not scoring.ib_math_find("3.5", [17]) and scoring.ib_math_find("17.", [17])
+    # a bare-string label is one answer, not a sequence of characters
+    assert scoring.ib_longdialogue("It is FRODO", "FRODO") and not scoring.ib_longdialogue("It is F", "FRODO")
+    suite = get_suite("infinitebench")
+    assert suite.score("longbook_qa_eng", "Paris", {"answer": "Paris"}) == 100.0
+    # GPT-4's Math.Calc rule is not applied to longkit's own runs
+    assert suite.score("math_calc", "[1, 4, 8]", {"answer": [[1, 4, 8]]}) == 100.0
+    assert scoring.ib_math_calc("[1, 4, 8]", [1, 4, 8], drop_first=True) == pytest.approx(0.0)

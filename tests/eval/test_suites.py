@@ -13,6 +13,7 @@ from longkit.eval.suites import babilong as bl
 from longkit.eval.suites import get_suite, scoring, truncate_middle
 from longkit.eval.suites import longbench as lb
 from longkit.eval.suites import longbench_v2 as v2
+from longkit.eval.suites.infinitebench import format_prompt as ib_format
 
 FIX = FIXTURES / "suites"
 
@@ -225,10 +226,13 @@ def test_v2_template_and_infinitebench_prompts():
     ib, tok = get_suite("infinitebench"), WordTokenizer()
     choice = ib.load(FIX / "infinitebench", "longbook_choice_eng")[0]
     assert ib.answers("longbook_choice_eng", choice) == ["Lyon", "B"]
+    text = ib_format("longbook_choice_eng", choice, chat=False)
+    assert text.endswith("D. Lille\n\nThe letter of the correct answer is")
+    # within the budget the prompt is still the decode of its ids, as the official scripts send it
     plain = ib.prompt("longbook_choice_eng", choice, tok, 10_000, chat=False)
-    assert plain.text.endswith("D. Lille\n\nThe letter of the correct answer is") and plain.max_new_tokens == 40
+    assert plain.text == tok.decode(tok(text).input_ids, skip_special_tokens=True) and plain.max_new_tokens == 40
     chat = ib.prompt("longbook_choice_eng", choice, tok, 10_000, chat=True)
-    assert chat.system == "You are a helpful assistant." and "using one single letter" in chat.text
+    assert chat.system == "You are a helpful assistant" and "using one single letter" in chat.text
     assert ib.score("longbook_choice_eng", "B. Lyon", choice) == 100.0
 
 

@@ -95,9 +95,10 @@ def truncate_middle(
     """Keep the start and the end of a too-long prompt, measured in tokens: (text, tokens before, truncated).
 
     ``style="longbench"`` keeps ``int(L/2)`` tokens from each end (LongBench v1 pred.py, so L-1 tokens for odd L);
-    ``style="floor"`` keeps ``ids[:L//2] + ids[-L//2:]`` (LongBench v2 and InfiniteBench; ``-L//2`` rounds
-    down, so the end keeps the extra token for odd L). Tokens are counted with the tokenizer's special tokens
-    and decoded with ``skip_special_tokens=True``, as all three suites do.
+    ``style="floor"`` keeps ``ids[:L//2] + ids[-L//2:]`` (LongBench v2; ``-L//2`` rounds down, so the end
+    keeps the extra token for odd L). Tokens are counted with the tokenizer's special tokens and decoded with
+    ``skip_special_tokens=True``, as both suites do. InfiniteBench's official scripts truncate differently
+    (completion vs chat budgets, and they re-decode prompts that fit): ``infinitebench.truncate``.
 
     ``joined`` picks how the kept ids become text, which the suites' official code does differently:
     ``False`` decodes head and tail separately and concatenates the strings (LongBench v1 pred.py);

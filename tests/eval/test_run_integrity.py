@@ -332,7 +332,7 @@ def test_torn_utf8_last_line_is_reported_then_truncated_on_resume(done_run, tiny
     (lambda line: b"\x13\x37 noise \n", "not JSON"),
     (lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "length"}).encode() + b"\n",
      "missing field 'length'"),
-    (lambda line: json.dumps({**json.loads(line), "length": 301}).encode() + b"\n", "does not match its fields"),
+    (lambda line: json.dumps({**json.loads(line), "length": "300"}).encode() + b"\n", "field 'length' is '300'"),
     (lambda line: json.dumps({**json.loads(line), "score": "high"}).encode() + b"\n", "field 'score' is 'high'"),
     (lambda line: b"[1, 2, 3]\n", "not a JSON object"),
 ])
@@ -377,3 +377,39 @@ def test_damaged_run_json_is_a_clear_error(done_run, tiny_llama):
         evaluate(cfg, lm=tiny_llama, progress=False)
     res = CliRunner().invoke(app, ["report", str(run)])
     assert res.exit_code == 2 and "run.json is damaged" in res.output
+
+
+def test_model_and_tokenizer_directories_are_fingerprinted_aliases_are_names(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / ".cache").mkdir()
+    (model / ".cache" / "lock").write_text("scratch")  # hidden: not part of the model
+    ident = run_identity(EvalConfig(model=str(model), tokenizer=str(model)), [])
+    assert ident["model"]["path"] == str(model) and ident["tokenizer"]["sha256"] == ident["model"]["sha256"]
+    (model / ".cache" / "lock").write_text("other scratch")
+    assert run_identity(EvalConfig(model=str(model)), [])["model"] == ident["model"]
+    (model / "config.json").write_text('{"x": 1}')
+    assert run_identity(EvalConfig(model=str(model)), [])["model"] != ident["model"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-llama").mkdir()
+    assert run_identity(EvalConfig(model="tiny-llama"), [])["model"] == "tiny-llama"
+
+
+def test_large_files_are_fingerprinted_by_samples_that_catch_a_change(tmp_path, monkeypatch):
+    from longkit.eval import rundir
+
+    monkeypatch.setattr(rundir, "FULL_HASH_BYTES", 64)
+    monkeypatch.setattr(rundir, "_BLOCK", 16)
+    path = tmp_path / "weights.bin"
+    data = bytearray(range(200))
+    seen = set()
+    for offset in (None, 0, 100, 199):  # unchanged, then a byte changed at the start, middle, end
+        changed = bytearray(data)
+        if offset is not None:
+            changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        seen.add(rundir.fingerprint(path))
+    path.write_bytes(bytes(data) + b"x")  # one byte longer
+    seen.add(rundir.fingerprint(path))
+    assert len(seen) == 5

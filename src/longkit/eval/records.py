@@ -6,7 +6,14 @@ A run directory holds:
     metadata: ``model`` (dict: name, source, dtype, architecture, trained_length, ...), ``methods``
     (list of method-combination labels, e.g. ``["baseline", "rope=yarn:factor=2"]``), ``tasks``,
     ``lengths``, ``depths``, ``samples``, ``seed``, ``threshold``, ``argv``, ``versions``, ``git_commit``,
-    ``hardware``, ``started``.
+    ``hardware``, ``started`` (the first invocation's; methods, tasks, lengths and depths are the union of all, samples
+    the largest), ``identity`` (every input that changes results, file contents as SHA-256; see
+    :mod:`longkit.eval.rundir`) and ``invocations`` (each ``longkit eval`` into the directory: started, argv, grid,
+    versions, git_commit, hardware).
+``eval.lock``
+    held (``flock``) by the eval writing the directory; holds its pid.
+``samples.quarantine.jsonl``
+    damaged lines a resumed eval moved out of samples.jsonl (see :data:`QUARANTINE_FILE`), if there were any.
 ``samples.jsonl``
     one JSON object per finished sample, appended and flushed as soon as it is computed:
 
@@ -154,10 +161,6 @@ def record_problem(record: Any) -> str | None:
         value = record.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             return f"field {name!r} is {value!r}"
-    expected = sample_id(record["method"], record["task"], record["length"], record["depth"], record["sample"])
-    if record["id"] != expected:
-        # A flipped digit can leave valid JSON behind; the id repeats the key fields, so it catches that.
-        return f"id {record['id']!r} does not match its fields ({expected!r})"
     return None
 
 

@@ -14,7 +14,6 @@ the directory fails at once, and a killed eval's lock goes with its process (the
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -58,15 +57,9 @@ def fingerprint(path: str | Path) -> str:
 
 
 def _file_digest(path: Path) -> str:
-    st = path.stat()
-    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    # Keyed by the file's stat as well: an eval hashes its files twice (run-directory name, identity), once is enough.
+    size = path.stat().st_size
     h = hashlib.sha256(f"{size}\0".encode())
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         if size <= FULL_HASH_BYTES:
             while chunk := fh.read(_BLOCK):
                 h.update(chunk)

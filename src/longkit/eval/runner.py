@@ -163,7 +163,8 @@ class EvalConfig:
         if self.samples < 1:
             raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
 
-    def default_run_dir(self) -> Path:
+    def default_run_dir(self, full: dict[str, Any] | None = None) -> Path:
+        """``runs/<model>-<hash of the settings>``; ``full``: this config's :func:`run_identity` if already computed."""
         identity = {k: getattr(self, k) for k in IDENTITY_KEYS}
         identity.update({k: getattr(self, k) for k in SUITE_IDENTITY_KEYS if getattr(self, k) not in (None, "hf")})
         # Perplexity under a KV method depends on the chunk; hashed only when not the default (older names stay valid).
@@ -175,7 +176,7 @@ class EvalConfig:
             identity["prefill_chunk"] = self.prefill_chunk
         if self.device != "cpu":
             identity["device"] = self.device
-        full = run_identity(self, [MethodSpec.parse(m) for m in self.methods])
+        full = full or run_identity(self, [MethodSpec.parse(m) for m in self.methods])
         files = {k: v["sha256"] for k, v in full.items() if isinstance(v, dict) and "sha256" in v}
         files.update({f"{label} {name}": v["sha256"] for label, named in full["method_files"].items()
                       for name, v in named.items()})
@@ -283,8 +284,8 @@ def evaluate(
     labels = [s.label() for s in specs]
     if len(set(labels)) != len(labels):
         raise EvalError(f"parameter 'methods' lists the same combination twice: {labels}")
-    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir()
     identity = run_identity(config, specs)
+    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(identity)
     with open_run_dir(run_dir, config, identity):
         return _evaluate(config, specs, labels, run_dir, identity, lm, progress, argv, on_record)
 

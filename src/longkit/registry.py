@@ -33,9 +33,11 @@ def param(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple | None = None,
+    file: bool = False,
 ) -> Any:
-    """Declare a method parameter: a dataclass field with a valid range and a help text."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    """Declare a method parameter: a dataclass field with a valid range and a help text. ``file=True``: the value
+    may name a file or directory whose contents change the method's results (an eval run's identity hashes it)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "file": file}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -56,6 +58,8 @@ class ParamInfo:
     choices: tuple | None = None
     #: The annotation itself, which values are coerced to.
     hint: Any = dataclasses.field(default=Any, compare=False, repr=False)
+    #: The value may name a file whose contents matter (``param(..., file=True)``).
+    file: bool = False
 
     def in_range(self, value: float) -> bool:
         """Whether the number ``value`` keeps the declared bounds (``ge``, ``gt``, ``le``, ``lt``)."""
@@ -123,7 +127,7 @@ def params_of(cls: type) -> tuple[ParamInfo, ...]:
         m = f.metadata
         hint = hints.get(f.name, Any)
         out.append(ParamInfo(f.name, _type_name(hint), default, m.get("help", ""), m.get("ge"), m.get("gt"),
-                             m.get("le"), m.get("lt"), m.get("choices"), hint))
+                             m.get("le"), m.get("lt"), m.get("choices"), hint, m.get("file", False)))
     return tuple(out)
 
 

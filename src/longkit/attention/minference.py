@@ -140,7 +140,7 @@ class MInference(SparseAttention):
         "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention "
         "(Jiang et al. 2024) https://arxiv.org/abs/2407.02490"
     )
-    config: str = param("{}", help="per-head pattern config: inline JSON or a JSON file path")
+    config: str = param("{}", file=True, help="per-head pattern config: inline JSON or a JSON file path")
     default: str = param("vertical_slash", choices=tuple(PATTERNS), help="pattern of layers missing from config")
     _layers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -26,17 +26,17 @@ from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend
 from longkit.eval.backends.openai import CONNECT_TIMEOUT, READ_TIMEOUT
 from longkit.eval.jobs import Job, plan
 from longkit.eval.metrics import RULER_THRESHOLD
-from longkit.eval.records import RUN_FILE, RecordWriter, load_records, load_run
+from longkit.eval.records import RecordWriter, load_records, repair_records
+from longkit.eval.rundir import open_run_dir, record_invocation, run_identity
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, check_chunk
 from longkit.seam import MethodSpec, apply
 
-# Settings that define what a sample means; a run directory cannot mix two values of these.
+# The settings hashed into the default run-directory name (a run directory's full identity, which also covers the
+# contents of named files, is longkit.eval.rundir's).
 IDENTITY_KEYS = ("model", "seed", "chat", "haystack", "ppl_text", "dtype", "attn_implementation")
 # Identity of suite / endpoint runs; part of the run-directory hash only when set, so older run names stay valid.
 SUITE_IDENTITY_KEYS = ("suite", "data_dir", "backend", "base_url", "api_model", "tokenizer")
-# Perplexity under a KV method depends on the chunk; hashed only when not the default, so older run names stay valid.
-PPL_IDENTITY_KEYS = ("ppl_chunk",)
 BACKENDS = ("hf", "openai")
 #: Context lengths of a task grid, and the truncation budget of a suite, when none are given.
 TASK_LENGTHS = (4096, 8192, 12288)
@@ -169,11 +169,25 @@ class EvalConfig:
         if self.samples < 1:
             raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
 
-    def default_run_dir(self) -> Path:
+    def default_run_dir(self, full: dict[str, Any] | None = None) -> Path:
+        """``runs/<model>-<hash of the settings>``; ``full``: this config's :func:`run_identity` if already computed."""
         identity = {k: getattr(self, k) for k in IDENTITY_KEYS}
         identity.update({k: getattr(self, k) for k in SUITE_IDENTITY_KEYS if getattr(self, k) not in (None, "hf")})
+        # Perplexity under a KV method depends on the chunk; hashed only when not the default (older names stay valid).
         if self.ppl_chunk != DEFAULT_PPL_CHUNK:
             identity["ppl_chunk"] = self.ppl_chunk
+        # Also part of the run's identity; named only when set, so older run names stay valid. The contents of
+        # named files too: an edited file (a LongRoPE config, a haystack) gets a fresh directory.
+        if self.prefill_chunk is not None:
+            identity["prefill_chunk"] = self.prefill_chunk
+        if self.device != "cpu":
+            identity["device"] = self.device
+        full = full or run_identity(self, [MethodSpec.parse(m) for m in self.methods])
+        files = {k: v["sha256"] for k, v in full.items() if isinstance(v, dict) and "sha256" in v}
+        files.update({f"{label} {name}": v["sha256"] for label, named in full["method_files"].items()
+                      for name, v in named.items()})
+        if files:
+            identity["files"] = files
         digest = hashlib.sha1(
             json.dumps({**identity, "grid": [self.methods, self.tasks, self.lengths, self.depths, self.samples]},
                        sort_keys=True).encode()
@@ -229,18 +243,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def _check_identity(run_dir: Path, meta: dict[str, Any]) -> None:
-    old = load_run(run_dir)
-    if not old:
-        return
-    for key in IDENTITY_KEYS + SUITE_IDENTITY_KEYS + PPL_IDENTITY_KEYS:
-        if key in old.get("config", {}) and old["config"].get(key) != meta["config"].get(key):
-            raise EvalError(
-                f"run directory {run_dir} holds a run with {key}={old['config'][key]!r}, not {meta['config'][key]!r}; "
-                "choose another --out"
-            )
-
-
 def load_tokenizer(name: str) -> Any:
     """A tokenizer from a local HF directory (no download) or a longkit model alias."""
     path = Path(name)
@@ -279,15 +281,25 @@ def evaluate(
 ) -> Path:
     """Run (or resume) the evaluation grid; return the run directory.
 
-    Records of failed endpoint requests carry ``error`` and no score; a rerun retries them.
+    Records of failed endpoint requests carry ``error`` and no score; a rerun retries them. The run directory is
+    locked for the eval (a second eval into it fails at once) and must hold results of the same inputs (see
+    :mod:`longkit.eval.rundir`); damaged lines of its samples.jsonl are repaired or quarantined first.
     """
     config.validate()
     specs = [MethodSpec.parse(m) for m in config.methods]
     labels = [s.label() for s in specs]
     if len(set(labels)) != len(labels):
         raise EvalError(f"parameter 'methods' lists the same combination twice: {labels}")
-    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir()
+    identity = run_identity(config, specs)
+    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(identity)
+    with open_run_dir(run_dir, config, identity):
+        return _evaluate(config, specs, labels, run_dir, identity, lm, progress, argv, on_record)
 
+
+def _evaluate(config: EvalConfig, specs: list[MethodSpec], labels: list[str], run_dir: Path, identity: dict[str, Any],
+              lm: Any, progress: bool, argv: list[str] | None,
+              on_record: Callable[[dict[str, Any]], None] | None) -> Path:
+    """:func:`evaluate` once the run directory is locked and its identity checked."""
     endpoint = None
     if config.backend == "openai":
         endpoint = OpenAIBackend(config.base_url or "", config.api_model or "", api_key_env=config.api_key_env,
@@ -303,7 +315,6 @@ def evaluate(
         lm = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation,
                         device=config.device)
     jobs = plan(config, labels)
-    run_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "config": {**asdict(config), "dtype": lm.dtype, "run_dir": str(run_dir)},
         "model": lm.info(),
@@ -320,8 +331,8 @@ def evaluate(
         "hardware": hardware(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _check_identity(run_dir, meta)
-    (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    record_invocation(run_dir, config, meta, identity)
+    repair_records(run_dir)
 
     # Failed requests are not done: a rerun retries them.
     done = {r["id"] for r in load_records(run_dir) if r.get("error") is None}

@@ -164,7 +164,7 @@ class DuoAttention(KVMethod):
     retrieval_ratio: float = param(0.25, ge=0.0, le=1.0, help="fraction of kv heads that keep the full cache")
     sinks: int = param(4, ge=0, help="attention-sink tokens streaming heads keep at the start")
     window: int = param(256, ge=1, help="recent tokens streaming heads keep")
-    heads: str | None = param(None, help="JSON file layer -> list of retrieval kv heads (skips the probe)")
+    heads: str | None = param(None, file=True, help="JSON file layer -> list of retrieval kv heads (skips the probe)")
     decode_every: int = param(1, ge=0, help="evict streaming heads every N decoding steps (0 = only after prefill)")
     probe_tokens: int = param(256, ge=32, help="length of each probe prompt")
     probes: int = param(4, ge=1, help="probe prompts (needle depths)")

@@ -47,7 +47,7 @@ class LongRope(HFRopeMethod):
     apply_only = ("config", "start_tokens")
     short_factor: list[float] | None = param(None, help="per-frequency factors up to the trained length")
     long_factor: list[float] | None = param(None, help="per-frequency factors beyond the trained length")
-    config: str | None = param(None, help="JSON file with short_factor/long_factor")
+    config: str | None = param(None, file=True, help="JSON file with short_factor/long_factor")
     factor: float | None = param(None, ge=1.0, help="target length / trained length")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
     attention_factor: float | None = param(None, gt=0, help="explicit cos/sin scale")

@@ -158,10 +158,10 @@ class EvalConfig:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise EvalError(f"parameter '{key}' must be an integer or None (got {value!r})")
-        for key in ("threshold", "timeout"):
+        for key, valid in (("threshold", "in [0, 100]"), ("timeout", "> 0 seconds")):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise EvalError(f"parameter '{key}' must be a finite number (got {value!r})")
+                raise EvalError(f"parameter '{key}' must be a finite number {valid} (got {value!r})")
         if self.timeout <= 0:
             raise EvalError(f"parameter 'timeout' must be > 0 seconds (got {self.timeout})")
         if not isinstance(self.lengths, list | tuple) or not all(_whole(n) for n in self.lengths):

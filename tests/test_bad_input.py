@@ -241,11 +241,13 @@ def test_cli_device_cuda_without_cuda(tmp_path, capsys):
     assert "parameter 'device' is 'cuda' but CUDA is not available here" in text
 
 
-def test_cli_other_commands_fail_in_one_line(tmp_path, capsys):
+def test_cli_other_commands_fail_in_one_line(fx, tmp_path, capsys):
     for argv, expect in ((["methods", "--kind", "ropes"], "valid kinds: rope, attention, kv, memory"),
                          (["report", str(tmp_path / "nope")], "does not exist"),
                          (["rope", "bound", "--train-len", "abc"], "parameter 'train_len'"),
-                         (["rope", "bound", "--target-len", "4k,8k"], "parameter 'target_len' must be one token count")):
+                         (["rope", "bound", "--target-len", "4k,8k"], "parameter 'target_len' must be one token count"),
+                         (["rope", "search", "--model", "tiny-llama", "--calibration", str(fx["bin_ppl"]),
+                           "--out", str(tmp_path / "f.json")], "parameter 'calibration'")):
         code, text = _run_cli(argv, capsys)
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert code == 2 and "Traceback" not in text and len(errors) == 1 and expect in errors[0], text

@@ -440,7 +440,7 @@ def rope_search_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import longkit
-    from longkit.eval.haystack import pydoc_text
+    from longkit.eval.haystack import pydoc_text, read_text_file
     from longkit.tools import longrope_search as lrs
 
     try:
@@ -451,9 +451,7 @@ def rope_search_cmd(
             settings["budget_s"] = lrs.parse_duration(budget)
         if not start_tokens:
             settings["start_tokens"] = [0]
-        if calibration is not None and not calibration.is_file():
-            raise LongkitError(f"parameter 'calibration' must be a text file; {calibration} does not exist")
-        text = calibration.read_text(errors="replace") if calibration is not None else pydoc_text()
+        text = read_text_file(calibration, "calibration") if calibration is not None else pydoc_text()
         lm = longkit.load_model(model, dtype=dtype, device=device)
         total = population + generations * (mutations + crossovers)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

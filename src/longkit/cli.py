@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from longkit.errors import LongkitError
+from longkit.errors import EvalError, LongkitError
 from longkit.eval.runner import EvalConfig
 from longkit.seam import BASELINE
 
@@ -28,29 +29,40 @@ DEFAULT_METHODS = [m for m in D.methods if m != BASELINE]
 FULL = {"lengths": [2048, 4096, 8192, 12288, 16384], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
 
 
-def parse_lengths(text: str) -> list[int]:
-    """``"4k,8k,12000"`` -> [4096, 8192, 12000] (k = 1024)."""
+def parse_lengths(text: str, parameter: str = "lengths") -> list[int]:
+    """``"4k,8k,12000"`` -> [4096, 8192, 12000] (k = 1024); an EvalError naming ``parameter`` otherwise."""
     out = []
     for item in text.split(","):
         item = item.strip().lower()
         if not item:
             continue
         try:
-            out.append(int(float(item[:-1]) * 1024) if item.endswith("k") else int(item))
-        except ValueError:
-            raise typer.BadParameter(f"'{item}' is not a token count (examples: 4096, 4k, 12k)") from None
+            value = float(item[:-1]) * 1024 if item.endswith("k") else int(item)
+            if value != int(value):
+                raise ValueError(item)
+            out.append(int(value))
+        except (ValueError, OverflowError):
+            raise EvalError(f"parameter '{parameter}': '{item}' is not a whole token count (examples: 4096, 4k, "
+                            "12k)") from None
+    if not out:
+        # An empty option is a mistake (an unset shell variable), not a request for the default grid.
+        raise EvalError(f"parameter '{parameter}' is empty; give token counts such as 4k,8k (got {text!r})")
     return out
 
 
 def parse_depths(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a comma-separated list of fractions in [0, 1]") from None
+        raise EvalError(f"parameter 'depths': '{text}' is not a comma-separated list of fractions in [0, 1]") from None
+    if not out:
+        raise EvalError(f"parameter 'depths' is empty; give fractions in [0, 1] such as 0.25,0.75 (got {text!r})")
+    return out
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True, markup=True, highlight=False)
+    # escaped: messages hold ranges such as [1, 4095] that rich would read as markup
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -128,12 +140,19 @@ def eval_cmd(
         methods += DEFAULT_METHODS
     if suite:
         grid = {**grid, "lengths": None}
+    try:
+        # A given option is parsed even when empty: --lengths '' is an error, not the default grid.
+        grid = {"lengths": parse_lengths(lengths) if lengths is not None else grid["lengths"],
+                "depths": parse_depths(depths) if depths is not None else list(grid["depths"]),
+                "prefill_chunk": _one_length(prefill_chunk, "prefill_chunk") if prefill_chunk is not None else None}
+    except LongkitError as err:
+        _fail(err)
     config = EvalConfig(
         model=model,
         methods=methods,
         tasks=list(task or ([] if suite else D.tasks)),
-        lengths=parse_lengths(lengths) if lengths else grid["lengths"],
-        depths=parse_depths(depths) if depths else list(grid["depths"]),
+        lengths=grid["lengths"],
+        depths=grid["depths"],
         samples=samples,
         seed=seed,
         chat=chat,
@@ -143,7 +162,7 @@ def eval_cmd(
         dtype=dtype,
         attn_implementation=attn_implementation,
         device=device,
-        prefill_chunk=parse_lengths(prefill_chunk)[0] if prefill_chunk else None,
+        prefill_chunk=grid["prefill_chunk"],
         threshold=threshold,
         run_dir=out,
         suite=suite,
@@ -320,14 +339,9 @@ app.add_typer(rope_app, name="rope")
 
 
 def _one_length(text: str, name: str) -> int:
-    from longkit.errors import MethodError
-
-    try:
-        lengths = parse_lengths(text)
-    except typer.BadParameter as err:
-        raise MethodError(f"parameter '{name}': {err.message}") from None
+    lengths = parse_lengths(text, name)
     if len(lengths) != 1:
-        raise MethodError(f"parameter '{name}' must be one token count such as 4096 or 4k (got {text!r})")
+        raise EvalError(f"parameter '{name}' must be one token count such as 4096 or 4k (got {text!r})")
     return lengths[0]
 
 
@@ -454,7 +468,7 @@ def rope_search_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import longkit
-    from longkit.eval.haystack import pydoc_text
+    from longkit.eval.haystack import pydoc_text, read_text_file
     from longkit.tools import longrope_search as lrs
 
     try:
@@ -465,9 +479,7 @@ def rope_search_cmd(
             settings["budget_s"] = lrs.parse_duration(budget)
         if not start_tokens:
             settings["start_tokens"] = [0]
-        if calibration is not None and not calibration.is_file():
-            raise LongkitError(f"parameter 'calibration' must be a text file; {calibration} does not exist")
-        text = calibration.read_text(errors="replace") if calibration is not None else pydoc_text()
+        text = read_text_file(calibration, "calibration") if calibration is not None else pydoc_text()
         lm = longkit.load_model(model, dtype=dtype, device=device)
         total = population + generations * (mutations + crossovers)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -496,8 +508,26 @@ def rope_search_cmd(
                     f"{result.best.start_tokens}\nwrote [bold]{out}[/]: --rope longrope:config={out}")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``longkit`` script (``argv``: the arguments, default ``sys.argv[1:]``). A usage error (a bad option
+    value, an unknown option) prints one line ``error: ...`` and exits 2, as every other bad input does, instead of
+    click's boxed panel."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.TyperException as err:
+        # typer's (vendored) click errors: UsageError and its subclasses carry the context of the command
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+        else:
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            console.print(f"[bold red]error:[/] {escape(err.format_message() + where)}", soft_wrap=True, markup=True,
+                          highlight=False)
+        code = getattr(err, "exit_code", 2)
+    except typer.Abort:
+        console.print("Aborted.", highlight=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class Method:
         """Raise the MethodError that names this method and its parameter ``key``; ``text`` says what is wrong."""
         raise MethodError(f"{self.kind} method '{self.name}': parameter '{key}' {text}")
 
+    def check_model(self, model: Any) -> None:
+        """Raise a MethodError when this method cannot run on ``model`` (e.g. a group size that does not divide
+        its head dim), where the problem would otherwise show only at the first forward. Called before any work
+        (:meth:`longkit.seam.MethodSpec.check`); the default has nothing to check."""
+
     def apply(self, model: Any) -> Undo:
         """Install the method on ``model``; return a callable that removes it."""
         raise NotImplementedError

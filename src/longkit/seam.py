@@ -33,6 +33,12 @@ def _to_method(kind: str, value: Any, args: dict[str, Any] | None = None) -> Met
         return value
     if isinstance(value, str):
         name, spec_args = split_spec(value)
+        twice = sorted(set(spec_args) & set(args or {}))
+        if twice:
+            raise MethodError(
+                f"{kind} method '{name}': parameter {', '.join(repr(k) for k in twice)} given both in '{value}' and "
+                f"in {kind}_args; give each parameter once"
+            )
         return registry(kind).create(name, {**spec_args, **(args or {})})
     raise MethodError(f"{kind}= expects a method name, a 'name:key=value' string or a Method, got {value!r}")
 
@@ -82,6 +88,16 @@ class MethodSpec:
                 raise MethodError(f"method combination '{text}' has two {kind} methods; at most one of each kind")
             out[kind] = spec
         return cls.build(**out)
+
+    def check(self, model: Any) -> None:
+        """Raise a MethodError now if this combination cannot run on ``model``: each method's
+        :meth:`~longkit.methods.Method.check_model`, then a dry run (apply, one fresh cache, remove) that meets the
+        checks made on applying and on building a cache. The model is left as it was (removing restores it
+        exactly)."""
+        for method in self.methods():
+            method.check_model(model)
+        with Applied(model, self) as applied:
+            applied.new_cache()
 
     def methods(self) -> list[Method]:
         return [m for m in (getattr(self, f.name) for f in fields(self)) if m is not None]

@@ -32,15 +32,45 @@ def pydoc_text() -> str:
     return "\n\n".join(parts)
 
 
+def read_text_file(path: str | Path, parameter: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); an EvalError naming ``parameter`` for a
+    missing, unreadable, binary or non-UTF-8 file.
+
+    Decoding with replacement characters would turn a binary file into a haystack of U+FFFD and score models on
+    it; a file that is not UTF-8 text is refused instead."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise EvalError(f"parameter '{parameter}' must be a text file (UTF-8); {path} {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EvalError(f"parameter '{parameter}': cannot read {path} ({err.strerror or err})") from None
+    # NUL bytes never occur in text (UTF-16 text has them too: it is not UTF-8)
+    if b"\x00" in data:
+        raise EvalError(f"parameter '{parameter}': {path} is binary (it holds NUL bytes), not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise EvalError(
+            f"parameter '{parameter}': {path} is not UTF-8 text (byte {err.start} cannot be decoded); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def directory_text(path: str | Path) -> str:
     """All ``.txt`` files under ``path`` (recursively, sorted), joined by blank lines."""
     root = Path(path)
     if not root.is_dir():
-        raise EvalError(f"parameter 'haystack' must be a directory of .txt files; {root} is not a directory")
-    files = sorted(root.rglob("*.txt"))
+        what = "is a file" if root.is_file() else "does not exist"
+        raise EvalError(f"parameter 'haystack' must be a directory of .txt files; {root} {what}")
+    files = sorted(f for f in root.rglob("*.txt") if f.is_file())
     if not files:
         raise EvalError(f"parameter 'haystack': no .txt files under {root}")
-    return "\n\n".join(f.read_text(errors="replace").strip() for f in files)
+    text = "\n\n".join(read_text_file(f, "haystack").strip() for f in files)
+    if not text.strip():
+        raise EvalError(f"parameter 'haystack': the .txt files under {root} hold no text")
+    return text
 
 
 def haystack_text(source: str | Path | None = None) -> str:
@@ -48,6 +78,16 @@ def haystack_text(source: str | Path | None = None) -> str:
     if source is None or str(source) == "pydoc":
         return pydoc_text()
     return directory_text(source)
+
+
+def ppl_text(source: str | Path | None = None) -> str:
+    """The perplexity task's text: a UTF-8 text file, or None for the default (as the haystack's)."""
+    if source is None:
+        return pydoc_text()
+    text = read_text_file(source, "ppl_text")
+    if not text.strip():
+        raise EvalError(f"parameter 'ppl_text': {source} holds no text")
+    return text
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -100,9 +101,14 @@ class EvalConfig:
             else:
                 self.lengths = list(SUITE_LENGTHS)
 
-    def validate(self) -> None:
-        if not self.methods:
+    def validate(self, *, check_model: bool = True) -> None:
+        """Check every setting before any work: values (finite, in range, no duplicates), the model's source and
+        device (no weights read), the files (haystack, perplexity text, run directory). The checks that need the
+        loaded model or its tokenizer run in :func:`preflight`, still before the first sample. ``check_model=False``:
+        the model is given loaded (``evaluate(config, lm=...)``), so its name is not looked up."""
+        if not self.methods or not all(isinstance(m, str) for m in self.methods):
             raise EvalError("parameter 'methods' must name at least one method combination (or 'baseline')")
+        self._validate_values()
         if self.backend not in BACKENDS:
             raise EvalError(f"parameter 'backend' must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         if self.backend == "openai":
@@ -124,6 +130,7 @@ class EvalConfig:
             self._validate_suite()
             for text in self.methods:
                 MethodSpec.parse(text)
+            self._validate_sources(check_model)
             return
         if not self.tasks:
             raise EvalError("parameter 'tasks' must name at least one task")
@@ -144,6 +151,56 @@ class EvalConfig:
             raise EvalError(f"parameter 'threshold' must be in [0, 100] (got {self.threshold})")
         for text in self.methods:
             MethodSpec.parse(text)
+        self._validate_sources(check_model)
+
+    def _validate_values(self) -> None:
+        """Types and finiteness of the numeric settings (a nan passes every range comparison), and no duplicates in
+        the grid (two equal lengths would give two samples one id)."""
+        for key in ("samples", "seed", "concurrency", "retries", "ppl_chunk"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EvalError(f"parameter '{key}' must be an integer (got {value!r})")
+        for key in ("prefill_chunk", "limit"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise EvalError(f"parameter '{key}' must be an integer or None (got {value!r})")
+        for key, valid in (("threshold", "in [0, 100]"), ("timeout", "> 0 seconds")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise EvalError(f"parameter '{key}' must be a finite number {valid} (got {value!r})")
+        if self.timeout <= 0:
+            raise EvalError(f"parameter 'timeout' must be > 0 seconds (got {self.timeout})")
+        if not isinstance(self.lengths, list | tuple) or not all(_whole(n) for n in self.lengths):
+            raise EvalError(f"parameter 'lengths' must be a list of whole token counts (got {self.lengths!r})")
+        if not isinstance(self.depths, list | tuple) or not all(
+            isinstance(d, int | float) and not isinstance(d, bool) and math.isfinite(d) for d in self.depths
+        ):
+            raise EvalError(f"parameter 'depths' must be a list of fractions in [0, 1] (got {self.depths!r})")
+        for key in ("lengths", "depths", "tasks", "methods"):
+            values = list(getattr(self, key))
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise EvalError(f"parameter '{key}' lists {', '.join(twice)} twice; give each value once")
+
+    def _validate_sources(self, check_model: bool) -> None:
+        """The model (or the endpoint's tokenizer), device, attention implementation, dtype and files, read
+        without loading weights."""
+        from longkit.eval.haystack import directory_text, ppl_text
+        from longkit.models import check_attn_implementation, check_device, check_source, resolve_dtype
+
+        if self.backend == "hf":
+            if check_model:
+                resolve_dtype(self.dtype, self.model, self.device)
+                check_device(self.device)
+                check_attn_implementation(self.attn_implementation)
+                check_source(self.model)
+        elif check_model and not Path(self.tokenizer or "").is_dir():
+            check_source(self.tokenizer or "")
+        if self.haystack is not None and str(self.haystack) != "pydoc":
+            directory_text(self.haystack)
+        if self.ppl_text:
+            ppl_text(self.ppl_text)
+        check_writable_dir(Path(self.run_dir) if self.run_dir else self.default_run_dir(), "run_dir")
 
     def _validate_suite(self) -> None:
         from longkit.eval.suites import get_suite
@@ -194,6 +251,42 @@ class EvalConfig:
         ).hexdigest()[:8]
         name = self.api_model if self.backend == "openai" and self.api_model else self.model
         return Path("runs") / f"{Path(name).name}-{digest}"
+
+
+def _whole(n: Any) -> bool:
+    return (isinstance(n, int) and not isinstance(n, bool)) or (isinstance(n, float) and n.is_integer())
+
+
+def check_writable_dir(path: Path, parameter: str) -> None:
+    """``path`` is a directory that can be written, or can be created: its nearest existing ancestor is a
+    writable directory. Probed by creating a file, since permission bits say nothing for root or read-only mounts."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise EvalError(f"parameter '{parameter}' must be a directory; {path} is a file")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvalError(f"parameter '{parameter}': cannot create {path}, since {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise EvalError(f"parameter '{parameter}': cannot write to {existing} ({err.strerror or err})") from None
+
+
+def preflight(config: EvalConfig, lm: Any, specs: list[MethodSpec], ctx: TaskContext, local: bool) -> None:
+    """The checks that need the loaded model or its tokenizer, for the whole grid before its first sample: every
+    method combination on the model (e.g. KIVI's group size against its head dim; a dry run of apply and cache),
+    and every task at its hardest point of the grid (RULER's minimum lengths, the perplexity text's size)."""
+    if local:
+        for spec in specs:
+            spec.check(lm.model)
+    if not config.suite:
+        lengths = [int(n) for n in config.lengths]
+        for name in config.tasks:
+            get_task(name).preflight(ctx, lengths, list(config.depths), config.samples)
 
 
 def _git_commit() -> str | None:
@@ -285,7 +378,7 @@ def evaluate(
     locked for the eval (a second eval into it fails at once) and must hold results of the same inputs (see
     :mod:`longkit.eval.rundir`); damaged lines of its samples.jsonl are repaired or quarantined first.
     """
-    config.validate()
+    config.validate(check_model=lm is None)
     specs = [MethodSpec.parse(m) for m in config.methods]
     labels = [s.label() for s in specs]
     if len(set(labels)) != len(labels):
@@ -315,6 +408,10 @@ def _evaluate(config: EvalConfig, specs: list[MethodSpec], labels: list[str], ru
         lm = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation,
                         device=config.device)
     jobs = plan(config, labels)
+    ctx = TaskContext(lm.tokenizer, seed=config.seed, chat=config.chat, haystack=config.haystack,
+                      ppl_text=config.ppl_text)
+    # Every method against the model and every task at its hardest grid point, before the first sample.
+    preflight(config, lm, specs, ctx, local=endpoint is None)
     meta = {
         "config": {**asdict(config), "dtype": lm.dtype, "run_dir": str(run_dir)},
         "model": lm.info(),
@@ -337,8 +434,6 @@ def _evaluate(config: EvalConfig, specs: list[MethodSpec], labels: list[str], ru
     # Failed requests are not done: a rerun retries them.
     done = {r["id"] for r in load_records(run_dir) if r.get("error") is None}
     jobs = [j for j in jobs if j.id not in done]
-    ctx = TaskContext(lm.tokenizer, seed=config.seed, chat=config.chat, haystack=config.haystack,
-                      ppl_text=config.ppl_text)
     if jobs:
         by_label = dict(zip(labels, specs, strict=True))
         _run(jobs, ctx, lambda label: _backend(config, lm, by_label[label], endpoint), run_dir, progress, on_record)

@@ -450,6 +450,11 @@ class KIVI(KVMethod):
                 f"kv method 'kivi': parameter 'ratio' needs an eviction method in 'evict' (got {self.ratio})"
             )
 
+    def check_model(self, model: Any) -> None:
+        _check_config(model.config, self.bits, self.group_size)
+        if self._evictor is not None:
+            self._evictor.check_model(model)
+
     def apply(self, model: Any) -> Undo:
         return self._evictor.apply(model) if self._evictor is not None else (lambda: None)
 

@@ -81,20 +81,104 @@ def resolve_dtype(dtype: str | torch.dtype, name: str, device: str = "cpu") -> t
     return DTYPES[dtype]
 
 
+def check_device(device: str) -> None:
+    """``device`` must name a torch device that this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelError(f"parameter 'device' must be cpu, cuda, cuda:N or mps (got {device!r}: {err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"parameter 'device' is {device!r} but CUDA is not available here (torch "
+                             f"{torch.__version__}, built with CUDA: {torch.version.cuda or 'no'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"parameter 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"parameter 'device' is {device!r} but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"parameter 'device' must be cpu, cuda, cuda:N or mps (got {device!r})")
+
+
+def attn_implementations() -> list[str]:
+    """The attention implementations transformers can load a model with here (its registry, plus eager)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def check_attn_implementation(name: str) -> None:
+    """``name`` must be a registered transformers attention implementation (hub kernels would download)."""
+    valid = attn_implementations()
+    if name not in valid:
+        raise ModelError(f"parameter 'attn_implementation' must be one of {', '.join(valid)} (got {name!r})")
+
+
+#: Model types that transformers maps to a causal-LM class only as the decoder half of an encoder or
+#: encoder-decoder family (BertLMHeadModel, BartForCausalLM...): such a checkpoint is a causal LM only when its
+#: config says ``is_decoder``; a plain BERT checkpoint would load with a random LM head and fail in generation.
+def _encoder_families() -> set[str]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    return set(MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _cache_hint(path: Path) -> str:
+    """How to recover from a damaged model directory: longkit's own cache is deleted and provisioned again."""
+    try:
+        path.resolve().relative_to(cache_dir().resolve())
+    except ValueError:
+        return "the files may be incomplete or damaged; copy or save the model again"
+    return f"this is longkit's cache: delete the directory {path} and rerun to provision it again"
+
+
 def _check_causal_lm(path: Path) -> None:
+    """``path`` holds the config of a decoder-only causal LM; read from config.json alone, before any weight."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"model directory {path} has no config.json; expected a Hugging Face model directory")
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {config_file} as JSON ({err}); {_cache_hint(path)}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} is not a JSON object; {_cache_hint(path)}")
+    model_type = config.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        try:
-            AutoConfig.from_pretrained(path)
-        except Exception as err:  # noqa: BLE001 - any loading failure is reported the same way
-            raise ModelError(f"cannot read the config of {path}: {err}") from None
         raise ModelError(f"model {path} (model_type={model_type!r}) is not a causal language model")
+    if config.get("is_encoder_decoder") or (model_type in _encoder_families() and not config.get("is_decoder")):
+        raise ModelError(
+            f"model {path} (model_type={model_type!r}) is an encoder or encoder-decoder checkpoint, not a "
+            "decoder-only causal language model (its config has no is_decoder=true); longkit needs a causal LM "
+            "such as Llama, Qwen2/3, Mistral or SmolLM2"
+        )
+
+
+def check_source(name_or_path: str) -> None:
+    """Everything about a model that can be checked without loading weights: the alias or directory exists, its
+    config is a causal LM's, and for the SmolLM2 alias the cache it is provisioned into is writable."""
+    if name_or_path in TINY_CONFIGS:
+        return
+    if name_or_path == "smollm2-135m":
+        from longkit.models.smollm2 import check_cache, provisioned
+
+        if not provisioned():
+            check_cache()
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"no model alias or directory {name_or_path!r}; aliases: {', '.join(ALIASES)}, "
+            "or a local Hugging Face model directory"
+        )
+    if not path.is_dir():
+        raise ModelError(f"parameter 'model': {path} is a file; give a model alias or a Hugging Face model directory")
+    _check_causal_lm(path)
 
 
 def load_model(
@@ -108,28 +192,35 @@ def load_model(
     """Load a model by alias (``smollm2-135m``, ``tiny-llama``, ``tiny-qwen2``...) or local directory."""
     torch_dtype = resolve_dtype(dtype, name_or_path, device)
     dtype_name = str(torch_dtype).removeprefix("torch.")
+    check_device(device)
+    check_attn_implementation(attn_implementation)
+    check_source(name_or_path)
     if name_or_path in TINY_CONFIGS:
-        model, tok = tiny_model(name_or_path, seed=seed, dtype=torch_dtype, attn_implementation=attn_implementation)
+        try:
+            model, tok = tiny_model(name_or_path, seed=seed, dtype=torch_dtype, attn_implementation=attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ModelError(f"cannot build {name_or_path} with attn_implementation={attn_implementation!r}: "
+                             f"{str(err).splitlines()[0]}") from None
         return LoadedModel(model.to(device), tok, name_or_path, f"random config, seed {seed}", dtype_name)
     if name_or_path == "smollm2-135m":
         path = smollm2_dir()
         name = name_or_path
+        _check_causal_lm(path)
     else:
         path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise ModelError(
-                f"no model alias or directory {name_or_path!r}; aliases: {', '.join(ALIASES)}, "
-                "or a local Hugging Face model directory"
-            )
         name = path.name
-    _check_causal_lm(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the model in {path}: {err}") from None
+    except ImportError as err:
+        # e.g. attn_implementation="flash_attention_2" without the flash-attn package
+        raise ModelError(f"cannot load the model in {path} with attn_implementation={attn_implementation!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - safetensors, tokenizers and torch each raise their own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load the model in {path}: {first}; {_cache_hint(path)}") from None
     return LoadedModel(model.to(device).eval(), tokenizer, name, str(path), dtype_name)
 
 
@@ -139,6 +230,9 @@ __all__ = [
     "LoadedModel",
     "byte_tokenizer",
     "cache_dir",
+    "check_attn_implementation",
+    "check_device",
+    "check_source",
     "load_model",
     "resolve_dtype",
     "tiny_model",

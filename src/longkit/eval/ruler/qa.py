@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from longkit.errors import EvalError
+from longkit.eval.haystack import read_text_file
 from longkit.eval.ruler.fit import Draft
 from longkit.eval.ruler.templates import DOCUMENT_PROMPT, FAMILIES
 from longkit.eval.ruler.words import key_parts
@@ -37,7 +38,7 @@ def _load_json(path: Path, what: str):
     if not path.is_file():
         raise EvalError(f"parameter 'data': {what} file {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text_file(path, "data"))
     except json.JSONDecodeError as exc:
         raise EvalError(f"parameter 'data': {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
 

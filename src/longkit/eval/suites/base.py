@@ -32,7 +32,7 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
     """Records of a JSON-lines file, each checked for its required fields; errors name the file and line."""
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise EvalError(f"cannot read data file {path}: {err}") from None
     for number, line in enumerate(lines, 1):
@@ -50,7 +50,7 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
 def read_json_array(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """Records of a JSON file holding one list of objects (or, if it fails to parse as one, JSON lines)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise EvalError(f"cannot read data file {path}: {err}") from None
     if not text.lstrip().startswith("["):

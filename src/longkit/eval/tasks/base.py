@@ -62,6 +62,12 @@ class Task:
     def score(self, prediction: str, answers: list[str]) -> float:
         raise NotImplementedError
 
+    def preflight(self, ctx: TaskContext, lengths: list[int], depths: list[float], samples: int) -> None:
+        """Raise now what a sample of the run would raise later: the runner calls this for every task before the
+        first sample. Default: build the first sample at the shortest length, where a prompt's fixed part (template,
+        question, RULER's smallest haystack) is most likely not to fit; its data files are read on the way."""
+        self.request(ctx, min(lengths), depths[0] if self.uses_depth and depths else None, 0)
+
     def request(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> tuple[Any, Any]:
         """What to send a backend for one sample, and what :meth:`fields` needs of it later (the built sample)."""
         built = self.build(ctx, length, depth, sample)

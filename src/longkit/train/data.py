@@ -1,0 +1,528 @@
+"""Long training data: local corpora, per-source length upsampling, and packing with per-document attention.
+
+Pipeline: read documents (:func:`read_text_dir`, :func:`read_jsonl`, :func:`read_parquet`, or the offline
+:func:`default_corpus`) -> :func:`tokenize` -> optionally :func:`upsample_long` -> :func:`pack`.
+:func:`build` runs all of it and keeps the :class:`DataStats`.
+
+Packing conventions (what the model sees):
+
+- each document is ``tokens + [eos]``; a document longer than the pack length is split into chunks of exactly
+  ``length`` tokens (the tail is packed like a short document) and each chunk is its own attention document;
+  ``DataStats`` counts the split documents and their chunks;
+- documents are packed whole, first-fit, into rows of exactly ``length`` tokens; the rest of a row is padding;
+- ``position_ids`` restart at 0 at every document (and at the padding, which forms its own block);
+- ``labels`` are the input ids with the first token of every document (and all padding) set to -100: the
+  models shift labels by one, so this is the label the previous document's last token would otherwise be
+  trained to predict across the boundary. The loss of a packed row is then exactly the sum of its documents'
+  own losses (the first token of a lone document has no prediction either).
+
+No attention across documents: the seam is transformers' packed-sequence detection from ``position_ids``
+(``masking_utils.find_packed_sequence_indices``, the format ``DataCollatorWithFlattening`` produces): with
+``attention_mask=None`` and no cache, ``create_causal_mask`` ANDs the causal mask with "same document", for
+sdpa, eager and flex attention, and flash-attention reads the same position ids as varlen boundaries. It needs
+no O(length²) mask in the batch. Detection is skipped when a cache exists, and Llama-style configs default to
+``use_cache=True``, so call the model with :func:`model_inputs` (which sets ``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import sys
+import sysconfig
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longkit.errors import DataError
+
+#: Text files a text directory contributes (one document per file).
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One raw document: its text, the source (domain) it counts under, and where it came from."""
+
+    text: str
+    source: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    ids: tuple[int, ...]
+    source: str
+    origin: str
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); training data must be UTF-8") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def read_text_dir(path: str | Path, *, source: str | None = None,
+                  suffixes: Sequence[str] = TEXT_SUFFIXES) -> list[Document]:
+    """Every text file under ``path`` (recursively, sorted) as one document; the source defaults to the
+    directory's name. An empty file or a directory without text files is an error."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"parameter 'path': {root} is not a directory of text files")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"{root}: no text files ({', '.join(suffixes)}) in the directory")
+    name = source or root.name
+    docs = []
+    for f in files:
+        text = _read_utf8(f)
+        if not text.strip():
+            raise DataError(f"{f}: empty text file (remove it or put text in it)")
+        docs.append(Document(text, name, str(f)))
+    return docs
+
+
+def read_jsonl(path: str | Path, *, text_field: str = "text", source: str | None = None) -> list[Document]:
+    """One JSON object per line with a non-empty string in ``text_field``; blank lines are skipped. Errors name
+    the file and line. The source defaults to the file's stem."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"parameter 'path': no JSONL file {p}")
+    try:
+        raw = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text; training data must be UTF-8") from None
+    name = source or p.stem
+    docs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}:{n}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+        if text_field not in record:
+            raise DataError(f"{p}:{n}: no {text_field!r} field (fields: {', '.join(map(str, record)) or 'none'}); "
+                            "set text_field")
+        text = record[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{p}:{n}: field {text_field!r} must be a non-empty string, got {text!r:.40}")
+        docs.append(Document(text, name, f"{p}:{n}"))
+    if not docs:
+        raise DataError(f"{p}: empty JSONL file (no records)")
+    return docs
+
+
+def read_parquet(path: str | Path, *, text_field: str = "text", source: str | None = None) -> list[Document]:
+    """A parquet file's ``text_field`` column, one document per row, through the ``datasets`` library's local
+    parquet loader (or pyarrow directly when only pyarrow is installed)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"parameter 'path': no parquet file {p}")
+    name = source or p.stem
+    if importlib.util.find_spec("datasets") is not None:
+        from datasets import load_dataset
+
+        try:
+            table = load_dataset("parquet", data_files=str(p), split="train")
+        except Exception as err:  # noqa: BLE001 - pyarrow and datasets raise many types for a bad file
+            raise DataError(f"{p}: cannot read as parquet ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        columns = table.column_names
+        texts = table[text_field] if text_field in columns else None
+    elif importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as err:  # noqa: BLE001 - see above
+            raise DataError(f"{p}: cannot read as parquet ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        columns = table.column_names
+        texts = table.column(text_field).to_pylist() if text_field in columns else None
+    else:
+        raise DataError(f"{p}: reading parquet needs the 'datasets' library: pip install 'longkit[train]'")
+    if texts is None:
+        raise DataError(f"{p}: no {text_field!r} column (columns: {', '.join(columns)}); set text_field")
+    docs = []
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{p}: row {row}: column {text_field!r} must be a non-empty string, got {text!r:.40}")
+        docs.append(Document(text, name, f"{p}#row{row}"))
+    if not docs:
+        raise DataError(f"{p}: empty parquet file (no rows)")
+    return docs
+
+
+def read_source(path: str | Path, *, text_field: str = "text", source: str | None = None) -> list[Document]:
+    """Dispatch on what ``path`` is: a directory of text files, ``.jsonl``/``.json`` lines, or ``.parquet``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return read_text_dir(p, source=source)
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return read_jsonl(p, text_field=text_field, source=source)
+    if suffix == ".parquet":
+        return read_parquet(p, text_field=text_field, source=source)
+    if not p.exists():
+        raise DataError(f"parameter 'path': {p} does not exist")
+    raise DataError(f"parameter 'path': {p} is not a text directory, .jsonl or .parquet file")
+
+
+# ------------------------------------------------------------------------------------------ offline corpus
+
+#: Standard-library packages left out of the code source: the test suite and bundled third-party code
+#: (dominated by generated data, not repository-level code).
+_STDLIB_SKIP = frozenset({"test", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__",
+                          "tkinter", "turtledemo"})
+
+
+def stdlib_documents(*, max_chars: int | None = None) -> list[Document]:
+    """The Python standard library's sources, one document per package (its ``.py`` files concatenated in
+    path order, each under a ``# file:`` header) and per top-level module: repository-level code, as ProLong uses code repositories.
+    Source ``python-stdlib``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        if pkg.name in _STDLIB_SKIP:
+            continue
+        parts = []
+        for f in sorted(pkg.rglob("*.py")):
+            rel = f.relative_to(root)
+            if any(part in _STDLIB_SKIP or part in ("tests", "test") for part in rel.parts[:-1]):
+                continue
+            try:
+                parts.append(f"# file: {rel.as_posix()}\n{f.read_text(encoding='utf-8')}")
+            except (UnicodeDecodeError, OSError):
+                continue  # a few stdlib files are deliberately not UTF-8 (encoding tests); not code to learn from
+        text = "\n\n".join(parts)
+        if text.strip():
+            docs.append(Document(text[:max_chars] if max_chars else text, "python-stdlib", str(pkg)))
+    # Top-level modules (os.py, typing.py...) are single-file packages: one document each.
+    for f in sorted(root.glob("*.py")):
+        try:
+            text = f"# file: {f.name}\n{f.read_text(encoding='utf-8')}"
+        except (UnicodeDecodeError, OSError):
+            continue
+        docs.append(Document(text[:max_chars] if max_chars else text, "python-stdlib", str(f)))
+    return docs
+
+
+def pydoc_documents() -> list[Document]:
+    """Python's documentation topics (``pydoc_data.topics``), one document per topic. Source ``python-docs``."""
+    from pydoc_data.topics import topics
+
+    return [Document(text, "python-docs", f"pydoc_data.topics[{key!r}]")
+            for key, text in sorted(topics.items()) if text.strip()]
+
+
+def default_corpus(*, max_chars: int | None = None) -> list[Document]:
+    """The offline corpus that needs nothing downloaded: stdlib code per package plus the pydoc topics.
+    ``max_chars`` truncates each document (quick experiments)."""
+    docs = stdlib_documents(max_chars=max_chars) + [
+        Document(d.text[:max_chars] if max_chars else d.text, d.source, d.origin) for d in pydoc_documents()]
+    if not docs:
+        raise DataError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']} "
+                        f"(Python {sys.version.split()[0]})")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+
+
+def tokenize(docs: Iterable[Document], tokenizer: Any, *, eos_id: int | None = None) -> list[TokenizedDocument]:
+    """``tokens + [eos]`` per document (no BOS: the EOS already marks the boundary for the model)."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise DataError("parameter 'eos_id': the tokenizer has no eos_token_id; pass eos_id")
+    out = []
+    for d in docs:
+        ids = tokenizer(d.text, add_special_tokens=False)["input_ids"]
+        out.append(TokenizedDocument((*ids, eos), d.source, d.origin))
+    if not out:
+        raise DataError("parameter 'docs': no documents to tokenise")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def _bin(n: int) -> str:
+    """Power-of-two length bin, e.g. ``1024-2047``."""
+    lo = 1 << max(0, n.bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"
+
+
+@dataclass
+class DataStats:
+    """Token counts per source, documents, split documents, a length histogram, and packing efficiency."""
+
+    length: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(Counter))
+    histogram: Counter = field(default_factory=Counter)
+    split_documents: int = 0
+    split_chunks: int = 0
+    sequences: int = 0
+    pad_tokens: int = 0
+
+    def count_corpus(self, docs: Sequence[TokenizedDocument]) -> None:
+        for d in docs:
+            s = self.sources[d.source]
+            s["documents"] += 1
+            s["tokens"] += len(d.ids)
+            self.histogram[_bin(len(d.ids))] += 1
+
+    def count_sampled(self, docs: Sequence[TokenizedDocument]) -> None:
+        for d in docs:
+            s = self.sources[d.source]
+            s["sampled_documents"] += 1
+            s["sampled_tokens"] += len(d.ids)
+
+    def stats(self) -> dict[str, Any]:
+        total = self.sequences * self.length
+        hist = sorted(self.histogram.items(), key=lambda kv: int(kv[0].split("-")[0]))
+        return {
+            "length": self.length,
+            "sources": {k: dict(v) for k, v in sorted(self.sources.items())},
+            "tokens": sum(v["tokens"] for v in self.sources.values()),
+            "documents": sum(v["documents"] for v in self.sources.values()),
+            "split_documents": self.split_documents,
+            "split_chunks": self.split_chunks,
+            "sequences": self.sequences,
+            "pad_tokens": self.pad_tokens,
+            "pad_fraction": self.pad_tokens / total if total else 0.0,
+            "length_histogram": dict(hist),
+        }
+
+    def format(self) -> str:
+        s = self.stats()
+        lines = [f"{s['documents']} documents, {s['tokens']} tokens -> {s['sequences']} sequences of {s['length']} "
+                 f"({s['pad_fraction']:.1%} padding); {s['split_documents']} documents longer than {s['length']} "
+                 f"split into {s['split_chunks']} chunks (counted after sampling)"]
+        for name, v in s["sources"].items():
+            lines.append(f"  {name}: {v.get('documents', 0)} docs, {v.get('tokens', 0)} tokens; sampled "
+                         f"{v.get('sampled_documents', 0)} docs, {v.get('sampled_tokens', 0)} tokens")
+        lines.append("  length histogram (tokens: documents): " +
+                     ", ".join(f"{k}: {n}" for k, n in s["length_histogram"].items()))
+        return "\n".join(lines)
+
+    def write(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.stats(), indent=2) + "\n", encoding="utf-8")
+        return p
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_threshold: int,
+                  long_share: float, seed: int = 0) -> list[TokenizedDocument]:
+    """Per-source length upsampling (Fu et al. 2024, "Data Engineering for Scaling Language Models to 128K
+    Context"): each source keeps its share of the corpus's tokens, and within each source documents of at least
+    ``long_threshold`` tokens make up ``long_share`` of its tokens (or their original share if that is higher),
+    the rest short documents: a mixture of short and long. Documents are drawn without replacement from a seeded
+    shuffle of each pool, reshuffled when a pool runs out (so small pools repeat). Deterministic given ``seed``."""
+    if total_tokens < 1:
+        raise DataError(f"parameter 'total_tokens' must be >= 1, got {total_tokens}")
+    if long_threshold < 1:
+        raise DataError(f"parameter 'long_threshold' must be >= 1, got {long_threshold}")
+    if not 0.0 <= long_share <= 1.0 or math.isnan(long_share):
+        raise DataError(f"parameter 'long_share' must be in [0, 1], got {long_share}")
+    if not docs:
+        raise DataError("parameter 'docs': no documents to sample from")
+    rng = random.Random(seed)
+    by_source: dict[str, list[TokenizedDocument]] = defaultdict(list)
+    for d in docs:
+        by_source[d.source].append(d)
+    corpus_tokens = sum(len(d.ids) for d in docs)
+    out: list[TokenizedDocument] = []
+    for name in sorted(by_source):
+        pool = by_source[name]
+        budget = total_tokens * sum(len(d.ids) for d in pool) / corpus_tokens
+        long = [d for d in pool if len(d.ids) >= long_threshold]
+        short = [d for d in pool if len(d.ids) < long_threshold]
+        original = sum(len(d.ids) for d in long) / sum(len(d.ids) for d in pool)
+        share = max(long_share, original) if long else 0.0
+        if not short:
+            share = 1.0
+        for group, group_budget in ((long, budget * share), (short, budget * (1.0 - share))):
+            taken, order = 0, []
+            while group and taken < group_budget:
+                if not order:
+                    order = list(group)
+                    rng.shuffle(order)
+                d = order.pop()
+                out.append(d)
+                taken += len(d.ids)
+    rng.shuffle(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Packed:
+    """Packed rows of exactly ``length`` tokens. ``doc_ids`` numbers the documents within a row (padding -1);
+    it is for inspection and masks, not a model input. Index it for one example, or use :meth:`batches`."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    stats: DataStats
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k)[i] for k in ("input_ids", "labels", "position_ids", "doc_ids")}
+
+    def batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+        if batch_size < 1:
+            raise DataError(f"parameter 'batch_size' must be >= 1, got {batch_size}")
+        for i in range(0, len(self), batch_size):
+            yield {k: getattr(self, k)[i:i + batch_size] for k in ("input_ids", "labels", "position_ids", "doc_ids")}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments for a Hugging Face causal LM: ids, labels and the restarting position ids, with no
+    ``attention_mask`` and ``use_cache=False`` so that transformers detects the packed documents (see module doc)."""
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"],
+            "use_cache": False}
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) boolean mask, True where a query may attend: causal and within its document (padding
+    attends within the padding block). The explicit form of what transformers derives from the position ids."""
+    if doc_ids.ndim == 1:
+        doc_ids = doc_ids.unsqueeze(0)
+    n = doc_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal).unsqueeze(1)
+
+
+def _pieces(docs: Sequence[TokenizedDocument], length: int, stats: DataStats) -> list[tuple[int, ...]]:
+    pieces = []
+    for d in docs:
+        if len(d.ids) > length:
+            # Split, and count it: a chunk is its own attention document, so the model never sees the whole.
+            chunks = [d.ids[i:i + length] for i in range(0, len(d.ids), length)]
+            stats.split_documents += 1
+            stats.split_chunks += len(chunks)
+            stats.sources[d.source]["split_documents"] += 1
+            pieces.extend(chunks)
+        else:
+            pieces.append(d.ids)
+    return pieces
+
+
+def pack(docs: Sequence[TokenizedDocument], length: int, *, pad_id: int, max_open: int = 256,
+         stats: DataStats | None = None) -> Packed:
+    """First-fit packing of whole documents (split first if longer than ``length``) into rows of exactly
+    ``length`` tokens, in the given order; at most ``max_open`` partly filled rows are kept open (the oldest is
+    closed when more are needed), which bounds the work per document."""
+    if length < 2:
+        raise DataError(f"parameter 'length' must be >= 2, got {length}")
+    if max_open < 1:
+        raise DataError(f"parameter 'max_open' must be >= 1, got {max_open}")
+    if not docs:
+        raise DataError("parameter 'docs': no documents to pack")
+    stats = stats if stats is not None else DataStats()
+    stats.length = length
+    rows: list[list[tuple[int, ...]]] = []
+    free: list[int] = []
+    open_rows: list[int] = []
+    for piece in _pieces(docs, length, stats):
+        target = next((r for r in open_rows if free[r] >= len(piece)), None)
+        if target is None:
+            rows.append([])
+            free.append(length)
+            target = len(rows) - 1
+            open_rows.append(target)
+            if len(open_rows) > max_open:
+                open_rows.pop(0)
+        rows[target].append(piece)
+        free[target] -= len(piece)
+        if free[target] == 0:
+            open_rows.remove(target)
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    doc_ids = torch.full((n, length), -1, dtype=torch.long)
+    for r, pieces in enumerate(rows):
+        at = 0
+        for j, piece in enumerate(pieces):
+            k = len(piece)
+            ids = torch.tensor(piece, dtype=torch.long)
+            input_ids[r, at:at + k] = ids
+            labels[r, at + 1:at + k] = ids[1:]
+            position_ids[r, at:at + k] = torch.arange(k)
+            doc_ids[r, at:at + k] = j
+            at += k
+        position_ids[r, at:] = torch.arange(length - at)
+        stats.pad_tokens += length - at
+    stats.sequences = n
+    return Packed(input_ids, labels, position_ids, doc_ids, stats)
+
+
+def build(docs: Sequence[Document], tokenizer: Any, length: int, *, total_tokens: int | None = None,
+          long_threshold: int | None = None, long_share: float = 0.5, seed: int = 0,
+          stats_path: str | Path | None = None, verbose: bool = False) -> Packed:
+    """Tokenise, upsample long documents per source when ``total_tokens`` is given (``long_threshold`` defaults
+    to half the pack length), shuffle with ``seed``, pack, and record the statistics (written as JSON to
+    ``stats_path`` and printed when ``verbose``)."""
+    tokenized = tokenize(docs, tokenizer)
+    stats = DataStats()
+    stats.count_corpus(tokenized)
+    if total_tokens is not None:
+        sampled = upsample_long(tokenized, total_tokens=total_tokens, long_threshold=long_threshold or length // 2,
+                                long_share=long_share, seed=seed)
+    else:
+        sampled = list(tokenized)
+        random.Random(seed).shuffle(sampled)
+    stats.count_sampled(sampled)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = pack(sampled, length, pad_id=pad, stats=stats)
+    if stats_path is not None:
+        stats.write(stats_path)
+    if verbose:
+        print(stats.format())
+    return packed
+
+
+__all__ = [
+    "DataStats",
+    "Document",
+    "Packed",
+    "TokenizedDocument",
+    "block_causal_mask",
+    "build",
+    "default_corpus",
+    "model_inputs",
+    "pack",
+    "pydoc_documents",
+    "read_jsonl",
+    "read_parquet",
+    "read_source",
+    "read_text_dir",
+    "stdlib_documents",
+    "tokenize",
+    "upsample_long",
+]

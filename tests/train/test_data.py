@@ -188,3 +188,15 @@ def test_default_corpus_and_stats_file(tiny_llama, tmp_path, capsys):
     assert sum(saved["length_histogram"].values()) == len(docs)
     assert saved["split_documents"] > 0  # 300 characters are more than 256 byte tokens
     assert "python-docs:" in capsys.readouterr().out
+
+
+def test_parquet_reader(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha doc", "beta doc"], "id": [1, 2]}), tmp_path / "p.parquet")
+    docs = D.read_source(tmp_path / "p.parquet")
+    assert [(d.text, d.source) for d in docs] == [("alpha doc", "p"), ("beta doc", "p")]
+    pq.write_table(pa.table({"text": ["x", None]}), tmp_path / "n.parquet")
+    with pytest.raises(DataError, match="n.parquet: row 1: column 'text' must be a non-empty string"):
+        D.read_source(tmp_path / "n.parquet")

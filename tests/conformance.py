@@ -88,6 +88,9 @@ CASES: dict[tuple[str, str], dict] = {
         "changes_logits": False,
     },
     ("attention", "ulysses"): {"args": [{}, {"block_q": 16, "block_k": 32}], "changes_logits": False},
+    # ---- training-time attention: LongLoRA's S²-Attn applies only in training mode (these checks run in
+    # inference mode, where it is full causal attention); tests/attention/test_attention_s2.py checks training ----
+    ("attention", "s2_attn"): {"args": [{}, {"group_size_ratio": 0.13}], "changes_logits": False},
     # ---- sparse attention ----
     ("attention", "a_shape"): {
         "args": [{"sinks": 4, "window": 48, "block_q": 16}, {"sinks": 0, "window": 41, "block_q": 32}],

@@ -22,6 +22,7 @@ from longkit.attention import (  # noqa: F401  (registration)
     quest,
     rerope,
     ring,
+    s2_attn,
     sdpa,
     self_extend,
     ulysses,

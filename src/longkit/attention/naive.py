@@ -171,3 +171,29 @@ def log_n_reference(
     scores = (q.float() @ kf.transpose(-1, -2)) * scale * lam.float()[:, None]
     scores = scores.masked_fill(torch.arange(S)[None, :] > p[:, None], float("-inf"))
     return torch.softmax(scores, -1) @ vf, torch.logsumexp(scores, -1)
+
+
+def s2_attn_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_size_ratio: float = 0.25,
+    *,
+    dense: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain :func:`longkit.attention.s2_attn.s2_attention` from an explicit (H, T, T) mask: with the group size
+    ``g = max(1, int(T · ratio))`` and ``s = g // 2``, query i sees key j <= i when both are in the same group,
+    group ``i // g`` for heads ``h < H // 2`` and ``floor((i - s) / g)`` (so positions ``< s`` form their own first
+    group, nothing wraps around) for the others. Returns ``(out (B, H, T, D_v), lse (B, H, T))``."""
+    H, T = q.shape[1], q.shape[2]
+    g = max(1, int(T * group_size_ratio))
+    i = torch.arange(T)
+    plain = i // g
+    shifted = torch.div(i - g // 2, g, rounding_mode="floor")
+    # (H, T): each head's group of each position
+    group = torch.stack([plain if h < H // 2 else shifted for h in range(H)])
+    visible = (group[:, :, None] == group[:, None, :])[None].to(q.device)
+    if dense is not None:
+        visible = visible & dense
+    return reference_attention(q, k, v, MaskSpec(causal=True, dense=visible), scale)

@@ -49,11 +49,29 @@ def _mistral():
     return MistralConfig(**{**_COMMON, "sliding_window": None})
 
 
+def _gemma3():
+    """Gemma 3's text model in small: sliding-window and full-attention layers (three sliding, then one full, as
+    the real model's five-to-one pattern), a window of 16 tokens, per-layer-type ``rope_parameters``."""
+    from transformers import Gemma3TextConfig
+
+    common = {k: v for k, v in _COMMON.items() if k != "rope_parameters"}
+    return Gemma3TextConfig(
+        **{**common, "num_hidden_layers": 4, "head_dim": 16, "query_pre_attn_scalar": 16},
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=16,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    )
+
+
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "tiny-llama": _llama,
     "tiny-qwen2": _qwen2,
     "tiny-qwen3": _qwen3,
     "tiny-mistral": _mistral,
+    "tiny-gemma3": _gemma3,
 }
 
 

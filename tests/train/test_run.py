@@ -183,3 +183,20 @@ def test_bad_runs_are_refused_before_anything_is_written(docs, tmp_path):
     with pytest.raises(TrainError, match="holds no longkit training run"):
         train(_config(docs, other))
     assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_cli_train_and_methods_kind_train(docs, tmp_path, capsys):
+    from longkit.cli import main
+
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "continual:lr=3e-3", "--model", "tiny-llama", "--data", str(docs), "--target-length", "640",
+              "--rope", "linear:factor=2", "--steps", "2", "--out", str(out), "--precision", "fp32"])
+    assert ex.value.code == 0, capsys.readouterr()
+    assert f"longkit eval --model {out}" in capsys.readouterr().out.replace("\n", "")
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
+    with pytest.raises(SystemExit):
+        main(["methods", "--kind", "train", "--json"])
+    listed = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in listed] == ["continual"] and listed[0]["kind"] == "train"
+    assert {"lr", "lora", "lora_r"} <= {p["name"] for p in listed[0]["parameters"]}

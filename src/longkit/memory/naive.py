@@ -77,7 +77,7 @@ def infllm_naive(
                         continue
                     values.append(v[h, j].double())
                 p = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=0)
-                out[h, s] = sum(pi * vi for pi, vi in zip(p, values))
+                out[h, s] = sum(pi * vi for pi, vi in zip(p, values, strict=True))
                 for li, j in local_idx:
                     score[h, j] += p[li]
         # Tokens beyond the window: the first n_init become initial tokens, the next ones blocks.

@@ -200,7 +200,7 @@ class InfLLMState:
 
         qf = q.float()
         logits_local = torch.matmul(qf, _expand(self.rk, groups).float().transpose(-1, -2)) * scaling
-        logits_local = logits_local.masked_fill(~local, float("-inf"))
+        logits_local.masked_fill_(~local, float("-inf"))
 
         # The far part: the query moved to position n_local - 1, the keys at position 0.
         qg = rotate_by(qf, pos, torch.full_like(pos, cfg.n_local - 1, dtype=torch.float32), inv_freq)
@@ -223,7 +223,7 @@ class InfLLMState:
             gvt = _expand(torch.cat(gv, 2), groups).float()
             logits_far = torch.matmul(qg, gkt.transpose(-1, -2)) * scaling
             visible = torch.cat([torch.ones(Tc, n_fixed, dtype=torch.bool, device=dev), far_mask[:, :n_far]], 1)
-            logits_far = logits_far.masked_fill(~visible, float("-inf"))
+            logits_far.masked_fill_(~visible, float("-inf"))
         else:
             gvt = None
             visible = torch.zeros(Tc, 0, dtype=torch.bool, device=dev)

@@ -110,3 +110,19 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_two_methods_that_keep_their_own_cache_cannot_be_combined():
+    # One generation runs on one cache: with two, one method would silently not run.
+    with pytest.raises(MethodError, match="each keep their own KV cache"):
+        longkit.MethodSpec.parse("kv=snapkv+memory=infllm")
+
+
+def test_every_method_with_its_own_cache_declares_it():
+    from longkit.methods import Method
+
+    for kind, reg in REGISTRIES.items():
+        for name in reg.names():
+            cls = reg.get(name)
+            overrides = cls.make_cache is not Method.make_cache
+            assert cls.keeps_cache == overrides, f"{kind}={name}: keeps_cache must say whether make_cache is overridden"

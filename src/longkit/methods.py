@@ -29,6 +29,9 @@ class Method:
     paper: ClassVar[str] = ""
     #: Parameters always spelled in the label, even at their default (e.g. a RoPE ``factor``).
     shown: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`make_cache` gives the method's own KV cache: a combination may hold one such method, since
+    #: a generation runs on one cache and the other method would silently not run.
+    keeps_cache: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_params(self)

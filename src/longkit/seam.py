@@ -52,6 +52,13 @@ class MethodSpec:
     kv: Method | None = None
     memory: Method | None = None
 
+    def __post_init__(self) -> None:
+        own = [f"{m.kind}={m.name}" for m in self.methods() if m.keeps_cache]
+        if len(own) > 1:
+            raise MethodError(
+                f"methods {' and '.join(own)} each keep their own KV cache; a combination may hold one of them"
+            )
+
     @classmethod
     def build(cls, **kwargs: Any) -> MethodSpec:
         """``MethodSpec.build(rope="yarn", rope_args={"factor": 2}, kv=...)``."""

@@ -93,6 +93,8 @@ class Decision:
 class KVMethod(Method):
     """Base of KV-cache methods: override :meth:`make_cache` and/or :meth:`apply` (forward hooks)."""
 
+    keeps_cache = True
+
     def apply(self, model: Any) -> Undo:
         return lambda: None
 

@@ -53,6 +53,7 @@ class InfLLM(MemoryMethod):
     """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens."""
 
     paper = "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory (https://arxiv.org/abs/2402.04617)"
+    keeps_cache = True
 
     block_size: int = param(128, ge=1, help="tokens per memory block")
     n_init: int = param(128, ge=0, help="initial tokens always attended")

@@ -183,8 +183,17 @@ class KIVILayer(RaggedLayer):
         return _merge_by_head(k, qh, flat(self.keys), rh), _merge_by_head(v, qh, flat(self.values), rh)
 
     def padded(self):
-        # Dense or packed, the stored rows are dequantised: always through :meth:`kv_rows`.
-        return self.padded_rows()
+        if self.packed:
+            return self.padded_rows()
+        # Dense (plain KIVI, every head the same rows): dequantise in the (B, H_kv, S, D) layout and append the
+        # exact residual, without regrouping rows per head — the decode-time path, run once per step and layer.
+        keys, values = self.keys, self.values
+        if self.qkeys is not None:
+            g = self.group_size
+            k = dequantize(unpack(self.qkeys, self.bits), self.k_scale, self.k_zero, g, axis=-2, dtype=self.dtype)
+            v = dequantize(unpack(self.qvalues, self.bits), self.v_scale, self.v_zero, g, axis=-1, dtype=self.dtype)
+            keys, values = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
+        return keys, values, None, dict(self.extras)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache as attention sees it: (B, H_kv, S, D) keys and values (dense layout)."""

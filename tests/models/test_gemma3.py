@@ -67,6 +67,22 @@ def test_an_unwritable_cache_is_named_before_any_work(monkeypatch, tmp_path):
         check_source("gemma3-270m")
 
 
+def test_a_damaged_package_is_a_clear_error_and_leaves_no_scratch(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    def assemble(path):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake = types.SimpleNamespace(MODEL_NAME="gemma-3-270m-q4_k_m.gguf", assemble=assemble)
+    monkeypatch.setenv("LONGKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemma3.importlib.util, "find_spec", fake_find_spec(set()))
+    monkeypatch.setitem(sys.modules, gemma3.PACKAGE, fake)
+    with pytest.raises(ModelError, match=r"cannot assemble the Gemma 3 GGUF file .*sha256 did not match.*reinstall"):
+        gemma3.gemma3_dir()
+    assert list((tmp_path / "models").iterdir()) == []
+
+
 # ---- the real model (skipped unless the packages are installed; the first run provisions it, ~1-4 min) ----
 
 

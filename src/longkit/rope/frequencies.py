@@ -11,6 +11,7 @@ inputs, and a method's inputs are its dataclass fields (names are transformers' 
 >>> inv_freq, attention_factor = longkit.rope.frequencies("yarn", head_dim=128, base=1e4, factor=4,
 ...                                                       original_max_position_embeddings=4096)
 >>> inv_freq, attention_factor = longkit.rope.frequencies_from_config(model.config, seq_len=8192)
+>>> inv_freq, attention_factor = longkit.rope.frequencies_from_config(gemma3.config, layer_type="full_attention")
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, NoReturn
 import torch
 
 from longkit.errors import MethodError
-from longkit.models.introspect import head_dim_of
+from longkit.models.introspect import head_dim_of, per_layer_rope
 from longkit.registry import ParamInfo, Registry, check_value, param, params_of, registry
 
 
@@ -242,24 +243,38 @@ def _check_seq_len(name: str, seq_len: Any) -> int | None:
     return value
 
 
-def frequencies_from_config(config: Any, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def frequencies_from_config(
+    config: Any, seq_len: int | None = None, *, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
     """:func:`frequencies` of a transformers config: its ``rope_parameters``, head dim and lengths.
 
     Reads the keys as transformers does: ``rope_type`` picks the function (default ``default``),
     ``rope_theta`` is the base, ``max_position_embeddings`` comes from the config; ``dynamic`` measures
     growth against ``max_position_embeddings`` only (transformers ignores ``original_max_position_embeddings``
     there), and a top-level ``original_max_position_embeddings`` attribute (Phi-3) wins for llama3, yarn and
-    longrope. Per-layer-type (nested) rope parameters are not supported.
+    longrope. A config with per-layer-type rope parameters (Gemma 3: ``{"sliding_attention": {...},
+    "full_attention": {...}}``) needs ``layer_type``, the key whose parameters to read, as transformers'
+    ``rope_init_fn(config, layer_type=...)``; a flat config takes none.
     """
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     rope = getattr(config, "rope_parameters", None)
     if not rope:
         raise MethodError(f"{type(config).__name__} has no rope_parameters: not a model with rotary embeddings")
-    if any(isinstance(v, dict) for v in rope.values()):
+    per_type = per_layer_rope(config)
+    if per_type is not None:
+        valid = [t for t, p in per_type.items() if p is not None]
+        if layer_type not in valid:
+            got = "none given" if layer_type is None else f"got {layer_type!r}"
+            raise MethodError(
+                f"{type(config).__name__} has per-layer-type rope parameters: parameter 'layer_type' must be one of "
+                f"{', '.join(valid)} ({got})"
+            )
+        rope = per_type[layer_type]
+    elif layer_type is not None:
         raise MethodError(
-            f"{type(config).__name__} has per-layer-type rope parameters ({', '.join(rope)}); "
-            "pass one of them to frequencies() instead"
+            f"parameter 'layer_type' applies only to configs with per-layer-type rope parameters; "
+            f"{type(config).__name__} has one rope_parameters dict (got layer_type={layer_type!r})"
         )
     params = dict(rope)
     name = params.pop("rope_type", None) or params.pop("type", None) or "default"

@@ -12,9 +12,9 @@ import torch
 
 from longkit.errors import MethodError
 from longkit.methods import Undo
-from longkit.models.introspect import head_dim_of, rotary_modules, trained_length
+from longkit.models.introspect import head_dim_of, rope_config, rotary_modules, trained_length
 from longkit.registry import param, register
-from longkit.rope.base import HFRopeMethod, require_rope
+from longkit.rope.base import HFRopeMethod
 from longkit.rope.frequencies import RopeParams, register_frequencies
 
 
@@ -99,8 +99,8 @@ class LongRope(HFRopeMethod):
             )
         return out
 
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
-        config, old = require_rope(model, self.name)
+    def rope_parameters(self, model: Any, old: dict[str, Any]) -> dict[str, Any]:
+        config = rope_config(model)
         half = int(head_dim_of(config) * old.get("partial_rotary_factor", 1.0)) // 2
         out = self._factors()
         theta = self._load_config()[0].get("rope_theta")
@@ -124,12 +124,12 @@ class LongRope(HFRopeMethod):
 
     def apply(self, model: Any) -> Undo:
         n_start = self.n_start_tokens()
-        originals = {(id(parent), attr): module for parent, attr, module in rotary_modules(model)}
+        originals = {(id(parent), attr): module for parent, attr, module in rotary_modules(model, per_layer_type=True)}
         undo_swap = super().apply(model)
         if n_start == 0:
             return undo_swap
         handles = []
-        for parent, attr, module in rotary_modules(model):
+        for parent, attr, module in rotary_modules(model, per_layer_type=True):
             hook = _StartTokens(originals[(id(parent), attr)], n_start)
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -153,13 +153,13 @@ class _StartTokens:
         self.n_start = n_start
 
     def __call__(self, module: Any, args: tuple, kwargs: dict, output: tuple) -> tuple:
-        x = args[0] if args else kwargs["x"]
         position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
         # Decoding past the first n positions: nothing to replace.
         if int(position_ids.min()) >= self.n_start:
             return output
         cos, sin = output
-        cos0, sin0 = self.original(x, position_ids)
+        # The same call (a per-layer-type module also takes the layer type) on the original module.
+        cos0, sin0 = self.original(*args, **kwargs)
         # (B, T, 1) True where the position keeps the original RoPE
         keep = (position_ids < self.n_start).to(cos.device)[..., None]
         return torch.where(keep, cos0, cos), torch.where(keep, sin0, sin)

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from longkit.models.introspect import head_dim_of
+from longkit.models.introspect import head_dim_of, rope_config
 from longkit.registry import param, register
-from longkit.rope.base import HFRopeMethod, require_rope
+from longkit.rope.base import HFRopeMethod
 from longkit.rope.frequencies import RopeParams, register_frequencies, rope_params
 
 
@@ -52,15 +52,14 @@ class Ntk(HFRopeMethod):
     required = ("factor",)
     factor: float = param(2.0, ge=1.0, help="extension factor")
 
-    def rope_parameters(self, model: Any) -> dict[str, Any]:
+    def rope_parameters(self, model: Any, old: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    def scaled_theta(self, model: Any, theta: float) -> float:
-        config, old = require_rope(model, self.name)
+    def scaled_theta(self, model: Any, old: dict[str, Any]) -> float:
         p = rope_params(
             self.name,
-            head_dim=head_dim_of(config),
-            base=theta,
+            head_dim=head_dim_of(rope_config(model)),
+            base=old["rope_theta"],
             factor=self.factor,
             partial_rotary_factor=old.get("partial_rotary_factor"),
         )

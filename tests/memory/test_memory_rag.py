@@ -188,7 +188,9 @@ def test_bad_inputs_are_clear_errors(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(MethodError, match=rf"parameter 'budget' = 5000 is not smaller than the context \({len(parts.context)}"):
         make("rag", budget=5000).retrieve(tiny_llama.tokenizer, parts.context, parts.question)
     with pytest.raises(MethodError, match="needs a question"):
-        make("rag", budget=16).retrieve(tiny_llama.tokenizer, parts.context, "  ")
+        make("rag", chunk_size=16, budget=16).retrieve(tiny_llama.tokenizer, parts.context, "  ")
+    with pytest.raises(MethodError, match=r"parameter 'budget' = 100 is smaller than one chunk \(chunk_size = 256\)"):
+        MethodSpec.parse("memory=self_route:budget=100")
     # The eval run refuses the budget before its first sample.
     with pytest.raises(MethodError, match="parameter 'budget'"):
         evaluate(config(tmp_path, methods=["memory=rag:budget=5000"]), lm=tiny_llama, progress=False)

@@ -125,6 +125,10 @@ class RetrievalMemory(MemoryMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.budget < self.chunk_size:
+            # No full chunk would fit: retrieval would keep (at most) a short last chunk, or nothing at all.
+            self.fail("budget", f"= {self.budget} is smaller than one chunk (chunk_size = {self.chunk_size}): no chunk "
+                      f"would fit; use budget >= {self.chunk_size} or a smaller chunk_size")
         package = RETRIEVER_PACKAGES[self.retriever]
         if importlib.util.find_spec(_MODULES[package]) is None:
             self.fail("retriever", f"= '{self.retriever}' needs the package {package}, which is not installed: "

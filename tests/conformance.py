@@ -198,6 +198,16 @@ CASES: dict[tuple[str, str], dict] = {
     ("memory", "rag"): {"args": [{}, {"retriever": "dense", "chunk_size": 16, "top_k": 2, "budget": 32}],
                         "changes_logits": False},
     ("memory", "self_route"): {"args": [{}, {"chunk_size": 8, "top_k": 1, "budget": 8}], "changes_logits": False},
+    # ---- memory: InfLLM. The 97-token prompt has far tokens (fixed distance) and, with the second set, more blocks
+    # than topk (retrieval); the 41-token decoding check stays within topk blocks, where the chunking of prefill
+    # and decoding cannot change what is attended, so cached decoding must match one forward ----
+    ("memory", "infllm"): {
+        "args": [
+            {"block_size": 8, "n_init": 4, "n_local": 32, "topk": 2, "repr_topk": 2, "exec_chunk": 16},
+            {"block_size": 4, "n_init": 0, "n_local": 24, "topk": 4, "repr_topk": 1, "exec_chunk": 8, "offload": "none"},
+        ],
+        "changes_logits": True,
+    },
 }
 
 

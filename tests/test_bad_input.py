@@ -73,6 +73,16 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     longkit.load_model("tiny-llama").model.config.save_pretrained(copy)
     (copy / "model.safetensors").write_bytes(b"garbage" * 10)
     paths["cache"] = root / "cache"
+    # Training: good documents, a malformed JSONL file, a causal LM without RoPE (GPT-2), a directory of another run.
+    put("docs", "a.txt", PROSE.encode())
+    paths["bad_jsonl"] = put("jsonl", "bad.jsonl", b'{"text": "fine"}\n{oops\n')
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=264, n_embd=16, n_layer=1, n_head=2, n_positions=256)).save_pretrained(
+        root / "gpt2")
+    longkit.models.byte_tokenizer().save_pretrained(root / "gpt2")
+    paths["gpt2"] = root / "gpt2"
+    put("other_run", "train_run.json", json.dumps({"identity": {"steps": 1}, "status": "done"}).encode())
     return paths
 
 
@@ -251,6 +261,55 @@ def test_cli_other_commands_fail_in_one_line(fx, tmp_path, capsys):
         code, text = _run_cli(argv, capsys)
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert code == 2 and "Traceback" not in text and len(errors) == 1 and expect in errors[0], text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `longkit train`: (case id, options replacing the defaults below, substring of the one error line). Each is refused
+# before anything is written.
+
+TRAIN_BASE = {"recipe": "continual", "--model": "tiny-llama", "--data": "{docs}", "--target-length": "1k",
+              "--steps": "2", "--precision": "fp32"}
+
+TRAIN = [
+    ("unknown-recipe", {"recipe": "nope"}, "unknown training recipe 'nope'; valid training recipes: continual"),
+    ("unknown-recipe-param", {"recipe": "continual:rank=2"}, "has no parameter 'rank'; valid parameters"),
+    ("recipe-lr-0", {"recipe": "continual:lr=0"}, "parameter 'lr' must be > 0.0"),
+    ("recipe-lora-targets", {"recipe": "continual:lora=true,lora_targets=mlp"}, "'lora_targets' must be one of"),
+    ("target-not-longer", {"--target-length": "512"}, "'target_length' = 512 must be larger than the model's trained "
+                                                       "window 512"),
+    ("target-text", {"--target-length": "abc"}, "'target_length': 'abc' is not a whole token count"),
+    ("steps-0", {"--steps": "0"}, "parameter 'steps' must be an int >= 1"),
+    ("precision-fp8", {"--precision": "fp8"}, "parameter 'precision' must be one of auto, fp32, bf16"),
+    ("rope-bad-param", {"--rope": "yarn:factor=0.5"}, "'factor' must be >= 1.0"),
+    ("rope-unknown", {"--rope": "yarnn"}, "unknown rope method 'yarnn'"),
+    ("data-empty-dir", {"--data": "{empty_dir}"}, "no text files"),
+    ("data-missing", {"--data": "{missing}"}, "does not exist"),
+    ("data-malformed-jsonl", {"--data": "{bad_jsonl}"}, "bad.jsonl:2: malformed JSON"),
+    ("model-without-rope", {"--model": "{gpt2}", "--target-length": "512", "--rope": "yarn:factor=2"},
+     "needs a model with rotary position embeddings (RoPE); GPT2LMHeadModel"),
+    ("model-unknown", {"--model": "nosuch-model"}, "no model alias or directory 'nosuch-model'"),
+    ("out-is-file", {"--out": "{file}"}, "parameter 'out': "),
+    ("out-holds-other-files", {"--out": "{bom_hay}"}, "holds no longkit training run"),
+    ("out-holds-another-run", {"--out": "{other_run}"}, "holds a different training run"),
+]
+
+
+@pytest.mark.parametrize("case", TRAIN, ids=[c[0] for c in TRAIN])
+def test_cli_train_bad_input(case, fx, tmp_path, capsys):
+    _, changes, expect = case
+    options = {**TRAIN_BASE, "--out": str(tmp_path / "out"), **changes}
+    argv = ["train", options.pop("recipe")]
+    for key, value in options.items():
+        argv += [key, _fill(value, fx, tmp_path / "out")]
+    out = Path(argv[argv.index("--out") + 1])
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None
+    code, text = _run_cli(argv, capsys)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in text and len(errors) == 1, text
+    assert expect in errors[0], errors[0]
+    # nothing written, nothing lost
+    after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else None
+    assert after == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

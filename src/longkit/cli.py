@@ -285,23 +285,32 @@ def report_cmd(
 
 @app.command("methods")
 def methods_cmd(
-    kind: Annotated[str | None, typer.Option(help="Only this kind: rope, attention, kv, memory.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind: rope, attention, kv, memory, or train (the "
+                                             "training recipes).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (name, kind, parameters) for scripts.")] = False,
 ) -> None:
-    """List every registered method by kind, with its parameters, defaults and paper."""
+    """List every registered method by kind, and the training recipes, with parameters, defaults and paper."""
     from longkit.registry import KINDS, registry
+    from longkit.train import RECIPES
 
     try:
-        kinds = [registry(kind).kind] if kind else list(KINDS)
+        if kind is not None and kind != RECIPES.kind and kind not in KINDS:
+            raise LongkitError(f"unknown method kind '{kind}'; valid kinds: {', '.join(KINDS)}, {RECIPES.kind}")
+        kinds = [kind] if kind else [*KINDS, RECIPES.kind]
     except LongkitError as err:
         _fail(err)
-    described = [registry(k).get(n).describe() for k in kinds for n in registry(k).names()]
+
+    def reg(k: str):
+        return RECIPES if k == RECIPES.kind else registry(k)
+
+    described = [reg(k).get(n).describe() for k in kinds for n in reg(k).names()]
     if as_json:
         print(json.dumps(described, indent=2))
         return
     out = Console()
     for k in kinds:
-        table = Table(title=f"{k} methods", show_lines=True, title_justify="left")
+        title = "train recipes (longkit train RECIPE)" if k == RECIPES.kind else f"{k} methods"
+        table = Table(title=title, show_lines=True, title_justify="left")
         table.add_column("name", style="bold")
         table.add_column("parameters (default; valid range)")
         table.add_column("paper")
@@ -321,6 +330,48 @@ def _range(p: dict) -> str:
         return "one of " + ", ".join(map(str, p["choices"]))
     parts = [f"{op} {p[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if key in p]
     return " and ".join(parts) if parts else p["type"]
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[str, typer.Argument(help="Training recipe and its parameters, e.g. continual or "
+                                          "continual:lora=true,lr=1e-4 (see `longkit methods --kind train`).")],
+    model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
+    data: Annotated[list[str], typer.Option(help="Training data: a directory of text files, a .jsonl or .parquet "
+                    "file (repeatable; default: the offline Python corpus, stdlib code + docs).")] = None,
+    target_length: Annotated[str, typer.Option(help="Length to train at, e.g. 16k (the packed row length).")] = "16k",
+    rope: Annotated[str | None, typer.Option(help="RoPE method trained in, e.g. yarn:factor=4 or abf:rope_theta=5e5; "
+                    "its parameters go into the saved config.json.")] = None,
+    attention: Annotated[str | None, typer.Option(help="Attention method used during training only.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
+    out: Annotated[str, typer.Option(help="Output directory: the trained model, log, checkpoints, report. Rerunning "
+                   "the same command resumes from its last checkpoint.")] = "train-run",
+    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and the model's random init (tiny models).")] = 0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the GPU/CPU supports it), fp32 or bf16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = D.device,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (less memory).")] = True,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/ after a successful run.")] = False,
+) -> None:
+    """Train a model for long context with a recipe (e.g. continual pre-training under a RoPE method).
+
+    Writes a plain Hugging Face model directory (loadable by transformers, vLLM and `longkit eval --model OUT`),
+    a per-step JSONL log, a loss curve and a report; resumable after a crash from the last checkpoint.
+    """
+    try:
+        from longkit.runtime.train import TrainConfig, train
+
+        config = TrainConfig(recipe=recipe, model=model, data=list(data or []),
+                             target_length=_one_length(target_length, "target_length"), rope=rope,
+                             attention=attention, steps=steps, out=out, save_every=save_every, seed=seed,
+                             precision=precision, device=device, gradient_checkpointing=gradient_checkpointing,
+                             keep_checkpoints=keep_checkpoints)
+        saved = train(config)
+    except LongkitError as err:
+        _fail(err)
+    report = json.loads((saved / "train_report.json").read_text())
+    Console().print(f"trained [bold]{saved}[/]: {report['tokens_seen']:,} tokens, final loss "
+                    f"{report['final_loss']:.4f}; evaluate with: longkit eval --model {saved}")
 
 
 @app.command("models")

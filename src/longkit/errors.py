@@ -21,3 +21,7 @@ class EvalError(LongkitError, ValueError):
 
 class DataError(LongkitError, ValueError):
     """Training data that cannot be read or used (missing, empty or malformed files, bad packing settings)."""
+
+
+class TrainError(LongkitError, RuntimeError):
+    """A training run that cannot start or must stop (an output directory holding another run, a NaN loss...)."""

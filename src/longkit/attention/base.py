@@ -61,15 +61,92 @@ def check_args(cls: type, where: str | None = None, /, **values: Any) -> None:
             )
 
 
+def layer_window(module: torch.nn.Module, kwargs: dict[str, Any]) -> int | None:
+    """The sliding window of the layer an attention call is for, None on a full-attention layer.
+
+    transformers passes each layer's own window as the call's ``sliding_window`` (Gemma 3, Mistral and Qwen2 pass
+    None on their full-attention layers); the module's attribute is the fallback for models that do not.
+    """
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    return window or None
+
+
+def sliding_layer_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None, dropout: float, kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """A sliding-window layer's own attention, (B, T, H, D_v): transformers' sdpa function with the call's
+    (sdpa-format) mask, which already holds the window, so the layer computes exactly what the model does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out
+
+
 def transformers_inputs(method: AttentionMethod, module, query, key, attention_mask, kwargs) -> torch.Tensor | None:
     """The padding mask a transformers attention call carries, as ``dense`` for methods that are causal by
-    construction (sparse methods, position remaps); a non-causal or sliding-window layer is refused."""
+    construction (sparse methods, position remaps); a non-causal or sliding-window layer is refused (through
+    :meth:`AttentionMethod.forward` sliding-window layers never get here: they keep the model's attention)."""
+    if layer_window(module, kwargs) is not None:
+        raise MethodError(f"attention method '{method.name}' does not support sliding-window attention layers")
     spec = MaskSpec.from_transformers(module, query, key, attention_mask, **kwargs)
     if spec.window is not None:
         raise MethodError(f"attention method '{method.name}' does not support sliding-window attention layers")
     if not spec.causal and spec.dense is None:
         raise MethodError(f"attention method '{method.name}' needs causal attention")
     return spec.dense
+
+
+def layer_type_of(module: torch.nn.Module) -> str | None:
+    """The ``config.layer_types`` entry of an attention module ("full_attention", "sliding_attention"), None for
+    models whose layers are all alike."""
+    kind = getattr(module, "layer_type", None)
+    if kind is None:
+        types = getattr(getattr(module, "config", None), "layer_types", None)
+        layer = getattr(module, "layer_idx", None)
+        kind = types[layer] if types is not None and layer is not None and layer < len(types) else None
+    return kind
+
+
+def find_rotary(model: Any) -> list[tuple[Any, str]]:
+    """(parent, attribute) of every rotary-embedding module of ``model``: one ``inv_freq`` (Llama family) or one
+    ``<layer type>_inv_freq`` per layer type (Gemma 3, whose rotary module serves every layer)."""
+    found = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if type(child).__name__.endswith("RotaryEmbedding") and any(
+                n == "inv_freq" or n.endswith("_inv_freq") for n, _ in child.named_buffers(recurse=False)
+            ):
+                found.append((parent, attr))
+    return found
+
+
+def layer_inv_freq(method: AttentionMethod, rotary: torch.nn.Module, module: torch.nn.Module) -> torch.Tensor:
+    """The RoPE inverse frequencies the attention layer ``module`` was rotated with: its layer type's
+    ``<type>_inv_freq`` where the rotary module keeps one per type, else the shared ``inv_freq``."""
+    kind = layer_type_of(module)
+    inv_freq = getattr(rotary, f"{kind}_inv_freq", None) if kind else None
+    if inv_freq is None:
+        inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        raise MethodError(
+            f"attention method '{method.name}': {type(rotary).__name__} has no inverse frequencies for "
+            f"{kind or 'this'} layer"
+        )
+    return inv_freq
+
+
+def full_layer_trained_length(model: Any) -> int:
+    """The trained context length of the model's full-attention layers (what a method acts on): the
+    ``full_attention`` entry of per-layer-type ``rope_parameters`` (Gemma 3), else the model's."""
+    from longkit.models.introspect import rope_config, trained_length
+
+    config = rope_config(model)
+    params = getattr(config, "rope_parameters", None) or {}
+    full = params.get("full_attention") if isinstance(params.get("full_attention"), dict) else None
+    if full is None:
+        return trained_length(model)
+    return int(full.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
 @dataclass
@@ -88,6 +165,11 @@ class AttentionMethod(Method):
     #: plain causal attention suffices. Without a registered mask function transformers passes None even for
     #: padded batches, and padding would be silently ignored.
     mask_format: ClassVar[str] = "sdpa"
+    #: Whether the method computes sliding-window layers itself. False (most methods): a method acts on the
+    #: full-attention layers of models whose layers differ (Gemma 3, Qwen2 with max_window_layers), and a
+    #: sliding-window layer keeps the model's own attention: its window already bounds its cost and its
+    #: positions, and a remap or a sparse pattern there would change what the model was trained to see.
+    own_sliding_layers: ClassVar[bool] = False
 
     def forward(
         self,
@@ -101,7 +183,15 @@ class AttentionMethod(Method):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The function registered with transformers: refuses what no method here honours (attention dropout,
-        logit softcapping), runs :meth:`attention` and returns its output in transformers' layout."""
+        logit softcapping), runs :meth:`attention` and returns its output in transformers' layout. Sliding-window
+        layers run the model's own attention unless the method computes them itself (``own_sliding_layers``)."""
+        if not self.own_sliding_layers and layer_window(module, kwargs) is not None:
+            if self.mask_format != "sdpa":
+                raise MethodError(
+                    f"attention method '{self.name}' receives '{self.mask_format}' masks and cannot hand a "
+                    "sliding-window layer to the model's attention"
+                )
+            return sliding_layer_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs), None
         self.reject_unsupported(dropout, kwargs)
         out = self.attention(module, query, key, value, attention_mask, scaling, kwargs)
         # (B, T, H, D_v), the layout transformers' attention functions return

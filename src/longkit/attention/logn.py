@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
-from longkit.attention.base import BoundAttention, check_args
+from longkit.attention.base import BoundAttention, check_args, full_layer_trained_length
 from longkit.attention.blockwise import MIN_BLOCK, blockwise_attention
 from longkit.attention.masks import MaskSpec
 from longkit.methods import Undo
-from longkit.models.introspect import trained_length
 from longkit.registry import param, register
 
 
@@ -70,7 +69,7 @@ class LogN(BoundAttention):
     block_k: int = param(128, ge=MIN_BLOCK, help="keys per tile (inner = blockwise)")
 
     def apply(self, model: Any) -> Undo:
-        return self.bind(model, self.trained if self.trained is not None else trained_length(model))
+        return self.bind(model, self.trained if self.trained is not None else full_layer_trained_length(model))
 
     def attention(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -18,13 +18,20 @@ from typing import Any
 
 import torch
 
-from longkit.attention.base import BoundAttention, check_qkv, transformers_inputs
+from longkit.attention.base import (
+    BoundAttention,
+    check_qkv,
+    find_rotary,
+    full_layer_trained_length,
+    layer_inv_freq,
+    transformers_inputs,
+)
 from longkit.attention.blockwise import blockwise_attention
 from longkit.attention.lse import fused_cpu_kernel, merge_partials
 from longkit.attention.masks import MaskSpec
 from longkit.errors import MethodError
 from longkit.methods import Undo
-from longkit.models.introspect import rope_config, rotary_modules, trained_length
+from longkit.models.introspect import rope_config
 from longkit.rope.rotation import rotate_by
 
 Positions = Callable[[torch.Tensor], torch.Tensor]
@@ -201,7 +208,7 @@ class RemapAttention(BoundAttention):
     fused_cpu: bool = field(default=True, init=False, repr=False, compare=False)
 
     def apply(self, model: Any) -> Undo:
-        found = rotary_modules(model)
+        found = find_rotary(model)
         if not found or not getattr(rope_config(model), "rope_parameters", None):
             raise MethodError(
                 f"attention method '{self.name}' needs a model with rotary position embeddings (RoPE); "
@@ -212,8 +219,8 @@ class RemapAttention(BoundAttention):
                 f"attention method '{self.name}': {type(model).__name__} has {len(found)} rotary modules; only "
                 "models with one are supported"
             )
-        parent, attr, _ = found[0]
-        return self.bind(model, (parent, attr, trained_length(model)))
+        parent, attr = found[0]
+        return self.bind(model, (parent, attr, full_layer_trained_length(model)))
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor, trained: int, **kw: Any
@@ -236,8 +243,9 @@ class RemapAttention(BoundAttention):
                 f"attention method '{self.name}' needs position_ids = cache index (S - T .. S - 1); left-padded "
                 "or packed batches are not supported"
             )
-        # inv_freq is read at call time: a RoPE method applied before this one swaps the rotary module.
-        inv_freq = getattr(parent, attr).inv_freq
+        # inv_freq is read at call time (a RoPE method applied before this one swaps the rotary module), for this
+        # layer's type: Gemma 3's full-attention layers rotate with their own base.
+        inv_freq = layer_inv_freq(self, getattr(parent, attr), module)
         return self.attend(query, key, value, inv_freq, trained, dense=dense, scale=scaling, **self.tiles())[0]
 
     def tiles(self) -> dict[str, Any]:

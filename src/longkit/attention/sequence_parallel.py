@@ -371,6 +371,9 @@ class SequenceParallelAttention(AttentionMethod):
     # The flash-attention mask format hands over None or the (B, S) padding mask, never a local (L, L) mask
     # built from sharded (e.g. zigzag) positions, which transformers would read as packed sequences.
     mask_format: ClassVar[str] = "flash_attention_2"
+    # Each rank holds a shard of the sequence: a sliding-window layer is attended here (exactly, on one rank; on
+    # several only while the window covers the whole sequence), never handed to the model's unsharded attention.
+    own_sliding_layers: ClassVar[bool] = True
 
     def sharded_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any

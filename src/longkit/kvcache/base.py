@@ -97,6 +97,24 @@ class KVMethod(Method):
         return lambda: None
 
 
+def rotary_layer_type(rotary: Any, module: Any) -> str | None:
+    """The layer type whose RoPE ``rotary`` applies to the attention ``module`` when the rotary module keeps one per
+    type (Gemma 3: ``<type>_inv_freq``, and ``forward(x, position_ids, layer_type)``); None when it keeps one."""
+    kind = getattr(module, "layer_type", None)
+    if kind is None:
+        types = getattr(getattr(module, "config", None), "layer_types", None)
+        layer = getattr(module, "layer_idx", None)
+        kind = types[layer] if types is not None and layer is not None and layer < len(types) else None
+    return kind if kind is not None and hasattr(rotary, f"{kind}_inv_freq") else None
+
+
+def rotary_inv_freq(rotary: Any, module: Any) -> torch.Tensor | None:
+    """The inverse frequencies the attention ``module``'s keys were rotated with (its layer type's, where they
+    differ per type), or None for a model without them."""
+    kind = rotary_layer_type(rotary, module)
+    return getattr(rotary, f"{kind}_inv_freq" if kind else "inv_freq", None)
+
+
 def cache_nbytes(cache: Any) -> int:
     """Exact bytes of the tensors a cache holds (a cache may define ``nbytes()`` for packed storage)."""
     if cache is None:

@@ -9,6 +9,10 @@ Other ``generate`` modes: beam search and ``num_return_sequences`` move whole se
 ``batch_repeat_interleave``, ``batch_select_indices``): per-head storage, per-slot extras and ``real_seen`` move
 together. ``crop(-n)`` (assisted decoding's rollback) is checked on every layer before any changes; evictions decided
 while the removed tokens were cached, and the count of decoding steps, stay as they are.
+
+Models whose layers differ (Gemma 3: sliding-window and full-attention layers): a sliding layer is transformers' own
+``DynamicSlidingWindowLayer``, already bounded by its window, which the KV method leaves alone; only the
+full-attention layers are :class:`RaggedLayer` layers that the method compresses. ``nbytes()`` counts both.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from longkit.errors import MethodError
 from longkit.kvcache.storage import RaggedLayer
@@ -34,16 +38,32 @@ class CompressedCache(Cache):
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         text = config.get_text_config(decoder=True)
-        kinds = sorted(set(get_layer_types_and_kwargs(text)[0]) - {"full_attention"})
+        types, per_layer = get_layer_types_and_kwargs(text)
+        kinds = sorted(set(types) - {"full_attention", "sliding_attention"})
         if kinds:
-            # The hook's masks know stored slots and causality only, not sliding windows or linear attention.
+            # The hook's masks know stored slots and causality; other layer kinds (chunked, linear attention) keep
+            # state this cache cannot hold.
             raise MethodError(
-                f"kv method '{getattr(method, 'name', method)}' supports full-attention layers only; this model has "
-                f"{', '.join(kinds)} layers"
+                f"kv method '{getattr(method, 'name', method)}' supports full-attention and sliding-window layers "
+                f"only; this model has {', '.join(kinds)} layers"
             )
         self.num_layers = text.num_hidden_layers
+        #: the ``config.layer_types`` entry of every layer ("full_attention" or "sliding_attention")
+        self.layer_types = tuple(types)
+        #: the first layer the method compresses: it counts the tokens seen and the decoding steps
+        self.first_full = types.index("full_attention") if "full_attention" in types else None
+        if self.first_full is None:
+            raise MethodError(
+                f"kv method '{getattr(method, 'name', method)}': every layer of this model is a sliding-window layer, "
+                "already bounded by its window; there is no full-attention layer to compress"
+            )
         track = tuple(getattr(method, "track", ()))
-        super().__init__(layers=[RaggedLayer(track) for _ in range(self.num_layers)])
+        super().__init__(
+            layers=[
+                self.full_layer(track) if kind == "full_attention" else DynamicSlidingWindowLayer(**kw)
+                for kind, kw in zip(types, per_layer, strict=True)
+            ]
+        )
         self.method = method
         self.rotary = rotary
         self.compressing = True
@@ -53,15 +73,25 @@ class CompressedCache(Cache):
         self.own_mask = False
         self.hooked = False
 
+    def full_layer(self, track: tuple[str, ...]) -> RaggedLayer:
+        """The storage of one full-attention layer (KIVI's cache quantises it)."""
+        return RaggedLayer(track)
+
+    def compressed(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` is a full-attention layer the method compresses (not a sliding window)."""
+        return isinstance(self.layers[layer_idx], RaggedLayer)
+
     def any_compacted(self) -> bool:
-        return any(layer.compacted for layer in self.layers)
+        return any(getattr(layer, "compacted", False) for layer in self.layers)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer_nbytes(layer) for layer in self.layers)
 
     def stored_tokens(self) -> list[torch.Tensor]:
-        """Per layer, (B, H_kv) tokens stored per head."""
-        return [layer.stored_lengths() for layer in self.layers]
+        """Per layer, (B, H_kv) tokens stored per head (a sliding layer: the tokens of its window it holds)."""
+        return [
+            layer.stored_lengths() if isinstance(layer, RaggedLayer) else _window_lengths(layer) for layer in self.layers
+        ]
 
     def copy(self) -> CompressedCache:
         """An independent copy (compress a context once, then ask several questions, each against a copy)."""
@@ -102,7 +132,17 @@ class CompressedCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest ``-tokens_to_remove`` tokens of every sequence from every layer (see
         :meth:`RaggedLayer.crop`); checked on every layer first, so a refused crop changes nothing."""
-        counts = {layer.check_crop(tokens_to_remove) for layer in self.layers if layer.is_initialized}
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, RaggedLayer) and layer.get_seq_length() >= layer.sliding_window:
+                raise MethodError(
+                    f"this compressed KV cache cannot be cropped: its sliding-window layer {i} has dropped the tokens "
+                    f"before its window of {layer.sliding_window}, so earlier states cannot be restored"
+                )
+        counts = {
+            layer.check_crop(tokens_to_remove)
+            for layer in self.layers
+            if isinstance(layer, RaggedLayer) and layer.is_initialized
+        }
         for layer in self.layers:
             layer.crop(tokens_to_remove)
         n = max(counts, default=0)
@@ -112,3 +152,20 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.real_seen, self.decode_steps, self.own_mask = None, 0, False
+
+
+def layer_nbytes(layer: Any) -> int:
+    """Exact bytes of one layer: a RaggedLayer counts its own storage, a sliding layer its key and value tensors."""
+    if isinstance(layer, RaggedLayer):
+        return layer.nbytes()
+    if not layer.is_initialized:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+
+def _window_lengths(layer: DynamicSlidingWindowLayer) -> torch.Tensor:
+    """(B, H_kv) tokens a sliding layer holds (the same for every head)."""
+    if not layer.is_initialized:
+        return torch.zeros(0, 0, dtype=torch.long)
+    B, H_kv, n = layer.keys.shape[:3]
+    return torch.full((B, H_kv), n, dtype=torch.long, device=layer.keys.device)

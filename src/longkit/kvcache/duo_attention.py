@@ -203,9 +203,11 @@ class DuoAttention(KVMethod):
                 model(probe.ids.to(device), cache=cache, use_cache=True)
         finally:
             undo()
-        if any(s is None for s in capture.scores):
+        if any(s is None for i, s in enumerate(capture.scores) if cache.compressed(i)):
             raise MethodError(f"kv method '{self.name}': the probe saw no attention call in some layers")
-        return torch.stack(capture.scores)
+        num_kv = next(s for s in capture.scores if s is not None).shape[0]
+        # Sliding-window layers are never compressed (their window bounds them): -inf keeps them out of the ranking.
+        return torch.stack([s if s is not None else torch.full((num_kv,), float("-inf")) for s in capture.scores])
 
     def calibrate(self, model: Any, tokenizer: Any = None) -> torch.Tensor:
         """(layers, kv heads) bool mask of the retrieval heads of ``model``: from ``heads`` or from the probe.
@@ -219,7 +221,8 @@ class DuoAttention(KVMethod):
             mask = load_heads(self.heads, num_layers, num_kv)
         else:
             scores = self.probe_scores(model, tokenizer).flatten()
-            n = math.floor(self.retrieval_ratio * scores.numel() + 0.5)
+            # the ratio counts the heads of the compressed (full-attention) layers only
+            n = math.floor(self.retrieval_ratio * int(torch.isfinite(scores).sum()) + 0.5)
             n = max(n, 1) if self.retrieval_ratio > 0 else 0
             # ties go to the earlier head, so the choice is deterministic
             order = torch.sort(scores, descending=True, stable=True).indices

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from longkit.errors import MethodError
-from longkit.kvcache.base import CompressionMethod
+from longkit.kvcache.base import CompressionMethod, rotary_layer_type
 from longkit.registry import param, register
 
 
@@ -26,9 +26,13 @@ def query_positions(ctx) -> torch.Tensor:
     return ctx.real_seen.to(ctx.keys.device)[:, None] - T + ar[None, :]
 
 
-def _cos_sin(rotary, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, D) float32 cos/sin of the model's own rotary embedding (``attention_scaling`` included)."""
-    cos, sin = rotary(like.float(), position_ids=positions.clamp(min=0))
+def _cos_sin(
+    rotary, like: torch.Tensor, positions: torch.Tensor, layer_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) float32 cos/sin of the model's own rotary embedding (``attention_scaling`` included); for the
+    RoPE of ``layer_type`` where the rotary module keeps one per layer type (Gemma 3)."""
+    per_type = {"layer_type": layer_type} if layer_type is not None else {}
+    cos, sin = rotary(like.float(), position_ids=positions.clamp(min=0), **per_type)
     return cos.float(), sin.float()
 
 
@@ -37,7 +41,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def averaged_rope(rotary, like: torch.Tensor, start: torch.Tensor, n_future: int) -> torch.Tensor:
+def averaged_rope(
+    rotary, like: torch.Tensor, start: torch.Tensor, n_future: int, layer_type: str | None = None
+) -> torch.Tensor:
     """(B, D, D) the RoPE matrix averaged over positions ``start[b] .. start[b] + n_future - 1``.
 
     RoPE rotates pair ``(i, i + D/2)``: ``R(p) x = cos(p) * x + sin(p) * rotate_half(x)``, so
@@ -47,7 +53,7 @@ def averaged_rope(rotary, like: torch.Tensor, start: torch.Tensor, n_future: int
     D = like.shape[-1]
     # (B, F) future positions -> (B, F, D) cos/sin -> (B, D) averages
     pos = start[:, None] + torch.arange(n_future, device=start.device)[None, :]
-    cos, sin = _cos_sin(rotary, like, pos)
+    cos, sin = _cos_sin(rotary, like, pos, layer_type)
     eye = torch.eye(D, device=cos.device)
     # (D, D): rotate_half(x) = P @ x
     P = _rotate_half(eye).T
@@ -101,13 +107,14 @@ class ExpectedAttention(CompressionMethod):
         B, H, T, D = ctx.queries.shape
         pos = query_positions(ctx)
         # (B, T, D) cos/sin of the queries' positions; attention_scaling s is in both: inverse = (x cos - rh(x) sin)/s^2
-        cos, sin = _cos_sin(rotary, ctx.queries, pos)
+        kind = rotary_layer_type(rotary, ctx.module)
+        cos, sin = _cos_sin(rotary, ctx.queries, pos, kind)
         if cos.shape[-1] != D:
             raise MethodError(
                 f"kv method '{self.name}' needs RoPE over the whole head dimension ({D}); the model rotates "
                 f"{cos.shape[-1]} (partial rotary is not supported)"
             )
-        scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        scale = float(getattr(rotary, f"{kind}_attention_scaling" if kind else "attention_scaling", 1.0) or 1.0)
         q = ctx.queries.float()
         # (B, H, T, D) pre-RoPE queries
         q = (q * cos[:, None] - _rotate_half(q) * sin[:, None]) / scale**2
@@ -128,7 +135,7 @@ class ExpectedAttention(CompressionMethod):
             cov = torch.einsum("bhti,bhtj->bhij", c, c) / n[:, None, None, None]
         # future positions continue after the newest query
         start = pos.masked_fill(~real, -1).max(-1).values + 1
-        R = averaged_rope(rotary, ctx.queries, start, self.n_future_positions)
+        R = averaged_rope(rotary, ctx.queries, start, self.n_future_positions, kind)
         mu = torch.einsum("bij,bhj->bhi", R, mu)
         if cov is not None:
             cov = R[:, None] @ cov @ R[:, None].transpose(-1, -2)

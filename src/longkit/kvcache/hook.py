@@ -102,6 +102,10 @@ class KVAttention:
         if not isinstance(cache, CompressedCache):
             return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         cache.hooked = False
+        if not cache.compressed(module.layer_idx):
+            # A sliding-window layer: transformers' own cache layer and mask (which holds the window); the method
+            # compresses full-attention layers only.
+            return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         layer = cache.layers[module.layer_idx]
         B, H, T, _ = query.shape
         mask = attention_mask
@@ -124,6 +128,8 @@ def replay_attention(cache: Any, module, query, key, value, attention_mask, scal
     if cache.own_mask:
         raise MethodError("a replayed prefill must start from an empty cache")
     cache.hooked = False
+    if not cache.compressed(module.layer_idx):
+        return
     layer = cache.layers[module.layer_idx]
     _compress(cache, layer, module, query, key, value, attention_mask, scaling, position_ids)
 
@@ -135,7 +141,8 @@ def _compress(cache, layer, module, query, key, value, incoming, scaling, positi
     S = key.shape[-2]
     first = layer.seen == T
     pad_valid = _key_validity(incoming, B, S, key.device) if first and not cache.own_mask else None
-    if module.layer_idx == 0:
+    # The first compressed layer counts for the whole forward (layer 0 may be a sliding-window layer).
+    if module.layer_idx == cache.first_full:
         if cache.real_seen is None or first:
             cache.real_seen = (
                 pad_valid.sum(-1) if pad_valid is not None else torch.full((B,), S, dtype=torch.long, device=key.device)

@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache
 
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod, KVMethod
-from longkit.kvcache.cache import CompressedCache
+from longkit.kvcache.cache import CompressedCache, layer_nbytes
 from longkit.kvcache.quant import SCALE_DTYPES, dequantize, pack, quantize, unpack
 from longkit.kvcache.storage import RaggedLayer, first_rows, head_ids
 from longkit.methods import Undo
@@ -367,15 +367,31 @@ class KIVICache(Cache):
     def __init__(
         self, config: Any, bits: int = 2, group_size: int = 32, residual: int = 128, scale_dtype: str = "float16"
     ):
-        layers = _check_config(config, bits, group_size).num_hidden_layers
-        super().__init__(layers=[KIVILayer(bits, group_size, residual, scale_dtype) for _ in range(layers)])
+        from transformers.cache_utils import DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+        types, per_layer = get_layer_types_and_kwargs(_check_config(config, bits, group_size))
+        kinds = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if kinds:
+            raise MethodError(
+                f"kv method 'kivi' supports full-attention and sliding-window layers only; this model has "
+                f"{', '.join(kinds)} layers"
+            )
+        # Sliding-window layers stay transformers' own, already bounded by their window; full layers are quantised.
+        super().__init__(
+            layers=[
+                KIVILayer(bits, group_size, residual, scale_dtype) if kind == "full_attention"
+                else DynamicSlidingWindowLayer(**kw)
+                for kind, kw in zip(types, per_layer, strict=True)
+            ]
+        )
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer_nbytes(layer) for layer in self.layers)
 
 
 class KIVICompressedCache(CompressedCache):
-    """An eviction method's :class:`~longkit.kvcache.cache.CompressedCache` with KIVI-quantised storage."""
+    """An eviction method's :class:`~longkit.kvcache.cache.CompressedCache` with KIVI-quantised storage (of the
+    full-attention layers; sliding-window layers stay transformers' own)."""
 
     def __init__(
         self,
@@ -388,9 +404,12 @@ class KIVICompressedCache(CompressedCache):
         scale_dtype: str = "float16",
     ):
         _check_config(config, bits, group_size)
+        # read by full_layer, which the base class calls while building the layers
+        self._kivi = (bits, group_size, residual, scale_dtype)
         super().__init__(config, method, rotary=rotary)
-        track = tuple(getattr(method, "track", ()))
-        self.layers = [KIVIRaggedLayer(bits, group_size, residual, scale_dtype, track) for _ in range(self.num_layers)]
+
+    def full_layer(self, track: tuple[str, ...]) -> KIVIRaggedLayer:
+        return KIVIRaggedLayer(*self._kivi, track)
 
 
 @register("kv", "kivi")

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from longkit.errors import MethodError
-from longkit.kvcache.base import CompressionMethod
+from longkit.kvcache.base import CompressionMethod, rotary_inv_freq
 from longkit.registry import param, register
 from longkit.rope.rotation import rotate_by
 
@@ -45,7 +45,8 @@ class StreamingLLM(CompressionMethod):
         return torch.where(order <= self.sink, torch.full_like(order, 0).float() + float("inf"), order.float())
 
     def on_compact(self, ctx, keep: torch.Tensor):
-        inv_freq = getattr(ctx.cache.rotary, "inv_freq", None)
+        # this layer's frequencies (Gemma 3's full-attention layers have their own base)
+        inv_freq = rotary_inv_freq(ctx.cache.rotary, ctx.module)
         if inv_freq is None:
             raise MethodError(
                 f"kv method '{self.name}' needs a model with a rotary embedding (model.model.rotary_emb.inv_freq)"

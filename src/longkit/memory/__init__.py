@@ -4,7 +4,7 @@
 to the question; the eval runner builds the prompt from :meth:`~longkit.memory.rag.RetrievalMemory.retrieve`.
 """
 
-from longkit.memory import rag  # noqa: F401  (registration)
+from longkit.memory import infllm, rag  # noqa: F401  (registration)
 from longkit.memory.base import MemoryMethod
 from longkit.memory.rag import RAG, RetrievalMemory, SelfRoute
 

@@ -1,8 +1,16 @@
 """Training room: make a model long-context (long data with document masks, PoSE, LongLoRA, losses).
 
 - :mod:`longkit.train.data`: local corpora, packing with per-document masks and position ids, length upsampling.
+- :mod:`longkit.train.recipes`: the recipe base class and the :data:`RECIPES` registry (``longkit methods --kind
+  train``); one file per recipe: :mod:`longkit.train.continual`.
 - :mod:`longkit.train.pose`: PoSE's positional skip-wise position ids.
 - :mod:`longkit.train.losses`: cross-entropy and LongCE.
 
-Shifted sparse attention (S²-Attn, LongLoRA) is an attention method: ``attention/s2_attn.py``.
+Shifted sparse attention (S²-Attn, LongLoRA) is an attention method: ``attention/s2_attn.py``. The training run
+itself (Trainer, checkpoints, saving) is above the seam: :mod:`longkit.runtime.train`.
 """
+
+from longkit.train import continual  # noqa: F401  (recipe registration)
+from longkit.train.recipes import RECIPES, Recipe, create_recipe, register_recipe
+
+__all__ = ["RECIPES", "Recipe", "create_recipe", "register_recipe"]

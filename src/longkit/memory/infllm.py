@@ -1,0 +1,414 @@
+"""InfLLM (Xiao et al. 2024): training-free block memory for long contexts.
+
+Every query attends to (1) the initial tokens, (2) a local window of the ``n_local`` most recent tokens and
+(3) the ``topk`` memory blocks most relevant to its execution chunk. The context is processed in execution
+chunks of ``exec_chunk`` tokens; tokens that leave the local window become the initial tokens (the first
+``n_init``) or, ``block_size`` at a time, memory blocks. A block is represented by the mean key of its
+``repr_topk`` tokens that received the most attention from the local window's queries (per head); a chunk
+scores a block by the dot product of its mean query with the representative key, summed over the heads
+(thunlp/InfLLM ``ContextManager``: ``VectorTensor.get_topk`` over the heads' concatenated vectors).
+
+Positions, as the reference: local keys keep their true relative positions; every key beyond the window
+(initial tokens, retrieved blocks and the not-yet-full block) is seen at the fixed distance ``n_local - 1``
+(the reference rotates the query with its table's row ``n_local - 1`` and keeps far keys unrotated). The
+model rotates queries and keys at their true positions before the attention function runs, so far keys are
+moved back to position 0 with :func:`longkit.rope.rotation.rotate_by` when they leave the window, and the
+queries of the far part are moved to position ``n_local - 1``.
+
+Working set: the cache keeps, per layer, the initial tokens, the tokens not yet in a block (at most
+``n_local + block_size - 1`` between forwards) and one representative key per block on the compute device;
+the blocks' keys and values live on ``offload`` (CPU by default) and only the selected ``topk`` are brought
+to the compute device for a chunk. Per query at most ``n_init + topk * block_size + n_local + block_size +
+exec_chunk - 1`` keys are attended (the last two terms: tokens beyond the window that do not fill a block
+yet, as the reference's global buffer), whatever the context length.
+
+One deliberate difference from the reference: its mask of the not-yet-full block is offset by the whole
+input length (``global_remainder[0].size(-2)``), which lets a chunk's early queries also see, at the far
+position, up to ``exec_chunk - 1`` tokens they already see in their local window; here every token is seen
+once, locally when it is closer than ``n_local`` and at the far position otherwise, as the paper defines.
+Not implemented: the reference's GPU cache of recently loaded blocks (``max_cached_block``, LRU); blocks are
+loaded afresh for each chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from longkit.attention.base import BoundAttention, check_qkv
+from longkit.errors import MethodError
+from longkit.memory.base import MemoryMethod
+from longkit.methods import Undo
+from longkit.registry import param, register
+from longkit.rope.rotation import rotate_by
+
+
+@register("memory", "infllm")
+@dataclass
+class InfLLM(MemoryMethod):
+    """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens."""
+
+    paper = "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory (https://arxiv.org/abs/2402.04617)"
+
+    block_size: int = param(128, ge=1, help="tokens per memory block")
+    n_init: int = param(128, ge=0, help="initial tokens always attended")
+    n_local: int = param(4096, ge=1, help="local window (most recent tokens, true relative positions)")
+    topk: int = param(16, ge=1, help="memory blocks retrieved per execution chunk")
+    repr_topk: int = param(4, ge=1, help="representative tokens per block (most attended by local queries)")
+    exec_chunk: int = param(512, ge=1, help="queries processed together (share one block selection); <= n_local")
+    offload: str = param("cpu", choices=("cpu", "none"), help="where memory blocks live: CPU memory, or none (compute device)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.exec_chunk > self.n_local:
+            # A chunk's queries must all see the chunk's own keys in the local window (the reference asserts it).
+            self.fail("exec_chunk", f"must be <= n_local = {self.n_local} (got {self.exec_chunk})")
+        if self.repr_topk > self.block_size:
+            self.fail("repr_topk", f"must be <= block_size = {self.block_size} (got {self.repr_topk})")
+
+    def keys_per_query_bound(self) -> int:
+        """The most keys one query attends to, whatever the context length (see the module docstring)."""
+        return self.n_init + self.topk * self.block_size + self.n_local + self.block_size + self.exec_chunk - 1
+
+    def check_model(self, model: Any) -> None:
+        _inv_freq(self, model)
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        text = model.config.get_text_config(decoder=True)
+        kinds = sorted(set(get_layer_types_and_kwargs(text)[0]) - {"full_attention"})
+        if kinds:
+            raise MethodError(
+                f"memory method '{self.name}' supports full-attention layers only; this model has {', '.join(kinds)} layers"
+            )
+
+    def apply(self, model: Any) -> Undo:
+        self.check_model(model)
+        impl = getattr(model.config, "_attn_implementation", "")
+        if isinstance(impl, str) and impl.startswith("longkit_"):
+            # InfLLM is an attention function of its own: it would silently replace the other method's.
+            raise MethodError(
+                f"memory method '{self.name}' replaces the attention function; it cannot be combined with the "
+                f"attention method already applied ({impl})"
+            )
+        attn = _InfLLMAttention()
+        attn._owner = self
+        return attn.bind(model, _inv_freq(self, model))
+
+    def make_cache(self, model: Any) -> InfLLMCache:
+        return InfLLMCache(model.config, self)
+
+
+def _inv_freq(method: InfLLM, model: Any) -> torch.Tensor:
+    inner = getattr(model, "model", model)
+    inv_freq = getattr(getattr(inner, "rotary_emb", None), "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        raise MethodError(
+            f"memory method '{method.name}' needs a model with one rotary embedding (model.model.rotary_emb.inv_freq)"
+        )
+    return inv_freq
+
+
+# ---- the per-layer state: initial tokens, recent tokens, block store ---------------------------------------------
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, N, D) -> (B, H_kv * groups, N, D): key/value heads shared by groups of query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+class InfLLMState:
+    """One layer's memory. Sequence indices count tokens (the distances of the local window); rotary positions
+    come from the model's ``position_ids`` (what the keys were rotated with)."""
+
+    def __init__(self, cfg: InfLLM):
+        self.cfg = cfg
+        self.seen = 0
+        # Tokens not yet initial or in a block, as the model rotated them: sequence indices rstart, rstart+1, ...
+        self.rk: torch.Tensor | None = None  # (B, H_kv, R, D)
+        self.rv: torch.Tensor | None = None
+        self.rpos: torch.Tensor | None = None  # (R,) rotary positions
+        self.rscore: torch.Tensor | None = None  # (B, H, R) float32 attention received from local queries
+        self.rstart = 0
+        self.init_k: torch.Tensor | None = None  # (B, H_kv, I, D) at position 0
+        self.init_v: torch.Tensor | None = None
+        self.block_k: list[torch.Tensor] = []  # each (B, H_kv, block_size, D) at position 0, on the offload device
+        self.block_v: list[torch.Tensor] = []
+        self.repr: torch.Tensor | None = None  # (B, H, n_blocks, D) float32 representative keys
+        # Diagnostics the tests read: the most keys one query attended, and the blocks each chunk attended (B, k).
+        self.max_keys_per_query = 0
+        self.selections: list[torch.Tensor] = []
+
+    def n_blocks(self) -> int:
+        return len(self.block_k)
+
+    def device_tokens(self) -> int:
+        """Key/value tokens held on the compute device between forwards (blocks excluded)."""
+        n = 0 if self.rk is None else self.rk.shape[-2]
+        return n + (0 if self.init_k is None else self.init_k.shape[-2])
+
+    def nbytes(self) -> int:
+        ts = [self.rk, self.rv, self.init_k, self.init_v, self.repr, self.rscore, *self.block_k, *self.block_v]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    # ---- forward ----
+
+    def forward(self, q, k, v, pos, scaling: float, inv_freq: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) output for the new queries q (B, H, T, D) and their keys/values (B, H_kv, T, D) rotated at
+        rotary positions ``pos`` (T,), in execution chunks."""
+        T = q.shape[2]
+        outs = []
+        for st in range(0, T, self.cfg.exec_chunk):
+            ed = min(st + self.cfg.exec_chunk, T)
+            outs.append(self._chunk(q[:, :, st:ed], k[:, :, st:ed], v[:, :, st:ed], pos[st:ed], scaling, inv_freq))
+        return torch.cat(outs, dim=2)
+
+    def _append_recent(self, k, v, pos) -> None:
+        B, H_kv, T, D = k.shape
+        if self.rk is None:
+            self.rk, self.rv, self.rpos = k, v, pos
+            self.rscore = torch.zeros(B, self.H, 0, device=k.device, dtype=torch.float32)
+        else:
+            self.rk, self.rv = torch.cat([self.rk, k], 2), torch.cat([self.rv, v], 2)
+            self.rpos = torch.cat([self.rpos, pos])
+        self.rscore = torch.cat([self.rscore, self.rscore.new_zeros(B, self.H, T)], 2)
+
+    def select(self, qg: torch.Tensor) -> torch.Tensor | None:
+        """(B, k) indices of the blocks chunk queries qg (B, H, T, D, at the far position) retrieve; None = all."""
+        if self.n_blocks() <= self.cfg.topk:
+            return None
+        score = block_scores(qg, self.repr)
+        return score.topk(self.cfg.topk, dim=-1).indices.sort(dim=-1).values
+
+    def _chunk(self, q, k, v, pos, scaling, inv_freq) -> torch.Tensor:
+        cfg = self.cfg
+        B, H, Tc, D = q.shape
+        self.H = H
+        groups = H // k.shape[1]
+        self._append_recent(k, v, pos)
+        R = self.rk.shape[2]
+        dev = q.device
+        qi = self.seen + torch.arange(Tc, device=dev)  # sequence indices of the queries
+        kj = self.rstart + torch.arange(R, device=dev)  # of the recent keys
+        dist = qi[:, None] - kj[None, :]  # (Tc, R)
+        local = (dist >= 0) & (dist < cfg.n_local)
+        far_mask = dist >= cfg.n_local
+        n_far = int(far_mask.any(0).sum())  # the oldest recent tokens some query sees beyond the window
+
+        qf = q.float()
+        logits_local = torch.matmul(qf, _expand(self.rk, groups).float().transpose(-1, -2)) * scaling
+        logits_local.masked_fill_(~local, float("-inf"))
+
+        # The far part: the query moved to position n_local - 1, the keys at position 0.
+        qg = rotate_by(qf, pos, torch.full_like(pos, cfg.n_local - 1, dtype=torch.float32), inv_freq)
+        sel = self.select(qg.mean(dim=2))
+        self.selections.append(torch.arange(self.n_blocks()).expand(B, -1) if sel is None else sel.cpu())
+        gk, gv = [], []
+        if self.init_k is not None:
+            gk.append(self.init_k)
+            gv.append(self.init_v)
+        if self.n_blocks():
+            bk, bv = self._load(sel, dev)
+            gk.append(bk)
+            gv.append(bv)
+        n_fixed = sum(t.shape[2] for t in gk)
+        if n_far:
+            gk.append(rotate_by(self.rk[:, :, :n_far], self.rpos[:n_far], torch.zeros_like(self.rpos[:n_far]), inv_freq))
+            gv.append(self.rv[:, :, :n_far])
+        if gk:
+            gkt = _expand(torch.cat(gk, 2), groups).float()
+            gvt = _expand(torch.cat(gv, 2), groups).float()
+            logits_far = torch.matmul(qg, gkt.transpose(-1, -2)) * scaling
+            visible = torch.cat([torch.ones(Tc, n_fixed, dtype=torch.bool, device=dev), far_mask[:, :n_far]], 1)
+            logits_far.masked_fill_(~visible, float("-inf"))
+        else:
+            gvt = None
+            visible = torch.zeros(Tc, 0, dtype=torch.bool, device=dev)
+            logits_far = logits_local.new_zeros(B, H, Tc, 0)
+        self.max_keys_per_query = max(self.max_keys_per_query, int((local.sum(1) + visible.sum(1)).max()))
+
+        p = torch.softmax(torch.cat([logits_local, logits_far], dim=-1), dim=-1)
+        p_local, p_far = p[..., :R], p[..., R:]
+        out = torch.matmul(p_local, _expand(self.rv, groups).float())
+        if gvt is not None:
+            out = out + torch.matmul(p_far, gvt)
+        # Representative tokens are the ones the local window's queries attend most (summed over the queries).
+        self.rscore = self.rscore + p_local.sum(dim=2)
+        self.seen += Tc
+        self._retire(inv_freq)
+        return out.to(q.dtype)
+
+    def _load(self, sel: torch.Tensor | None, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected blocks' keys and values on the compute device: (B, H_kv, k * block_size, D)."""
+        if sel is None:
+            return torch.cat(self.block_k, 2).to(dev), torch.cat(self.block_v, 2).to(dev)
+        ks, vs = [], []
+        for b, idx in enumerate(sel.tolist()):
+            ks.append(torch.cat([self.block_k[i][b : b + 1] for i in idx], 2))
+            vs.append(torch.cat([self.block_v[i][b : b + 1] for i in idx], 2))
+        return torch.cat(ks, 0).to(dev, non_blocking=True), torch.cat(vs, 0).to(dev, non_blocking=True)
+
+    def _retire(self, inv_freq: torch.Tensor) -> None:
+        """Move recent tokens beyond the window to the initial tokens, then whole blocks to the store."""
+        cfg = self.cfg
+        R = self.rk.shape[2]
+        n_init = 0 if self.init_k is None else self.init_k.shape[2]
+        if n_init < cfg.n_init and R > cfg.n_local:
+            take = min(cfg.n_init - n_init, R - cfg.n_local)
+            k0, v0 = self._pop(take, inv_freq)
+            self.init_k = k0 if self.init_k is None else torch.cat([self.init_k, k0], 2)
+            self.init_v = v0 if self.init_v is None else torch.cat([self.init_v, v0], 2)
+            R -= take
+        while R - cfg.block_size >= cfg.n_local:
+            score = self.rscore[:, :, : cfg.block_size]
+            k0, v0 = self._pop(cfg.block_size, inv_freq)
+            rep = representative_keys(k0, score, cfg.repr_topk)[:, :, None]
+            self.repr = rep if self.repr is None else torch.cat([self.repr, rep], 2)
+            store = k0.device if cfg.offload == "none" else torch.device("cpu")
+            self.block_k.append(k0.to(store))
+            self.block_v.append(v0.to(store))
+            R -= cfg.block_size
+
+    def _pop(self, n: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove the n oldest recent tokens; their keys moved to position 0, and their values."""
+        k0 = rotate_by(self.rk[:, :, :n], self.rpos[:n], torch.zeros_like(self.rpos[:n]), inv_freq)
+        v0 = self.rv[:, :, :n]
+        self.rk, self.rv = self.rk[:, :, n:].contiguous(), self.rv[:, :, n:].contiguous()
+        self.rpos, self.rscore = self.rpos[n:], self.rscore[:, :, n:]
+        self.rstart += n
+        return k0.contiguous(), v0.contiguous()
+
+
+def representative_keys(k0: torch.Tensor, score: torch.Tensor, repr_topk: int) -> torch.Tensor:
+    """(B, H, D) float32 representative key of one block: per query head, the mean of the keys k0 (B, H_kv, n, D)
+    of its ``repr_topk`` tokens with the highest ``score`` (B, H, n)."""
+    groups = score.shape[1] // k0.shape[1]
+    idx = score.topk(repr_topk, dim=-1).indices  # (B, H, r)
+    kh = _expand(k0, groups).float()
+    picked = torch.gather(kh, 2, idx[..., None].expand(*idx.shape, kh.shape[-1]))
+    return picked.mean(dim=2)
+
+
+def block_scores(q_mean: torch.Tensor, repr: torch.Tensor) -> torch.Tensor:
+    """(B, n_blocks) relevance: the chunk's mean query (B, H, D) times each block's representative key
+    (B, H, n_blocks, D), summed over the heads."""
+    return torch.einsum("bhd,bhnd->bn", q_mean.float(), repr.float())
+
+
+# ---- the cache and the attention function -------------------------------------------------------------------------
+
+# The cache's update hands its layer state to the attention call that follows in the same module forward.
+_handoff = threading.local()
+
+
+class _InfLLMLayer(CacheLayerMixin):
+    """A transformers cache layer holding an :class:`InfLLMState`; ``keys``/``values`` stay None (no full KV)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cfg: InfLLM):
+        self.cfg = cfg
+        self.state = InfLLMState(cfg)
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        """Nothing to allocate ahead: the state grows with the first forward."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        _handoff.item = (self.state, key_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.state.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = InfLLMState(self.cfg)
+
+    def _refuse(self, *args, **kwargs):
+        raise MethodError(
+            "the InfLLM cache keeps only its block memory: it supports greedy or sampled decoding of one sequence "
+            "batch, not beam search, cropping or reordering"
+        )
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = offload = prefetch = _refuse
+
+
+class InfLLMCache(Cache):
+    """The KV cache of :class:`InfLLM`: per layer an :class:`InfLLMState` (initial tokens, recent tokens, the block
+    store with its representative keys). ``get_seq_length()`` counts the tokens seen."""
+
+    def __init__(self, config: Any, method: InfLLM):
+        text = config.get_text_config(decoder=True)
+        super().__init__(layers=[_InfLLMLayer(method) for _ in range(text.num_hidden_layers)])
+        self.method = method
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def states(self) -> list[InfLLMState]:
+        return [layer.state for layer in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.states())
+
+
+class _InfLLMAttention(BoundAttention):
+    """The attention function InfLLM registers (not a registered method of its own)."""
+
+    name = "infllm"
+    kind = "memory"
+
+    def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
+        B, H, H_kv, T, S, D = check_qkv(query, key, value)
+        cfg: InfLLM = self._owner
+        inv_freq = self.bound(module)
+        item = getattr(_handoff, "item", None)
+        _handoff.item = None
+        if item is not None and item[1] is key:
+            state = item[0]
+        elif S == T:
+            # No InfLLM cache (a plain forward, or a DynamicCache on its first call): a fresh memory for this call.
+            state = InfLLMState(cfg)
+        else:
+            raise MethodError(
+                f"memory method '{cfg.name}' needs its own cache for cached decoding: pass cache=applied.new_cache() "
+                f"(got keys for {S - T} earlier tokens from another cache)"
+            )
+        _check_mask(cfg, attention_mask, T, state.seen)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = state.seen + torch.arange(T, device=query.device)
+        else:
+            if pos.ndim == 2 and pos.shape[0] > 1 and not bool((pos == pos[:1]).all()):
+                raise MethodError(f"memory method '{cfg.name}' needs the same position ids for every sequence of a batch")
+            pos = pos.reshape(-1, pos.shape[-1])[0]
+        if scaling is None:
+            scaling = D**-0.5
+        return state.forward(query, key, value, pos, float(scaling), inv_freq)
+
+
+def _check_mask(cfg: InfLLM, mask: torch.Tensor | None, T: int, seen: int) -> None:
+    """Refuse padding and custom masks: InfLLM's chunks, windows and blocks assume one causal sequence."""
+    if mask is None:
+        return
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    S = visible.shape[-1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=visible.device).tril(S - T)
+    if S != seen + T or not bool((visible == causal).all()):
+        raise MethodError(
+            f"memory method '{cfg.name}' supports causal attention over one unpadded sequence per batch row only "
+            "(got an attention mask with padding or a custom pattern)"
+        )

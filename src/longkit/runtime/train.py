@@ -1,0 +1,414 @@
+"""The training run: load a model, apply methods through the seam, pack long data, train with transformers' Trainer.
+
+>>> from longkit.runtime.train import TrainConfig, train
+>>> out = train(TrainConfig(recipe="continual", model="smollm2-135m", data=["docs/"], target_length=16384,
+...                         rope="yarn:factor=2", steps=200, out="runs/yarn-16k"))
+
+What a run writes under ``out``:
+
+- ``train_run.json``: the run's settings (its identity) and status; a rerun with the same settings resumes, a
+  different run is refused, so nothing already written is lost;
+- ``checkpoints/checkpoint-N``: Trainer checkpoints every ``save_every`` steps (weights, optimiser, scheduler, RNG
+  states); after a crash (even ``kill -9``) the same command resumes from the last one with the same data order;
+- ``train_log.jsonl``: one line per step (loss, learning rate, grad norm, tokens seen, seconds);
+- ``data_stats.json``: the packed data's statistics;
+- at the end, a plain Hugging Face model directory (``config.json`` with the RoPE method's ``rope_parameters``,
+  ``model.safetensors``, the tokenizer); LoRA adapters are merged (and kept as peft's ``adapter/``);
+- ``train_report.json`` and ``loss.png``: tokens seen, time, the loss curve.
+
+The RoPE method is "trained in": during training the seam swaps the rotary module (the config stays untouched),
+and the saved config carries the method's ``rope_parameters`` (:func:`trained_config`), so transformers rebuilds
+the same rotary embedding on loading and the saved model gives the trained model's logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longkit.errors import DataError, MethodError, TrainError
+from longkit.models import DEFAULT_MODEL, fast_bf16, load_model
+from longkit.models.introspect import trained_length
+from longkit.seam import Applied, MethodSpec
+from longkit.train import data as D
+from longkit.train.recipes import Recipe, create_recipe
+
+PRECISIONS = ("auto", "fp32", "bf16")
+RUN_FILE = "train_run.json"
+LOG_FILE = "train_log.jsonl"
+#: Files a finished run leaves besides the model: a rerun of a finished run finds them and stops.
+REPORT_FILE = "train_report.json"
+
+
+@dataclass
+class TrainConfig:
+    """The settings of one training run; all but ``out``, ``progress`` and ``keep_checkpoints`` are its identity."""
+
+    recipe: str = "continual"
+    model: str = DEFAULT_MODEL
+    #: Training sources (text directories, .jsonl, .parquet); empty = the offline Python corpus (stdlib + docs).
+    data: list[str] = field(default_factory=list)
+    target_length: int = 16384
+    rope: str | None = None
+    attention: str | None = None
+    steps: int = 100
+    out: str = "train-run"
+    seed: int = 0
+    save_every: int = 50
+    precision: str = "auto"
+    device: str = "cpu"
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    text_field: str = "text"
+    progress: bool = True
+    #: Keep ``checkpoints/`` after a successful run (default: delete them; the saved model is the result).
+    keep_checkpoints: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("out", "progress", "keep_checkpoints"):
+            out.pop(key)
+        return out
+
+    def validate(self) -> None:
+        for key, low in (("target_length", 2), ("steps", 1), ("save_every", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TrainError(f"parameter '{key}' must be an int >= {low} (got {value!r})")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"parameter 'precision' must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+
+
+# ------------------------------------------------------------------------------------------ the trained-in config
+
+
+def trained_config(model: Any, rope: Any | None, target_length: int) -> Any:
+    """A copy of ``model``'s config as the trained model's ``config.json`` states it: the RoPE method's
+    ``rope_parameters`` (transformers rebuilds the same rotary embedding from them) and, for plain RoPE, the target
+    length as the window."""
+    if rope is None:
+        cfg = copy.deepcopy(model.config)
+    else:
+        if getattr(rope, "n_start_tokens", lambda: 0)():
+            # LongRoPE's n-hat is a forward hook of longkit's; transformers has no setting for it.
+            raise MethodError(f"rope method '{rope.name}': parameter 'start_tokens' cannot be trained in: transformers "
+                              "has no setting for it, so the saved model would not run as trained; use start_tokens=0")
+        cfg = rope.scaled_config(model)
+    if cfg.rope_parameters.get("rope_type", "default") == "default":
+        # Plain RoPE (none, or ABF's new base) ignores the window, so the config can state the trained length.
+        # The scaled types read it (dynamic NTK scales beyond it; YaRN's factor set it): left as the method set it.
+        cfg.max_position_embeddings = max(int(cfg.max_position_embeddings), int(target_length))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- the output dir
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_out_dir(out: Path, identity: dict[str, Any]) -> str:
+    """``"new"``, ``"resume"`` or ``"done"`` for the run ``identity`` in ``out``; a TrainError if ``out`` holds
+    anything else (another run, other files), so that nothing there is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"parameter 'out': {out} is a file; give a directory for the trained model")
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        raise TrainError(f"parameter 'out': {out} is not empty and holds no longkit training run; choose a new "
+                         "directory (nothing was written)")
+    try:
+        old = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainError(f"parameter 'out': cannot read {run_file} ({err}); choose a new directory") from None
+    if old.get("identity") != identity:
+        diff = sorted(k for k in set(identity) | set(old.get("identity", {}))
+                      if identity.get(k) != old.get("identity", {}).get(k))
+        shown = ", ".join(f"{k}: {old.get('identity', {}).get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3])
+        raise TrainError(f"parameter 'out': {out} holds a different training run ({shown}); choose another "
+                         "directory or rerun with the same settings to resume it")
+    return "done" if old.get("status") == "done" else "resume"
+
+
+def _write_run(out: Path, config: TrainConfig, status: str, **extra: Any) -> None:
+    record = {"identity": config.identity(), "digest": _digest(config.identity()), "status": status, **extra}
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / RUN_FILE)
+
+
+# ----------------------------------------------------------------------------------------------------- the data
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Exactly ``n`` training rows: the packed rows in order, cycled when there are fewer, each passed through the
+    recipe's :meth:`~longkit.train.recipes.Recipe.transform` (which depends only on the row and its index, so a
+    resumed run sees the same rows)."""
+
+    def __init__(self, packed: D.Packed, n: int, recipe: Recipe, seed: int):
+        self.packed, self.n, self.recipe, self.seed = packed, n, recipe, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.packed[i % len(self.packed)]
+        row = {k: row[k] for k in ("input_ids", "labels", "position_ids")}
+        return self.recipe.transform(row, i, self.seed)
+
+
+def _documents(config: TrainConfig) -> list[D.Document]:
+    if not config.data:
+        return D.default_corpus()
+    docs: list[D.Document] = []
+    for source in config.data:
+        docs += D.read_source(source, text_field=config.text_field)
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------- the callbacks
+
+
+def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[Any], dict]:
+    from transformers import TrainerCallback
+
+    state: dict[str, Any] = {"bad": None, "last_good": None}
+    log_path = out / LOG_FILE
+
+    class JsonlLog(TrainerCallback):
+        """One JSON line per logged step; a non-finite loss stops the run before the step's checkpoint is saved."""
+
+        def on_train_begin(self, args, st, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            record = {"step": st.global_step, "loss": loss, "learning_rate": logs.get("learning_rate"),
+                      "grad_norm": logs.get("grad_norm"), "tokens": st.global_step * tokens_per_step,
+                      "seconds": round(time.perf_counter() - self.t0, 3)}
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if not math.isfinite(loss):
+                state["bad"] = (st.global_step, loss)
+                control.should_save = False
+                control.should_training_stop = True
+
+        def on_save(self, args, st, control, **kwargs):
+            state["last_good"] = st.global_step
+
+    class Bar(TrainerCallback):
+        """A progress bar with tokens/s, the loss and the ETA (tqdm, as transformers' own bar)."""
+
+        def on_train_begin(self, args, st, control, **kwargs):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=st.max_steps, initial=st.global_step, desc="training", unit="step", dynamic_ncols=True)
+            self.t0, self.s0 = time.perf_counter(), st.global_step
+
+        def on_step_end(self, args, st, control, **kwargs):
+            self.bar.update(st.global_step - self.bar.n)
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                rate = (st.global_step - self.s0) * tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:,.0f}")
+
+        def on_train_end(self, args, st, control, **kwargs):
+            self.bar.close()
+
+    return ([JsonlLog(), Bar()] if progress else [JsonlLog()]), state
+
+
+def _trim_log(out: Path, upto: int) -> None:
+    """Drop the log lines of steps after checkpoint ``upto``: a resumed run logs them again."""
+    path = out / LOG_FILE
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_log(out: str | Path) -> list[dict[str, Any]]:
+    """The per-step records of ``out/train_log.jsonl``."""
+    path = Path(out) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+
+
+def _use_bf16(precision: str, device: str) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return fast_bf16()
+
+
+def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
+    """Run (or resume) the training run ``config``; return the directory of the saved model.
+
+    Every check that can fail (settings, recipe, methods, model, data, output directory) runs before anything is
+    written. ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use them to interrupt a run).
+    """
+    config.validate()
+    recipe = create_recipe(config.recipe)
+    spec = MethodSpec.build(rope=config.rope, attention=_attention(config, recipe))
+    out = Path(config.out).expanduser()
+    state = check_out_dir(out, config.identity())
+    if state == "done":
+        return out
+    lm = load_model(config.model, dtype="float32", device=config.device,
+                    attn_implementation=config.attn_implementation, seed=config.seed)
+    model, tokenizer = lm.model, lm.tokenizer
+    window = trained_length(model)
+    recipe.check(window=window, target_length=config.target_length)
+    spec.check(model)
+    saved_config = trained_config(model, spec.rope, config.target_length)
+    length = recipe.train_length(config.target_length)
+    rows = config.steps * recipe.batch_size * recipe.grad_accum
+    docs = _documents(config)
+    packed = D.build(docs, tokenizer, length, total_tokens=rows * length, seed=config.seed)
+    if int((packed.labels != -100).sum()) == 0:
+        raise DataError("the training data give no token to predict (every document is a single token)")
+
+    # Nothing was written before this line.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_run(out, config, "running")
+    packed.stats.write(out / "data_stats.json")
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    start_step = int(Path(last).name.split("-")[-1]) if last else 0
+    if last:
+        _trim_log(out, start_step)
+    elif (out / LOG_FILE).exists():
+        (out / LOG_FILE).unlink()
+
+    use_cache = model.config.use_cache
+    # No KV cache in training: transformers then reads the packed documents from the restarting position ids.
+    model.config.use_cache = False
+    tokens_per_step = rows // config.steps * length
+    own, guard = _callbacks(out, tokens_per_step, config.progress)
+    bf16 = _use_bf16(config.precision, config.device)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=config.steps, per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum, learning_rate=recipe.lr,
+        warmup_steps=int(recipe.warmup_ratio * config.steps), lr_scheduler_type="cosine",
+        weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm, logging_steps=1,
+        logging_nan_inf_filter=False, save_strategy="steps", save_steps=config.save_every, seed=config.seed,
+        data_seed=config.seed, train_sampling_strategy="sequential", report_to="none", disable_tqdm=True,
+        use_cpu=config.device == "cpu", bf16=bf16, activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    t0 = time.perf_counter()
+    with Applied(model, spec):
+        trainee = recipe.wrap(model)
+        trainee.train()
+        trainer = _RecipeTrainer(recipe=recipe, model=trainee, args=args,
+                                 train_dataset=PackedRows(packed, rows, recipe, config.seed),
+                                 callbacks=[*own, *callbacks])
+        # The bar shows the loss; transformers' printer would add a dict line per step.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train(resume_from_checkpoint=last)
+        if guard["bad"] is not None:
+            step, loss = guard["bad"]
+            kept = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+            _write_run(out, config, "stopped", reason=f"loss {loss} at step {step}")
+            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved before it"
+            raise TrainError(f"loss is {loss} at step {step}: training stopped; {where} (lower the learning rate, "
+                             f"lr={recipe.lr:g}, or check the data)")
+        if recipe.lora:
+            trainee.save_pretrained(out / "adapter")
+            model = trainee.merge_and_unload()
+    seconds = time.perf_counter() - t0
+    model.config = saved_config
+    model.config.use_cache = use_cache
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _write_report(out, config, recipe, packed, seconds, start_step, tokens_per_step, window)
+    _write_run(out, config, "done")
+    if ckpt_dir.is_dir() and not config.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out
+
+
+def _attention(config: TrainConfig, recipe: Recipe) -> str | None:
+    own = recipe.attention()
+    if own and config.attention:
+        raise MethodError(f"training recipe '{recipe.name}' sets its own attention method ({own}); drop --attention "
+                          f"{config.attention}")
+    return own or config.attention
+
+
+class _RecipeTrainer:
+    """Built lazily (transformers' Trainer imports accelerate): a Trainer whose loss is the recipe's."""
+
+    def __new__(cls, *, recipe: Recipe, **kwargs: Any) -> Any:
+        from transformers import Trainer
+
+        class RecipeTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss = recipe.compute_loss(model, inputs)
+                if loss is None:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return (loss, None) if return_outputs else loss
+
+        return RecipeTrainer(**kwargs)
+
+
+def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Packed, seconds: float, start_step: int,
+                  tokens_per_step: int, window: int) -> None:
+    log = read_log(out)
+    losses = [r["loss"] for r in log]
+    report = {
+        "recipe": recipe.label(), "model": config.model, "rope": config.rope, "attention": config.attention,
+        "trained_window": window, "target_length": config.target_length, "steps": config.steps,
+        "tokens_seen": config.steps * tokens_per_step, "resumed_from_step": start_step,
+        "seconds_this_session": round(seconds, 2),
+        "tokens_per_second": round((config.steps - start_step) * tokens_per_step / max(seconds, 1e-9), 1),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "data": packed.stats.stats(),
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    with contextlib.suppress(ImportError):
+        _plot(out / "loss.png", log, f"{recipe.label()} {config.rope or ''} @ {config.target_length}")
+
+
+def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([r["tokens"] for r in log], [r["loss"] for r in log], lw=1.2)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+
+
+__all__ = ["PRECISIONS", "TrainConfig", "check_out_dir", "read_log", "train", "trained_config"]

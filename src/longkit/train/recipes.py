@@ -1,0 +1,176 @@
+"""Training recipes: what a training run does to the model and its data, as typed, range-checked dataclasses.
+
+A recipe is declared like a method (fields with :func:`longkit.registry.param`, ``@register_recipe("name")``) and is
+listed by ``longkit methods --kind train``; the run itself (load the model, apply RoPE/attention methods through the
+seam, pack the data, run transformers' ``Trainer``, save) lives above the seam in :mod:`longkit.runtime.train`.
+
+Why recipes have their own registry (:data:`RECIPES`) rather than a fifth kind in ``REGISTRIES``: the method kinds
+are things the seam *applies* to a loaded model and removes again (``apply(model) -> undo``, bit-identical after
+removal, one field per kind in ``MethodSpec``, one row each in the conformance matrix). A recipe is never applied
+to a model at inference time; it drives a run and composes *with* every method kind (a ``continual`` run with
+``--rope yarn``). It shares the parameter machinery (``param``, ``check_params``, ``Registry``), not the verb.
+
+The hooks a recipe may override are the seams the planned recipes need, each one file:
+
+- ``continual``: only the defaults (full or LoRA fine-tuning at the target length);
+- ``pose``: :meth:`Recipe.train_length` (a short window) and :meth:`Recipe.transform` (skip-wise position ids);
+- ``longlora``: :meth:`Recipe.attention` (S²-Attn during training), LoRA with trainable embeddings and norms
+  (:meth:`Recipe.extra_trainable`);
+- a loss such as LongCE: :meth:`Recipe.compute_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from longkit.errors import MethodError
+from longkit.registry import Registry, check_params, param, params_of
+
+#: Every training recipe by name. Not one of the method ``REGISTRIES`` (see the module doc).
+RECIPES = Registry("train", "training recipe")
+
+#: ``lora_targets`` names -> the module names LoRA adapts (Llama, Qwen2/3, Mistral, SmolLM2 spell them alike).
+LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all-linear": "all-linear",
+}
+
+
+def register_recipe(name: str) -> Callable[[type], type]:
+    """Class decorator: ``@register_recipe("continual")``; stamps the class's ``kind`` and ``name``."""
+
+    def add(cls: type) -> type:
+        cls.kind, cls.name = "train", name
+        return RECIPES.add(name, cls)
+
+    return add
+
+
+def create_recipe(spec: str | Recipe, args: dict[str, Any] | None = None) -> Recipe:
+    """A recipe from ``"continual:lora=true,lr=1e-4"`` (the CLI spelling), a name plus ``args``, or a built one."""
+    from longkit.registry import split_spec
+
+    if isinstance(spec, Recipe):
+        if args:
+            raise MethodError("recipe args given with an already-built recipe; set its fields instead")
+        return spec
+    name, spec_args = split_spec(spec)
+    twice = sorted(set(spec_args) & set(args or {}))
+    if twice:
+        raise MethodError(f"training recipe '{name}': parameter {', '.join(map(repr, twice))} given twice")
+    return RECIPES.create(name, {**spec_args, **(args or {})})
+
+
+@dataclass
+class Recipe:
+    """Base of the training recipes: the optimiser settings and LoRA, shared by all.
+
+    Parameters
+    ----------
+    lr: peak learning rate (AdamW), > 0.
+    warmup_ratio: fraction of the steps with a linear warm-up, in [0, 1).
+    weight_decay: AdamW weight decay, >= 0.
+    batch_size: packed rows per optimiser step (per device), >= 1.
+    grad_accum: micro-batches accumulated per step, >= 1.
+    max_grad_norm: gradient clipping norm, > 0.
+    lora: train LoRA adapters (peft) instead of all weights; merged into the saved model.
+    lora_r, lora_alpha, lora_dropout: LoRA rank (>= 1), scale (> 0) and dropout ([0, 1)).
+    lora_targets: which linear layers get adapters: attention (q/k/v/o) or all-linear.
+    """
+
+    kind: ClassVar[str] = "train"
+    name: ClassVar[str] = "?"
+    paper: ClassVar[str] = ""
+    #: The recipe extends the window, so the target length must be larger than the model's trained length.
+    needs_longer_target: ClassVar[bool] = True
+
+    lr: float = param(2e-5, gt=0.0, help="peak learning rate (AdamW)")
+    warmup_ratio: float = param(0.1, ge=0.0, lt=1.0, help="fraction of steps with linear warm-up")
+    weight_decay: float = param(0.0, ge=0.0, help="AdamW weight decay")
+    batch_size: int = param(1, ge=1, help="packed rows per step (per device)")
+    grad_accum: int = param(1, ge=1, help="micro-batches accumulated per step")
+    max_grad_norm: float = param(1.0, gt=0.0, help="gradient clipping norm")
+    lora: bool = param(False, help="train LoRA adapters (merged into the saved model)")
+    lora_r: int = param(8, ge=1, help="LoRA rank")
+    lora_alpha: float = param(16.0, gt=0.0, help="LoRA scale alpha")
+    lora_dropout: float = param(0.0, ge=0.0, lt=1.0, help="LoRA dropout")
+    lora_targets: str = param("attention", choices=tuple(LORA_TARGETS), help="layers that get LoRA adapters")
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+    def fail(self, key: str, text: str) -> None:
+        raise MethodError(f"training recipe '{self.name}': parameter '{key}' {text}")
+
+    # ------------------------------------------------------------------------------------------- the hooks
+
+    def check(self, *, window: int, target_length: int) -> None:
+        """Raise a MethodError when this recipe cannot run for a model trained at ``window`` tokens."""
+        if self.needs_longer_target and target_length <= window:
+            raise MethodError(
+                f"training recipe '{self.name}': parameter 'target_length' = {target_length} must be larger than "
+                f"the model's trained window {window} (the recipe extends the context)"
+            )
+
+    def train_length(self, target_length: int) -> int:
+        """The length of the packed rows the model is trained on (PoSE: a shorter window than the target)."""
+        return target_length
+
+    def attention(self) -> str | None:
+        """An attention method spec applied during training only (LongLoRA: S²-Attn), or None."""
+        return None
+
+    def transform(self, row: dict[str, torch.Tensor], index: int, seed: int) -> dict[str, torch.Tensor]:
+        """Row ``index`` of the packed data as the model sees it (PoSE rewrites ``position_ids``). Must depend only
+        on (row, index, seed), so that a resumed run sees the same rows."""
+        return row
+
+    def extra_trainable(self) -> list[str]:
+        """Module names trained in full besides the LoRA adapters (LongLoRA's embeddings and norms)."""
+        return []
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The training loss of one batch, or None for the model's own cross-entropy over ``labels``."""
+        return None
+
+    def wrap(self, model: Any) -> Any:
+        """The model to train: itself (full fine-tuning) or a peft LoRA model around it."""
+        if not self.lora:
+            return model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise MethodError(f"training recipe '{self.name}': lora=true needs peft: pip install 'longkit[train]'") from None
+        config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                            target_modules=LORA_TARGETS[self.lora_targets],
+                            modules_to_save=self.extra_trainable() or None, task_type="CAUSAL_LM")
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:
+            raise MethodError(f"training recipe '{self.name}': parameter 'lora_targets' = {self.lora_targets!r} does "
+                              f"not fit {type(model).__name__}: {str(err).splitlines()[0]}") from None
+
+    # ------------------------------------------------------------------------------------------ description
+
+    def params(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in params_of(type(self))}
+
+    def label(self) -> str:
+        """``name:key=value`` of the parameters that differ from their defaults."""
+        changed = [f"{p.name}={getattr(self, p.name)}" for p in params_of(type(self))
+                   if getattr(self, p.name) != p.default]
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "kind": cls.kind,
+            "paper": cls.paper,
+            "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+            "parameters": [p.to_json() for p in params_of(cls)],
+        }

@@ -194,6 +194,10 @@ CASES: dict[tuple[str, str], dict] = {
         ],
         "changes_logits": False,
     },
+    # ---- memory: retrieval rewrites the prompt (eval runner), the model runs unchanged ----
+    ("memory", "rag"): {"args": [{}, {"retriever": "dense", "chunk_size": 16, "top_k": 2, "budget": 32}],
+                        "changes_logits": False},
+    ("memory", "self_route"): {"args": [{}, {"chunk_size": 8, "top_k": 1, "budget": 8}], "changes_logits": False},
     # ---- memory: InfLLM. The 97-token prompt has far tokens (fixed distance) and, with the second set, more blocks
     # than topk (retrieval); the 41-token decoding check stays within topk blocks, where the chunking of prefill
     # and decoding cannot change what is attended, so cached decoding must match one forward ----

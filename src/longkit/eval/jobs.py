@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from longkit.errors import EvalError
 from longkit.eval.backends.base import GenerationRequest, GenerationResult, NLLRequest, messages_for
 from longkit.eval.records import sample_id
+from longkit.eval.retrieval import is_refusal, memory_fields, retrieval_memory, retrieval_request
 from longkit.eval.suites import Suite, get_suite
 from longkit.eval.tasks import TaskContext, get_task
+from longkit.memory.rag import RetrievalMemory
+from longkit.seam import MethodSpec
 
 if TYPE_CHECKING:
     from longkit.eval.runner import EvalConfig
@@ -40,6 +43,11 @@ class Job(Protocol):
         """The sample's record from the backend's result of this job's last ``request``."""
         ...
 
+    def follow_up(self, result: Any) -> GenerationRequest | None:
+        """A second request this sample needs after ``result`` (Self-Route's long-context answer), or None; the
+        runner sends it and passes its result to :meth:`record`."""
+        ...
+
 
 @dataclass
 class TaskJob:
@@ -50,7 +58,9 @@ class TaskJob:
     length: int
     depth: float | None
     sample: int
-    #: (task, built sample) between ``request`` and ``record``.
+    #: The combination's retrieval memory method (RAG, Self-Route): the prompt is built from retrieved chunks.
+    memory: RetrievalMemory | None = field(default=None, repr=False)
+    #: (task, built sample, retrieval or None, earlier results) between ``request`` and ``record``.
     _pending: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -59,14 +69,30 @@ class TaskJob:
 
     def request(self, ctx: TaskContext) -> GenerationRequest | NLLRequest:
         task = get_task(self.task)
-        request, built = task.request(ctx, self.length, self.depth, self.sample)
-        self._pending = (task, built)
+        if self.memory is None:
+            request, built = task.request(ctx, self.length, self.depth, self.sample)
+            self._pending = (task, built, None, [])
+            return request
+        built = task.build(ctx, self.length, self.depth, self.sample)
+        request, got = retrieval_request(self.memory, ctx.tokenizer, task.name, built)
+        self._pending = (task, built, got, [])
         return request
 
+    def follow_up(self, result: Any) -> GenerationRequest | None:
+        task, built, got, earlier = self._pending
+        if got is None or earlier or not self.memory.routes or not result.ok or not is_refusal(result.text):
+            return None
+        # Self-Route: the retrieved chunks did not answer; ask again with the full context (the original prompt).
+        earlier.append(result)
+        return GenerationRequest(built.max_new_tokens, input_ids=list(built.prompt.input_ids))
+
     def record(self, result: Any) -> dict[str, Any]:
-        (task, built), self._pending = self._pending, None
-        return {"id": self.id, "method": self.method, "task": self.task, "length": self.length,
-                "depth": self.depth, "sample": self.sample, **task.fields(built, result)}
+        (task, built, got, earlier), self._pending = self._pending, None
+        out = {"id": self.id, "method": self.method, "task": self.task, "length": self.length,
+               "depth": self.depth, "sample": self.sample, **task.fields(built, result)}
+        if got is not None:
+            out.update(memory_fields(self.memory, built, got, [*earlier, result]))
+        return out
 
 
 @dataclass
@@ -94,6 +120,9 @@ class SuiteJob:
                                      stop_newline=prompt.stop_newline)
         return GenerationRequest(prompt.max_new_tokens, prompt=prompt.text, stop_newline=prompt.stop_newline)
 
+    def follow_up(self, result: GenerationResult) -> None:
+        return None
+
     def record(self, result: GenerationResult) -> dict[str, Any]:
         prompt, self._prompt = self._prompt, None
         return {
@@ -114,7 +143,7 @@ def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
         return plan_suite(config, labels)
     tasks = [(name, get_task(name)) for name in config.tasks]
     return [
-        TaskJob(label, name, length, depth, sample)
+        TaskJob(label, name, length, depth, sample, retrieval_memory(MethodSpec.parse(label)))
         for label in labels
         for length in sorted(int(n) for n in config.lengths)
         for name, task in tasks

@@ -45,12 +45,33 @@ def chat_frame(tokenizer: Any, chat: bool) -> tuple[list[int], list[int]]:
 
 
 @dataclass
+class PromptParts:
+    """A prompt cut around its context, so that a memory method can replace the context (retrieval):
+    ``front + context + question_ids + back`` is the prompt; ``question`` is the text to retrieve with."""
+
+    #: Everything before the context (chat head, instruction).
+    front: list[int]
+    context: list[int]
+    #: The question and whatever else sits between the context and the chat tail.
+    question_ids: list[int]
+    #: Chat tail and answer prefix.
+    back: list[int]
+    question: str
+
+    def assemble(self, context: list[int], extra: list[int] | None = None) -> list[int]:
+        """The prompt with ``context`` in place of the original one and ``extra`` ids right after the question."""
+        return self.front + list(context) + self.question_ids + (extra or []) + self.back
+
+
+@dataclass
 class FittedPrompt:
-    """A prompt of exactly ``len(input_ids)`` tokens and where its needle sits."""
+    """A prompt of exactly ``len(input_ids)`` tokens, where its needle sits, and its parts where the task has them."""
 
     input_ids: list[int]
     needle_start: int | None
     depth: float | None
+    #: (instruction, context, question) of the prompt; None for tasks without a question (perplexity).
+    parts: PromptParts | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -99,6 +120,7 @@ def fit_prompt(
             cut = bounds[i] if i >= 0 else 0
         hay = hay[:cut] + needle_ids + hay[cut:]
         needle_at = len(head) + len(instruction_ids) + cut
-    ids = head + instruction_ids + hay + question_ids + tail + prefix_ids
+    parts = PromptParts(head + instruction_ids, hay, question_ids, tail + prefix_ids, question)
+    ids = parts.assemble(hay)
     assert len(ids) == length, (len(ids), length)
-    return FittedPrompt(ids, needle_at, depth)
+    return FittedPrompt(ids, needle_at, depth, parts)

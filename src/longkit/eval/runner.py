@@ -28,6 +28,7 @@ from longkit.eval.backends.openai import CONNECT_TIMEOUT, READ_TIMEOUT
 from longkit.eval.jobs import Job, plan
 from longkit.eval.metrics import RULER_THRESHOLD
 from longkit.eval.records import RecordWriter, load_records, repair_records
+from longkit.eval.retrieval import check_context, check_memory_run, retrieval_memory
 from longkit.eval.rundir import open_run_dir, record_invocation, run_identity
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, check_chunk
@@ -128,8 +129,7 @@ class EvalConfig:
             raise EvalError(f"parameter 'limit' must be >= 1 records per task or None (got {self.limit})")
         if self.suite is not None:
             self._validate_suite()
-            for text in self.methods:
-                MethodSpec.parse(text)
+            check_memory_run([MethodSpec.parse(text) for text in self.methods], [], self.suite)
             self._validate_sources(check_model)
             return
         if not self.tasks:
@@ -149,8 +149,7 @@ class EvalConfig:
             raise EvalError(f"parameter 'samples' must be >= 1 (got {self.samples})")
         if not 0.0 <= self.threshold <= 100.0:
             raise EvalError(f"parameter 'threshold' must be in [0, 100] (got {self.threshold})")
-        for text in self.methods:
-            MethodSpec.parse(text)
+        check_memory_run([MethodSpec.parse(text) for text in self.methods], [get_task(t) for t in self.tasks], None)
         self._validate_sources(check_model)
 
     def _validate_values(self) -> None:
@@ -286,7 +285,12 @@ def preflight(config: EvalConfig, lm: Any, specs: list[MethodSpec], ctx: TaskCon
     if not config.suite:
         lengths = [int(n) for n in config.lengths]
         for name in config.tasks:
-            get_task(name).preflight(ctx, lengths, list(config.depths), config.samples)
+            task = get_task(name)
+            task.preflight(ctx, lengths, list(config.depths), config.samples)
+            for memory in filter(None, map(retrieval_memory, specs)):
+                # The shortest context of the grid is where a retrieval budget would keep it all.
+                depth = config.depths[0] if task.uses_depth else None
+                check_context(memory, name, task.build(ctx, min(lengths), depth, 0))
 
 
 def _git_commit() -> str | None:
@@ -476,6 +480,11 @@ def _run(jobs: list[Job], ctx: TaskContext, backend_for: Callable[[str], Any], r
                     # Retry warnings print above the live progress bar instead of tearing it.
                     warn = backend.warn = lambda line: bar.console.print(line, markup=False, highlight=False)
                 for index, result in backend.generate_many(requests(mine)):
+                    # A sample may need a second answer (Self-Route's fall back to the full context).
+                    again = mine[index].follow_up(result)
+                    if again is not None:
+                        again.label = mine[index].id
+                        result = again.send(backend)
                     record = mine[index].record(result)
                     if record.get("error") is not None and warn is not None:
                         warn(f"warning: {record['id']}: failed, not scored: {record['error']}")

@@ -177,6 +177,7 @@ class RulerGenerator:
             "chat": self.frame.chat,
             "synthetic": self.synthetic,
             "meta": draft.meta,
+            "context": draft.context,
         }
 
     def input_ids(self, sample: dict[str, Any]) -> list[int]:

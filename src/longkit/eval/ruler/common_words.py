@@ -123,7 +123,10 @@ class CWEBuilder:
         words = rng.sample(self.supply(n), n)
         text, examples, answer = cwe_prompt(example_words, words, self.cfg, self.run_seed, self.short)
         meta = {"haystack_size": n, "example_answer": example_words[: self.cfg.num_cw]}
-        return Draft(text, FAMILIES["common_words_extraction"].answer_prefix, answer, meta, examples)
+        # The numbered list sits between the template's fixed text around {context} (cwe has no {query}).
+        before, after = FAMILIES["common_words_extraction"].template.split("{context}")
+        context = text[len(before):len(text) - len(after)]
+        return Draft(text, FAMILIES["common_words_extraction"].answer_prefix, answer, meta, examples, context)
 
     def check_fit(self, size: int, n_tokens: int, budget: int, count) -> None:
         """Fail, rather than return a prompt short of the budget, where RULER would pass the wonderwords size.

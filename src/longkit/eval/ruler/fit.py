@@ -28,6 +28,9 @@ class Draft:
     meta: dict[str, Any] = field(default_factory=dict)
     #: Worked examples shown before the task, as (user text, assistant text) turns (cwe's one shot).
     examples: list[tuple[str, str]] = field(default_factory=list)
+    #: The haystack part of ``text`` (it occurs in ``text`` once, after the instruction, before the question):
+    #: what a retrieval memory method cuts into chunks; empty where a draft has none.
+    context: str = ""
 
 
 class Frame:

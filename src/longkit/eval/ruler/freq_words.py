@@ -98,8 +98,10 @@ class FWEBuilder:
         # RULER shuffles with a generator seeded by the run seed alone.
         random.Random(self.run_seed).shuffle(items)
         family = FAMILIES["freq_words_extraction"]
-        text = family.template.format(context=" ".join(items), query="")
-        return Draft(text, family.answer_prefix, self.vocab[1:4], {"haystack_size": n, "counts": self.counts(n)[:5]})
+        context = " ".join(items)
+        text = family.template.format(context=context, query="")
+        return Draft(text, family.answer_prefix, self.vocab[1:4], {"haystack_size": n, "counts": self.counts(n)[:5]},
+                     context=context)
 
     def fit(self, count) -> tuple[Draft, int, int]:
         """RULER's sizing of N (see the module doc); ``count`` gives a draft's prompt tokens.

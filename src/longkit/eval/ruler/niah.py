@@ -141,4 +141,4 @@ class NiahBuilder:
         meta = {"keys": self.keys, "queries": self.queries, "needles": list(self.needles), "haystack_size": n}
         if depths is not None:
             meta["depths"] = depths
-        return Draft(text, self.answer_prefix, list(self.answers), meta)
+        return Draft(text, self.answer_prefix, list(self.answers), meta, context=context)

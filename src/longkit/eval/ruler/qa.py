@@ -220,4 +220,5 @@ class QABuilder:
         family = FAMILIES["qa"]
         text = family.template.format(context=context, query=item.query)
         gold_pos = [passages.index(self.docs[g]) + 1 for g in gold]
-        return Draft(text, family.answer_prefix, list(item.outputs), {"haystack_size": n, "gold_documents": gold_pos})
+        return Draft(text, family.answer_prefix, list(item.outputs), {"haystack_size": n, "gold_documents": gold_pos},
+                     context=context)

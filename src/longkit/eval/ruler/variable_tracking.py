@@ -134,7 +134,7 @@ class VTBuilder:
         # RULER inserts the example (which ends in a newline) before the task template, plus one more newline.
         text = self.example + "\n" + body
         meta = {"chains": self.chains, "haystack_size": n, "example": self.example}
-        return Draft(text, self.answer_prefix, list(self.variables[0]), meta)
+        return Draft(text, self.answer_prefix, list(self.variables[0]), meta, context=context)
 
 
 def icl_example(frame: Frame, cfg: VTConfig, run_seed: int, essay: Any) -> str:

@@ -55,6 +55,9 @@ class Task:
     uses_depth: ClassVar[bool] = True
     #: Whether prompts use the model's chat template unless the run says otherwise.
     chat_default: ClassVar[bool] = True
+    #: Whether prompts expose (instruction, context, question) (:class:`~longkit.eval.prompt.PromptParts`), which
+    #: retrieval memory methods need to know what to query with and what to cut.
+    has_question: ClassVar[bool] = True
 
     def build(self, ctx: TaskContext, length: int, depth: float | None, sample: int) -> GenerationSample:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from longkit.errors import EvalError
 from longkit.eval.metrics import postprocess_pred, string_match_part
-from longkit.eval.prompt import FittedPrompt, chat_frame, encode
+from longkit.eval.prompt import FittedPrompt, PromptParts, chat_frame, encode
 from longkit.eval.ruler.qa import synthetic_qa
 from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
 
@@ -47,7 +47,9 @@ class LostInMiddle(Task):
         head, tail = chat_frame(tok, ctx.use_chat(self))
         front = head + encode(tok, INSTRUCTION)
         # Liu et al. end the prompt with "Answer:"; with a chat template it follows the assistant header.
-        back = encode(tok, QUESTION.format(question=items[gold].query)) + tail + encode(tok, ANSWER_PREFIX)
+        question = QUESTION.format(question=items[gold].query)
+        question_ids, after = encode(tok, question), tail + encode(tok, ANSWER_PREFIX)
+        back = question_ids + after
         budget = length - len(front) - len(back)
 
         def doc_ids(n: int) -> tuple[list[int], int]:
@@ -81,7 +83,8 @@ class LostInMiddle(Task):
                 break
             n, body, start = n + 1, bigger, bigger_start
         ids = front + body + back
-        return GenerationSample(FittedPrompt(ids, len(front) + start, depth), list(items[gold].outputs), 32)
+        parts = PromptParts(front, body, question_ids, after, question)
+        return GenerationSample(FittedPrompt(ids, len(front) + start, depth, parts), list(items[gold].outputs), 32)
 
     def score(self, prediction: str, answers: list[str]) -> float:
         return string_match_part([postprocess_pred(prediction)], [answers])

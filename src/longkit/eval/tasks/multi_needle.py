@@ -17,7 +17,7 @@ import bisect
 from longkit.errors import EvalError
 from longkit.eval.haystack import haystack_text, token_stream
 from longkit.eval.metrics import postprocess_pred, string_match_all
-from longkit.eval.prompt import FittedPrompt, chat_frame, encode
+from longkit.eval.prompt import FittedPrompt, PromptParts, chat_frame, encode
 from longkit.eval.ruler.niah import NiahConfig, niah_templates, random_needle
 from longkit.eval.ruler.templates import NEEDLE
 from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
@@ -52,10 +52,8 @@ class MultiNeedle(Task):
         tok = ctx.tokenizer
         head, tail = chat_frame(tok, ctx.use_chat(self))
         needles = [encode(tok, " " + NEEDLE.format(type_needle_v="numbers", key=key, value=v) + " ") for v in values]
-        pieces = (
-            head + encode(tok, before),
-            encode(tok, after) + tail + encode(tok, prefix.format(type_needle_v=type_v, query=key)),
-        )
+        after_ids, back = encode(tok, after), tail + encode(tok, prefix.format(type_needle_v=type_v, query=key))
+        pieces = (head + encode(tok, before), after_ids + back)
         fixed = len(pieces[0]) + len(pieces[1]) + sum(map(len, needles))
         budget = length - fixed
         if budget < 16:
@@ -76,7 +74,8 @@ class MultiNeedle(Task):
             hay = hay[:cut] + needle + hay[cut:]
         ids = pieces[0] + hay + pieces[1]
         assert len(ids) == length, (len(ids), length)
-        return GenerationSample(FittedPrompt(ids, len(pieces[0]) + min(cuts), depth), values, max_new_tokens=64)
+        parts = PromptParts(pieces[0], hay, after_ids, back, after)
+        return GenerationSample(FittedPrompt(ids, len(pieces[0]) + min(cuts), depth, parts), values, max_new_tokens=64)
 
     def score(self, prediction: str, answers: list[str]) -> float:
         return string_match_all([postprocess_pred(prediction)], [answers])

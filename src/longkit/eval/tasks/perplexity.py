@@ -39,6 +39,8 @@ class Perplexity(Task):
     """
 
     name = "perplexity"
+    # A text window has no question: retrieval has nothing to query with.
+    has_question = False
     scored = False
     uses_depth = False
 

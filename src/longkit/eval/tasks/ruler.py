@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from longkit.errors import EvalError
 from longkit.eval.metrics import METRICS, RULER_TASK_METRICS, postprocess_pred
-from longkit.eval.prompt import FittedPrompt
+from longkit.eval.prompt import FittedPrompt, PromptParts, encode
 from longkit.eval.ruler import TASKS as RULER_TASKS
 from longkit.eval.ruler import RulerGenerator
 from longkit.eval.tasks.base import GenerationSample, Task, TaskContext, register_task
@@ -70,8 +70,25 @@ class Ruler(Task):
         s = gen.sample(length, sample)
         ids = gen.input_ids(s)
         return GenerationSample(
-            FittedPrompt(ids, None, None), list(s["outputs"]), max_new_tokens=s["tokens_to_generate"]
+            FittedPrompt(ids, None, None, self.parts(gen, s)), list(s["outputs"]), max_new_tokens=s["tokens_to_generate"]
         )
+
+    @staticmethod
+    def parts(gen: RulerGenerator, s: dict[str, Any]) -> PromptParts | None:
+        """The sample cut around its haystack (the last occurrence in the user text: vt's worked example before it
+        has a haystack of its own); the text after the haystack (the question) is what retrieval queries with.
+        The pieces are encoded separately, so their ids may differ from the whole prompt's at the two cuts."""
+        user, context = s["input"], s.get("context", "")
+        at = user.rfind(context) if context else -1
+        if at < 0:
+            return None
+        tok, tail = gen.frame.tokenizer, gen.frame.tail
+        examples = [tuple(e) for e in s.get("examples", [])]
+        # frame.ids(text, "") ends with the chat tail: what is before it is shots + head + the text before the context
+        front_and_tail = gen.frame.ids(user[:at], "", examples)
+        question = user[at + len(context):]
+        return PromptParts(front_and_tail[: len(front_and_tail) - len(tail)], encode(tok, context),
+                           encode(tok, question), tail + encode(tok, s["answer_prefix"]), question.strip())
 
     def score(self, prediction: str, answers: list[str]) -> float:
         metric = METRICS[RULER_TASK_METRICS[self.ruler_task]]

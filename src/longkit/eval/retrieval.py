@@ -1,0 +1,100 @@
+"""Retrieval memory in the eval runner: a task's prompt rebuilt from the chunks a memory method retrieves, and the
+cost fields of its records.
+
+A task whose prompts expose (instruction, context, question) (:class:`~longkit.eval.prompt.PromptParts`) gets the
+prompt ``front + retrieved chunks + question (+ Self-Route's instruction) + chat tail + answer prefix``; the
+question is the retrieval query. Self-Route asks a second time with the task's full prompt when the first answer
+contains "unanswerable" (:func:`longkit.memory.rag.is_refusal`). Record fields of such a sample:
+
+- ``prompt_tokens``: prompt tokens the model processed, summed over its requests; ``tokens_processed`` adds the
+  generated tokens (the baseline's counterpart is ``n_tokens + new_tokens``);
+- ``retrieval_s``: seconds of chunking, scoring and selection; ``context_tokens`` / ``retrieved_tokens``: the
+  context's tokens before and after retrieval; ``chunks`` / ``retrieved_chunks``: the number of chunks and the
+  indices kept (document order);
+- ``route`` (Self-Route): ``rag`` when the retrieval answer stands, ``long`` when the full context answered, and
+  ``rag_prediction``, the retrieval answer;
+- ``prefill_s`` / ``decode_s`` summed over the requests, ``peak_mem_bytes`` / ``kv_bytes`` their maximum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from longkit.errors import EvalError
+from longkit.eval.backends.base import GenerationRequest
+from longkit.eval.prompt import encode
+from longkit.memory.rag import REFUSAL_INSTRUCTION, Retrieval, RetrievalMemory, is_refusal
+from longkit.seam import MethodSpec
+
+__all__ = ["check_memory_run", "is_refusal", "memory_fields", "retrieval_memory", "retrieval_request"]
+
+
+def retrieval_memory(spec: MethodSpec) -> RetrievalMemory | None:
+    """The combination's memory method when it works on the prompt (retrieval), else None."""
+    return spec.memory if isinstance(spec.memory, RetrievalMemory) else None
+
+
+def check_memory_run(specs: list[MethodSpec], tasks: list[Any], suite: str | None) -> None:
+    """Refuse a run where a retrieval memory method meets a task without a question (perplexity) or a suite (its
+    prompts are built as text, not as instruction / context / question)."""
+    for spec in specs:
+        memory = retrieval_memory(spec)
+        if memory is None:
+            continue
+        if suite:
+            raise EvalError(f"memory method '{memory.name}' needs tasks that expose (instruction, context, question); "
+                            f"the suite '{suite}' does not: run it without --memory")
+        for task in tasks:
+            if not task.has_question:
+                raise EvalError(f"task '{task.name}' has no question to retrieve with, so memory method "
+                                f"'{memory.name}' cannot run on it: run '{task.name}' without --memory")
+
+
+def _parts(task: str, memory: RetrievalMemory, built: Any) -> Any:
+    parts = built.prompt.parts
+    if parts is None:
+        raise EvalError(f"task '{task}' built a prompt without (instruction, context, question), so memory method "
+                        f"'{memory.name}' has nothing to retrieve from")
+    return parts
+
+
+def check_context(memory: RetrievalMemory, task: str, built: Any) -> None:
+    """What :func:`retrieval_request` would refuse about this sample, without retrieving (the runner's preflight)."""
+    memory.check_context(len(_parts(task, memory, built).context))
+
+
+def retrieval_request(memory: RetrievalMemory, tokenizer: Any, task: str, built: Any) -> tuple[GenerationRequest,
+                                                                                              Retrieval]:
+    """The generation request of a built sample under retrieval memory, and what retrieval kept."""
+    parts = _parts(task, memory, built)
+    got = memory.retrieve(tokenizer, parts.context, parts.question)
+    extra = encode(tokenizer, REFUSAL_INSTRUCTION) if memory.routes else []
+    return GenerationRequest(built.max_new_tokens, input_ids=parts.assemble(got.ids, extra)), got
+
+
+def _total(values: list[Any], how: Any) -> Any:
+    present = [v for v in values if v is not None]
+    return how(present) if present else None
+
+
+def memory_fields(memory: RetrievalMemory, built: Any, got: Retrieval, results: list[Any]) -> dict[str, Any]:
+    """The cost fields of one sample answered through retrieval (``results``: its requests' results, in order)."""
+    prompt = sum(r.prompt_tokens or 0 for r in results)
+    generated = sum(r.completion_tokens or 0 for r in results)
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "tokens_processed": prompt + generated,
+        "retrieval_s": round(got.seconds, 6),
+        "context_tokens": len(built.prompt.parts.context),
+        "retrieved_tokens": len(got.ids),
+        "chunks": got.n_chunks,
+        "retrieved_chunks": got.chunks,
+        "prefill_s": _total([r.stats.get("prefill_s") for r in results], lambda v: round(sum(v), 4)),
+        "decode_s": _total([r.stats.get("decode_s") for r in results], lambda v: round(sum(v), 4)),
+        "peak_mem_bytes": _total([r.stats.get("peak_mem_bytes") for r in results], max),
+        "kv_bytes": _total([r.stats.get("kv_bytes") for r in results], max),
+    }
+    if memory.routes:
+        out["route"] = "long" if len(results) > 1 else "rag"
+        out["rag_prediction"] = results[0].text
+    return out

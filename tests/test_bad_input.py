@@ -271,7 +271,13 @@ TRAIN_BASE = {"recipe": "continual", "--model": "tiny-llama", "--data": "{docs}"
               "--steps": "2", "--precision": "fp32"}
 
 TRAIN = [
-    ("unknown-recipe", {"recipe": "nope"}, "unknown training recipe 'nope'; valid training recipes: continual"),
+    ("unknown-recipe", {"recipe": "nope"}, "unknown training recipe 'nope'; valid training recipes: continual, "
+                                           "longlora, pose"),
+    ("pose-window-not-shorter", {"recipe": "pose:window=1024"}, "parameter 'window' = 1024 must be smaller than "
+                                                                "'target_length' = 1024"),
+    ("pose-window-1", {"recipe": "pose:window=1"}, "parameter 'window' must be >= 2"),
+    ("unknown-loss", {"recipe": "continual:loss=focal"}, "parameter 'loss' must be one of 'ce', 'longce'"),
+    ("longce-short-0", {"recipe": "continual:loss=longce,longce_short=0"}, "parameter 'longce_short' must be >= 1"),
     ("unknown-recipe-param", {"recipe": "continual:rank=2"}, "has no parameter 'rank'; valid parameters"),
     ("recipe-lr-0", {"recipe": "continual:lr=0"}, "parameter 'lr' must be > 0.0"),
     ("recipe-lora-targets", {"recipe": "continual:lora=true,lora_targets=mlp"}, "'lora_targets' must be one of"),

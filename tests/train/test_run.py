@@ -198,5 +198,5 @@ def test_cli_train_and_methods_kind_train(docs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["methods", "--kind", "train", "--json"])
     listed = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in listed] == ["continual"] and listed[0]["kind"] == "train"
+    assert [d["name"] for d in listed] == ["continual", "longlora", "pose"] and listed[0]["kind"] == "train"
     assert {"lr", "lora", "lora_r"} <= {p["name"] for p in listed[0]["parameters"]}

@@ -373,6 +373,12 @@ class _RecipeTrainer:
                 loss = recipe.compute_loss(model, inputs)
                 if loss is None:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                    # The recipe's loss is a mean over this micro-batch's targets; the Trainer then takes it as
+                    # already normalised (the model's convention: a sum over num_items_in_batch, the targets of
+                    # the whole accumulated step) and does not divide by grad_accum; rescale it to that convention.
+                    scored = (inputs["labels"][:, 1:] != -100).sum()
+                    loss = loss * scored / num_items_in_batch
                 return (loss, None) if return_outputs else loss
 
         return RecipeTrainer(**kwargs)

@@ -2,7 +2,8 @@
 
 - :mod:`longkit.train.data`: local corpora, packing with per-document masks and position ids, length upsampling.
 - :mod:`longkit.train.recipes`: the recipe base class and the :data:`RECIPES` registry (``longkit methods --kind
-  train``); one file per recipe: :mod:`longkit.train.continual`.
+  train``); one file per recipe: :mod:`longkit.train.continual`,
+  :mod:`longkit.train.pose_recipe`, :mod:`longkit.train.longlora`.
 - :mod:`longkit.train.pose`: PoSE's positional skip-wise position ids.
 - :mod:`longkit.train.losses`: cross-entropy and LongCE.
 
@@ -10,7 +11,7 @@ Shifted sparse attention (S²-Attn, LongLoRA) is an attention method: ``attentio
 itself (Trainer, checkpoints, saving) is above the seam: :mod:`longkit.runtime.train`.
 """
 
-from longkit.train import continual  # noqa: F401  (recipe registration)
+from longkit.train import continual, longlora, pose_recipe  # noqa: F401  (recipe registration)
 from longkit.train.recipes import RECIPES, Recipe, create_recipe, register_recipe
 
 __all__ = ["RECIPES", "Recipe", "create_recipe", "register_recipe"]

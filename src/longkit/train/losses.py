@@ -109,8 +109,20 @@ def longce_loss(
     return _mean(nll * w, labels, ignore_index)
 
 
+def _window(inputs: dict[str, Any], a: int, b: int, T: int) -> dict[str, Any]:
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] == T:
+            value = value[:, a:b]
+        elif isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[-2:] == (T, T):
+            value = value[:, :, a:b, a:b]
+        out[key] = value
+    return out
+
+
 @torch.no_grad()
-def short_context_nll(model: Any, input_ids: torch.Tensor, *, trunc_len: int = 4096, stride: int = 1024) -> torch.Tensor:
+def short_context_nll(model: Any, input_ids: torch.Tensor, *, trunc_len: int = 4096, stride: int = 1024,
+                      inputs: dict[str, Any] | None = None) -> torch.Tensor:
     """(B, T - 1) float32 losses of ``input_ids[:, 1:]`` given a truncated context, NaN for targets before
     position ``trunc_len`` (they have none): one forward of ``model`` per window of ``trunc_len + stride``
     tokens sliding by ``stride`` (positions restart at 0 in each window, as the reference's separate forwards).
@@ -129,7 +141,8 @@ def short_context_nll(model: Any, input_ids: torch.Tensor, *, trunc_len: int = 4
     out = torch.full((B, max(T - 1, 0)), float("nan"), device=input_ids.device)
     for a in range(0, T - trunc_len, stride):
         n = min(stride, T - a - trunc_len)
-        logits = model(input_ids[:, a : a + trunc_len + n]).logits
+        b = a + trunc_len + n
+        logits = model(input_ids[:, a:b], **_window(inputs or {}, a, b, T)).logits
         # logits at window rows trunc_len - 1 .. trunc_len + n - 2 predict tokens a + trunc_len .. a + trunc_len + n - 1
         logp = torch.log_softmax(logits[:, trunc_len - 1 : trunc_len + n - 1].float(), dim=-1)
         target = input_ids[:, a + trunc_len : a + trunc_len + n]

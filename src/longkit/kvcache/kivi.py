@@ -204,6 +204,17 @@ class KIVILayer(RaggedLayer):
     def _store(self, keys, values, keep, extras, appended: int = 0) -> None:
         """Append (the last ``appended`` slots of the view, from :meth:`update`) or replace (eviction, batch moves)
         the stored rows, then quantise whole groups."""
+        if appended and keep is None and not self.packed:
+            # Plain KIVI while decoding: append to the dense (B, H_kv, r, D) residual directly; the per-row path runs
+            # only when whole groups are due for quantisation (every G-th step), so a step costs no regrouping.
+            S, t = keys.shape[-2], appended
+            self.keys = torch.cat([self.keys, keys[..., S - t :, :]], dim=-2)
+            self.values = torch.cat([self.values, values[..., S - t :, :]], dim=-2)
+            self.extras = dict(extras)
+            if self.keys.shape[-2] - self.residual >= self.group_size:
+                with self._as_rows():
+                    self._flush(protect=self.residual)
+            return
         with self._as_rows():
             B, H, S, _ = keys.shape
             sel = keep if keep is not None else torch.ones((B, H, S), dtype=torch.bool, device=keys.device)

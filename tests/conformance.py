@@ -45,6 +45,9 @@ CASES: dict[tuple[str, str], dict] = {
     ("rope", "abf"): {"args": [{"rope_theta": 500000.0}, {"rope_theta": 2000.0}], "changes_logits": True},
     ("attention", "eager"): {"args": [{}], "changes_logits": False},
     ("attention", "sdpa"): {"args": [{}], "changes_logits": False},
+    # exact: on the tiny Llama models every layer is full attention (plain sdpa); tiny-gemma3's sliding layers take the
+    # band path in tests/attention/test_attention_sliding.py and test_attention_hybrid.py
+    ("attention", "sliding_window"): {"args": [{}, {"chunk": 16}], "changes_logits": False},
     ("attention", "blockwise"): {"args": [{"block_q": 16, "block_k": 16}, {"block_q": 32, "block_k": 48}],
                                  "changes_logits": False},
     ("attention", "self_extend"): {"args": [{"group_size": 4, "window": 16, "block_q": 16, "block_k": 16},

@@ -31,10 +31,11 @@ ARGS = {
     "blockwise": {"block_q": 16, "block_k": 16},
     "ring": {"block_q": 16, "block_k": 16},
     "ulysses": {"block_q": 16, "block_k": 16},
+    "sliding_window": {"chunk": 16},
 }
 #: Methods whose prefill and cached decoding compute the same attention (no sparse prefill-only pattern).
 EXACT_DECODING = ["blockwise", "dca", "eager", "entropy_scaling", "leaky_rerope", "lm_infinite", "logn", "rerope",
-                  "ring", "sdpa", "self_extend", "ulysses"]
+                  "ring", "sdpa", "self_extend", "sliding_window", "ulysses"]
 #: Methods that change the full-attention layer's output at the test length (the others are exact attention).
 CHANGING = ["a_shape", "block_sparse", "dca", "entropy_scaling", "leaky_rerope", "lm_infinite", "logn", "moba",
             "rerope", "self_extend", "vertical_slash"]

@@ -24,6 +24,7 @@ from longkit.attention import (  # noqa: F401  (registration)
     ring,
     s2_attn,
     sdpa,
+    sliding,
     self_extend,
     ulysses,
     vertical_slash,

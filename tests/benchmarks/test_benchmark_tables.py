@@ -89,6 +89,9 @@ TABLES = {
     "attention/results/prefill_64k.md": lambda: _prefill("prefill_64k"),
     "attention/results/prefill_cpu_paths.md": lambda: _prefill("prefill_cpu_paths"),
     "attention/results/seqpar.md": _seqpar,
+    "attention/results/sliding_prefill.md": lambda: _script("attention/sliding_prefill.py").markdown(
+        _json("attention/results/sliding_prefill.json")
+    ),
     "attention/results/minference_smollm2_16k.md": lambda: _minference("minference_smollm2_16k"),
     "attention/results/sparse_16k/table.md": _sparse,
     "kvcache/results/chunked_prefill_memory.md": lambda: _meta_rows(

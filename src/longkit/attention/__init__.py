@@ -4,8 +4,10 @@
 algorithm in PyTorch; ``merge_partials`` is the one log-sum-exp merge for combining partial attentions;
 ``MaskSpec`` describes masks (causal, window, sinks, documents, block-sparse, dense). Training-free position
 remaps (``self_extend``, ``rerope``, ``leaky_rerope``, ``lm_infinite``, ``dca``) share ``position_remap.py``: RoPE
-re-rotation and a near part + far part, each blockwise, merged by log-sum-exp. Every plain-PyTorch reference
-(the ground truth of the fast paths' tests) lives in ``naive.py``.
+re-rotation and a near part + far part, each blockwise, merged by log-sum-exp. ``sliding_window`` computes a hybrid
+model's sliding-window layers by chunked SDPA over each query chunk's key band (O(T·W), ``sliding.py``) instead of
+transformers' SDPA under a dense T×T mask. Every plain-PyTorch reference (the ground truth of the fast paths'
+tests) lives in ``naive.py``.
 """
 
 from longkit.attention import (  # noqa: F401  (registration)
@@ -24,8 +26,8 @@ from longkit.attention import (  # noqa: F401  (registration)
     ring,
     s2_attn,
     sdpa,
-    sliding,
     self_extend,
+    sliding,
     ulysses,
     vertical_slash,
 )
@@ -39,6 +41,7 @@ from longkit.attention.rerope import LeakyReRoPE, ReRoPE, rerope_attention
 from longkit.attention.ring import Ring, ring_attention
 from longkit.attention.self_extend import SelfExtend, self_extend_attention
 from longkit.attention.sequence_parallel import SequenceParallel, default_backend, init_distributed, sequence_parallel
+from longkit.attention.sliding import SlidingWindow, sliding_window_attention
 from longkit.attention.ulysses import Ulysses, ulysses_attention
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "ReRoPE",
     "RemapAttention",
     "SelfExtend",
+    "SlidingWindow",
     "blockwise_attention",
     "merge_partials",
     "merge_partials_",
@@ -59,6 +63,7 @@ __all__ = [
     "remapped_attention",
     "rerope_attention",
     "self_extend_attention",
+    "sliding_window_attention",
     "Ring",
     "SequenceParallel",
     "Ulysses",

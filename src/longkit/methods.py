@@ -20,8 +20,9 @@ Undo = Callable[[], None]
 
 
 @dataclass
-class Method:
-    """Base of all methods. Subclasses are dataclasses registered with ``@register(kind, name)``."""
+class Parametrised:
+    """A registered dataclass of typed, range-checked parameters: methods, and training recipes
+    (:class:`longkit.train.recipes.Recipe`), which drive a run instead of being applied."""
 
     kind: ClassVar[str] = "?"
     name: ClassVar[str] = "?"
@@ -29,9 +30,6 @@ class Method:
     paper: ClassVar[str] = ""
     #: Parameters always spelled in the label, even at their default (e.g. a RoPE ``factor``).
     shown: ClassVar[tuple[str, ...]] = ()
-    #: Whether :meth:`make_cache` gives the method's own KV cache: a combination may hold one such method, since
-    #: a generation runs on one cache and the other method would silently not run.
-    keeps_cache: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -39,19 +37,6 @@ class Method:
     def fail(self, key: str, text: str) -> NoReturn:
         """Raise the MethodError that names this method and its parameter ``key``; ``text`` says what is wrong."""
         raise MethodError(f"{self.kind} method '{self.name}': parameter '{key}' {text}")
-
-    def check_model(self, model: Any) -> None:
-        """Raise a MethodError when this method cannot run on ``model`` (e.g. a group size that does not divide
-        its head dim), where the problem would otherwise show only at the first forward. Called before any work
-        (:meth:`longkit.seam.MethodSpec.check`); the default has nothing to check."""
-
-    def apply(self, model: Any) -> Undo:
-        """Install the method on ``model``; return a callable that removes it."""
-        raise NotImplementedError
-
-    def make_cache(self, model: Any) -> Any | None:
-        """A fresh KV cache for one generation, or None to let the next method (or transformers) decide."""
-        return None
 
     def params(self) -> dict[str, Any]:
         return {p.name: getattr(self, p.name) for p in params_of(type(self))}
@@ -78,3 +63,25 @@ class Method:
             "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
             "parameters": [p.to_json() for p in params_of(cls)],
         }
+
+
+@dataclass
+class Method(Parametrised):
+    """Base of all methods. Subclasses are dataclasses registered with ``@register(kind, name)``."""
+
+    #: Whether :meth:`make_cache` gives the method's own KV cache: a combination may hold one such method, since
+    #: a generation runs on one cache and the other method would silently not run.
+    keeps_cache: ClassVar[bool] = False
+
+    def check_model(self, model: Any) -> None:
+        """Raise a MethodError when this method cannot run on ``model`` (e.g. a group size that does not divide
+        its head dim), where the problem would otherwise show only at the first forward. Called before any work
+        (:meth:`longkit.seam.MethodSpec.check`); the default has nothing to check."""
+
+    def apply(self, model: Any) -> Undo:
+        """Install the method on ``model``; return a callable that removes it."""
+        raise NotImplementedError
+
+    def make_cache(self, model: Any) -> Any | None:
+        """A fresh KV cache for one generation, or None to let the next method (or transformers) decide."""
+        return None

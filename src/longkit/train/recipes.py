@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 import torch
 
 from longkit.errors import MethodError
-from longkit.registry import Registry, check_params, param, params_of
+from longkit.methods import Parametrised
+from longkit.registry import Registry, param
 
 #: Every training recipe by name. Not one of the method ``REGISTRIES`` (see the module doc).
 RECIPES = Registry("train", "training recipe")
@@ -69,7 +70,7 @@ def create_recipe(spec: str | Recipe, args: dict[str, Any] | None = None) -> Rec
 
 
 @dataclass
-class Recipe:
+class Recipe(Parametrised):
     """Base of the training recipes: the optimiser settings and LoRA, shared by all.
 
     Parameters
@@ -117,9 +118,6 @@ class Recipe:
     longce_short: int = param(4096, ge=1, help="LongCE: tokens of the short context (its reference: 4096)")
     longce_stride: int = param(1024, ge=1, help="LongCE: targets scored per short-context forward")
     longce_cap: float = param(5.0, gt=0.0, help="LongCE: cap on a token's weight")
-
-    def __post_init__(self) -> None:
-        check_params(self)
 
     def fail(self, key: str, text: str) -> None:
         raise MethodError(f"training recipe '{self.name}': parameter '{key}' {text}")
@@ -189,22 +187,3 @@ class Recipe:
                               f"not fit {type(model).__name__}: {str(err).splitlines()[0]}") from None
 
     # ------------------------------------------------------------------------------------------ description
-
-    def params(self) -> dict[str, Any]:
-        return {p.name: getattr(self, p.name) for p in params_of(type(self))}
-
-    def label(self) -> str:
-        """``name:key=value`` of the parameters that differ from their defaults."""
-        changed = [f"{p.name}={getattr(self, p.name)}" for p in params_of(type(self))
-                   if getattr(self, p.name) != p.default]
-        return self.name + (":" + ",".join(changed) if changed else "")
-
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "kind": cls.kind,
-            "paper": cls.paper,
-            "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-            "parameters": [p.to_json() for p in params_of(cls)],
-        }

@@ -10,6 +10,9 @@ import torch
 
 import longkit
 
+# Shared fixtures kept in their own modules: the training tests' tiny corpus (`docs`).
+pytest_plugins = ["tiny_corpus"]
+
 #: The repository root (benchmarks/ lives there) and the test data shared by the test folders.
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

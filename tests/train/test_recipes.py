@@ -21,17 +21,9 @@ from longkit.train import data as D
 from longkit.train.pose import pose_sample
 from longkit.train.pose_recipe import row_documents
 
-WORDS = "the cat sat on a mat while dogs ran far away into woods and rivers flowed quietly under old bridges".split()
 TARGET = 640
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("docs")
-    rng = random.Random(0)
-    for i in range(10):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -19,17 +18,6 @@ from longkit.errors import MethodError, TrainError
 from longkit.runtime.train import TrainConfig, read_log, train, trained_config
 from longkit.seam import MethodSpec
 from longkit.train import RECIPES, create_recipe
-
-WORDS = "the cat sat on a mat while dogs ran far away into woods and rivers flowed quietly under old bridges".split()
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("docs")
-    rng = random.Random(0)
-    for i in range(10):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) + "\n")
-    return root
 
 
 def _config(docs, out, **kw):

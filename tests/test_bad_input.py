@@ -210,6 +210,16 @@ CLI = [
     ("ppl-text-dir", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{empty_dir}"], "is a directory"),
     ("out-is-file", [*PK, "--out", "{file}"], "parameter 'run_dir' must be a directory"),
     ("out-under-file", [*PK, "--out", "{file}/run"], "parameter 'run_dir': cannot create"),
+    # methods added with the training, memory and Gemma 3 work
+    ("rag-top-k-0", [*PK, "--memory", "rag:top_k=0"], "'top_k' must be >= 1"),
+    ("rag-budget-whole-context", [*PK, "--memory", "rag:budget=100000"], "'budget' = 100000 is not smaller"),
+    ("two-own-caches", [*PK, "--combo", "kv=snapkv+memory=infllm"], "each keep their own KV cache"),
+    ("sliding-window-chunk-0", [*PK, "--attention", "sliding_window:chunk=0"], "'chunk' must be >= 1"),
+    ("s2-attn-ratio-0", [*PK, "--attention", "s2_attn:group_size_ratio=0"], "'group_size_ratio'"),
+    ("layer-types-unknown", [*PK, "--model", "tiny-gemma3", "--rope", "yarn:factor=2,layer_types=nope"],
+     "'layer_types' names layer type(s) 'nope'"),
+    ("layer-types-single-rope", [*PK, "--rope", "yarn:factor=2,layer_types=full_attention"],
+     "'layer_types' applies only to models with per-layer-type rope parameters"),
 ]
 
 

@@ -338,7 +338,7 @@ def train_cmd(
                                           "continual:lora=true,lr=1e-4 (see `longkit methods --kind train`).")],
     model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
     data: Annotated[list[str], typer.Option(help="Training data: a directory of text files, a .jsonl or .parquet "
-                    "file (repeatable; default: the offline Python corpus, stdlib code + docs).")] = None,
+                    "file (repeatable), or a built-in corpus: python-stdlib, python-docs (default: both).")] = None,
     target_length: Annotated[str, typer.Option(help="Length to train at, e.g. 16k (the packed row length).")] = "16k",
     rope: Annotated[str | None, typer.Option(help="RoPE method trained in, e.g. yarn:factor=4 or abf:rope_theta=5e5; "
                     "its parameters go into the saved config.json.")] = None,

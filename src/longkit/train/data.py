@@ -168,8 +168,12 @@ def read_parquet(path: str | Path, *, text_field: str = "text", source: str | No
 
 
 def read_source(path: str | Path, *, text_field: str = "text", source: str | None = None) -> list[Document]:
-    """Dispatch on what ``path`` is: a directory of text files, ``.jsonl``/``.json`` lines, or ``.parquet``."""
+    """Dispatch on what ``path`` is: a directory of text files, ``.jsonl``/``.json`` lines, ``.parquet``, or the
+    name of a built-in offline corpus (:data:`NAMED_SOURCES`: ``python-stdlib``, ``python-docs``) when no such
+    path exists."""
     p = Path(path).expanduser()
+    if str(path) in NAMED_SOURCES and not p.exists():
+        return NAMED_SOURCES[str(path)]()
     if p.is_dir():
         return read_text_dir(p, source=source)
     suffix = p.suffix.lower()
@@ -179,7 +183,8 @@ def read_source(path: str | Path, *, text_field: str = "text", source: str | Non
         return read_parquet(p, text_field=text_field, source=source)
     if not p.exists():
         raise DataError(f"parameter 'path': {p} does not exist")
-    raise DataError(f"parameter 'path': {p} is not a text directory, .jsonl or .parquet file")
+    raise DataError(f"parameter 'path': {p} is not a text directory, .jsonl or .parquet file, nor a built-in corpus "
+                    f"({', '.join(NAMED_SOURCES)})")
 
 
 # ------------------------------------------------------------------------------------------ offline corpus
@@ -238,6 +243,14 @@ def default_corpus(*, max_chars: int | None = None) -> list[Document]:
         raise DataError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']} "
                         f"(Python {sys.version.split()[0]})")
     return docs
+
+
+#: Built-in offline corpora by source name, for ``--data NAME``: e.g. train on code only and keep the documentation
+#: topics (the evaluation's default haystack and perplexity text) held out.
+NAMED_SOURCES = {
+    "python-stdlib": lambda: stdlib_documents(),
+    "python-docs": lambda: pydoc_documents(),
+}
 
 
 # ---------------------------------------------------------------------------------------------- tokenising

@@ -200,3 +200,18 @@ def test_parquet_reader(tmp_path):
     pq.write_table(pa.table({"text": ["x", None]}), tmp_path / "n.parquet")
     with pytest.raises(DataError, match="n.parquet: row 1: column 'text' must be a non-empty string"):
         D.read_source(tmp_path / "n.parquet")
+
+
+def test_named_sources_pick_one_builtin_corpus(tmp_path, monkeypatch):
+    # `--data python-stdlib` trains on code only, keeping the docs topics (the eval haystack) held out
+    stdlib = D.read_source("python-stdlib")
+    docs = D.read_source("python-docs")
+    assert {d.source for d in stdlib} == {"python-stdlib"} and {d.source for d in docs} == {"python-docs"}
+    assert len(stdlib) + len(docs) == len(D.default_corpus())
+    # a real path of that name wins over the built-in corpus
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "python-docs").mkdir()
+    (tmp_path / "python-docs" / "a.txt").write_text("mine", encoding="utf-8")
+    assert [d.text for d in D.read_source("python-docs")] == ["mine"]
+    with pytest.raises(DataError, match="nor a built-in corpus .python-stdlib, python-docs."):
+        D.read_source(tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None

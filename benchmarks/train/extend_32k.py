@@ -1,0 +1,213 @@
+"""The training room's headline experiment: extend SmolLM2-135M from its 8K window to 32K on this CPU, then compare
+the trained model with the base model and the best training-free methods on the same prompts.
+
+    python benchmarks/train/extend_32k.py train          # <= 60 min on 2 cores: PoSE + YaRN x4, LoRA
+    python benchmarks/train/extend_32k.py eval --buckets short,16k,32k [--only trained,base]
+    python benchmarks/train/extend_32k.py render         # table.md + results.json from the committed records
+
+Training (``longkit train``): PoSE (Zhu et al. 2024) on 2,048-token windows whose position ids span 32,768, with
+YaRN x4 trained in (its ``rope_parameters`` land in the saved config.json), LoRA r=16 on q/k/v/o, on the standard
+library's code only (``--data python-stdlib``): Python's documentation topics are the evaluation's haystack and
+perplexity text, so they are held out of training.
+
+Evaluation (``longkit eval``, seed 0, so both models see the same prompts; the renderer checks the answers match):
+passkey and needle at depths 0.1/0.3/0.5/0.7/0.9 (5 samples per length), RULER niah_single_2 (5 samples per
+length), perplexity on the held-out documentation topics; lengths in buckets (short = 2K/4K/8K, then 16K, then
+32K) so that an interrupted or partial evaluation still gives whole lengths for every model. The comparison
+models: the base model, NTK x4, YaRN x4 (the same scaling, not trained) and Self-Extend (window 2048, group 5:
+(8192 - 2048) x 5 + 2048 = 32K). Every run directory resumes: rerun the same command after an interruption.
+Effective length: RULER's rule (the longest length whose score is above 85) on the mean of passkey, needle and
+niah_single_2 per length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = HERE / "results" / "extend_32k"
+LONGKIT = str(Path(sys.executable).with_name("longkit"))
+
+TRAIN_OUT = "/work/runs/pose-yarn4-32k"
+TRAIN_ARGS = ["train", "pose:window=2048,lora=true,lora_r=16,lr=1e-4,warmup_ratio=0.05", "--model", "smollm2-135m",
+              "--data", "python-stdlib", "--target-length", "32k", "--rope", "yarn:factor=4", "--steps", "300",
+              "--save-every", "25"]
+
+#: Comparison methods on the base model (the runner adds the untouched model as "baseline").
+BASE_METHODS = ["--rope", "ntk:factor=4", "--rope", "yarn:factor=4",
+                "--attention", "self_extend:group_size=5,window=2048"]
+BUCKETS = {"short": "2k,4k,8k", "16k": "16k", "32k": "32k"}
+DEPTHS = "0.1,0.3,0.5,0.7,0.9"
+#: (group name, eval arguments): passkey/needle over 5 depths x 1 sample, perplexity 1 window per length;
+#: RULER's niah_single_2 5 samples per length (RULER tasks draw their own depths).
+GROUPS = {
+    "depth": ["--task", "passkey", "--task", "needle", "--task", "perplexity", "--depths", DEPTHS, "--samples", "1"],
+    "ruler": ["--task", "niah_single_2", "--samples", "5"],
+}
+TASKS = ("passkey", "needle", "niah_single_2")
+LABELS = {
+    "trained:baseline": "trained (PoSE + YaRN x4, LoRA)",
+    "base:baseline": "base model",
+    "base:rope=ntk:factor=4": "NTK x4",
+    "base:rope=yarn:factor=4": "YaRN x4 (not trained)",
+    "base:attention=self_extend:group_size=5,window=2048": "Self-Extend (G=5, w=2048)",
+}
+
+
+def run_dir(model: str, bucket: str, group: str) -> Path:
+    return RESULTS / f"{model}-{bucket}-{group}"
+
+
+def train(args: argparse.Namespace) -> None:
+    cmd = [LONGKIT, *TRAIN_ARGS, "--out", args.out]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in ("train_report.json", "train_log.jsonl", "data_stats.json", "loss.png", "train_run.json"):
+        shutil.copy(Path(args.out) / name, RESULTS / name)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    models = {"trained": [args.out], "base": ["smollm2-135m", *BASE_METHODS]}
+    only = args.only.split(",") if args.only else list(models)
+    for bucket in args.buckets.split(","):
+        for model in only:
+            for group, extra in GROUPS.items():
+                cmd = [LONGKIT, "eval", "--model", *models[model], *extra, "--lengths", BUCKETS[bucket],
+                       "--no-report", "--out", str(run_dir(model, bucket, group))]
+                print(" ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+
+
+# ----------------------------------------------------------------------------------------------------- render
+
+
+def load() -> list[dict]:
+    rows = []
+    for d in sorted(RESULTS.glob("*-*-*")):
+        if not (d / "samples.jsonl").is_file():
+            continue
+        model = d.name.split("-")[0]
+        for line in (d / "samples.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.append({**r, "model": model, "key": f"{model}:{r['method']}"})
+    return rows
+
+
+def check_same_prompts(rows: list[dict]) -> int:
+    """Every (task, length, depth, sample) was asked with the same answer in every run: the same prompts."""
+    seen: dict[tuple, tuple] = {}
+    for r in rows:
+        if r["task"] == "perplexity":
+            continue
+        k = (r["task"], r["length"], r.get("depth"), r["sample"])
+        v = (tuple(r["answer"]), r.get("needle_start"))
+        if seen.setdefault(k, v) != v:
+            raise SystemExit(f"different prompts for {k}: {seen[k]} vs {v}")
+    return len(seen)
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        m = out.setdefault(r["key"], {"scores": {}, "ppl": {}, "prefill_s": {}})
+        n = int(r["length"])
+        if r["task"] == "perplexity":
+            nll, t = m["ppl"].setdefault(n, [0.0, 0])
+            m["ppl"][n] = [nll + float(r["nll_sum"]), t + int(r["n_targets"])]
+        elif r.get("score") is not None:
+            m["scores"].setdefault(r["task"], {}).setdefault(n, []).append(float(r["score"]))
+            m["prefill_s"].setdefault(n, []).append(float(r["prefill_s"]))
+    for m in out.values():
+        m["ppl"] = {n: math.exp(nll / t) for n, (nll, t) in m["ppl"].items()}
+        m["n"] = {task: {n: len(v) for n, v in by.items()} for task, by in m["scores"].items()}
+        m["scores"] = {task: {n: sum(v) / len(v) for n, v in by.items()} for task, by in m["scores"].items()}
+        m["prefill_s"] = {n: sorted(v)[len(v) // 2] for n, v in m["prefill_s"].items()}
+        lengths = sorted(set().union(*[set(by) for by in m["scores"].values()])) if m["scores"] else []
+        # RULER's rule on the mean over the three retrieval tasks, at lengths where all three were measured.
+        mean = {n: sum(m["scores"][t][n] for t in TASKS) / len(TASKS) for n in lengths
+                if all(n in m["scores"].get(t, {}) for t in TASKS)}
+        m["mean"] = mean
+        passing = [n for n, s in mean.items() if s > 85.0]
+        m["effective"] = max(passing) if passing else None
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K"
+
+
+def table() -> tuple[str, dict]:
+    """The markdown table and the per-model summary, from the records only (nothing measured, nothing written)."""
+    rows = load()
+    prompts = check_same_prompts(rows)
+    summary = summarize(rows)
+    lengths = sorted({int(r["length"]) for r in rows})
+    keys = [k for k in LABELS if k in summary]
+    lines = ["# Extending SmolLM2-135M from 8K to 32K on a 2-core CPU: trained vs training-free", "",
+             f"`python {Path(__file__).relative_to(REPO)} render` (records in `{RESULTS.relative_to(REPO)}/`); "
+             f"{prompts} prompts, each asked of every model (checked: same answers).", ""]
+    report = RESULTS / "train_report.json"
+    if report.is_file():
+        t = json.loads(report.read_text())
+        lines += [f"Training: `{t['recipe']}`, rope `{t['rope']}`, target {t['target_length']}, {t['steps']} steps, "
+                  f"{t['tokens_seen']:,} tokens, {t['seconds_this_session'] / 60:.1f} min "
+                  f"({t['tokens_per_second']:.0f} tokens/s), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}; "
+                  "loss curve: [loss.png](loss.png).", ""]
+    head = ["model"]
+    for task in (*TASKS, "mean"):
+        head += [f"{task} {_k(n)}" for n in lengths]
+    head += [f"ppl {_k(n)}" for n in lengths] + ["effective length"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        m = summary[k]
+        cells = [LABELS[k]]
+        for task in TASKS:
+            cells += [_fmt(m["scores"].get(task, {}).get(n), ".0f") for n in lengths]
+        cells += [_fmt(m["mean"].get(n), ".0f") for n in lengths]
+        cells += [_fmt(m["ppl"].get(n), ".2f") for n in lengths]
+        cells.append(_k(m["effective"]) if m["effective"] else "none")
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = sorted({c for k in keys for by in summary[k]["n"].values() for c in by.values()})
+    lines += ["", f"Scores: % correct (passkey, needle: 5 depths x 1 sample; niah_single_2: 5 samples); samples per "
+              f"cell: {', '.join(map(str, counts))}. `-` = not measured yet. Perplexity: the held-out documentation "
+              "topics, one window per length (its second half scored). Effective length: RULER's rule (score > 85) "
+              "on the mean of the three tasks."]
+    return "\n".join(lines) + "\n", {k: summary[k] for k in keys}
+
+
+def render(_: argparse.Namespace | None = None) -> None:
+    text, summary = table()
+    (RESULTS / "table.md").write_text(text)
+    (RESULTS / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(text)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--out", default=TRAIN_OUT)
+    e = sub.add_parser("eval")
+    e.add_argument("--out", default=TRAIN_OUT, help="the trained model directory")
+    e.add_argument("--buckets", default="short,16k,32k")
+    e.add_argument("--only", default="", help="trained, base (default: both)")
+    sub.add_parser("render")
+    args = ap.parse_args()
+    {"train": train, "eval": evaluate, "render": render}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -184,7 +184,7 @@ class EvalConfig:
     def _validate_sources(self, check_model: bool) -> None:
         """The model (or the endpoint's tokenizer), device, attention implementation, dtype and files, read
         without loading weights."""
-        from longkit.eval.haystack import directory_text, ppl_text
+        from longkit.eval.haystack import check_haystack, ppl_text
         from longkit.models import check_attn_implementation, check_device, check_source, resolve_dtype
 
         if self.backend == "hf":
@@ -195,8 +195,7 @@ class EvalConfig:
                 check_source(self.model)
         elif check_model and not Path(self.tokenizer or "").is_dir():
             check_source(self.tokenizer or "")
-        if self.haystack is not None and str(self.haystack) != "pydoc":
-            directory_text(self.haystack)
+        check_haystack(self.haystack)
         if self.ppl_text:
             ppl_text(self.ppl_text)
         check_writable_dir(Path(self.run_dir) if self.run_dir else self.default_run_dir(), "run_dir")

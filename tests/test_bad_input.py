@@ -205,6 +205,11 @@ CLI = [
     ("haystack-latin1", ["--task", "needle", "--lengths", "512", "--haystack", "{latin1_hay}"], "is not UTF-8 text"),
     ("haystack-blank", ["--task", "needle", "--lengths", "512", "--haystack", "{blank_hay}"], "hold no text"),
     ("haystack-for-ruler", ["--task", "niah_single_2", "--lengths", "4k", "--haystack", "{bin_hay}"], "'haystack'"),
+    # a book haystack whose Debian package is not installed (the books' root points at an empty directory)
+    ("haystack-kjv-not-installed", ["--task", "needle", "--lengths", "512", "--haystack", "kjv"],
+     "'kjv' needs the Debian package bible-kjv-text", {"LONGKIT_BOOKS_ROOT": "{empty_dir}"}),
+    ("haystack-austen-not-installed", ["--task", "needle", "--lengths", "512", "--haystack", "austen"],
+     "'austen' needs the Debian package r-cran-janeaustenr", {"LONGKIT_BOOKS_ROOT": "{empty_dir}"}),
     ("ppl-text-missing", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{missing}"], "'ppl_text'"),
     ("ppl-text-binary", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{bin_ppl}"], "is binary"),
     ("ppl-text-dir", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{empty_dir}"], "is a directory"),
@@ -301,6 +306,8 @@ TRAIN = [
     ("data-empty-dir", {"--data": "{empty_dir}"}, "no text files"),
     ("data-missing", {"--data": "{missing}"}, "does not exist"),
     ("data-malformed-jsonl", {"--data": "{bad_jsonl}"}, "bad.jsonl:2: malformed JSON"),
+    ("data-kjv-not-installed", {"--data": "kjv"}, "install the Debian package bible-kjv-text"),
+    ("data-austen-not-installed", {"--data": "austen"}, "install the Debian package r-cran-janeaustenr"),
     ("model-without-rope", {"--model": "{gpt2}", "--target-length": "512", "--rope": "yarn:factor=2"},
      "needs a model with rotary position embeddings (RoPE); GPT2LMHeadModel"),
     ("model-unknown", {"--model": "nosuch-model"}, "no model alias or directory 'nosuch-model'"),
@@ -311,8 +318,9 @@ TRAIN = [
 
 
 @pytest.mark.parametrize("case", TRAIN, ids=[c[0] for c in TRAIN])
-def test_cli_train_bad_input(case, fx, tmp_path, capsys):
+def test_cli_train_bad_input(case, fx, tmp_path, capsys, monkeypatch):
     _, changes, expect = case
+    monkeypatch.setenv("LONGKIT_BOOKS_ROOT", str(tmp_path / "no-books"))  # the book corpora are not installed
     options = {**TRAIN_BASE, "--out": str(tmp_path / "out"), **changes}
     argv = ["train", options.pop("recipe")]
     for key, value in options.items():

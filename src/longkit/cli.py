@@ -90,7 +90,8 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of keys, needles and depths.")] = D.seed,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Chat template on/off for every task "
                     "(default: each task's own: passkey off, as the classic protocol; needle on).")] = D.chat,
-    haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack.")] = D.haystack,
+    haystack: Annotated[str | None, typer.Option(help="Directory of .txt files for the needle haystack, or a book: kjv, "
+                                         "austen (Debian packages bible-kjv-text, r-cran-janeaustenr).")] = D.haystack,
     ppl_text: Annotated[str | None, typer.Option(help="Text file for the perplexity task.")] = D.ppl_text,
     ppl_chunk: Annotated[int, typer.Option(help="Perplexity under a KV method: feed each window this many tokens "
                          "at a time into the compressed cache (1 = token by token, StreamingLLM's protocol; "
@@ -338,7 +339,9 @@ def train_cmd(
                                           "continual:lora=true,lr=1e-4 (see `longkit methods --kind train`).")],
     model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
     data: Annotated[list[str], typer.Option(help="Training data: a directory of text files, a .jsonl or .parquet "
-                    "file (repeatable), or a built-in corpus: python-stdlib, python-docs (default: both).")] = None,
+                    "file (repeatable), or a built-in corpus: python-stdlib, python-docs, kjv, austen (the last two read the "
+                    "Debian packages bible-kjv-text, r-cran-janeaustenr; default: the first two plus the installed "
+                    "books).")] = None,
     target_length: Annotated[str, typer.Option(help="Length to train at, e.g. 16k (the packed row length).")] = "16k",
     rope: Annotated[str | None, typer.Option(help="RoPE method trained in, e.g. yarn:factor=4 or abf:rope_theta=5e5; "
                     "its parameters go into the saved config.json.")] = None,

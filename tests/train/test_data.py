@@ -175,7 +175,8 @@ def test_parquet_without_the_train_extra_names_it(tmp_path):
         D.read_source(tmp_path / "p.parquet")
 
 
-def test_default_corpus_and_stats_file(tiny_llama, tmp_path, capsys):
+def test_default_corpus_and_stats_file(tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGKIT_BOOKS_ROOT", str(tmp_path))  # no Debian books here (tests/train/test_books.py)
     docs = D.default_corpus(max_chars=300)
     sources = Counter(d.source for d in docs)
     assert sources["python-stdlib"] > 50 and sources["python-docs"] > 30

@@ -2,7 +2,9 @@
 
 Default source: Python's own documentation topics (``pydoc_data.topics``, always installed, PSF licence,
 ~465K characters / ~110K SmolLM2 tokens). A user directory of ``.txt`` files can replace it
-(``--haystack DIR``); files are read in sorted name order so a run is reproducible.
+(``--haystack DIR``); files are read in sorted name order so a run is reproducible. ``--haystack kjv`` or
+``--haystack austen`` take books from the Debian packages ``bible-kjv-text`` / ``r-cran-janeaustenr`` when they
+are installed (read by :mod:`longkit.train.books`).
 """
 
 from __future__ import annotations
@@ -73,11 +75,56 @@ def directory_text(path: str | Path) -> str:
     return text
 
 
+#: Haystacks read from installed Debian packages, by name (a directory of that name takes precedence).
+BOOK_HAYSTACKS = {"kjv": "bible-kjv-text", "austen": "r-cran-janeaustenr"}
+
+
+def _book_name(source: str | Path) -> str | None:
+    return str(source) if str(source) in BOOK_HAYSTACKS and not Path(source).exists() else None
+
+
+def book_text(name: str) -> str:
+    """A book haystack: ``kjv`` is the Bible's verses without their chapter:verse numbers (numbers in the haystack
+    would be distractors for the numeric needles), one a line under each book's name; ``austen`` is the six
+    novels as the package stores them."""
+    from longkit.errors import DataError
+    from longkit.train import books
+
+    try:
+        if name == "kjv":
+            by_book: dict[str, list[str]] = {}
+            for v in books.kjv_verses():
+                by_book.setdefault(v.book, []).append(v.text)
+            return "\n\n".join(f"{book}\n\n" + "\n".join(lines) for book, lines in by_book.items())
+        if name == "austen":
+            return "\n\n".join(d.text.strip() for d in books.austen_documents())
+    except DataError as err:
+        raise EvalError(f"parameter 'haystack': {err}") from None
+    raise EvalError(f"parameter 'haystack': no book haystack {name!r} (books: {', '.join(BOOK_HAYSTACKS)})")
+
+
+def check_haystack(source: str | Path | None) -> None:
+    """Fail early (without reading a whole book) when ``source`` cannot give a haystack."""
+    if source is None or str(source) == "pydoc":
+        return
+    name = _book_name(source)
+    if name is None:
+        directory_text(source)
+        return
+    from longkit.train import books
+
+    if not (books.kjv_installed() if name == "kjv" else books.austen_installed()):
+        raise EvalError(f"parameter 'haystack': {name!r} needs the Debian package {BOOK_HAYSTACKS[name]} "
+                        f"(apt-get install {BOOK_HAYSTACKS[name]}), or set {books.ROOT_ENV} to where it is unpacked")
+
+
 def haystack_text(source: str | Path | None = None) -> str:
-    """The haystack text of ``source``: None or ``"pydoc"`` for the default, else a directory."""
+    """The haystack text of ``source``: None or ``"pydoc"`` for the default, ``"kjv"`` / ``"austen"`` for a book
+    haystack, else a directory."""
     if source is None or str(source) == "pydoc":
         return pydoc_text()
-    return directory_text(source)
+    name = _book_name(source)
+    return book_text(name) if name else directory_text(source)
 
 
 def ppl_text(source: str | Path | None = None) -> str:

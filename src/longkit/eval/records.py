@@ -54,6 +54,8 @@ from typing import Any
 from longkit.errors import EvalError
 
 RUN_FILE = "run.json"
+#: The loss curve of a model trained by ``longkit train``, copied into the run directory that evaluates it.
+TRAIN_LOSS_PLOT = "train_loss.png"
 SAMPLES_FILE = "samples.jsonl"
 #: Damaged lines a resuming eval moved out of ``samples.jsonl``: one JSON object per line, ``line`` (its number in
 #: samples.jsonl then), ``reason`` and ``raw`` (the line's text; bytes that are not UTF-8 as ``\udcXX`` escapes,

@@ -5,7 +5,10 @@ record per finished sample). A run that was interrupted is summarised from whate
 
 ``write_report`` writes, into ``out_dir`` (default: the run directory): ``summary.json`` (the dict returned by
 ``summarize``), ``report.html`` and the PNG figures it shows (``needle_heatmap.png``, ``score_vs_length.png``,
-``perplexity.png``; each only when there is something to draw). Length keys of the summary are ints in Python and
+``perplexity.png``; each only when there is something to draw). When the evaluated model was trained by
+``longkit train`` (run.json holds its ``train_report.json``, or the model directory does), the summary's
+``training`` holds the training's numbers and the report a "Training" section with the loss curve, copied next to
+it as ``train_loss.png``. Length keys of the summary are ints in Python and
 strings in ``summary.json`` (JSON object keys are always strings).
 
 Failed samples (records with ``error``: an endpoint request that failed for good) are never scored and never
@@ -19,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any
 
 from longkit.errors import EvalError
 from longkit.eval.metrics import RULER_THRESHOLD, effective_length, weighted_average
-from longkit.eval.records import SAMPLES_FILE, load_records, load_run
+from longkit.eval.records import SAMPLES_FILE, TRAIN_LOSS_PLOT, load_records, load_run
 
 PERPLEXITY = "perplexity"
 NEEDLE = "needle"
@@ -213,6 +217,43 @@ def _model_info(run: dict[str, Any]) -> dict[str, Any]:
     return model if isinstance(model, dict) else {"name": str(model)}  # tolerate a bare model name
 
 
+#: What the report shows of a training report (``longkit train``'s train_report.json), in order, with labels.
+TRAINING_FIELDS = (
+    ("recipe", "recipe"), ("model", "base model"), ("rope", "RoPE method"), ("attention", "attention method"),
+    ("trained_window", "base model's window"), ("target_length", "target length"), ("steps", "steps"),
+    ("tokens_seen", "tokens seen"), ("seconds_this_session", "time (s, last session)"),
+    ("tokens_per_second", "tokens/s"), ("resumed_from_step", "resumed from step"), ("first_loss", "first loss"),
+    ("final_loss", "final loss"),
+)
+
+
+def _trained_model_dir(run: dict[str, Any]) -> Path | None:
+    source = _model_info(run).get("source")
+    path = Path(str(source)).expanduser() if source else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _training(run_dir: str | Path, run: dict[str, Any]) -> tuple[dict[str, Any] | None, Path | None]:
+    """The training numbers of the evaluated model and its loss-curve PNG: from run.json (recorded at evaluation
+    time) or, for runs recorded before that, from the model directory itself."""
+    report, plot = run.get("training"), Path(run_dir) / TRAIN_LOSS_PLOT
+    model_dir = _trained_model_dir(run)
+    if report is None and model_dir is not None:
+        from longkit.runtime.train import read_report
+
+        report = read_report(model_dir)
+    if not isinstance(report, dict):
+        return None, None
+    if not plot.is_file() and model_dir is not None:
+        from longkit.runtime.train import LOSS_PLOT
+
+        plot = model_dir / LOSS_PLOT
+    info = {key: report.get(key) for key, _ in TRAINING_FIELDS}
+    sources = (report.get("data") or {}).get("sources") or {}
+    info["data_tokens"] = {name: v.get("tokens") for name, v in sources.items() if isinstance(v, dict)}
+    return info, plot if plot.is_file() else None
+
+
 def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[str, Any]:
     """Per-method scores, effective lengths, perplexities, costs and needle grids of a run (JSON-serialisable)."""
     records = load_records(run_dir)
@@ -251,6 +292,7 @@ def summarize(run_dir: str | Path, threshold: float = RULER_THRESHOLD) -> dict[s
         "lengths": sorted({int(r["length"]) for r in records}),
         "per_method": per_method,
         "failed": sum(pm["failed"] for pm in per_method.values()),
+        "training": _training(run_dir, run)[0],
     }
 
 
@@ -509,7 +551,7 @@ def _metadata(run: dict[str, Any]) -> str:
         shown = f"{value} ({_length_label(int(value))})" if key == "trained_length" and value else _text(value)
         rows.append([f"model {key.replace('_', ' ')}", shown])
     order = "methods tasks lengths depths samples seed threshold versions git_commit hardware started argv".split()
-    for key in order + sorted(k for k in run if k not in order and k != "model"):
+    for key in order + sorted(k for k in run if k not in order and k not in ("model", "training")):
         if run.get(key) is not None:
             shown = _text(run[key]) if key != "argv" else " ".join(map(str, run[key]))
             rows.append([key.replace("_", " "), shown])
@@ -665,7 +707,31 @@ def _perplexity_table(summary: dict[str, Any]) -> str:
     return "<h2>Perplexity</h2>" + note + _table(["method", "protocol", *map(_length_label, lengths)], rows)
 
 
-def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) -> str:
+def _training_section(summary: dict[str, Any], loss_plots: dict[int, str]) -> str:
+    """The "Training" section: per trained model, its training numbers and its loss curve."""
+    entries = ([(summary["model"].get("name", ""), summary.get("training"))] if "runs" not in summary
+               else [(str(r["run_dir"]), r.get("training")) for r in summary["runs"]])
+    parts = []
+    for i, (name, info) in enumerate(entries):
+        if not info:
+            continue
+        rows: list[list[str | tuple[str, str]]] = [
+            [label, _text(info[key]) if not isinstance(info[key], float) else _num(info[key], ".4g")]
+            for key, label in TRAINING_FIELDS if info.get(key) is not None
+        ]
+        if info.get("data_tokens"):
+            rows.append(["data (tokens per source)", _text(info["data_tokens"])])
+        if len(entries) > 1:
+            parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.append(_table(["field", "value"], rows, css="meta"))
+        if i in loss_plots:
+            name = html.escape(loss_plots[i])
+            parts.append(f'<p><a href="{name}"><img src="{name}" alt="training loss curve"></a></p>')
+    return ("<h2>Training</h2>" + "\n".join(parts)) if parts else ""
+
+
+def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str],
+          loss_plots: dict[int, str] | None = None) -> str:
     title = html.escape(f"longkit evaluation report: {_model_name(summary)}")
     threshold = summary["threshold"]
     source = ", RULER's threshold" if threshold == RULER_THRESHOLD else ""
@@ -687,6 +753,7 @@ def _html(summary: dict[str, Any], runs: list[dict[str, Any]], images: list[str]
                 f"<h2>Run {i}: {html.escape(str(d))}</h2>{_metadata(r)}"
                 for i, (d, r) in enumerate(zip(summary["run_dir"], runs, strict=True), 1)
             ),
+            _training_section(summary, loss_plots or {}),
             "<h2>Summary</h2>",
             f'<p class="note">{html.escape(rule)}</p>',
             _summary_table(summary),
@@ -734,7 +801,8 @@ def compare_runs(run_dirs: Sequence[str | Path], threshold: float = RULER_THRESH
         "lengths": sorted({n for s in summaries for n in s["lengths"]}),
         "per_method": per_method,
         "failed": sum(s["failed"] for s in summaries),
-        "runs": [{"run_dir": s["run_dir"], "model": s["model"]} for s in summaries],
+        "training": None,  # per run, in "runs"
+        "runs": [{"run_dir": s["run_dir"], "model": s["model"], "training": s["training"]} for s in summaries],
     }
 
 
@@ -764,7 +832,16 @@ def write_report(
         if applies:
             plot(mpl, summary, out / name)
             images.append(name)
-    path = out / "report.html"
     runs = [load_run(d) for d in run_dirs]
-    path.write_text(_html(summary, runs, images), encoding="utf-8")
+    # the loss curves of trained models, next to the report: train_loss.png (train_loss_<run>.png when comparing)
+    loss_plots = {}
+    for i, (d, r) in enumerate(zip(run_dirs, runs, strict=True)):
+        plot = _training(d, r)[1]
+        if plot is not None:
+            name = TRAIN_LOSS_PLOT if len(run_dirs) == 1 else f"train_loss_{i + 1}.png"
+            if plot.resolve() != (out / name).resolve():
+                shutil.copyfile(plot, out / name)
+            loss_plots[i] = name
+    path = out / "report.html"
+    path.write_text(_html(summary, runs, images, loss_plots), encoding="utf-8")
     return path

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from longkit.eval.backends import GenerationRequest, HFBackend, OpenAIBackend
 from longkit.eval.backends.openai import CONNECT_TIMEOUT, READ_TIMEOUT
 from longkit.eval.jobs import Job, plan
 from longkit.eval.metrics import RULER_THRESHOLD
-from longkit.eval.records import RecordWriter, load_records, repair_records
+from longkit.eval.records import TRAIN_LOSS_PLOT, RecordWriter, load_records, repair_records
 from longkit.eval.retrieval import check_context, check_memory_run, retrieval_memory
 from longkit.eval.rundir import open_run_dir, record_invocation, run_identity
 from longkit.eval.tasks import TaskContext, get_task
@@ -184,7 +185,7 @@ class EvalConfig:
     def _validate_sources(self, check_model: bool) -> None:
         """The model (or the endpoint's tokenizer), device, attention implementation, dtype and files, read
         without loading weights."""
-        from longkit.eval.haystack import directory_text, ppl_text
+        from longkit.eval.haystack import check_haystack, ppl_text
         from longkit.models import check_attn_implementation, check_device, check_source, resolve_dtype
 
         if self.backend == "hf":
@@ -193,10 +194,13 @@ class EvalConfig:
                 check_device(self.device)
                 check_attn_implementation(self.attn_implementation)
                 check_source(self.model)
+                if _trained_here(self.model):
+                    from longkit.runtime.train import read_report
+
+                    read_report(self.model)  # a damaged training report fails here, before any work
         elif check_model and not Path(self.tokenizer or "").is_dir():
             check_source(self.tokenizer or "")
-        if self.haystack is not None and str(self.haystack) != "pydoc":
-            directory_text(self.haystack)
+        check_haystack(self.haystack)
         if self.ppl_text:
             ppl_text(self.ppl_text)
         check_writable_dir(Path(self.run_dir) if self.run_dir else self.default_run_dir(), "run_dir")
@@ -432,6 +436,8 @@ def _evaluate(config: EvalConfig, specs: list[MethodSpec], labels: list[str], ru
         "hardware": hardware(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if config.backend == "hf" and _trained_here(config.model):
+        _record_training(Path(config.model), run_dir, meta)
     record_invocation(run_dir, config, meta, identity)
     repair_records(run_dir)
 
@@ -443,6 +449,26 @@ def _evaluate(config: EvalConfig, specs: list[MethodSpec], labels: list[str], ru
         _run(jobs, ctx, lambda label: _backend(config, lm, by_label[label], endpoint), run_dir, progress, on_record)
     _write_suite_summary(config, run_dir)
     return run_dir
+
+
+def _trained_here(model: str) -> bool:
+    """A local model directory (not an alias), which ``longkit train`` may have written."""
+    from longkit.models import ALIASES
+
+    return model not in ALIASES and Path(model).expanduser().is_dir()
+
+
+def _record_training(model_dir: Path, run_dir: Path, meta: dict[str, Any]) -> None:
+    """A model trained by ``longkit train``: its training report goes into run.json and its loss curve next to the
+    samples (``train_loss.png``), so the run directory alone can show the training beside the scores."""
+    from longkit.runtime.train import LOSS_PLOT, read_report
+
+    training = read_report(model_dir)
+    if training is None:
+        return
+    meta["training"] = training
+    if (model_dir / LOSS_PLOT).is_file():
+        shutil.copyfile(model_dir / LOSS_PLOT, run_dir / TRAIN_LOSS_PLOT)
 
 
 def _run(jobs: list[Job], ctx: TaskContext, backend_for: Callable[[str], Any], run_dir: Path, progress: bool,

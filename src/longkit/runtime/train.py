@@ -50,6 +50,8 @@ RUN_FILE = "train_run.json"
 LOG_FILE = "train_log.jsonl"
 #: Files a finished run leaves besides the model: a rerun of a finished run finds them and stops.
 REPORT_FILE = "train_report.json"
+#: The loss curve a finished run draws beside its report (when matplotlib is installed).
+LOSS_PLOT = "loss.png"
 
 
 @dataclass
@@ -471,7 +473,23 @@ def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Pack
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     with contextlib.suppress(ImportError):
-        _plot(out / "loss.png", log, f"{recipe.label()} {config.rope or ''} @ {config.target_length}")
+        _plot(out / LOSS_PLOT, log, f"{recipe.label()} {config.rope or ''} @ {config.target_length}")
+
+
+def read_report(model_dir: str | Path) -> dict[str, Any] | None:
+    """The ``train_report.json`` that ``longkit train`` left in ``model_dir``, or None when ``model_dir`` is not a
+    directory holding one (a model alias, a model trained elsewhere). A damaged report is an error, not None: the
+    evaluation report would otherwise silently lose its training section."""
+    path = Path(model_dir).expanduser() / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainError(f"{path}: cannot read the training report ({err}); restore it or delete it") from None
+    if not isinstance(report, dict):
+        raise TrainError(f"{path}: the training report is not a JSON object; restore it or delete it")
+    return report
 
 
 def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
@@ -489,4 +507,5 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path)
 
 
-__all__ = ["PRECISIONS", "TrainConfig", "check_out_dir", "read_log", "run_identity", "train", "trained_config"]
+__all__ = ["LOSS_PLOT", "PRECISIONS", "REPORT_FILE", "TrainConfig", "check_out_dir", "read_log", "read_report",
+           "run_identity", "train", "trained_config"]

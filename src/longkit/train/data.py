@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from longkit.errors import DataError
+from longkit.train import books
 
 #: Text files a text directory contributes (one document per file).
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -169,8 +170,8 @@ def read_parquet(path: str | Path, *, text_field: str = "text", source: str | No
 
 def read_source(path: str | Path, *, text_field: str = "text", source: str | None = None) -> list[Document]:
     """Dispatch on what ``path`` is: a directory of text files, ``.jsonl``/``.json`` lines, ``.parquet``, or the
-    name of a built-in offline corpus (:data:`NAMED_SOURCES`: ``python-stdlib``, ``python-docs``) when no such
-    path exists."""
+    name of a built-in offline corpus (:data:`NAMED_SOURCES`: ``python-stdlib``, ``python-docs``, ``kjv``,
+    ``austen``) when no such path exists."""
     p = Path(path).expanduser()
     if str(path) in NAMED_SOURCES and not p.exists():
         return NAMED_SOURCES[str(path)]()
@@ -234,11 +235,24 @@ def pydoc_documents() -> list[Document]:
             for key, text in sorted(topics.items()) if text.strip()]
 
 
+def book_documents() -> list[Document]:
+    """The books of the Debian packages that are installed (``bible-kjv-text``: source ``kjv``;
+    ``r-cran-janeaustenr``: source ``austen``), none when neither is. See :mod:`longkit.train.books`."""
+    docs = []
+    if books.kjv_installed():
+        docs += books.kjv_documents()
+    if books.austen_installed():
+        docs += books.austen_documents()
+    return docs
+
+
 def default_corpus(*, max_chars: int | None = None) -> list[Document]:
-    """The offline corpus that needs nothing downloaded: stdlib code per package plus the pydoc topics.
+    """The offline corpus that needs nothing downloaded: stdlib code per package plus the pydoc topics, and the
+    books of ``bible-kjv-text`` / ``r-cran-janeaustenr`` when those Debian packages are installed.
     ``max_chars`` truncates each document (quick experiments)."""
     docs = stdlib_documents(max_chars=max_chars) + [
-        Document(d.text[:max_chars] if max_chars else d.text, d.source, d.origin) for d in pydoc_documents()]
+        Document(d.text[:max_chars] if max_chars else d.text, d.source, d.origin)
+        for d in pydoc_documents() + book_documents()]
     if not docs:
         raise DataError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']} "
                         f"(Python {sys.version.split()[0]})")
@@ -246,10 +260,13 @@ def default_corpus(*, max_chars: int | None = None) -> list[Document]:
 
 
 #: Built-in offline corpora by source name, for ``--data NAME``: e.g. train on code only and keep the documentation
-#: topics (the evaluation's default haystack and perplexity text) held out.
+#: topics (the evaluation's default haystack and perplexity text) held out. ``kjv`` and ``austen`` need their
+#: Debian packages (a DataError names the package when it is not installed).
 NAMED_SOURCES = {
     "python-stdlib": lambda: stdlib_documents(),
     "python-docs": lambda: pydoc_documents(),
+    "kjv": lambda: books.kjv_documents(),
+    "austen": lambda: books.austen_documents(),
 }
 
 
@@ -526,6 +543,7 @@ __all__ = [
     "Packed",
     "TokenizedDocument",
     "block_causal_mask",
+    "book_documents",
     "build",
     "default_corpus",
     "model_inputs",

@@ -205,6 +205,7 @@ def test_parquet_reader(tmp_path):
 
 def test_named_sources_pick_one_builtin_corpus(tmp_path, monkeypatch):
     # `--data python-stdlib` trains on code only, keeping the docs topics (the eval haystack) held out
+    monkeypatch.setenv("LONGKIT_BOOKS_ROOT", str(tmp_path))  # no books: the default corpus is code + docs
     stdlib = D.read_source("python-stdlib")
     docs = D.read_source("python-docs")
     assert {d.source for d in stdlib} == {"python-stdlib"} and {d.source for d in docs} == {"python-docs"}

@@ -50,3 +50,16 @@ def test_report_of_a_missing_dir_exits_2(tmp_path):
 def test_parse_lengths():
     assert parse_lengths("4k,8K, 12000") == [4096, 8192, 12000]
     assert parse_lengths("1.5k") == [1536]
+
+
+def test_eval_no_default_methods_runs_the_untouched_model_only(tmp_path):
+    # e.g. a trained model directory: without the flag the main job's dynamic NTK x2 would be compared as well
+    run = tmp_path / "run"
+    out = runner.invoke(app, ["eval", "--model", "tiny-llama", "--lengths", "512", "--depths", "0.5", "--task", "passkey",
+                              "--no-default-methods", "--no-report", "--out", str(run)])
+    assert out.exit_code == 0, out.output
+    methods = {json.loads(line)["method"] for line in (run / "samples.jsonl").read_text().splitlines()}
+    assert methods == {"baseline"}
+    none = runner.invoke(app, ["eval", "--model", "tiny-llama", "--no-default-methods", "--no-baseline",
+                               "--out", str(tmp_path / "r2")])
+    assert none.exit_code == 2, none.output

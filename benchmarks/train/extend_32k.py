@@ -75,7 +75,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    models = {"trained": [args.out], "base": ["smollm2-135m", *BASE_METHODS]}
+    models = {"trained": [args.out, "--no-default-methods"], "base": ["smollm2-135m", *BASE_METHODS]}
     only = args.only.split(",") if args.only else list(models)
     for bucket in args.buckets.split(","):
         for model in only:

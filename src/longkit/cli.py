@@ -81,6 +81,9 @@ def eval_cmd(
     memory: Annotated[list[str], typer.Option(help="Memory method to compare (repeatable).")] = None,
     combo: Annotated[list[str], typer.Option(help="A full combination, e.g. 'rope=yarn:factor=2+attention=eager'.")] = None,
     baseline: Annotated[bool, typer.Option(help="Also run the untouched model.")] = BASELINE in D.methods,
+    default_methods: Annotated[bool, typer.Option(help="With no method option, compare the main job's methods "
+                               f"({', '.join(DEFAULT_METHODS)}); --no-default-methods: the untouched model only "
+                               "(e.g. a trained model directory).")] = True,
     task: Annotated[list[str], typer.Option(help="Task (passkey, needle, perplexity, multi_needle, lost_in_middle, "
                     "RULER's 13: niah_single_1 ... qa_2, qa_1_synthetic, qa_2_synthetic); repeatable.")] = None,
     lengths: Annotated[str | None, typer.Option(help="Context lengths in tokens, e.g. 4k,8k,12k.")] = None,
@@ -137,7 +140,7 @@ def eval_cmd(
     for kind, specs in (("rope", rope), ("attention", attention), ("kv", kv), ("memory", memory)):
         methods += [f"{kind}={s}" for s in specs or []]
     methods += list(combo or [])
-    if not any((rope, attention, kv, memory, combo)) and backend == "hf":
+    if not any((rope, attention, kv, memory, combo)) and backend == "hf" and default_methods:
         methods += DEFAULT_METHODS
     if suite:
         grid = {**grid, "lengths": None}

@@ -57,8 +57,8 @@ def nbce_pool(logp: torch.Tensor, pooling: str, beta: float, eta: float, top_p: 
 class NBCE(ParallelWindows):
     """NBCE: each window a separate prompt, the next-token distributions pooled by naive Bayes (min-entropy window)."""
 
-    paper: ClassVar[str] = ("Su et al. 2024, Naive Bayes-based Context Extension for Large Language Models "
-                            "(https://github.com/bojone/NBCE)")
+    paper: ClassVar[str] = ("Su et al. NAACL 2024, Naive Bayes-based Context Extension for Large Language Models "
+                            "(https://aclanthology.org/2024.naacl-long.431)")
 
     pooling: str = param("min_entropy", choices=("min_entropy", "mean"),
                          help="min_entropy (official: the most confident window) or mean (naive-Bayes average)")

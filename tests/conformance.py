@@ -211,6 +211,10 @@ CASES: dict[tuple[str, str], dict] = {
         ],
         "changes_logits": True,
     },
+    # ---- memory: parallel windows. Like retrieval they lay out the prompt (the eval runner's window loop,
+    # tests/memory/test_memory_pcw.py and test_memory_nbce.py); an ordinary forward runs the model unchanged ----
+    ("memory", "pcw"): {"args": [{}, {"n_windows": 3}], "changes_logits": False},
+    ("memory", "nbce"): {"args": [{}, {"window": 16, "pooling": "mean", "beta": 0.5}], "changes_logits": False},
 }
 
 

@@ -19,7 +19,9 @@ from longkit.eval.records import sample_id
 from longkit.eval.retrieval import is_refusal, memory_fields, retrieval_memory, retrieval_request
 from longkit.eval.suites import Suite, get_suite
 from longkit.eval.tasks import TaskContext, get_task
+from longkit.eval.windows import windowed_memory, windowed_request
 from longkit.memory.rag import RetrievalMemory
+from longkit.memory.windows import ParallelWindows
 from longkit.seam import MethodSpec
 
 if TYPE_CHECKING:
@@ -60,6 +62,8 @@ class TaskJob:
     sample: int
     #: The combination's retrieval memory method (RAG, Self-Route): the prompt is built from retrieved chunks.
     memory: RetrievalMemory | None = field(default=None, repr=False)
+    #: The combination's parallel-window memory method (PCW, NBCE): the backend reads the context in windows.
+    windowed: ParallelWindows | None = field(default=None, repr=False)
     #: (task, built sample, retrieval or None, earlier results) between ``request`` and ``record``.
     _pending: Any = field(default=None, init=False, repr=False)
 
@@ -69,6 +73,10 @@ class TaskJob:
 
     def request(self, ctx: TaskContext) -> GenerationRequest | NLLRequest:
         task = get_task(self.task)
+        if self.windowed is not None:
+            built = task.build(ctx, self.length, self.depth, self.sample)
+            self._pending = (task, built, None, [])
+            return windowed_request(self.windowed, task.name, built)
         if self.memory is None:
             request, built = task.request(ctx, self.length, self.depth, self.sample)
             self._pending = (task, built, None, [])
@@ -143,7 +151,8 @@ def plan(config: EvalConfig, labels: list[str]) -> list[Job]:
         return plan_suite(config, labels)
     tasks = [(name, get_task(name)) for name in config.tasks]
     return [
-        TaskJob(label, name, length, depth, sample, retrieval_memory(MethodSpec.parse(label)))
+        TaskJob(label, name, length, depth, sample, retrieval_memory(MethodSpec.parse(label)),
+                windowed_memory(MethodSpec.parse(label)))
         for label in labels
         for length in sorted(int(n) for n in config.lengths)
         for name, task in tasks

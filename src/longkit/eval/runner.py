@@ -33,6 +33,8 @@ from longkit.eval.retrieval import check_context, check_memory_run, retrieval_me
 from longkit.eval.rundir import open_run_dir, record_invocation, run_identity
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.tasks.perplexity import DEFAULT_PPL_CHUNK, check_chunk
+from longkit.eval.windows import check_windowed_run, check_windows, windowed_memory
+from longkit.models.introspect import trained_length
 from longkit.seam import MethodSpec, apply
 
 # The settings hashed into the default run-directory name (a run directory's full identity, which also covers the
@@ -131,6 +133,7 @@ class EvalConfig:
         if self.suite is not None:
             self._validate_suite()
             check_memory_run([MethodSpec.parse(text) for text in self.methods], [], self.suite)
+            check_windowed_run([MethodSpec.parse(text) for text in self.methods], [], self.suite)
             self._validate_sources(check_model)
             return
         if not self.tasks:
@@ -151,6 +154,7 @@ class EvalConfig:
         if not 0.0 <= self.threshold <= 100.0:
             raise EvalError(f"parameter 'threshold' must be in [0, 100] (got {self.threshold})")
         check_memory_run([MethodSpec.parse(text) for text in self.methods], [get_task(t) for t in self.tasks], None)
+        check_windowed_run([MethodSpec.parse(text) for text in self.methods], [get_task(t) for t in self.tasks], None)
         self._validate_sources(check_model)
 
     def _validate_values(self) -> None:
@@ -295,6 +299,10 @@ def preflight(config: EvalConfig, lm: Any, specs: list[MethodSpec], ctx: TaskCon
                 # The shortest context of the grid is where a retrieval budget would keep it all.
                 depth = config.depths[0] if task.uses_depth else None
                 check_context(memory, name, task.build(ctx, min(lengths), depth, 0))
+            for windowed in filter(None, map(windowed_memory, specs)):
+                # The longest context of the grid is where n_windows makes the largest windows.
+                depth = config.depths[0] if task.uses_depth else None
+                check_windows(windowed, name, task.build(ctx, max(lengths), depth, 0), trained_length(lm.model))
 
 
 def _git_commit() -> str | None:

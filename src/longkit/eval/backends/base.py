@@ -20,6 +20,9 @@ class GenerationRequest:
     stop_newline: bool = False
     #: The sample asking (its record id), named in retry warnings.
     label: str | None = None
+    #: The prompt cut around its context (:class:`longkit.memory.windows.WindowedPrompt`) for a parallel-window
+    #: memory method (PCW, NBCE): the local backend hands it to the applied method instead of one forward.
+    windows: Any = None
 
     def send(self, backend: Backend) -> GenerationResult:
         return backend.generate(self)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from longkit.errors import EvalError
 from longkit.eval.backends.base import GenerationRequest, GenerationResult, NLLRequest
+from longkit.memory.windows import ParallelWindows
 from longkit.runtime.generate import greedy_generate
+from longkit.runtime.windows import parallel_generate
 
 
 class HFBackend:
@@ -48,6 +51,8 @@ class HFBackend:
         if request.stop_newline:
             # LongBench samsum: the last id of "\n" joins the EOS ids.
             eos.add(tok.encode("\n", add_special_tokens=False)[-1])
+        if request.windows is not None:
+            return self._windowed(request, eos)
         gen = greedy_generate(
             self.lm.model, ids, request.max_new_tokens, self.applied.new_cache(), eos, prefill_chunk=self.prefill_chunk
         )
@@ -62,6 +67,31 @@ class HFBackend:
                 "new_tokens": len(gen.tokens),
                 "peak_mem_bytes": gen.peak_mem_bytes,
                 "kv_bytes": gen.kv_bytes,
+            },
+        )
+
+    def _windowed(self, request: GenerationRequest, eos: set[int]) -> GenerationResult:
+        """A prompt read in parallel windows by the applied memory method (PCW, NBCE), with its cost fields."""
+        method = self.applied.spec.memory
+        if not isinstance(method, ParallelWindows):
+            raise EvalError("a windowed prompt needs a parallel-window memory method (pcw, nbce) applied; "
+                            f"got memory={getattr(method, 'name', None)}")
+        gen = parallel_generate(self.lm.model, method, request.windows, request.max_new_tokens, eos,
+                                self.applied.new_cache)
+        return GenerationResult(
+            text=self.lm.tokenizer.decode(gen.tokens, skip_special_tokens=True),
+            prompt_tokens=len(request.windows.ids),
+            completion_tokens=len(gen.tokens),
+            stats={
+                "prefill_s": round(gen.prefill_s, 4),
+                "decode_s": round(gen.decode_s, 4),
+                "new_tokens": len(gen.tokens),
+                "peak_mem_bytes": gen.peak_mem_bytes,
+                "kv_bytes": gen.kv_bytes,
+                "tokens_processed": gen.tokens_processed,
+                "context_tokens": len(request.windows.context),
+                "windows": len(gen.window_sizes),
+                "window_tokens": max(gen.window_sizes),
             },
         )
 

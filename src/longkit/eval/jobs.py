@@ -19,7 +19,7 @@ from longkit.eval.records import sample_id
 from longkit.eval.retrieval import is_refusal, memory_fields, retrieval_memory, retrieval_request
 from longkit.eval.suites import Suite, get_suite
 from longkit.eval.tasks import TaskContext, get_task
-from longkit.memory.rag import RetrievalMemory
+from longkit.memory.base import PromptMemory
 from longkit.seam import MethodSpec
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ class TaskJob:
     length: int
     depth: float | None
     sample: int
-    #: The combination's retrieval memory method (RAG, Self-Route): the prompt is built from retrieved chunks.
-    memory: RetrievalMemory | None = field(default=None, repr=False)
+    #: The combination's prompt-level memory method (RAG, Self-Route, LongLLMLingua): the prompt is built from the
+    #: context it keeps.
+    memory: PromptMemory | None = field(default=None, repr=False)
     #: (task, built sample, retrieval or None, earlier results) between ``request`` and ``record``.
     _pending: Any = field(default=None, init=False, repr=False)
 

@@ -1,11 +1,13 @@
 """Memory room: retrieval, block memory and offload methods, registered under kind ``memory``.
 
 ``rag`` and ``self_route`` (:mod:`longkit.memory.rag`) are prompt-level: they keep the context chunks most relevant
-to the question; the eval runner builds the prompt from :meth:`~longkit.memory.rag.RetrievalMemory.retrieve`.
+to the question; ``longllmlingua`` (:mod:`longkit.memory.longllmlingua`) compresses the context with a small LM.
+The eval runner builds the prompt from :meth:`~longkit.memory.base.PromptMemory.retrieve`.
 """
 
-from longkit.memory import infllm, rag  # noqa: F401  (registration)
-from longkit.memory.base import MemoryMethod
+from longkit.memory import infllm, longllmlingua, rag  # noqa: F401  (registration)
+from longkit.memory.base import MemoryMethod, PromptMemory
+from longkit.memory.longllmlingua import LongLLMLingua
 from longkit.memory.rag import RAG, RetrievalMemory, SelfRoute
 
-__all__ = ["RAG", "MemoryMethod", "RetrievalMemory", "SelfRoute"]
+__all__ = ["RAG", "LongLLMLingua", "MemoryMethod", "PromptMemory", "RetrievalMemory", "SelfRoute"]

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longkit.errors import MethodError
+from longkit.errors import LongkitError, MethodError
 from longkit.memory.base import PromptMemory
 from longkit.registry import param, register
 
@@ -325,6 +325,13 @@ class LongLLMLingua(PromptMemory):
         super().__post_init__()
         if self.device == "cuda" and not torch.cuda.is_available():
             self.fail("device", "= 'cuda' but no CUDA device is available; use device=cpu or auto")
+        from longkit.models import check_source
+
+        try:
+            # Refused here, before any sample runs, rather than at the first compression.
+            check_source(self.compressor)
+        except LongkitError as err:
+            self.fail("compressor", f"= {self.compressor!r}: {err}")
 
     def work_device(self) -> str:
         return "cuda" if self.device == "auto" and torch.cuda.is_available() else \

@@ -22,7 +22,9 @@ The steps follow the official implementation (microsoft/LLMLingua, ``llmlingua/p
    ``iterative_size`` tokens; each piece of a segment keeps the tokens whose contrastive score (loss without the
    question minus loss with it, ``condition_compare``; else the loss) is above the quantile that keeps the piece's
    ratio (target / context tokens plus the document's offset) of all scores computed so far. Later segments are
-   scored given the already compressed ones (the compressor's KV cache), as in LLMLingua.
+   scored given the already compressed ones (the compressor's KV cache), as in LLMLingua. When the kept text is
+   longer than the compressor's positions, its first pass scores the first window only and later segments drop
+   the oldest cache entries after the question and ``SINK_TOKENS`` more (the official "KV-Cache Compression").
 
 Two details of the official code are kept for parity and are worth knowing: a token is kept or dropped by the score
 of the token right after it (the loss vector is not shifted back onto its tokens), and the last segment, when the

@@ -201,6 +201,13 @@ CASES: dict[tuple[str, str], dict] = {
     ("memory", "rag"): {"args": [{}, {"retriever": "dense", "chunk_size": 16, "top_k": 2, "budget": 32}],
                         "changes_logits": False},
     ("memory", "self_route"): {"args": [{}, {"chunk_size": 8, "top_k": 1, "budget": 8}], "changes_logits": False},
+    # ---- memory: prompt compression, like retrieval, rewrites the prompt; the compressor is a separate model ----
+    ("memory", "longllmlingua"): {
+        "args": [{"compressor": "tiny-llama"},
+                 {"compressor": "tiny-llama", "ratio": 8.0, "doc_tokens": 16, "iterative_size": 32, "reorder": "original",
+                  "condition_compare": False, "dynamic_ratio": 0.0, "context_budget": 0, "device": "cpu"}],
+        "changes_logits": False,
+    },
     # ---- memory: InfLLM. The 97-token prompt has far tokens (fixed distance) and, with the second set, more blocks
     # than topk (retrieval); the 41-token decoding check stays within topk blocks, where the chunking of prefill
     # and decoding cannot change what is attended, so cached decoding must match one forward ----

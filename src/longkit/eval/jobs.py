@@ -20,7 +20,7 @@ from longkit.eval.retrieval import is_refusal, memory_fields, retrieval_memory, 
 from longkit.eval.suites import Suite, get_suite
 from longkit.eval.tasks import TaskContext, get_task
 from longkit.eval.windows import windowed_memory, windowed_request
-from longkit.memory.rag import RetrievalMemory
+from longkit.memory.base import PromptMemory
 from longkit.memory.windows import ParallelWindows
 from longkit.seam import MethodSpec
 
@@ -60,8 +60,9 @@ class TaskJob:
     length: int
     depth: float | None
     sample: int
-    #: The combination's retrieval memory method (RAG, Self-Route): the prompt is built from retrieved chunks.
-    memory: RetrievalMemory | None = field(default=None, repr=False)
+    #: The combination's prompt-level memory method (RAG, Self-Route, LongLLMLingua): the prompt is built from the
+    #: context it keeps.
+    memory: PromptMemory | None = field(default=None, repr=False)
     #: The combination's parallel-window memory method (PCW, NBCE): the backend reads the context in windows.
     windowed: ParallelWindows | None = field(default=None, repr=False)
     #: (task, built sample, retrieval or None, earlier results) between ``request`` and ``record``.

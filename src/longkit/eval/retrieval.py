@@ -1,5 +1,5 @@
-"""Retrieval memory in the eval runner: a task's prompt rebuilt from the chunks a memory method retrieves, and the
-cost fields of its records.
+"""Prompt-level memory in the eval runner (retrieval: rag, self_route; prompt compression: longllmlingua): a task's
+prompt rebuilt from the context a memory method keeps, and the cost fields of its records.
 
 A task whose prompts expose (instruction, context, question) (:class:`~longkit.eval.prompt.PromptParts`) gets the
 prompt ``front + retrieved chunks + question (+ Self-Route's instruction) + chat tail + answer prefix``; the
@@ -11,6 +11,9 @@ contains "unanswerable" (:func:`longkit.memory.rag.is_refusal`). Record fields o
 - ``retrieval_s``: seconds of chunking, scoring and selection; ``context_tokens`` / ``retrieved_tokens``: the
   context's tokens before and after retrieval; ``chunks`` / ``retrieved_chunks``: the number of chunks and the
   indices kept (document order);
+- prompt compression (:mod:`longkit.memory.longllmlingua`): ``compress_s``, ``compressed_tokens``, ``documents`` /
+  ``kept_documents``, ``compressor_tokens`` (tokens the compressor model processed) and ``memory_peak_mem_bytes``
+  (peak memory of the compression above its start: CUDA allocator, or CPU resident set);
 - ``route`` (Self-Route): ``rag`` when the retrieval answer stands, ``long`` when the full context answered, and
   ``rag_prediction``, the retrieval answer;
 - ``prefill_s`` / ``decode_s`` summed over the requests, ``peak_mem_bytes`` / ``kv_bytes`` their maximum.
@@ -20,18 +23,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from longkit.errors import EvalError
 from longkit.eval.backends.base import GenerationRequest
 from longkit.eval.prompt import encode
-from longkit.memory.rag import REFUSAL_INSTRUCTION, Retrieval, RetrievalMemory, is_refusal
+from longkit.memory.base import PromptMemory
+from longkit.memory.rag import REFUSAL_INSTRUCTION, is_refusal
+from longkit.runtime.generate import PeakMemory
 from longkit.seam import MethodSpec
 
 __all__ = ["check_memory_run", "is_refusal", "memory_fields", "retrieval_memory", "retrieval_request"]
 
 
-def retrieval_memory(spec: MethodSpec) -> RetrievalMemory | None:
-    """The combination's memory method when it works on the prompt (retrieval), else None."""
-    return spec.memory if isinstance(spec.memory, RetrievalMemory) else None
+def retrieval_memory(spec: MethodSpec) -> PromptMemory | None:
+    """The combination's memory method when it works on the prompt (retrieval, compression), else None."""
+    return spec.memory if isinstance(spec.memory, PromptMemory) else None
 
 
 def check_memory_run(specs: list[MethodSpec], tasks: list[Any], suite: str | None) -> None:
@@ -50,7 +57,7 @@ def check_memory_run(specs: list[MethodSpec], tasks: list[Any], suite: str | Non
                                 f"'{memory.name}' cannot run on it: run '{task.name}' without --memory")
 
 
-def _parts(task: str, memory: RetrievalMemory, built: Any) -> Any:
+def _parts(task: str, memory: PromptMemory, built: Any) -> Any:
     parts = built.prompt.parts
     if parts is None:
         raise EvalError(f"task '{task}' built a prompt without (instruction, context, question), so memory method "
@@ -58,16 +65,21 @@ def _parts(task: str, memory: RetrievalMemory, built: Any) -> Any:
     return parts
 
 
-def check_context(memory: RetrievalMemory, task: str, built: Any) -> None:
+def check_context(memory: PromptMemory, task: str, built: Any) -> None:
     """What :func:`retrieval_request` would refuse about this sample, without retrieving (the runner's preflight)."""
     memory.check_context(len(_parts(task, memory, built).context))
 
 
-def retrieval_request(memory: RetrievalMemory, tokenizer: Any, task: str, built: Any) -> tuple[GenerationRequest,
-                                                                                              Retrieval]:
-    """The generation request of a built sample under retrieval memory, and what retrieval kept."""
+def retrieval_request(memory: PromptMemory, tokenizer: Any, task: str, built: Any) -> tuple[GenerationRequest, Any]:
+    """The generation request of a built sample under prompt memory, and what the memory method kept."""
     parts = _parts(task, memory, built)
-    got = memory.retrieve(tokenizer, parts.context, parts.question)
+    device = memory.work_device()
+    if device is None:
+        got = memory.retrieve(tokenizer, parts.context, parts.question)
+    else:
+        with PeakMemory(torch.device(device)) as peak:
+            got = memory.retrieve(tokenizer, parts.context, parts.question)
+        got.peak_mem_bytes = peak.peak_bytes
     extra = encode(tokenizer, REFUSAL_INSTRUCTION) if memory.routes else []
     return GenerationRequest(built.max_new_tokens, input_ids=parts.assemble(got.ids, extra)), got
 
@@ -77,18 +89,16 @@ def _total(values: list[Any], how: Any) -> Any:
     return how(present) if present else None
 
 
-def memory_fields(memory: RetrievalMemory, built: Any, got: Retrieval, results: list[Any]) -> dict[str, Any]:
-    """The cost fields of one sample answered through retrieval (``results``: its requests' results, in order)."""
+def memory_fields(memory: PromptMemory, built: Any, got: Any, results: list[Any]) -> dict[str, Any]:
+    """The cost fields of one sample answered through prompt memory (``results``: its requests' results, in
+    order)."""
     prompt = sum(r.prompt_tokens or 0 for r in results)
     generated = sum(r.completion_tokens or 0 for r in results)
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "tokens_processed": prompt + generated,
-        "retrieval_s": round(got.seconds, 6),
         "context_tokens": len(built.prompt.parts.context),
-        "retrieved_tokens": len(got.ids),
-        "chunks": got.n_chunks,
-        "retrieved_chunks": got.chunks,
+        **got.fields(),
         "prefill_s": _total([r.stats.get("prefill_s") for r in results], lambda v: round(sum(v), 4)),
         "decode_s": _total([r.stats.get("decode_s") for r in results], lambda v: round(sum(v), 4)),
         "peak_mem_bytes": _total([r.stats.get("peak_mem_bytes") for r in results], max),

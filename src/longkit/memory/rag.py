@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from longkit.errors import MethodError
-from longkit.memory.base import MemoryMethod
+from longkit.memory.base import PromptMemory
 from longkit.registry import param, register
 
 #: The package each retriever needs (named in the error when it is missing).
@@ -109,9 +109,14 @@ class Retrieval:
     n_chunks: int
     seconds: float
 
+    def fields(self) -> dict[str, Any]:
+        """The record's fields of this retrieval (besides the runner's common cost fields)."""
+        return {"retrieval_s": round(self.seconds, 6), "retrieved_tokens": len(self.ids), "chunks": self.n_chunks,
+                "retrieved_chunks": self.chunks}
+
 
 @dataclass
-class RetrievalMemory(MemoryMethod):
+class RetrievalMemory(PromptMemory):
     """Base of the prompt-level retrieval methods: the model is left as it is; :meth:`retrieve` shrinks a context."""
 
     retriever: str = param("bm25", choices=("bm25", "dense"), help="bm25 (bm25s) or dense (all-MiniLM-L6-v2)")
@@ -119,8 +124,6 @@ class RetrievalMemory(MemoryMethod):
     top_k: int = param(4, ge=1, le=100_000, help="chunks kept at most")
     budget: int = param(1024, ge=1, le=10_000_000, help="tokens of retrieved context at most")
 
-    #: Whether an unanswerable first answer is asked again with the full context.
-    routes: ClassVar[bool] = False
     shown: ClassVar[tuple[str, ...]] = ("retriever",)
 
     def __post_init__(self) -> None:
@@ -135,10 +138,6 @@ class RetrievalMemory(MemoryMethod):
                       f"pip install {package} (or pip install 'longkit[memory]')")
         #: Text encoder of the dense retriever (texts -> vectors); None: all-MiniLM-L6-v2, loaded on first use.
         self.encoder: Callable[[list[str]], Any] | None = None
-
-    def apply(self, model: Any) -> Any:
-        # Retrieval rewrites the prompt (the eval runner asks retrieve()); the model runs unchanged.
-        return lambda: None
 
     def check_context(self, n_tokens: int) -> None:
         """Refuse a budget that keeps the whole context: retrieval would then drop nothing and the run would be the

@@ -45,13 +45,14 @@ SCRIPT = textwrap.dedent("""
             else:
                 raise SystemExit("the crash did not happen")
         train(config)
-    try:
-        train(TrainConfig(**bad))
-    except TrainError as err:
-        print("REFUSED", err, flush=True)
-        assert not Path(bad["out"]).exists()
-    else:
-        raise SystemExit("a row length that does not split in the zigzag layout was not refused")
+    for settings in bad:
+        try:
+            train(TrainConfig(**settings))
+        except TrainError as err:
+            print("REFUSED", err, flush=True)
+            assert not Path(settings["out"]).exists()
+        else:
+            raise SystemExit(f"not refused: {settings}")
 """)
 
 
@@ -73,8 +74,12 @@ def test_ring_and_ulysses_on_two_gloo_ranks_train_as_one_process(docs, tmp_path)
         _settings(tmp_path, docs, "ring-lora", seq_parallel="ring", gradient_checkpointing=False,
                   recipe="continual:lora=true,lr=3e-2,warmup_ratio=0"),
     ]
-    # 642 is even (Ulysses would take it) but not a multiple of 4: the zigzag layout needs 2 x 2 chunks.
-    bad = _settings(tmp_path, docs, "bad", seq_parallel="ring", target_length=642)
+    bad = [
+        # 642 is even (Ulysses would take it) but not a multiple of 4: the zigzag layout needs 2 x 2 chunks.
+        _settings(tmp_path, docs, "bad", seq_parallel="ring", target_length=642),
+        # Gemma 3's sliding-window layers (window 16) cannot be attended across shards.
+        _settings(tmp_path, docs, "bad", seq_parallel="ulysses", model="tiny-gemma3", target_length=1024, rope=None),
+    ]
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -85,9 +90,11 @@ def test_ring_and_ulysses_on_two_gloo_ranks_train_as_one_process(docs, tmp_path)
                            str(script), json.dumps(runs), json.dumps(bad)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("REFUSED") == 2, proc.stdout[-2000:]
+    assert proc.stdout.count("REFUSED") == 2 * len(bad), proc.stdout[-2000:]
     assert "needs rows of a multiple of 4 tokens (2 x the number of ranks, the zigzag layout); 'target_length' = " \
            "642 is not" in proc.stdout
+    assert "'ulysses': the model has sliding-window attention (window 16, layer model.layers.0.self_attn) shorter " \
+           "than the 1024-token rows" in proc.stdout
 
     initial = load_model("tiny-llama", dtype="float32", seed=0).model.state_dict()
     for settings in runs:

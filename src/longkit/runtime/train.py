@@ -16,6 +16,15 @@ What a run writes under ``out``:
   ``model.safetensors``, the tokenizer); LoRA adapters are merged (and kept as peft's ``adapter/``);
 - ``train_report.json`` and ``loss.png``: tokens seen, time, the loss curve.
 
+Scale-out: under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) the same run is DDP (each rank its own
+rows; a step trains on N x the rows of one process) or, with ``seq_parallel`` (``--seq-parallel ring|ulysses``),
+sequence parallelism for rows longer than one device holds: all N ranks train on the same rows, each holding 1/N
+of every row's tokens (ring: the zigzag layout, rows a multiple of 2N tokens; Ulysses: contiguous, a multiple of N,
+heads divisible by N), and attention alone communicates. Packed documents and PoSE rows keep their per-document
+masks across the shards. The loss is the whole row's loss and the gradients those of one process (each rank's
+gradient is scaled by N before DDP averages them, so the average is their sum), so the run equals one process
+training the same rows. The sequence-parallel group is every rank of the run (no data parallelism beside it).
+
 The RoPE method is "trained in": during training the seam swaps the rotary module (the config stays untouched),
 and the saved config carries the method's ``rope_parameters`` (:func:`trained_config`), so transformers rebuilds
 the same rotary embedding on loading and the saved model gives the trained model's logits.
@@ -357,7 +366,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     recipe.check(window=window, target_length=config.target_length)
     spec.check(model)
     if sp is not None:
-        sp.check_model(model)
+        sp.check_model(model, recipe.train_length(config.target_length))
     saved_config = trained_config(model, spec.rope, config.target_length)
     length = recipe.train_length(config.target_length)
     # The global batch: every rank takes ``batch_size`` rows per micro-batch (accelerate deals the sequential
@@ -499,7 +508,14 @@ class _SeqParallel:
         group = torch.distributed.new_group(list(range(dist.world)))
         return cls(config.seq_parallel, layout, group, dist.world)
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Any, length: int) -> None:
+        """Refuse, before training starts, a model whose attention the shards cannot compute exactly."""
+        for name, module in model.named_modules():
+            window = getattr(module, "sliding_window", None) if name.endswith("attn") else None
+            if window and window < length:
+                raise TrainError(f"parameter 'seq_parallel' = {self.method!r}: the model has sliding-window attention "
+                                 f"(window {window}, layer {name}) shorter than the {length}-token rows, which the "
+                                 "sharded attention cannot compute; train it without sequence parallelism")
         cfg = getattr(model.config, "get_text_config", lambda: model.config)()
         if self.method == "ulysses":
             heads = int(cfg.num_attention_heads)
@@ -678,4 +694,4 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path)
 
 
-__all__ = ["PRECISIONS", "TrainConfig", "check_out_dir", "read_log", "run_identity", "train", "trained_config"]
+__all__ = ["PRECISIONS", "SEQ_PARALLEL", "TrainConfig", "check_out_dir", "read_log", "run_identity", "train", "trained_config"]

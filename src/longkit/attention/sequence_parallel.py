@@ -8,6 +8,11 @@ the global ``position_ids``) runs on the local slice unchanged.
 Layouts: ``zigzag`` (ring) cuts the sequence into 2W chunks and gives rank r chunks r and 2W-1-r, so every rank
 does the same causal work; ``contiguous`` (Ulysses) gives rank r tokens ``[r L, (r + 1) L)``.
 
+Packed rows (several documents per row, positions restarting per document, or PoSE's skipped positions): the
+whole rows' positions and document ids are set with :func:`sharded_row` (``SequenceParallel`` does it for its
+forward); each rank then checks its shard's positions against them, and ring / Ulysses attention keeps every token
+causal within its document across the shards, exactly the single-process block-causal mask.
+
 The backend follows the device: NCCL for CUDA tensors, gloo for CPU (:func:`default_backend`). With no process
 group initialised, or a group of one rank, the ring and Ulysses methods run single-process exact attention.
 """

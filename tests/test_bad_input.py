@@ -334,6 +334,14 @@ TRAIN = [
     ("out-is-file", {"--out": "{file}"}, "parameter 'out': "),
     ("out-holds-other-files", {"--out": "{bom_hay}"}, "holds no longkit training run"),
     ("out-holds-another-run", {"--out": "{other_run}"}, "holds a different training run"),
+    ("seq-parallel-unknown", {"--seq-parallel": "rings"}, "parameter 'seq_parallel' must be one of ring, ulysses"),
+    ("seq-parallel-one-process", {"--seq-parallel": "ring"}, "'seq_parallel' = 'ring' needs several processes: "
+                                                             "launch with `torchrun --nproc-per-node N"),
+    ("seq-parallel-with-attention", {"--seq-parallel": "ring", "--attention": "sliding:window=64"},
+     "cannot run with the attention method 'sliding:window=64'"),
+    ("seq-parallel-longlora", {"recipe": "longlora", "--seq-parallel": "ulysses"}, "that training recipe 'longlora' "
+                                                                                   "sets"),
+    ("seq-parallel-longce", {"recipe": "continual:loss=longce", "--seq-parallel": "ring"}, "works with loss=ce only"),
 ]
 
 

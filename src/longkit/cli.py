@@ -358,6 +358,8 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = D.device,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (less memory).")] = True,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/ after a successful run.")] = False,
+    seq_parallel: Annotated[str | None, typer.Option(help="Sequence parallelism under torchrun: ring or ulysses; "
+                            "every rank holds 1/N of each row's tokens (rows longer than one device holds).")] = None,
 ) -> None:
     """Train a model for long context with a recipe (e.g. continual pre-training under a RoPE method).
 
@@ -371,7 +373,7 @@ def train_cmd(
                              target_length=_one_length(target_length, "target_length"), rope=rope,
                              attention=attention, steps=steps, out=out, save_every=save_every, seed=seed,
                              precision=precision, device=device, gradient_checkpointing=gradient_checkpointing,
-                             keep_checkpoints=keep_checkpoints)
+                             keep_checkpoints=keep_checkpoints, seq_parallel=seq_parallel)
         saved = train(config)
     except LongkitError as err:
         _fail(err)

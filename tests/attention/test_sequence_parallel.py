@@ -63,9 +63,9 @@ def _inputs(B, H, H_kv, T, D, dtype, seed):
     return q, k, v, g_out, g_lse
 
 
-def _reference(q, k, v, causal, g_out, g_lse, with_lse=True):
+def _reference(q, k, v, causal, g_out, g_lse, with_lse=True, docs=None):
     leaves = [x.float().detach().requires_grad_() for x in (q, k, v)]
-    out, lse = reference_attention(*leaves, MaskSpec(causal=True) if causal else None)
+    out, lse = reference_attention(*leaves, MaskSpec(causal=True, doc_ids=docs) if causal else None)
     loss = (out * g_out).sum() + ((lse * g_lse).sum() if with_lse else 0)
     loss.backward()
     return out.detach(), lse.detach(), [x.grad for x in leaves]
@@ -76,14 +76,15 @@ def _close(actual, expected, dtype, what):
     torch.testing.assert_close(actual.float(), expected.float(), **tol, msg=lambda m: f"{what}: {m}")
 
 
-def _check_ring(rank, W, B, H, H_kv, T, D, dtype, causal, seed, group=None):
+def _check_ring(rank, W, B, H, H_kv, T, D, dtype, causal, seed, group=None, docs=None):
     q, k, v, g_out, g_lse = _inputs(B, H, H_kv, T, D, dtype, seed)
-    out, lse, grads = _reference(q, k, v, causal, g_out, g_lse)
+    out, lse, grads = _reference(q, k, v, causal, g_out, g_lse, docs=docs)
     local = [shard(x, 2, group).detach().requires_grad_() for x in (q, k, v)]
-    o, lse_local = ring_attention(*local, causal=causal, group=group, block_q=16, block_k=16)
+    o, lse_local = ring_attention(*local, causal=causal, group=group, block_q=16, block_k=16, doc_ids=docs)
     assert o.dtype == dtype and lse_local.dtype == torch.float32
+    # Rows that see no key (none with causal documents: a query sees itself) would have lse -inf.
     ((o.float() * shard(g_out, 2, group)).sum() + (lse_local * shard(g_lse, 2, group)).sum()).backward()
-    case = f"ring rank {rank}/{W} {dtype} causal={causal} T={T} H={H} H_kv={H_kv}"
+    case = f"ring rank {rank}/{W} {dtype} causal={causal} T={T} H={H} H_kv={H_kv} docs={docs is not None}"
     _close(o, shard(out, 2, group), dtype, f"{case} out")
     _close(lse_local, shard(lse, 2, group), dtype, f"{case} lse")
     for name, x, g in zip("qkv", local, grads, strict=True):
@@ -92,11 +93,11 @@ def _check_ring(rank, W, B, H, H_kv, T, D, dtype, causal, seed, group=None):
     _close(unshard(o.detach(), 2, group), out, dtype, f"{case} unshard")
 
 
-def _check_ulysses(rank, W, B, H, H_kv, T, D, dtype, causal, seed):
+def _check_ulysses(rank, W, B, H, H_kv, T, D, dtype, causal, seed, docs=None):
     q, k, v, g_out, g_lse = _inputs(B, H, H_kv, T, D, dtype, seed)
-    out, _, grads = _reference(q, k, v, causal, g_out, g_lse, with_lse=False)
+    out, _, grads = _reference(q, k, v, causal, g_out, g_lse, with_lse=False, docs=docs)
     local = [shard(x, dim=2, layout="contiguous").detach().requires_grad_() for x in (q, k, v)]
-    o = ulysses_attention(*local, causal=causal)
+    o = ulysses_attention(*local, causal=causal, doc_ids=docs, block_q=16, block_k=16)
     assert o.dtype == dtype
     (o.float() * shard(g_out, 2, layout="contiguous")).sum().backward()
     case = f"ulysses rank {rank}/{W} {dtype} causal={causal} T={T} H={H} H_kv={H_kv}"
@@ -164,6 +165,63 @@ def _model(rank, W):
         assert model.config._attn_implementation == previous
 
 
+def _docs(lengths_per_row):
+    """(B, T) document ids of rows packed from documents of the given lengths."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in lengths_per_row])
+
+
+def _packed_attention(rank, W):
+    # T = 40 in 2W = 4 zigzag chunks of 10: documents inside a chunk, across one chunk boundary and across
+    # several (the second row's long document spans chunks 0-2), a one-token document, rows that differ.
+    docs = _docs([[3, 9, 1, 14, 13], [25, 5, 10]])
+    _check_ring(rank, W, 2, 4, 2, 40, 8, torch.float32, True, 20, docs=docs)
+    _check_ulysses(rank, W, 2, 4, 2, 40, 8, torch.float32, True, 21, docs=docs)
+    # A document boundary exactly on the chunk boundaries, and one document over the whole row (= no docs).
+    docs = _docs([[10, 10, 20], [40]])
+    _check_ring(rank, W, 2, 2, 1, 40, 8, torch.float32, True, 22, docs=docs)
+    _check_ulysses(rank, W, 2, 2, 2, 40, 8, torch.float32, True, 23, docs=docs)
+    q = torch.randn(2, 2, 10, 8)
+    with pytest.raises(MethodError, match="'doc_ids' must be non-decreasing"):
+        ring_attention(q, q, q, doc_ids=torch.tensor([[0] * 10 + [1] * 5 + [0] * 5] * 2))
+    with pytest.raises(MethodError, match="needs causal=True"):
+        ring_attention(q, q, q, causal=False, doc_ids=torch.zeros(2, 20, dtype=torch.long))
+
+
+def _packed_model(rank, W):
+    # Packed rows (positions restarting per document) and PoSE-like rows (skipped positions, documents given):
+    # logits, loss and gradients of the sharded forward equal one process's forward with the block-causal mask.
+    from longkit.train.data import block_causal_mask
+
+    model = longkit.load_model("tiny-llama").model
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    docs = _docs([[7, 15, 18], [30, 10]])
+    starts = torch.cat([torch.zeros(2, 1, dtype=torch.long), (docs.diff(dim=1) != 0).long()], 1)
+    # position within the document
+    restart = torch.arange(40)[None] - torch.cummax(torch.arange(40)[None] * starts, dim=1).values
+    skipped = restart + 100 * docs + torch.where(restart >= 4, 1000, 0)
+    labels = ids.masked_fill(starts.bool(), -100)
+    for positions, given in ((restart, None), (skipped, docs)):
+        mask = block_causal_mask(docs)
+        model.zero_grad()
+        ref = model(input_ids=ids, labels=labels, position_ids=positions, attention_mask=mask, use_cache=False)
+        ref.loss.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for method in ("ring", "ulysses"):
+            model.zero_grad()
+            with sequence_parallel(model, method=method, block_q=16, block_k=16) as sp:
+                out = sp(ids, labels=labels, position_ids=positions, doc_ids=given)
+                torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+                out.loss.backward()
+                sp.sync_gradients()
+                for n, p in model.named_parameters():
+                    torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4,
+                                               msg=lambda m, n=n, method=method: f"{method} {n}: {m}")
+                # Without the documents the sharded forward attends across them: the check above would fail.
+                assert not torch.allclose(sp(ids, position_ids=torch.arange(40)[None].expand(2, -1)).logits,
+                                          ref.logits, atol=1e-3)
+
+
 def _three_ranks(rank, W):
     # W = 3: next and previous rank differ, and dK/dV make three hops, which two ranks cannot show.
     _check_ring(rank, W, 1, 2, 1, 18, 8, torch.float32, True, 10)
@@ -174,11 +232,17 @@ def _three_ranks(rank, W):
     sub = dist.new_group([1, 2])
     if rank > 0:
         _check_ring(rank - 1, 2, 1, 2, 1, 12, 8, torch.float32, True, 14, group=sub)
+    # Packed documents over 6 zigzag chunks of 5: both off-diagonal step kinds meet shared documents.
+    docs = _docs([[2, 6, 11, 3, 8], [12, 18]])
+    _check_ring(rank, W, 2, 2, 1, 30, 8, torch.float32, True, 15, docs=docs)
+    _check_ulysses(rank, W, 2, 3, 3, 30, 8, torch.float32, True, 16, docs=docs)
 
 
 def _all(rank, W):
     _primitives(rank, W)
     _model(rank, W)
+    _packed_attention(rank, W)
+    _packed_model(rank, W)
 
 
 def test_ring_and_ulysses_on_two_gloo_ranks_equal_single_process_attention_and_model(tmp_path):

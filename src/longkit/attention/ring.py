@@ -20,7 +20,7 @@ from longkit.attention.base import check_args, check_qkv
 from longkit.attention.blockwise import Blockwise, LSEAttention, _backward, _forward, _plan
 from longkit.attention.lse import merge_partials_
 from longkit.attention.masks import MaskSpec
-from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
+from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size, shard_index
 from longkit.errors import MethodError
 from longkit.registry import register
 
@@ -71,10 +71,50 @@ def _step_kind(causal: bool, step: int, rank: int, size: int) -> str:
     return "first_keys" if (rank - step) % size < rank else "last_queries"
 
 
-def _ring_forward(q, k, v, causal, scale, group, block_q, block_k):
+def _tiles(kind: str, L: int, docs: tuple[torch.Tensor, torch.Tensor] | None) -> list[tuple[slice, slice, slice, Any]]:
+    """The visible parts of one ring step as ``(batch rows, query rows, keys, mask)`` tiles of the local block.
+
+    Without documents: one tile (see :func:`_step_kind`). With packed documents (``docs``: this rank's and the
+    held block's (B, L) document ids, non-decreasing in local order, which is global order): the diagonal step
+    adds the document ids to its causal mask. In the other steps every visible key lies before every visible
+    query, and document ids never decrease, so a query sees a key only when both are in the one document that
+    spans the gap (the keys' last, the queries' first): a prefix of the queries against a suffix of the keys,
+    fully visible, per batch row; a step whose documents do not meet has no tile.
+    """
+    c = L // 2
+    every = slice(None)
+    if kind == "all":
+        return [(every, every, every, None)]
+    if kind == "diag":
+        return [(every, every, every, MaskSpec(causal=True, doc_ids=None if docs is None else docs[0]))]
+    rows, keys = (every, slice(None, c)) if kind == "first_keys" else (slice(c, None), every)
+    if docs is None:
+        return [(every, rows, keys, None)]
+    q_doc, k_doc = docs[0][:, rows], docs[1][:, keys]
+    q0 = 0 if rows.start is None else rows.start
+    k_end = k_doc.shape[1] if keys.stop is None else keys.stop
+    tiles = []
+    for b in range(q_doc.shape[0]):
+        shared = k_doc[b, -1]
+        n_q = int((q_doc[b] == shared).sum())
+        n_k = int((k_doc[b] == shared).sum())
+        if n_q and n_k:
+            tiles.append((slice(b, b + 1), slice(q0, q0 + n_q), slice(k_end - n_k, k_end), None))
+    return tiles
+
+
+def _step_docs(doc_ids: torch.Tensor | None, T: int, ring: _Ring, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(this rank's, the held block's) (B, L) document ids at ``step``, or None without documents."""
+    if doc_ids is None:
+        return None
+    src = (ring.rank - step) % ring.size
+    own = doc_ids.index_select(1, shard_index(T, ring.size, ring.rank, "zigzag", doc_ids.device))
+    return own, doc_ids.index_select(1, shard_index(T, ring.size, src, "zigzag", doc_ids.device))
+
+
+def _ring_forward(q, k, v, causal, scale, group, block_q, block_k, doc_ids=None):
     ring = _Ring(group)
     B, H, L, _ = q.shape
-    c = L // 2
     qf = q.float()
     # (B, H, L, D_v) float32 running output and (B, H, L) lse; nothing seen yet is out 0, lse -inf
     out = torch.zeros(B, H, L, v.shape[-1], dtype=torch.float32, device=q.device)
@@ -83,26 +123,19 @@ def _ring_forward(q, k, v, causal, scale, group, block_q, block_k):
     for step in range(ring.size):
         pending = ring.start(kv, _TAG_KV) if step + 1 < ring.size else None
         kind = _step_kind(causal, step, ring.rank, ring.size)
-        kb, vb = kv
-        rows = slice(None)
-        mask = MaskSpec(causal=True) if kind == "diag" else None
-        if kind == "first_keys":
-            kb, vb = kb[:, :, :c], vb[:, :, :c]
-        elif kind == "last_queries":
-            rows = slice(c, None)
-        qs = qf[:, :, rows]
-        plan = _plan(mask, B, H, qs.shape[2], kb.shape[2], block_q, block_k, q.device)
-        part, part_lse = _forward(qs, kb, vb, mask, scale, block_q, block_k, plan)
-        merge_partials_(out[:, :, rows], lse[:, :, rows], part, part_lse)
+        for b, rows, keys, mask in _tiles(kind, L, _step_docs(doc_ids, L * ring.size, ring, step)):
+            qs, kb, vb = qf[b, :, rows], kv[0][b, :, keys], kv[1][b, :, keys]
+            plan = _plan(mask, qs.shape[0], H, qs.shape[2], kb.shape[2], block_q, block_k, q.device)
+            part, part_lse = _forward(qs, kb, vb, mask, scale, block_q, block_k, plan)
+            merge_partials_(out[b, :, rows], lse[b, :, rows], part, part_lse)
         if pending is not None:
             kv = pending.wait()
     return out, lse
 
 
-def _ring_backward(d_out, d_lse, q, k, v, out, lse, causal, scale, group, block_q, block_k):
+def _ring_backward(d_out, d_lse, q, k, v, out, lse, causal, scale, group, block_q, block_k, doc_ids=None):
     ring = _Ring(group)
     B, H, L, D = q.shape
-    c = L // 2
     qf, dof = q.float(), d_out.float()
     dq = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
     kv = (k, v)
@@ -114,32 +147,17 @@ def _ring_backward(d_out, d_lse, q, k, v, out, lse, causal, scale, group, block_
         # (B, H_kv, L, D) float32 gradients of the block held now; the parts a step does not see stay zero
         dk = torch.zeros_like(kb)
         dv = torch.zeros_like(vb)
-        rows, keys = slice(None), slice(None)
-        mask = MaskSpec(causal=True) if kind == "diag" else None
-        if kind == "first_keys":
-            keys = slice(None, c)
-        elif kind == "last_queries":
-            rows = slice(c, None)
-        dl = None if d_lse is None else d_lse[:, :, rows]
-        plan = _plan(mask, B, H, qf[:, :, rows].shape[2], kb[:, :, keys].shape[2], block_q, block_k, q.device)
-        # The global out and lse give each tile's exact probabilities and rowsum(dO ⊙ O), as in FlashAttention-2.
-        dq_s, dk_s, dv_s = _backward(
-            dof[:, :, rows],
-            dl,
-            qf[:, :, rows],
-            kb[:, :, keys],
-            vb[:, :, keys],
-            out[:, :, rows],
-            lse[:, :, rows],
-            mask,
-            scale,
-            block_q,
-            block_k,
-            plan,
-        )
-        dq[:, :, rows] += dq_s
-        dk[:, :, keys] += dk_s
-        dv[:, :, keys] += dv_s
+        for b, rows, keys, mask in _tiles(kind, L, _step_docs(doc_ids, L * ring.size, ring, step)):
+            dl = None if d_lse is None else d_lse[b, :, rows]
+            qs, kt, vt = qf[b, :, rows], kb[b, :, keys], vb[b, :, keys]
+            plan = _plan(mask, qs.shape[0], H, qs.shape[2], kt.shape[2], block_q, block_k, q.device)
+            # The global out and lse give each tile's exact probabilities and rowsum(dO ⊙ O), as in FlashAttention-2.
+            dq_s, dk_s, dv_s = _backward(
+                dof[b, :, rows], dl, qs, kt, vt, out[b, :, rows], lse[b, :, rows], mask, scale, block_q, block_k, plan
+            )
+            dq[b, :, rows] += dq_s
+            dk[b, :, keys] += dk_s
+            dv[b, :, keys] += dv_s
         if pending_grads is None:
             acc = (dk, dv)
         else:
@@ -164,6 +182,7 @@ def ring_attention(
     *,
     block_q: int = 128,
     block_k: int = 128,
+    doc_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zigzag ring attention over the ranks of ``group``: exact (causal) attention of the whole sequence.
 
@@ -182,6 +201,9 @@ def ring_attention(
         scale: score scale, default ``D ** -0.5``.
         group: a ProcessGroup, or None for WORLD.
         block_q, block_k: int >= 16, tile edges of the local blockwise kernel.
+        doc_ids: (B, T) integer document ids of the whole sequence (T = W L, global order, non-decreasing) for
+            packed documents: each query attends causally within its document only; needs ``causal``. None: one
+            document.
 
     Returns ``(out (B, H, L, D_v) in q's dtype, lse (B, H, L) float32)``, both differentiable.
     """
@@ -195,8 +217,18 @@ def ring_attention(
             f"ring attention: the local length {T} must be even (zigzag: the sequence is 2 × world size = {2 * size} "
             "equal chunks, two per rank)"
         )
+    if doc_ids is not None:
+        if not causal:
+            raise MethodError("ring attention: parameter 'doc_ids' (packed documents) needs causal=True")
+        if doc_ids.shape != (q.shape[0], T * size) or doc_ids.dtype.is_floating_point:
+            raise MethodError(f"ring attention: parameter 'doc_ids' must be an integer (B, T) = ({q.shape[0]}, "
+                              f"{T * size}) tensor of the whole sequence; got {tuple(doc_ids.shape)}")
+        if bool((doc_ids.diff(dim=-1) < 0).any()):
+            raise MethodError("ring attention: parameter 'doc_ids' must be non-decreasing (contiguous documents)")
     scale = D**-0.5 if scale is None else float(scale)
-    return LSEAttention.apply(q, k, v, (_ring_forward, _ring_backward), bool(causal), scale, group, block_q, block_k)
+    return LSEAttention.apply(
+        q, k, v, (_ring_forward, _ring_backward), bool(causal), scale, group, block_q, block_k, doc_ids
+    )
 
 
 @register("attention", "ring")
@@ -225,7 +257,9 @@ class Ring(SequenceParallelAttention):
     layout = "zigzag"
 
     def sharded_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None,
+        group: Any, doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out, _ = ring_attention(query, key, value, causal, scaling, group, block_q=self.block_q, block_k=self.block_k)
+        out, _ = ring_attention(query, key, value, causal, scaling, group, block_q=self.block_q, block_k=self.block_k,
+                                doc_ids=doc_ids)
         return out

@@ -8,6 +8,11 @@ the global ``position_ids``) runs on the local slice unchanged.
 Layouts: ``zigzag`` (ring) cuts the sequence into 2W chunks and gives rank r chunks r and 2W-1-r, so every rank
 does the same causal work; ``contiguous`` (Ulysses) gives rank r tokens ``[r L, (r + 1) L)``.
 
+Packed rows (several documents per row, positions restarting per document, or PoSE's skipped positions): the
+whole rows' positions and document ids are set with :func:`sharded_row` (``SequenceParallel`` does it for its
+forward); each rank then checks its shard's positions against them, and ring / Ulysses attention keeps every token
+causal within its document across the shards, exactly the single-process block-causal mask.
+
 The backend follows the device: NCCL for CUDA tensors, gloo for CPU (:func:`default_backend`). With no process
 group initialised, or a group of one rank, the ring and Ulysses methods run single-process exact attention.
 """
@@ -78,6 +83,70 @@ def use_group(group: Any) -> Iterator[None]:
         yield
     finally:
         _GROUP.reset(token)
+
+
+@dataclass(frozen=True)
+class ShardedRow:
+    """The whole rows behind the shards of a sequence-parallel forward (see :func:`sharded_row`).
+
+    ``position_ids`` (B, T): every token's RoPE position (packed documents restart at 0, PoSE skips);
+    ``doc_ids`` (B, T): non-decreasing document ids (packed documents attend only within themselves), or None
+    for one document per row; ``group``: the process group the sequence is sharded over (None: WORLD).
+    """
+
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor | None = None
+    group: Any = None
+
+
+# Not a ContextVar (unlike the group above): autograd may run a backward, and with it activation checkpointing's
+# recomputed forward, on a worker thread that a context variable does not reach, and that recompute must see
+# the same documents as the forward did.
+_ROW: list[ShardedRow | None] = [None]
+
+
+def current_row() -> ShardedRow | None:
+    """The rows set by :func:`sharded_row`, or None."""
+    return _ROW[0]
+
+
+def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) document ids of packed rows from their position ids: a new document wherever the position does not
+    go up by one (transformers' rule, ``find_packed_sequence_indices``); None when every row is one document."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    return find_packed_sequence_indices(position_ids)
+
+
+@contextlib.contextmanager
+def sharded_row(position_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, group: Any = None) -> Iterator[None]:
+    """Tell the ring / ulysses attention methods the whole rows of the sharded forwards (and backwards) inside.
+
+    Inside, a sharded forward must pass this rank's shard of ``position_ids`` (checked), and attention keeps
+    every token within its document of ``doc_ids`` (causal and block-diagonal, exactly the single-process mask
+    of packed rows). Wrap the backward too when the model recomputes its forward (activation checkpointing).
+
+    Parameters:
+        position_ids: (B, T) integer positions of the whole rows (any values: packed restarts, PoSE skips).
+        doc_ids: (B, T) integer document ids, non-decreasing along each row (documents are contiguous), or None.
+        group: the ProcessGroup the rows are sharded over, or None for WORLD.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 2 or position_ids.dtype.is_floating_point:
+        raise MethodError("sharded_row: parameter 'position_ids' must be a (B, T) integer tensor")
+    if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != position_ids.shape or \
+                doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+            raise MethodError(f"sharded_row: parameter 'doc_ids' must be an integer tensor of the shape of "
+                              f"position_ids {tuple(position_ids.shape)}")
+        if bool((doc_ids.diff(dim=-1) < 0).any()):
+            raise MethodError("sharded_row: parameter 'doc_ids' must be non-decreasing along each row (packed "
+                              "documents are contiguous)")
+    old = _ROW[0]
+    _ROW[0] = ShardedRow(position_ids, doc_ids, group)
+    try:
+        yield
+    finally:
+        _ROW[0] = old
 
 
 def rank_and_size(group: Any = None) -> tuple[int, int]:
@@ -191,13 +260,27 @@ def sync_gradients(model: torch.nn.Module, group: Any = None) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def check_positions(position_ids: torch.Tensor | None, T: int, group: Any, layout: str, method: str) -> None:
-    """Refuse position ids that are not this rank's global positions in ``layout`` (RoPE would be silently wrong)."""
+def check_positions(
+    position_ids: torch.Tensor | None, T: int, group: Any, layout: str, method: str, row: ShardedRow | None = None
+) -> None:
+    """Refuse position ids that are not this rank's global positions in ``layout`` (RoPE would be silently wrong):
+    its shard of ``row.position_ids`` when rows are set (:func:`sharded_row`), else of ``0 .. T - 1``."""
     if position_ids is None:
+        if row is not None:
+            raise MethodError(f"attention method '{method}': sharded rows are set (sharded_row) but the forward "
+                              "passed no 'position_ids'; pass this rank's shard of them")
         return
     rank, W = rank_and_size(group)
-    want = shard_index(T, W, rank, layout, position_ids.device)
-    if not torch.equal(position_ids.reshape(-1, position_ids.shape[-1]), want.expand(position_ids.shape[0], -1)):
+    index = shard_index(T, W, rank, layout, position_ids.device)
+    flat = position_ids.reshape(-1, position_ids.shape[-1])
+    if row is not None:
+        if row.position_ids.shape[-1] != T:
+            raise MethodError(f"attention method '{method}' on {W} ranks: the sharded rows hold "
+                              f"{row.position_ids.shape[-1]} tokens but the forward's shards make {T}")
+        want = row.position_ids.to(position_ids.device).index_select(-1, index)
+    else:
+        want = index.expand(flat.shape[0], -1)
+    if not torch.equal(flat, want.expand(flat.shape[0], -1)):
         raise MethodError(
             f"attention method '{method}' on {W} ranks: 'position_ids' must be this rank's global positions in the "
             f"{layout} layout (rank {rank}: {want[:3].tolist()}...); shard with longkit.attention.sequence_parallel"
@@ -242,6 +325,10 @@ def single_process_mask(
     return MaskSpec(causal=True, window=window, q_offset=S - T, dense=dense, doc_ids=doc_ids)
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 @dataclass
 class SPOutput:
     """What :class:`SequenceParallel` returns: ``logits`` (B, T, V) gathered in global order (or this rank's
@@ -269,7 +356,9 @@ class SequenceParallel:
         sync_gradients(self.model, self.group)
 
     def __call__(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, gather_logits: bool = True, **kwargs: Any
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, gather_logits: bool = True, *,
+        position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+        num_items: torch.Tensor | int | None = None, **kwargs: Any,
     ) -> SPOutput:
         """Forward the whole ``input_ids`` (B, T) (the same on every rank); each rank computes its shard.
 
@@ -277,36 +366,64 @@ class SequenceParallel:
         logits because attention is causal. ``labels`` (B, T) are the model's usual labels (shifted inside; -100
         ignored); the loss is the mean over the whole sequence, identical to a single-process forward, and its
         backward followed by :meth:`sync_gradients` gives the single-process parameter gradients.
+
+        Packed rows: ``position_ids`` (B, T) give every token's position (documents restarting at 0, PoSE skips);
+        the documents are ``doc_ids`` (B, T, non-decreasing) or, when not given, found from the position ids as
+        transformers does (a new document wherever the position does not go up by one). Each token then attends
+        causally within its document only, as in a single-process forward of the packed rows. ``num_items``:
+        the loss's divisor (default: the scored targets of these rows; a training step over several micro-batches
+        gives the count of the whole step). With activation checkpointing, run the backward inside
+        :func:`sharded_row` with the same rows (the recomputed forward must see them).
         """
         if input_ids.ndim != 2:
             raise MethodError(f"parameter 'input_ids' must be (B, T); got shape {tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise MethodError(
-                f"parameter 'labels' must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}"
-            )
+        for name, x in (("labels", labels), ("position_ids", position_ids), ("doc_ids", doc_ids)):
+            if x is not None and x.shape != input_ids.shape:
+                raise MethodError(
+                    f"parameter '{name}' must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(x.shape)}"
+                )
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and not bool(mask.all()):
-            raise MethodError("sequence_parallel: padded batches are not supported ('attention_mask' has zeros)")
-        for bad in ("cache", "past_key_values", "position_ids", "use_cache"):
+            raise MethodError("sequence_parallel: padded batches are not supported ('attention_mask' has zeros); "
+                              "give packed documents as position_ids / doc_ids")
+        for bad in ("cache", "past_key_values", "use_cache"):
             if kwargs.get(bad) is not None and kwargs.get(bad) is not False:
                 raise MethodError(
-                    f"sequence_parallel: '{bad}' is not supported (whole unpadded sequences, no KV cache; positions "
-                    "are set per shard)"
+                    f"sequence_parallel: '{bad}' is not supported (whole unpadded sequences, no KV cache)"
                 )
         kwargs.pop("use_cache", None)
         B, T = input_ids.shape
         parts = 2 * self.world_size if self.layout == "zigzag" else self.world_size
         pad = -T % parts
         ids = F.pad(input_ids, (0, pad), value=0)
-        position_ids = torch.arange(T + pad, device=ids.device)[None].expand(B, -1)
-        out = self.model(input_ids=self.shard(ids), position_ids=self.shard(position_ids), use_cache=False, **kwargs)
+        if position_ids is None:
+            if doc_ids is not None:
+                raise MethodError("sequence_parallel: parameter 'doc_ids' needs 'position_ids'")
+            positions = torch.arange(T + pad, device=ids.device)[None].expand(B, -1)
+            docs = None
+        else:
+            docs = doc_ids if doc_ids is not None else documents_from_positions(position_ids)
+            # The padding continues the last positions as its own document: after every real token, it is seen
+            # by none of them (causal), and it sees none of them.
+            positions = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, pad + 1, device=ids.device)], 1)
+            if docs is not None:
+                docs = F.pad(docs, (0, pad), value=int(docs.max()) + 1)
+        outer = current_row()
+        if outer is not None and not (
+            outer.group is self.group and _same(outer.position_ids, positions) and _same(outer.doc_ids, docs)
+        ):
+            # The caller's rows (kept for the backward's recompute) must be the rows of this forward.
+            raise MethodError("sequence_parallel: the rows set by sharded_row differ from this forward's position_ids "
+                              "/ doc_ids / group")
+        with sharded_row(positions, docs, self.group):
+            out = self.model(input_ids=self.shard(ids), position_ids=self.shard(positions), use_cache=False, **kwargs)
         local_logits = out.logits
         loss = None
         if labels is not None:
             # Next-token targets in global order, padded with ignore; each rank scores its own tokens.
             targets = F.pad(labels[:, 1:], (0, 1 + pad), value=-100)
             local_targets = self.shard(targets)
-            count = (targets != -100).sum().clamp(min=1)
+            count = (targets != -100).sum().clamp(min=1) if num_items is None else num_items
             local_sum = F.cross_entropy(
                 local_logits.float().flatten(0, 1), local_targets.flatten(), ignore_index=-100, reduction="sum"
             )
@@ -376,24 +493,36 @@ class SequenceParallelAttention(AttentionMethod):
     own_sliding_layers: ClassVar[bool] = True
 
     def sharded_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None,
+        group: Any, doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, H, T_local, D) queries and keys/values of this rank's shard -> (B, H, T_local, D_v) output."""
+        """(B, H, T_local, D) queries and keys/values of this rank's shard -> (B, H, T_local, D_v) output;
+        ``doc_ids`` (B, T) are the whole rows' document ids (causal attention within each document) or None."""
         raise NotImplementedError
 
     def attention(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attention_mask: torch.Tensor | None, scaling: float | None, kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        group = active_group()
+        row = current_row()
+        group = row.group if row is not None else active_group()
         _, size = rank_and_size(group)
         if size == 1:
             mask = single_process_mask(module, query, key, attention_mask, **kwargs)
             out, _ = blockwise_attention(query, key, value, mask, scaling, block_q=self.block_q, block_k=self.block_k)
         else:
             causal = check_sharded_call(self.name, module, query, key, attention_mask, size, kwargs)
-            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name)
-            out = self.sharded_attention(query, key, value, causal, scaling, group)
+            check_positions(kwargs.get("position_ids"), query.shape[2] * size, group, self.layout, self.name, row)
+            docs = None if row is None else row.doc_ids
+            if docs is not None:
+                if not causal:
+                    raise MethodError(f"attention method '{self.name}' on {size} ranks: packed documents need "
+                                      "causal attention")
+                if docs.shape[0] != query.shape[0]:
+                    raise MethodError(f"attention method '{self.name}': the sharded rows hold {docs.shape[0]} rows "
+                                      f"but the forward has a batch of {query.shape[0]}")
+                docs = docs.to(query.device)
+            out = self.sharded_attention(query, key, value, causal, scaling, group, docs)
         return out
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longkit.attention.base import check_qkv
+from longkit.attention.blockwise import blockwise_attention
+from longkit.attention.masks import MaskSpec
 from longkit.attention.sequence_parallel import SequenceParallelAttention, rank_and_size
 from longkit.errors import MethodError
 from longkit.registry import register
@@ -62,6 +64,10 @@ def ulysses_attention(
     causal: bool = True,
     scale: float | None = None,
     group: Any = None,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
 ) -> torch.Tensor:
     """DeepSpeed-Ulysses sequence-parallel attention: exact attention of the whole sequence, differentiable.
 
@@ -78,6 +84,9 @@ def ulysses_attention(
         causal: causal attention over global positions (True) or full attention (False).
         scale: score scale, default ``D ** -0.5``.
         group: a ProcessGroup, or None for WORLD.
+        doc_ids: (B, T) integer document ids of the whole sequence (T = W L, global order) for packed documents:
+            each query attends causally within its document only (blockwise attention with tiles of
+            ``block_q`` x ``block_k``, never a (T, T) mask); needs ``causal``. None: one document (sdpa).
 
     Returns ``out (B, H, L, D_v)`` in q's dtype.
     """
@@ -102,9 +111,19 @@ def ulysses_attention(
     else:
         # (B, H / W, T_total, D) and (B, H_kv / W, T_total, D)
         qh, kh, vh = (seq_to_heads(x, group) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        qh, kh, vh, is_causal=bool(causal), scale=scale, enable_gqa=qh.shape[1] != kh.shape[1]
-    )
+    if doc_ids is None:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=bool(causal), scale=scale, enable_gqa=qh.shape[1] != kh.shape[1]
+        )
+    else:
+        if not causal:
+            raise MethodError("ulysses attention: parameter 'doc_ids' (packed documents) needs causal=True")
+        if doc_ids.shape != (q.shape[0], T * size):
+            raise MethodError(f"ulysses attention: parameter 'doc_ids' must be (B, T) = ({q.shape[0]}, {T * size}), "
+                              f"the whole sequence; got {tuple(doc_ids.shape)}")
+        # After the all-to-all each rank holds whole rows (for its heads): the single-process packed mask applies.
+        out, _ = blockwise_attention(qh, kh, vh, MaskSpec(causal=True, doc_ids=doc_ids), scale,
+                                     block_q=block_q, block_k=block_k)
     return out if size == 1 else heads_to_seq(out, group)
 
 
@@ -133,6 +152,8 @@ class Ulysses(SequenceParallelAttention):
     layout = "contiguous"
 
     def sharded_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None, group: Any
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None,
+        group: Any, doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return ulysses_attention(query, key, value, causal, scaling, group)
+        return ulysses_attention(query, key, value, causal, scaling, group, doc_ids=doc_ids, block_q=self.block_q,
+                                 block_k=self.block_k)

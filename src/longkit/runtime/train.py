@@ -16,6 +16,15 @@ What a run writes under ``out``:
   ``model.safetensors``, the tokenizer); LoRA adapters are merged (and kept as peft's ``adapter/``);
 - ``train_report.json`` and ``loss.png``: tokens seen, time, the loss curve.
 
+Scale-out: under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) the same run is DDP (each rank its own
+rows; a step trains on N x the rows of one process) or, with ``seq_parallel`` (``--seq-parallel ring|ulysses``),
+sequence parallelism for rows longer than one device holds: all N ranks train on the same rows, each holding 1/N
+of every row's tokens (ring: the zigzag layout, rows a multiple of 2N tokens; Ulysses: contiguous, a multiple of N,
+heads divisible by N), and attention alone communicates. Packed documents and PoSE rows keep their per-document
+masks across the shards. The loss is the whole row's loss and the gradients those of one process (each rank's
+gradient is scaled by N before DDP averages them, so the average is their sum), so the run equals one process
+training the same rows. The sequence-parallel group is every rank of the run (no data parallelism beside it).
+
 The RoPE method is "trained in": during training the seam swaps the rotary module (the config stays untouched),
 and the saved config carries the method's ``rope_parameters`` (:func:`trained_config`), so transformers rebuilds
 the same rotary embedding on loading and the saved model gives the trained model's logits.
@@ -46,6 +55,8 @@ from longkit.train import data as D
 from longkit.train.recipes import Recipe, create_recipe
 
 PRECISIONS = ("auto", "fp32", "bf16")
+#: ``seq_parallel`` settings: longkit's sequence-parallel attention methods (each rank holds 1/W of every row).
+SEQ_PARALLEL = ("ring", "ulysses")
 RUN_FILE = "train_run.json"
 LOG_FILE = "train_log.jsonl"
 #: Files a finished run leaves besides the model: a rerun of a finished run finds them and stops.
@@ -77,11 +88,17 @@ class TrainConfig:
     progress: bool = True
     #: Keep ``checkpoints/`` after a successful run (default: delete them; the saved model is the result).
     keep_checkpoints: bool = False
+    #: Sequence parallelism under torchrun: ``ring`` or ``ulysses``; every rank trains on the same rows, each
+    #: holding 1/W of their tokens (see :func:`train`). None: each rank trains on its own rows (DDP).
+    seq_parallel: str | None = None
 
     def identity(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("out", "progress", "keep_checkpoints"):
             out.pop(key)
+        if out["seq_parallel"] is None:
+            # Runs from before the setting existed keep their identity (and stay resumable).
+            out.pop("seq_parallel")
         return out
 
     def validate(self) -> None:
@@ -91,6 +108,9 @@ class TrainConfig:
                 raise TrainError(f"parameter '{key}' must be an int >= {low} (got {value!r})")
         if self.precision not in PRECISIONS:
             raise TrainError(f"parameter 'precision' must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.seq_parallel is not None and self.seq_parallel not in SEQ_PARALLEL:
+            raise TrainError(f"parameter 'seq_parallel' must be one of {', '.join(SEQ_PARALLEL)} (got "
+                             f"{self.seq_parallel!r})")
 
 
 # ------------------------------------------------------------------------------------------ the trained-in config
@@ -282,9 +302,13 @@ class _Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    @staticmethod
+    def fsdp_requested() -> bool:
+        return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
     @classmethod
     def start(cls, device: str) -> _Distributed:
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+        fsdp = cls.fsdp_requested()
         if fsdp and not device.startswith("cuda"):
             # accelerate (1.16) turns FSDP on only for accelerator devices; on CPU its state stays MULTI_CPU and
             # drops the FSDP plugin, so the run would be plain DDP while the user asked for sharding.
@@ -321,9 +345,15 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     """
     config.validate()
     recipe = create_recipe(config.recipe)
-    spec = MethodSpec.build(rope=config.rope, attention=_attention(config, recipe))
+    attention = _attention(config, recipe)
+    if config.seq_parallel:
+        _check_seq_parallel(config, recipe, attention)
+        # The sequence-parallel method is the attention of the run (it holds the model's attention slot).
+        attention = config.seq_parallel
+    spec = MethodSpec.build(rope=config.rope, attention=attention)
     out = Path(config.out).expanduser()
     dist = _Distributed.start(config.device)
+    sp = _SeqParallel.start(config, recipe, dist) if config.seq_parallel else None
     if dist.fsdp and recipe.lora:
         raise TrainError("FSDP with lora=true is not supported: merging the adapters needs the whole weights on "
                          "one rank; train LoRA with DDP (launch without --use_fsdp)")
@@ -337,11 +367,15 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     window = trained_length(model)
     recipe.check(window=window, target_length=config.target_length)
     spec.check(model)
+    if sp is not None:
+        sp.check_model(model, recipe.train_length(config.target_length))
     saved_config = trained_config(model, spec.rope, config.target_length)
     length = recipe.train_length(config.target_length)
     # The global batch: every rank takes ``batch_size`` rows per micro-batch (accelerate deals the sequential
     # batches out round-robin), so a step of W ranks trains on the rows one process with W x batch_size would.
-    rows = config.steps * recipe.batch_size * recipe.grad_accum * dist.world
+    # Sequence parallelism: the W ranks share every row (each holds 1/W of its tokens), so a step trains on the
+    # rows of one process.
+    rows = config.steps * recipe.batch_size * recipe.grad_accum * (1 if sp else dist.world)
     docs = _documents(config)
     packed = D.build(docs, tokenizer, length, total_tokens=rows * length, seed=config.seed)
     if int((packed.labels != -100).sum()) == 0:
@@ -383,12 +417,14 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         use_cpu=config.device == "cpu", bf16=bf16, activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Sequence parallelism: every rank holds the same rows, so their target count is not summed over ranks.
+        average_tokens_across_devices=sp is None,
     )
     t0 = time.perf_counter()
     with Applied(model, spec):
         trainee = recipe.wrap(model)
         trainee.train()
-        trainer = _RecipeTrainer(recipe=recipe, model=trainee, args=args,
+        trainer = _RecipeTrainer(recipe=recipe, sp=sp, model=trainee, args=args,
                                  train_dataset=PackedRows(packed, rows, recipe, config.seed),
                                  callbacks=[*own, *callbacks])
         # The bar shows the loss; transformers' printer would add a dict line per step.
@@ -428,6 +464,130 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     return out
 
 
+def _check_seq_parallel(config: TrainConfig, recipe: Recipe, attention: str | None) -> None:
+    """Refuse, before anything starts, what sequence parallelism cannot train exactly."""
+    name = config.seq_parallel
+    if attention:
+        raise TrainError(f"parameter 'seq_parallel' = {name!r} is the run's attention method (sharded attention); it "
+                         f"cannot run with the attention method {attention!r}"
+                         + (f" that training recipe '{recipe.name}' sets" if recipe.attention() else "")
+                         + "; drop one of them")
+    if recipe.loss != "ce":
+        raise TrainError(f"parameter 'seq_parallel' = {name!r} works with loss=ce only: loss={recipe.loss} scores "
+                         "short windows with extra forwards of the whole row, which one rank does not hold")
+    if _Distributed.fsdp_requested():
+        raise TrainError(f"parameter 'seq_parallel' = {name!r} cannot run under FSDP (accelerate's --use_fsdp): the "
+                         "ranks share each row rather than the weights; launch with torchrun (DDP) instead")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise TrainError(f"parameter 'seq_parallel' = {name!r} needs several processes: launch with `torchrun "
+                         "--nproc-per-node N longkit train ...` (N >= 2); this is one process (WORLD_SIZE unset or 1)")
+
+
+@dataclass
+class _SeqParallel:
+    """Sequence parallelism over all ranks of the run: the attention method's layout, its own process group
+    (its point-to-point traffic then never interleaves with DDP's gradient all-reduce on the default group),
+    and the number of ranks."""
+
+    method: str
+    layout: str
+    group: Any
+    world: int
+
+    @classmethod
+    def start(cls, config: TrainConfig, recipe: Recipe, dist: _Distributed) -> _SeqParallel:
+        from longkit.registry import registry
+
+        layout = registry("attention").get(config.seq_parallel).layout
+        length = recipe.train_length(config.target_length)
+        parts = 2 * dist.world if layout == "zigzag" else dist.world
+        if length % parts:
+            what = "the training window (PoSE's 'window')" if length != config.target_length else "'target_length'"
+            raise TrainError(f"parameter 'seq_parallel' = {config.seq_parallel!r} on {dist.world} ranks needs rows "
+                             f"of a multiple of {parts} tokens ({'2 x ' if layout == 'zigzag' else ''}the number of "
+                             f"ranks, the {layout} layout); {what} = {length} is not")
+        # A collective: every rank creates the group, in the same order.
+        group = torch.distributed.new_group(list(range(dist.world)))
+        return cls(config.seq_parallel, layout, group, dist.world)
+
+    def check_model(self, model: Any, length: int) -> None:
+        """Refuse, before training starts, a model whose attention the shards cannot compute exactly."""
+        for name, module in model.named_modules():
+            window = getattr(module, "sliding_window", None) if name.endswith("attn") else None
+            if window and window < length:
+                raise TrainError(f"parameter 'seq_parallel' = {self.method!r}: the model has sliding-window attention "
+                                 f"(window {window}, layer {name}) shorter than the {length}-token rows, which the "
+                                 "sharded attention cannot compute; train it without sequence parallelism")
+        cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+        if self.method == "ulysses":
+            heads = int(cfg.num_attention_heads)
+            kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+            if heads % self.world or (kv % self.world and self.world % kv):
+                raise TrainError(f"parameter 'seq_parallel' = 'ulysses' on {self.world} ranks needs the query heads "
+                                 f"({heads}) to be a multiple of the number of ranks and the key/value heads ({kv}) "
+                                 "a multiple or a divisor of it; use ring instead")
+
+    def rows(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(position_ids, doc_ids)`` of a batch of packed rows: the documents from PoSE's explicit block-causal
+        mask (its skipped positions do not show them), else from the restarting position ids (as transformers
+        reads them in one process); refused when the ranks do not hold the same rows."""
+        ids = inputs["input_ids"]
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            from longkit.attention.sequence_parallel import documents_from_positions
+
+            docs = documents_from_positions(positions)
+        else:
+            docs = _documents_from_mask(mask)
+        self._check_same_rows(ids, positions, inputs["labels"])
+        return positions, docs
+
+    def _check_same_rows(self, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> None:
+        # Accelerate deals batches out across ranks unless told not to (get_train_dataloader): a cheap fingerprint
+        # of the rows makes sure every rank shards the same ones, or the loss would silently mix rows.
+        weights = torch.arange(1, ids.shape[-1] + 1, device=ids.device, dtype=torch.float64)
+        mine = torch.stack([(x.double() * weights).sum() for x in (ids, positions, labels)])
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(every, mine, group=self.group)
+        if any(not torch.equal(x, mine) for x in every):
+            raise TrainError("seq_parallel: the ranks received different rows; every rank must train on the same "
+                             "rows (is the data loader sharded across ranks?)")
+
+
+def _documents_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids from (B, 1, T, T) boolean block-causal masks; any other mask is refused (the sharded
+    attention applies causal-within-document masks only)."""
+    from longkit.train.data import block_causal_mask
+
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        raise TrainError(f"seq_parallel: the rows' attention_mask must be a (B, 1, T, T) boolean block-causal mask; "
+                         f"got {tuple(mask.shape)} {mask.dtype}")
+    # token i starts a document where it may not see token i - 1
+    starts = ~mask[:, 0].diagonal(offset=-1, dim1=1, dim2=2)
+    docs = torch.cat([torch.zeros_like(starts[:, :1], dtype=torch.long), starts.long().cumsum(-1)], dim=1)
+    if not torch.equal(block_causal_mask(docs).to(mask.device), mask):
+        raise TrainError("seq_parallel: the rows' attention_mask is not block-causal (causal within contiguous "
+                         "documents); the sharded attention cannot apply it")
+    return docs
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies by ``factor``. DDP averages the ranks' gradients, but the ranks hold
+    parts of one row, whose gradient is their sum: scaling each rank's by W makes DDP's mean that sum."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def _attention(config: TrainConfig, recipe: Recipe) -> str | None:
     own = recipe.attention()
     if own and config.attention:
@@ -439,11 +599,40 @@ def _attention(config: TrainConfig, recipe: Recipe) -> str | None:
 class _RecipeTrainer:
     """Built lazily (transformers' Trainer imports accelerate): a Trainer whose loss is the recipe's."""
 
-    def __new__(cls, *, recipe: Recipe, **kwargs: Any) -> Any:
+    def __new__(cls, *, recipe: Recipe, sp: _SeqParallel | None = None, **kwargs: Any) -> Any:
         from transformers import Trainer
 
+        from longkit.attention.sequence_parallel import SequenceParallel, sharded_row
+
         class RecipeTrainer(Trainer):
+            def get_train_dataloader(self):
+                loader = super().get_train_dataloader()
+                if sp is not None:
+                    # Every rank of the sequence-parallel group trains on the same rows: make accelerate's batch
+                    # sampler a passthrough, as transformers does for its rank-aware BatchRebalanceSampler.
+                    sampler = getattr(loader, "batch_sampler", None)
+                    if not hasattr(sampler, "num_processes"):
+                        raise TrainError("seq_parallel: cannot stop accelerate from dealing the rows out across "
+                                         f"ranks (its data loader has no sharded batch sampler: {type(sampler)})")
+                    sampler.num_processes, sampler.process_index = 1, 0
+                return loader
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                if sp is None:
+                    return super().training_step(model, inputs, num_items_in_batch)
+                # On the model's device first (the Trainer would move them later): the rows' positions and
+                # documents must be where the sharded forward compares and uses them.
+                inputs = self._prepare_inputs(inputs)
+                positions, docs = sp.rows(inputs)
+                self._sp_row = (positions, docs)
+                # The whole rows stay set through the backward: activation checkpointing recomputes the sharded
+                # forward there, and it must see the same documents.
+                with sharded_row(positions, docs, sp.group):
+                    return super().training_step(model, inputs, num_items_in_batch)
+
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if sp is not None:
+                    return self._sp_loss(model, inputs, return_outputs, num_items_in_batch)
                 loss = recipe.compute_loss(model, inputs)
                 if loss is None:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -455,6 +644,21 @@ class _RecipeTrainer:
                     loss = loss * scored / num_items_in_batch
                 return (loss, None) if return_outputs else loss
 
+            def _sp_loss(self, model, inputs, return_outputs, num_items_in_batch):
+                if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                    raise TrainError(f"seq_parallel: expected accelerate to wrap the model in DDP, got "
+                                     f"{type(model).__name__}; the gradients would not be summed over the ranks")
+                positions, docs = self._sp_row
+                labels = inputs["labels"]
+                # The model's convention (see compute_loss above): a sum over the step's targets divided by their
+                # count, num_items_in_batch, when the Trainer passes it; else this micro-batch's mean.
+                count = num_items_in_batch if num_items_in_batch is not None else None
+                out = SequenceParallel(model, sp.group, sp.layout)(
+                    inputs["input_ids"], labels=labels, gather_logits=False, position_ids=positions, doc_ids=docs,
+                    num_items=count)
+                loss = _ScaleGrad.apply(out.loss, sp.world)
+                return (loss, None) if return_outputs else loss
+
         return RecipeTrainer(**kwargs)
 
 
@@ -464,6 +668,7 @@ def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Pack
     losses = [r["loss"] for r in log]
     report = {
         "recipe": recipe.label(), "model": config.model, "rope": config.rope, "attention": config.attention,
+        "seq_parallel": config.seq_parallel,
         "trained_window": window, "target_length": config.target_length, "steps": config.steps,
         "tokens_seen": config.steps * tokens_per_step, "resumed_from_step": start_step,
         "seconds_this_session": round(seconds, 2),
@@ -507,5 +712,5 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     fig.savefig(path)
 
 
-__all__ = ["LOSS_PLOT", "PRECISIONS", "REPORT_FILE", "TrainConfig", "check_out_dir", "read_log", "read_report",
-           "run_identity", "train", "trained_config"]
+__all__ = ["LOSS_PLOT", "PRECISIONS", "REPORT_FILE", "SEQ_PARALLEL", "TrainConfig", "check_out_dir", "read_log",
+           "read_report", "run_identity", "train", "trained_config"]

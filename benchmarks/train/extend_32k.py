@@ -162,20 +162,23 @@ def table() -> tuple[str, dict]:
                   f"{t['tokens_seen']:,} tokens, {t['seconds_this_session'] / 60:.1f} min "
                   f"({t['tokens_per_second']:.0f} tokens/s), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}; "
                   "loss curve: [loss.png](loss.png).", ""]
-    head = ["model"]
-    for task in (*TASKS, "mean"):
-        head += [f"{task} {_k(n)}" for n in lengths]
-    head += [f"ppl {_k(n)}" for n in lengths] + ["effective length"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in lengths:
+        lines += [f"**{_k(n)} tokens**", "", "| model | passkey | needle | niah_single_2 | mean | ppl | prefill s (median) |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in keys:
+            m = summary[k]
+            if not any(n in m["scores"].get(t, {}) for t in TASKS) and n not in m["ppl"]:
+                continue
+            cells = [LABELS[k], *[_fmt(m["scores"].get(t, {}).get(n), ".0f") for t in TASKS],
+                     _fmt(m["mean"].get(n), ".0f"), _fmt(m["ppl"].get(n), ".2f"), _fmt(m["prefill_s"].get(n), ".1f")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Effective length** (RULER's rule, score > 85, on the mean of the three tasks; lengths measured)", "",
+              "| model | lengths measured | effective length |", "|---|---|---|"]
     for k in keys:
         m = summary[k]
-        cells = [LABELS[k]]
-        for task in TASKS:
-            cells += [_fmt(m["scores"].get(task, {}).get(n), ".0f") for n in lengths]
-        cells += [_fmt(m["mean"].get(n), ".0f") for n in lengths]
-        cells += [_fmt(m["ppl"].get(n), ".2f") for n in lengths]
-        cells.append(_k(m["effective"]) if m["effective"] else "none")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[k]} | {', '.join(_k(n) for n in sorted(m['mean']))} | "
+                     f"{_k(m['effective']) if m['effective'] else 'none'} |")
     counts = sorted({c for k in keys for by in summary[k]["n"].values() for c in by.values()})
     lines += ["", f"Scores: % correct (passkey, needle: 5 depths x 1 sample; niah_single_2: 5 samples); samples per "
               f"cell: {', '.join(map(str, counts))}. `-` = not measured yet. Perplexity: the held-out documentation "

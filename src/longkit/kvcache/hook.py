@@ -87,6 +87,29 @@ def _key_validity(incoming: torch.Tensor | None, B: int, S: int, device) -> torc
     return None if bool(valid.all()) else valid.expand(B, S)
 
 
+#: keyword arguments that change what attention computes beyond q, k, v and the mask (the decode kernels do not
+#: take them, so a call that sets one runs the model's own attention)
+_SPECIAL = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def attend(inner_name: str, module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
+    """The model's own attention, or for a decode step (one query token) the configured single-query kernel
+    (:mod:`longkit.kvcache.decode`, which reads each kv head once); ``sdpa`` models only (eager returns weights)."""
+    from longkit.kvcache.decode import decode_attention, resolved_kernel
+
+    if (
+        inner_name == "sdpa"
+        and query.shape[2] == 1
+        and not (dropout and module.training)
+        and not any(kwargs.get(name) is not None for name in _SPECIAL)
+    ):
+        kernel = resolved_kernel(query.dtype)
+        if kernel != "sdpa":
+            out = decode_attention(query, key, value, mask, scaling, kernel=kernel)
+            return out.transpose(1, 2).contiguous(), None
+    return inner_attention(inner_name)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 class KVAttention:
     """The registered attention function ``longkit_kv_<inner>``: mask ragged storage, attend, compress the layer."""
 
@@ -115,7 +138,7 @@ class KVAttention:
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~mask, torch.finfo(query.dtype).min
                 )
-        out = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = attend(self.inner, module, query, key, value, mask, scaling, dropout=dropout, **kwargs)
         _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
         return out
 

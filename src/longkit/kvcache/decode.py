@@ -19,7 +19,7 @@ Kernels (:data:`KERNELS`):
 The kernel differs by float rounding only (fp32: about 1e-7), which is why ``sdpa`` stays the default: with it a
 longkit cache decodes exactly as transformers' own. Choose with ``LONGKIT_DECODE_ATTENTION=<kernel>`` or
 :func:`set_decode_kernel`; the decode benchmark (``benchmarks/decode/decode.py``) records the measurement and the
-choice. :func:`decode_reference` (plain PyTorch, float32, repeated heads) is the ground truth the kernels are tested
+choice. :func:`longkit.kvcache.naive.decode_reference` (plain PyTorch, float32, repeated heads) is the ground truth the kernels are tested
 against.
 """
 
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from longkit.errors import MethodError
+from longkit.kvcache.naive import bool_mask as _bool_mask
+from longkit.kvcache.naive import decode_reference  # noqa: F401  (the reference, re-exported beside the kernels)
 
 KERNELS = ("sdpa", "packed", "matmul", "auto")
 #: the environment variable that picks the kernel (one of :data:`KERNELS`)
@@ -84,12 +86,6 @@ def pack_mask(mask: torch.Tensor | None, h: int, h_kv: int) -> torch.Tensor | No
     return mask.reshape(mask.shape[0], h_kv, h // h_kv, mask.shape[-1])
 
 
-def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
-
-
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,21 +112,6 @@ def decode_attention(
     else:
         raise MethodError(f"decode_attention: parameter 'kernel' must be packed or matmul (got {kernel!r})")
     return out.reshape(B, H, 1, v.shape[-1])
-
-
-def decode_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
-) -> torch.Tensor:
-    """Plain-PyTorch reference of :func:`decode_attention`: repeated kv heads, float32 scores and softmax."""
-    B, H, T, D = q.shape
-    g = H // k.shape[1]
-    scale = D**-0.5 if scale is None else scale
-    kf, vf = k.float().repeat_interleave(g, dim=1), v.float().repeat_interleave(g, dim=1)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    m = _bool_mask(mask)
-    if m is not None:
-        s = s.masked_fill(~m, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), vf).to(q.dtype)
 
 
 def measure_kernels(

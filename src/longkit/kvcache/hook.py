@@ -207,8 +207,16 @@ def _compress(cache, layer, module, query, key, value, incoming, scaling, positi
         layer.compact(decision.keep, decision.keys, decision.values, decision.extras)
 
 
-def install(model: Any, method_name: str) -> Any:
-    """Select ``longkit_kv_<impl>`` on ``model`` and hook its attention modules; return the undo callable."""
+def install(
+    model: Any, method_name: str, *, prefix: str = "longkit_kv", attention: Any = None, cache_type: Any = None
+) -> Any:
+    """Select ``<prefix>_<impl>`` on ``model`` and hook its attention modules; return the undo callable.
+
+    ``attention(inner)`` builds the registered attention function (default :class:`KVAttention`); the pre-hooks
+    hand it caches of ``cache_type`` (default :class:`CompressedCache`) under :data:`CACHE_KWARG`.
+    """
+    attention = KVAttention if attention is None else attention
+    cache_type = CompressedCache if cache_type is None else cache_type
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -221,9 +229,9 @@ def install(model: Any, method_name: str) -> Any:
             f"kv method '{method_name}' needs the model's attention implementation to be one of "
             f"{', '.join(WRAPPABLE)} (got {previous!r}); use attention=sdpa or attention=eager"
         )
-    name = f"longkit_kv_{previous}"
+    name = f"{prefix}_{previous}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, KVAttention(previous))
+        AttentionInterface.register(name, attention(previous))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     if not modules:
@@ -233,7 +241,7 @@ def install(model: Any, method_name: str) -> Any:
 
     def pre_hook(module, args, kwargs):
         cache = kwargs.get("cache")
-        if not isinstance(cache, CompressedCache):
+        if not isinstance(cache, cache_type):
             return None
         # The attention function resets the flag when the cache reached it; still set at the next layer means the
         # model's attention module dropped its keyword arguments, and compression would silently not run.

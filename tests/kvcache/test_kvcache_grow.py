@@ -99,3 +99,25 @@ def test_copy_crop_and_tracked_extras_stay_right():
     assert torch.equal(values, -keys)
     assert layer.extras["pos"][0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert "pos" in layer.buffers and layer.nbytes() == 2 * 7 * 2 * 4 * 4 + 2 * 7 * 8
+
+
+def test_the_seams_default_cache_grows_in_place_and_equals_transformers_own(any_tiny):
+    from longkit.kvcache.grow import GrowingLayer
+
+    model = any_tiny.model
+    ids = sample_ids(any_tiny, n=30)
+    with torch.inference_mode(), longkit.apply(model) as applied:
+        cache, dyn = applied.new_cache(), DynamicCache(config=model.config)
+        assert isinstance(cache, DynamicCache) and any(isinstance(la, GrowingLayer) for la in cache.layers)
+        outs = []
+        for c in (cache, dyn):
+            logits = [model(ids[:, :20], cache=c, use_cache=True).logits]
+            ptr = c.layers[0].keys.data_ptr()
+            logits += [model(ids[:, i : i + 1], cache=c, use_cache=True).logits for i in range(20, 30)]
+            outs.append((torch.cat(logits, 1), c.layers[0].keys.data_ptr() == ptr))
+    assert torch.equal(outs[0][0], outs[1][0])
+    # the growing cache kept its buffer; transformers' own re-concatenated
+    assert outs[0][1] and not outs[1][1]
+    assert cache_nbytes(cache) == cache_nbytes(dyn) and cache.get_seq_length() == 30
+    cache.crop(-3)
+    assert cache.get_seq_length() == 27

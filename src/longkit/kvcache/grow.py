@@ -14,7 +14,11 @@ buffer. Byte counts (``nbytes``) count the view, the bytes the stored tokens occ
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 #: the fewest slots a (re)allocation adds beyond what is stored
 CHUNK = 256
@@ -49,7 +53,9 @@ def grow_append(
     shape = list(cur.shape)
     shape[dim] = n + t + max(chunk, (n + t) // 8)
     dtype = torch.result_type(cur, new) if cur.numel() else new.dtype
-    buf = torch.empty(shape, dtype=dtype, device=new.device)
+    # zeros, not empty: the spare slots are then a function of what was stored (copies and comparisons of a cache's
+    # tensors see no stale memory), for one memset per reallocation
+    buf = torch.zeros(shape, dtype=dtype, device=new.device)
     buf.narrow(dim, 0, n).copy_(cur)
     buf.narrow(dim, n, t).copy_(new)
     return buf, buf.narrow(dim, 0, n + t)
@@ -58,3 +64,37 @@ def grow_append(
 def capacity_nbytes(buffers: dict[str, torch.Tensor]) -> int:
     """Bytes allocated by ``buffers`` (stored and spare slots)."""
     return sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` whose ``update`` appends into a growing buffer (:func:`grow_append`) instead of
+    re-concatenating the cache: the same keys and values, as views of the buffer's filled part. Everything else
+    (crop, beam moves, offloading) is DynamicLayer's own; a move that replaces the tensors makes the next append
+    start a new buffer."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # DynamicLayer starts from 1-D empty tensors
+        keys = self.keys if self.keys.numel() else key_states[..., :0, :]
+        values = self.values if self.values.numel() else value_states[..., :0, :]
+        self._kbuf, self.keys = grow_append(self._kbuf, keys, key_states, -2)
+        self._vbuf, self.values = grow_append(self._vbuf, values, value_states, -2)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._kbuf = self._vbuf = None
+
+
+def growing_cache(config: Any) -> DynamicCache:
+    """A transformers ``DynamicCache`` for ``config`` whose full-attention layers grow in place
+    (:class:`GrowingLayer`); sliding-window layers stay transformers' own, bounded by their window. The seam's
+    default cache (:meth:`longkit.seam.Applied.new_cache`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

@@ -6,6 +6,12 @@ lengths ``(B, H_kv)`` (per-head budgets, Ada-KV style; ``N`` = the sum of the le
 ``update()`` builds a transient padded ``(B, H_kv, S_max + T, D)`` view for the attention call, and the padded slots
 are masked by the attention hook (:mod:`longkit.kvcache.hook`). :meth:`RaggedLayer.nbytes` is exact.
 
+Dense storage grows in place: the stored keys, values and extras are views of growing buffers
+(:mod:`longkit.kvcache.grow`), so a decode step writes its token into spare capacity instead of re-copying the cache.
+``nbytes()`` counts the stored tokens only; :meth:`RaggedLayer.capacity_nbytes` adds the spare capacity (at most an
+eighth of the stored length plus 256 slots). A compaction (eviction) replaces the stored tensors and drops the
+buffers; the next append starts new ones. Packed (ragged) storage is rebuilt per step as before.
+
 Positions. ``get_seq_length()`` is the number of tokens *seen*, not kept, so transformers gives new tokens their
 true RoPE positions after an eviction. ``get_mask_sizes()`` reports the stored length with offset ``seen - S_max``,
 which keeps the mask's causal column of each new token right.

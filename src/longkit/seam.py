@@ -132,14 +132,16 @@ class Applied:
             raise
 
     def new_cache(self) -> Any:
-        """A fresh KV cache for one generation: the first method that provides one wins, else a DynamicCache."""
+        """A fresh KV cache for one generation: the first method that provides one wins, else a DynamicCache whose
+        full-attention layers grow in place instead of being re-concatenated at every step
+        (:func:`longkit.kvcache.grow.growing_cache`: the same keys and values)."""
         for method in reversed(self.spec.methods()):
             cache = method.make_cache(self.model)
             if cache is not None:
                 return cache
-        from transformers import DynamicCache
+        from longkit.kvcache.grow import growing_cache
 
-        return DynamicCache(config=self.model.config)
+        return growing_cache(self.model.config)
 
     def remove(self) -> None:
         while self._undo:

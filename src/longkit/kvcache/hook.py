@@ -87,6 +87,29 @@ def _key_validity(incoming: torch.Tensor | None, B: int, S: int, device) -> torc
     return None if bool(valid.all()) else valid.expand(B, S)
 
 
+#: keyword arguments that change what attention computes beyond q, k, v and the mask (the decode kernels do not
+#: take them, so a call that sets one runs the model's own attention)
+_SPECIAL = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def attend(inner_name: str, module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
+    """The model's own attention, or for a decode step (one query token) the configured single-query kernel
+    (:mod:`longkit.kvcache.decode`, which reads each kv head once); ``sdpa`` models only (eager returns weights)."""
+    from longkit.kvcache.decode import decode_attention, resolved_kernel
+
+    if (
+        inner_name == "sdpa"
+        and query.shape[2] == 1
+        and not (dropout and module.training)
+        and not any(kwargs.get(name) is not None for name in _SPECIAL)
+    ):
+        kernel = resolved_kernel(query.dtype)
+        if kernel != "sdpa":
+            out = decode_attention(query, key, value, mask, scaling, kernel=kernel)
+            return out.transpose(1, 2).contiguous(), None
+    return inner_attention(inner_name)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 class KVAttention:
     """The registered attention function ``longkit_kv_<inner>``: mask ragged storage, attend, compress the layer."""
 
@@ -115,7 +138,7 @@ class KVAttention:
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~mask, torch.finfo(query.dtype).min
                 )
-        out = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = attend(self.inner, module, query, key, value, mask, scaling, dropout=dropout, **kwargs)
         _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
         return out
 
@@ -184,8 +207,16 @@ def _compress(cache, layer, module, query, key, value, incoming, scaling, positi
         layer.compact(decision.keep, decision.keys, decision.values, decision.extras)
 
 
-def install(model: Any, method_name: str) -> Any:
-    """Select ``longkit_kv_<impl>`` on ``model`` and hook its attention modules; return the undo callable."""
+def install(
+    model: Any, method_name: str, *, prefix: str = "longkit_kv", attention: Any = None, cache_type: Any = None
+) -> Any:
+    """Select ``<prefix>_<impl>`` on ``model`` and hook its attention modules; return the undo callable.
+
+    ``attention(inner)`` builds the registered attention function (default :class:`KVAttention`); the pre-hooks
+    hand it caches of ``cache_type`` (default :class:`CompressedCache`) under :data:`CACHE_KWARG`.
+    """
+    attention = KVAttention if attention is None else attention
+    cache_type = CompressedCache if cache_type is None else cache_type
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -198,9 +229,9 @@ def install(model: Any, method_name: str) -> Any:
             f"kv method '{method_name}' needs the model's attention implementation to be one of "
             f"{', '.join(WRAPPABLE)} (got {previous!r}); use attention=sdpa or attention=eager"
         )
-    name = f"longkit_kv_{previous}"
+    name = f"{prefix}_{previous}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, KVAttention(previous))
+        AttentionInterface.register(name, attention(previous))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     if not modules:
@@ -210,7 +241,7 @@ def install(model: Any, method_name: str) -> Any:
 
     def pre_hook(module, args, kwargs):
         cache = kwargs.get("cache")
-        if not isinstance(cache, CompressedCache):
+        if not isinstance(cache, cache_type):
             return None
         # The attention function resets the flag when the cache reached it; still set at the next layer means the
         # model's attention module dropped its keyword arguments, and compression would silently not run.

@@ -5,9 +5,17 @@ quantised **per channel** (each channel's ``G`` consecutive tokens share a scale
 (each token's ``G`` consecutive channels share one), as the paper prescribes: key outliers sit in fixed channels,
 value errors must stay local to a token. New tokens enter the residual; once it holds ``R + G`` tokens, its
 oldest ``G`` are quantised together, so the latest ``R`` tokens are always exact and key groups are whole.
-``update()`` returns the dequantised part followed by the residual (a reference path: it dequantises the whole
-cache every step; no fused kernel). Prefill attends to the exact keys, like KIVI; quantisation affects the tokens
-that come after.
+Prefill attends to the exact keys, like KIVI; quantisation affects the tokens that come after.
+
+Decoding reads the cache quantised. Plain KIVI installs an attention hook (sdpa and eager models): at a decode step
+``update()`` only appends the new token to the residual and hands the attention function the layer, which computes
+single-query attention from the packed codes one tile of tokens at a time
+(:func:`longkit.kvcache.kivi_attention.kivi_decode`), never dequantising the whole cache; quantising the residual's
+oldest group waits until after that attention call, so every step sees what the reference sees. Without the hook
+(prefill, other attention implementations, eviction composed) ``update()`` returns the dequantised cache followed by
+the residual, the reference path (:func:`longkit.kvcache.naive.kivi_decode_reference` attends over exactly that).
+The stored tensors of plain KIVI are views of growing buffers (:mod:`longkit.kvcache.grow`): appending a token or a
+quantised group copies nothing already stored.
 
 Storage per layer, with ``S_q`` quantised tokens (a multiple of ``G``) and ``S_r`` residual tokens:
 packed codes ``2 x B x H_kv x S_q x D x bits / 8`` bytes (uint8, four 2-bit or two 4-bit codes a byte),
@@ -37,6 +45,7 @@ from transformers.cache_utils import Cache
 from longkit.errors import MethodError
 from longkit.kvcache.base import CompressionMethod, KVMethod
 from longkit.kvcache.cache import CompressedCache, layer_nbytes
+from longkit.kvcache.hook import CACHE_KWARG
 from longkit.kvcache.quant import SCALE_DTYPES, dequantize, pack, quantize, unpack
 from longkit.kvcache.storage import RaggedLayer, first_rows, head_ids
 from longkit.methods import Undo
@@ -106,6 +115,9 @@ class KIVILayer(RaggedLayer):
         # (B, H_kv) int64 quantised / exact rows per head when packed; None when dense
         self.q_lengths: torch.Tensor | None = None
         self.r_lengths: torch.Tensor | None = None
+        #: a decode step whose attention reads the quantised storage (kivi_attention) is under way: the residual's
+        #: due groups are quantised after it (:meth:`finish_step`)
+        self.deferred = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         check_head_dim(key_states.shape[-1], self.bits, self.group_size)
@@ -153,6 +165,77 @@ class KIVILayer(RaggedLayer):
                     setattr(self, name, t.reshape(B, H, -1, *t.shape[1:]))
             self.extras = {n: t.reshape(B, H, -1) for n, t in self.extras.items()}
             self.q_lengths = self.r_lengths = None
+            self.prune_buffers()
+
+    def _buffered(self) -> dict[str, torch.Tensor]:
+        stored = {n: getattr(self, n) for n in _STORED if getattr(self, n) is not None}
+        return {**super()._buffered(), **stored}
+
+    # ---- decoding (plain KIVI, dense layout) ---------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append ``T`` tokens to the residual. Returns the dequantised cache followed by the residual, except at a
+        decode step under KIVI's attention hook with quantised tokens stored: then only the residual (the attention
+        function reads the quantised part itself, :mod:`longkit.kvcache.kivi_attention`)."""
+        if self.evicts or self.packed or self.track:
+            # eviction's ragged rows: the per-row reference path
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.deferred:
+            raise MethodError(
+                "kv method 'kivi': the previous decode step's attention did not read this cache layer (the model's "
+                "attention module must pass its keyword arguments on to its attention function)"
+            )
+        T = key_states.shape[-2]
+        self.keys = self._grow("keys", self.keys, key_states, -2)
+        self.values = self._grow("values", self.values, value_states, -2)
+        self.seen += T
+        self.tail += T
+        self.last_valid = None
+        hooked = (kwargs.get("kwargs") or {}).get(CACHE_KWARG) is not None
+        if hooked and T == 1 and self.qkeys is not None:
+            self.deferred = True
+            return self.keys, self.values
+        keys, values, _, _ = self.padded()
+        if keys is self.keys and self.keys.shape[-2] - self.residual >= self.group_size:
+            # the flush below moves the residual inside its buffer, which the returned view would see
+            keys, values = keys.clone(), values.clone()
+        self._flush_dense()
+        return keys, values
+
+    def finish_step(self) -> None:
+        """After the attention of a deferred decode step: quantise the residual's due groups."""
+        self.deferred = False
+        self._flush_dense()
+
+    def _flush_dense(self) -> None:
+        """Quantise the residual's oldest whole groups beyond the newest ``residual`` tokens (dense layout): the codes,
+        scales and zeros are appended to their growing buffers and the rest of the residual moves to the front of
+        its own, so nothing already stored is copied (the same groups, codes and scales as :meth:`_flush` on rows)."""
+        g, r = self.group_size, self.keys.shape[-2]
+        n = max(r - self.residual, 0) // g * g
+        if n == 0:
+            return
+        sd = self.scale_dtype
+        kc, ks, kz = quantize(self.keys[:, :, :n], self.bits, g, axis=-2, scale_dtype=sd)
+        vc, vs, vz = quantize(self.values[:, :, :n], self.bits, g, axis=-1, scale_dtype=sd)
+        new = {
+            "qkeys": pack(kc, self.bits),
+            "k_scale": ks,
+            "k_zero": kz,
+            "qvalues": pack(vc, self.bits),
+            "v_scale": vs,
+            "v_zero": vz,
+        }
+        for name, t in new.items():
+            old = getattr(self, name)
+            setattr(self, name, self._grow(name, t[:, :, :0] if old is None else old, t, -2))
+        for name in ("keys", "values"):
+            rest = getattr(self, name)[:, :, n:].clone()
+            kept = getattr(self, name)[:, :, : r - n]
+            kept.copy_(rest)
+            setattr(self, name, kept)
 
     def stored_lengths(self) -> torch.Tensor:
         q, r = self._counts()
@@ -405,6 +488,9 @@ class KIVICache(Cache):
             ]
         )
 
+        #: set by KIVI's attention pre-hook, reset by its attention function (see longkit.kvcache.hook.install)
+        self.hooked = False
+
     def nbytes(self) -> int:
         return sum(layer_nbytes(layer) for layer in self.layers)
 
@@ -495,7 +581,16 @@ class KIVI(KVMethod):
             self._evictor.check_model(model)
 
     def apply(self, model: Any) -> Undo:
-        return self._evictor.apply(model) if self._evictor is not None else (lambda: None)
+        if self._evictor is not None:
+            return self._evictor.apply(model)
+        from longkit.kvcache.hook import WRAPPABLE, install
+        from longkit.kvcache.kivi_attention import KIVIAttention
+
+        if getattr(getattr(model, "config", None), "_attn_implementation", None) not in WRAPPABLE:
+            # Other attention implementations attend over the dequantised cache (the reference path).
+            return lambda: None
+        # Decode steps read the cache quantised (longkit.kvcache.kivi_attention).
+        return install(model, self.name, prefix="longkit_kivi", attention=KIVIAttention, cache_type=KIVICache)
 
     def make_cache(self, model: Any) -> KIVICache | KIVICompressedCache:
         if self._evictor is None:

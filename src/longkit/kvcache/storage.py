@@ -6,6 +6,12 @@ lengths ``(B, H_kv)`` (per-head budgets, Ada-KV style; ``N`` = the sum of the le
 ``update()`` builds a transient padded ``(B, H_kv, S_max + T, D)`` view for the attention call, and the padded slots
 are masked by the attention hook (:mod:`longkit.kvcache.hook`). :meth:`RaggedLayer.nbytes` is exact.
 
+Dense storage grows in place: the stored keys, values and extras are views of growing buffers
+(:mod:`longkit.kvcache.grow`), so a decode step writes its token into spare capacity instead of re-copying the cache.
+``nbytes()`` counts the stored tokens only; :meth:`RaggedLayer.capacity_nbytes` adds the spare capacity (at most an
+eighth of the stored length plus 256 slots). A compaction (eviction) replaces the stored tensors and drops the
+buffers; the next append starts new ones. Packed (ragged) storage is rebuilt per step as before.
+
 Positions. ``get_seq_length()`` is the number of tokens *seen*, not kept, so transformers gives new tokens their
 true RoPE positions after an eviction. ``get_mask_sizes()`` reports the stored length with offset ``seen - S_max``,
 which keeps the mask's causal column of each new token right.
@@ -23,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from longkit.errors import MethodError
+from longkit.kvcache.grow import capacity_nbytes, grow_append, is_prefix
 
 #: dtypes of the per-slot side arrays a method may track ("pos": RoPE position, "acc": accumulated attention)
 _EXTRA_DTYPES = {"pos": torch.long, "acc": torch.float32}
@@ -61,6 +68,9 @@ class RaggedLayer(DynamicLayer):
         self.last_valid: torch.Tensor | None = None
         #: the newest ``tail`` tokens seen are stored in every head of every sequence (what :meth:`crop` may remove)
         self.tail = 0
+        #: growing buffers of the dense layout ("keys", "values", extras' names): the stored tensors are views of
+        #: their filled part (see :mod:`longkit.kvcache.grow`)
+        self.buffers: dict[str, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -114,6 +124,8 @@ class RaggedLayer(DynamicLayer):
         ``appended`` slots are new tokens (storage that keeps its older rows as they are, KIVI's, uses that)."""
         if keep is None:
             self.keys, self.values, self.extras, self.lengths = keys, values, extras, None
+            if not appended:
+                self.prune_buffers()
             return
         B, H, S = keep.shape
         counts = keep.sum(-1)
@@ -130,6 +142,7 @@ class RaggedLayer(DynamicLayer):
             self.values = values[keep]
             self.extras = {k: t[keep] for k, t in extras.items()}
             self.lengths = counts
+        self.prune_buffers()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append ``T`` new tokens to every head; return the padded view ``(B, H_kv, S_max + T, D)``."""
@@ -137,8 +150,12 @@ class RaggedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         B, H, T, _ = key_states.shape
         old_k, old_v, old_valid, old_extras = self.padded()
-        keys = torch.cat([old_k, key_states], dim=-2)
-        values = torch.cat([old_v, value_states], dim=-2)
+        if old_valid is None:
+            # Dense: append into the growing buffers (no copy of the stored tokens; see longkit.kvcache.grow).
+            keys, values = self._grow("keys", old_k, key_states, -2), self._grow("values", old_v, value_states, -2)
+        else:
+            keys = torch.cat([old_k, key_states], dim=-2)
+            values = torch.cat([old_v, value_states], dim=-2)
         new_extras = {}
         for name, t in old_extras.items():
             if name == "pos":
@@ -149,7 +166,7 @@ class RaggedLayer(DynamicLayer):
                 fresh = pos.to(device=keys.device, dtype=t.dtype).expand(B, T)[:, None, :].expand(B, H, T)
             else:
                 fresh = torch.zeros((B, H, T), dtype=t.dtype, device=keys.device)
-            new_extras[name] = torch.cat([t, fresh], dim=-1)
+            new_extras[name] = self._grow(name, t, fresh, -1) if old_valid is None else torch.cat([t, fresh], dim=-1)
         valid = None
         if old_valid is not None:
             valid = torch.cat([old_valid, old_valid.new_ones((B, H, T))], dim=-1)
@@ -159,6 +176,35 @@ class RaggedLayer(DynamicLayer):
         # (B, H_kv, S_max + T): which slots of the returned view are real; None = all
         self.last_valid = valid
         return keys, values
+
+    def _grow(self, name: str, cur: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """``cat([cur, new], dim)`` written into the growing buffer ``name`` when ``cur`` is its filled part."""
+        self.buffers[name], out = grow_append(self.buffers.get(name), cur, new, dim)
+        return out
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated for this layer: :meth:`nbytes` plus the spare capacity of its growing buffers."""
+        if not self.is_initialized:
+            return 0
+        self.prune_buffers()
+        stored = self._buffered()
+        spare = capacity_nbytes(self.buffers) - sum(t.numel() * t.element_size() for n, t in stored.items()
+                                                    if n in self.buffers)
+        return self.nbytes() + spare
+
+    def prune_buffers(self) -> None:
+        """Forget the growing buffers whose stored tensor was replaced (compaction, beam moves, packing): they hold
+        the old tokens' memory, and the next append starts a fresh buffer anyway."""
+        stored = self._buffered()
+        dims = {"keys": -2, "values": -2}
+        self.buffers = {
+            n: b for n, b in self.buffers.items()
+            if isinstance(stored.get(n), torch.Tensor) and is_prefix(b, stored[n], dims.get(n, -1) % b.dim())
+        }
+
+    def _buffered(self) -> dict[str, torch.Tensor]:
+        """The stored tensors that may be views of :attr:`buffers`, by buffer name."""
+        return {"keys": self.keys, "values": self.values, **self.extras}
 
     def compact(self, keep: torch.Tensor, keys=None, values=None, extras: dict | None = None) -> None:
         """Keep only the slots ``keep`` (B, H_kv, S_view) of the view the last ``update`` returned, optionally with
@@ -170,6 +216,7 @@ class RaggedLayer(DynamicLayer):
         if valid is None and bool(keep.all()):
             # Nothing evicted from dense storage: keep the layout (and transformers' own masks) as they are.
             self.keys, self.values, self.extras = keys, pv, extras
+            self.prune_buffers()
             return
         if valid is not None:
             keep = keep & valid

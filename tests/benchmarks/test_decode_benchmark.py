@@ -1,0 +1,84 @@
+"""The decode benchmark (benchmarks/decode/decode.py): its summary (median of per-repeat medians, bytes per token,
+distance from the bandwidth floor), its render from JSON, and a tiny real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "decode" / "decode.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("decode_bench", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def _data() -> dict:
+    meta = {"model": "m", "dtype": "bfloat16", "steps": 3, "repeats": 2, "command": "python decode.py",
+            "torch": "t", "transformers": "x", "llama_cpp": None, "cpu_capability": "AVX2", "threads": 2,
+            "omp_wait_policy": "PASSIVE", "load_before": [1, 1, 1], "load_after": [1, 1, 1], "decode_kernel": "auto",
+            "decode_kernel_resolved": "packed", "decode_kernel_ms": {"sdpa": 2.0, "packed": 1.0, "matmul": 1.5},
+            "bandwidth": {"read_gb_s": 10.0, "copy_gb_s": 8.0}}  # fmt: skip
+    runs = []
+    for rep, (full, kivi) in enumerate(((10.0, 8.0), (30.0, 4.0))):
+        runs.append({"config": "longkit full", "length": 1024, "repeat": rep, "prefill_s": 1.0 + rep,
+                     "step_ms": [full, full + 1, 99.0], "kv_bytes": 40_000_000, "kv_read_bytes": 40_000_000,
+                     "weight_bytes": 60_000_000})  # fmt: skip
+        runs.append({"config": "kivi 2-bit", "length": 1024, "repeat": rep, "prefill_s": 1.0,
+                     "step_ms": [kivi, kivi, 1.0], "kv_bytes": 10_000_000, "kv_read_bytes": 10_000_000,
+                     "weight_bytes": 60_000_000})  # fmt: skip
+    runs.append({"config": "quest", "length": 1024, "repeat": 0, "error": "MethodError: boom"})
+    return {"meta": meta, "runs": runs, "skipped": [{"config": "llama.cpp", "reason": "not installed"}]}
+
+
+def test_summary_is_the_median_of_per_repeat_medians_against_the_floor():
+    rows = {r["config"]: r for r in _module().summarise(_data())}
+    full = rows["longkit full"]
+    # per-repeat medians 11 and 31 -> 21 ms; 100 MB at 10 GB/s -> a 10 ms floor
+    assert full["ms_per_token"] == 21.0 and full["bytes_per_token"] == 100_000_000
+    assert full["floor_ms"] == pytest.approx(10.0) and full["x_floor"] == pytest.approx(2.1)
+    assert rows["kivi 2-bit"]["ms_per_token"] == 6.0 and rows["kivi 2-bit"]["floor_ms"] == pytest.approx(7.0)
+    assert rows["quest"] == {"config": "quest", "length": 1024, "error": "MethodError: boom"}
+    md = _module().markdown(_data()).splitlines()
+    assert "| 1024 | kivi 2-bit | 6.0 | 0.29 | 1.00 | 10,000,000 | 70,000,000 | 7.0 | 0.86 |" in md
+    assert "| 1024 | quest | MethodError: boom | | | | | | |" in md
+    assert any("llama.cpp: not installed" in line for line in md)
+
+
+def test_render_of_a_missing_run_fails_naming_the_file(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--render", "--out", str(tmp_path), "--name", "nothing_here"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and "nothing_here.json" in r.stderr
+
+
+def test_a_tiny_run_writes_json_and_renders_the_same_table(tmp_path):
+    args = ["--model", "tiny-llama", "--dtype", "float32", "--lengths", "48", "--repeats", "1", "--steps", "2",
+            "--threads", "1", "--group-size", "16", "--bandwidth-mb", "8", "--no-llama", "--out", str(tmp_path),
+            "--configs", "hf dynamic,longkit full,snapkv 25%,kivi 2-bit,quest"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert {x["config"] for x in data["runs"]} == {"hf dynamic", "longkit full", "snapkv 25%", "kivi 2-bit", "quest"}
+    assert all("error" not in x and len(x["step_ms"]) == 2 for x in data["runs"]), data["runs"]
+    meta = data["meta"]
+    assert meta["threads"] == 1 and meta["cpu_capability"] and meta["bandwidth"]["read_gb_s"] > 0
+    assert set(meta["decode_kernel_ms"]) == {"sdpa", "packed", "matmul"} and len(meta["load_before"]) == 3
+    kv = {x["config"]: x["kv_bytes"] for x in data["runs"]}
+    assert kv["snapkv 25%"] < kv["longkit full"] == kv["hf dynamic"]
+    md = (tmp_path / "decode.md").read_text()
+    (tmp_path / "decode.md").unlink()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--render", "--out", str(tmp_path)], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "decode.md").read_text() == md

@@ -39,6 +39,12 @@ class Server:
                 pass
 
             def _send(self, code, payload):
+                # A request stops counting as in flight before its answer goes out: once the client has the answer
+                # it may send the next one, and counting until after the write would see a third in flight.
+                if getattr(self, "_counted", False):
+                    self._counted = False
+                    with server.lock:
+                        server.in_flight -= 1
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -56,11 +62,14 @@ class Server:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._counted = True
                 try:
                     self._answer(body)
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if self._counted:  # no answer was sent (e.g. a dropped connection)
+                        self._counted = False
+                        with server.lock:
+                            server.in_flight -= 1
 
             def _answer(self, body):
                 chat = self.path.endswith("/chat/completions")

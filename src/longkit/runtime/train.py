@@ -704,7 +704,14 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     fig = Figure(figsize=(6, 3.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot([r["tokens"] for r in log], [r["loss"] for r in log], lw=1.2)
+    tokens, losses = [r["tokens"] for r in log], [r["loss"] for r in log]
+    ax.plot(tokens, losses, lw=0.8, alpha=0.4, label="per step")
+    # Each step sees other documents, so the per-step loss is noisy; the trailing mean shows the trend.
+    k = max(1, len(losses) // 20)
+    if k > 1:
+        mean = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
+        ax.plot(tokens, mean, lw=1.6, label=f"mean of the last {k} steps")
+        ax.legend(fontsize=8)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("training loss")
     ax.set_title(title, fontsize=9)

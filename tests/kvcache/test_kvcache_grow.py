@@ -116,8 +116,9 @@ def test_the_seams_default_cache_grows_in_place_and_equals_transformers_own(any_
             logits += [model(ids[:, i : i + 1], cache=c, use_cache=True).logits for i in range(20, 30)]
             outs.append((torch.cat(logits, 1), c.layers[0].keys.data_ptr() == ptr))
     assert torch.equal(outs[0][0], outs[1][0])
-    # the growing cache kept its buffer; transformers' own re-concatenated
-    assert outs[0][1] and not outs[1][1]
+    # the growing cache kept its buffer (whether transformers' re-concatenated cache lands at the same address is
+    # up to the allocator, which may hand the freed block back: not asserted)
+    assert outs[0][1]
     assert cache_nbytes(cache) == cache_nbytes(dyn) and cache.get_seq_length() == 30
     cache.crop(-3)
     assert cache.get_seq_length() == 27

@@ -154,7 +154,7 @@ def table() -> tuple[str, dict]:
     keys = [k for k in LABELS if k in summary]
     lines = ["# Extending SmolLM2-135M from 8K to 32K on a 2-core CPU: trained vs training-free", "",
              f"`python {Path(__file__).relative_to(REPO)} render` (records in `{RESULTS.relative_to(REPO)}/`); "
-             f"{prompts} prompts, each asked of every model (checked: same answers).", ""]
+             f"{prompts} prompts; every model measured at a length was asked the same ones (checked: same answers).", ""]
     report = RESULTS / "train_report.json"
     if report.is_file():
         t = json.loads(report.read_text())

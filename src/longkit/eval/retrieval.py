@@ -33,7 +33,8 @@ from longkit.memory.rag import REFUSAL_INSTRUCTION, is_refusal
 from longkit.runtime.generate import PeakMemory
 from longkit.seam import MethodSpec
 
-__all__ = ["check_memory_run", "is_refusal", "memory_fields", "retrieval_memory", "retrieval_request"]
+__all__ = ["check_memory_run", "is_refusal", "memory_fields", "refuse_without_question", "retrieval_memory",
+           "retrieval_request"]
 
 
 def retrieval_memory(spec: MethodSpec) -> PromptMemory | None:
@@ -44,17 +45,20 @@ def retrieval_memory(spec: MethodSpec) -> PromptMemory | None:
 def check_memory_run(specs: list[MethodSpec], tasks: list[Any], suite: str | None) -> None:
     """Refuse a run where a retrieval memory method meets a task without a question (perplexity) or a suite (its
     prompts are built as text, not as instruction / context / question)."""
-    for spec in specs:
-        memory = retrieval_memory(spec)
-        if memory is None:
-            continue
-        if suite:
-            raise EvalError(f"memory method '{memory.name}' needs tasks that expose (instruction, context, question); "
-                            f"the suite '{suite}' does not: run it without --memory")
-        for task in tasks:
-            if not task.has_question:
-                raise EvalError(f"task '{task.name}' has no question to retrieve with, so memory method "
-                                f"'{memory.name}' cannot run on it: run '{task.name}' without --memory")
+    for memory in filter(None, map(retrieval_memory, specs)):
+        refuse_without_question(memory, tasks, suite, "to retrieve with")
+
+
+def refuse_without_question(memory: Any, tasks: list[Any], suite: str | None, purpose: str) -> None:
+    """An EvalError when ``memory`` (a method that builds its prompt from the task's (instruction, context,
+    question)) meets a suite or a task without a question; ``purpose`` says what the question is for."""
+    if suite:
+        raise EvalError(f"memory method '{memory.name}' needs tasks that expose (instruction, context, question); "
+                        f"the suite '{suite}' does not: run it without --memory")
+    for task in tasks:
+        if not task.has_question:
+            raise EvalError(f"task '{task.name}' has no question {purpose}, so memory method "
+                            f"'{memory.name}' cannot run on it: run '{task.name}' without --memory")
 
 
 def _parts(task: str, memory: PromptMemory, built: Any) -> Any:

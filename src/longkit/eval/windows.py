@@ -18,6 +18,7 @@ from typing import Any
 
 from longkit.errors import EvalError
 from longkit.eval.backends.base import GenerationRequest
+from longkit.eval.retrieval import refuse_without_question
 from longkit.memory.windows import ParallelWindows, WindowedPrompt
 from longkit.seam import MethodSpec
 
@@ -32,17 +33,8 @@ def windowed_memory(spec: MethodSpec) -> ParallelWindows | None:
 def check_windowed_run(specs: list[MethodSpec], tasks: list[Any], suite: str | None) -> None:
     """Refuse a run where a parallel-window method meets a task without a question (perplexity) or a suite (its
     prompts are built as text, not as instruction / context / question)."""
-    for spec in specs:
-        memory = windowed_memory(spec)
-        if memory is None:
-            continue
-        if suite:
-            raise EvalError(f"memory method '{memory.name}' needs tasks that expose (instruction, context, question); "
-                            f"the suite '{suite}' does not: run it without --memory")
-        for task in tasks:
-            if not task.has_question:
-                raise EvalError(f"task '{task.name}' has no question to read the windows with, so memory method "
-                                f"'{memory.name}' cannot run on it: run '{task.name}' without --memory")
+    for memory in filter(None, map(windowed_memory, specs)):
+        refuse_without_question(memory, tasks, suite, "to read the windows with")
 
 
 def windowed_prompt(memory: ParallelWindows, task: str, built: Any) -> WindowedPrompt:

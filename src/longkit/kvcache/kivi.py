@@ -209,6 +209,15 @@ class KIVILayer(RaggedLayer):
         self.deferred = False
         self._flush_dense()
 
+    def _quantized(self, keys: torch.Tensor, values: torch.Tensor, key_axis: int) -> dict[str, torch.Tensor]:
+        """KIVI's packed codes, scales and zeros of ``keys`` (grouped along ``key_axis``: per channel over tokens)
+        and ``values`` (grouped along the last axis: per token)."""
+        g, sd = self.group_size, self.scale_dtype
+        kc, ks, kz = quantize(keys, self.bits, g, axis=key_axis, scale_dtype=sd)
+        vc, vs, vz = quantize(values, self.bits, g, axis=-1, scale_dtype=sd)
+        return {"qkeys": pack(kc, self.bits), "k_scale": ks, "k_zero": kz,
+                "qvalues": pack(vc, self.bits), "v_scale": vs, "v_zero": vz}
+
     def _flush_dense(self) -> None:
         """Quantise the residual's oldest whole groups beyond the newest ``residual`` tokens (dense layout): the codes,
         scales and zeros are appended to their growing buffers and the rest of the residual moves to the front of
@@ -217,17 +226,7 @@ class KIVILayer(RaggedLayer):
         n = max(r - self.residual, 0) // g * g
         if n == 0:
             return
-        sd = self.scale_dtype
-        kc, ks, kz = quantize(self.keys[:, :, :n], self.bits, g, axis=-2, scale_dtype=sd)
-        vc, vs, vz = quantize(self.values[:, :, :n], self.bits, g, axis=-1, scale_dtype=sd)
-        new = {
-            "qkeys": pack(kc, self.bits),
-            "k_scale": ks,
-            "k_zero": kz,
-            "qvalues": pack(vc, self.bits),
-            "v_scale": vs,
-            "v_zero": vz,
-        }
+        new = self._quantized(self.keys[:, :, :n], self.values[:, :, :n], key_axis=-2)
         for name, t in new.items():
             old = getattr(self, name)
             setattr(self, name, self._grow(name, t[:, :, :0] if old is None else old, t, -2))
@@ -416,18 +415,8 @@ class KIVILayer(RaggedLayer):
             return
         # (N_r,) rows to quantise: the first n[head] rows of each head
         move = first_rows(self.r_lengths, n)
-        sd = self.scale_dtype
         # (N_new, D): groups of G consecutive rows along axis 0 never span heads (each head moves a multiple of G)
-        kc, ks, kz = quantize(self.keys[move], self.bits, g, axis=0, scale_dtype=sd)
-        vc, vs, vz = quantize(self.values[move], self.bits, g, axis=-1, scale_dtype=sd)
-        new = {
-            "qkeys": pack(kc, self.bits),
-            "k_scale": ks,
-            "k_zero": kz,
-            "qvalues": pack(vc, self.bits),
-            "v_scale": vs,
-            "v_zero": vz,
-        }
+        new = self._quantized(self.keys[move], self.values[move], key_axis=0)
         row_old, row_new = head_ids(self.q_lengths), head_ids(n)
         grp_old, grp_new = head_ids(self.q_lengths // g), head_ids(n // g)
         for name, t in new.items():

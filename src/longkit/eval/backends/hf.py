@@ -61,13 +61,7 @@ class HFBackend:
             text=text,
             prompt_tokens=len(ids),
             completion_tokens=len(gen.tokens),
-            stats={
-                "prefill_s": round(gen.prefill_s, 4),
-                "decode_s": round(gen.decode_s, 4),
-                "new_tokens": len(gen.tokens),
-                "peak_mem_bytes": gen.peak_mem_bytes,
-                "kv_bytes": gen.kv_bytes,
-            },
+            stats=_cost(gen),
         )
 
     def _windowed(self, request: GenerationRequest, eos: set[int]) -> GenerationResult:
@@ -83,11 +77,7 @@ class HFBackend:
             prompt_tokens=len(request.windows.ids),
             completion_tokens=len(gen.tokens),
             stats={
-                "prefill_s": round(gen.prefill_s, 4),
-                "decode_s": round(gen.decode_s, 4),
-                "new_tokens": len(gen.tokens),
-                "peak_mem_bytes": gen.peak_mem_bytes,
-                "kv_bytes": gen.kv_bytes,
+                **_cost(gen),
                 "tokens_processed": gen.tokens_processed,
                 "context_tokens": len(request.windows.context),
                 "windows": len(gen.window_sizes),
@@ -106,3 +96,9 @@ class HFBackend:
     def generate_many(self, requests: Iterable[GenerationRequest | NLLRequest]) -> Iterator[tuple[int, Any]]:
         for index, request in enumerate(requests):
             yield index, request.send(self)
+
+
+def _cost(gen: Any) -> dict[str, Any]:
+    """The cost fields of a greedy generation (plain or windowed) in a record."""
+    return {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4), "new_tokens": len(gen.tokens),
+            "peak_mem_bytes": gen.peak_mem_bytes, "kv_bytes": gen.kv_bytes}

@@ -318,6 +318,8 @@ def _git_commit() -> str | None:
 def hardware() -> dict[str, Any]:
     import torch
 
+    from longkit.runtime.threads import thread_settings
+
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -331,6 +333,8 @@ def hardware() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # wait policy (and why), load average, capability: CPU timings depend on them (issue #24)
+        "threads": thread_settings(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
     if torch.cuda.is_available():

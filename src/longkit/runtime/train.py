@@ -176,7 +176,11 @@ def run_identity(config: TrainConfig, world_size: int = 1) -> dict[str, Any]:
 
 
 def _write_run(out: Path, config: TrainConfig, status: str, identity: dict[str, Any], **extra: Any) -> None:
-    record = {"identity": identity, "digest": _digest(identity), "status": status, **extra}
+    from longkit.runtime.threads import thread_settings
+
+    # threads, OpenMP wait policy and load average: the step times in the log depend on them (issue #24)
+    record = {"identity": identity, "digest": _digest(identity), "status": status, "threads": thread_settings(),
+              **extra}
     tmp = out / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out / RUN_FILE)

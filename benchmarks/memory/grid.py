@@ -1,0 +1,461 @@
+"""The memory room's benchmark grid (issue #22): bounded memory, retrieval and compression against long context on
+SmolLM2-135M (trained window 8K) at 16K, 32K, 64K and 128K tokens, on the same prompts, with their cost.
+
+    python benchmarks/memory/grid.py eval --buckets 16k,32k,64k,128k [--only infllm,rag_bm25,...] [--tasks depth,ruler]
+    python benchmarks/memory/grid.py eval ... --dry-run   # the commands, nothing run or written
+    python benchmarks/memory/grid.py render               # table.md + results.json from the committed records
+
+Every step is one ``longkit eval`` (seed 0, so every method sees the same prompts) into its own run directory
+``results/grid/<method>-<bucket>-<tasks>/``: an interrupted or partial grid still gives whole lengths of whole
+methods, and rerunning the same command resumes each directory where it stopped (finished ones return at once).
+Tasks: ``depth`` = passkey and needle at depths 0.1/0.5/0.9, 3 samples per (length, depth), at every bucket;
+``ruler`` = RULER's niah_single_2 and niah_multikey_1, 5 samples per length, at 16K and 32K only.
+
+Methods (rows; ``longkit methods --kind memory|kv|rope`` for their parameters):
+
+- ``infllm``: InfLLM with the reference defaults (block 128, n_init 128, n_local 4096, topk 16, repr_topk 4, exec
+  chunk 512), prefilled in chunks of 512 tokens (its execution chunk), so activations too are bounded.
+- ``rag_bm25`` / ``rag_dense``: retrieval (chunks of 256 tokens, top 4, 1024-token budget) by BM25 (bm25s) or by
+  all-MiniLM-L6-v2 embeddings; the model reads about 1.1K tokens whatever the length.
+- ``self_route``: BM25 retrieval first; when the model answers "unanswerable" it is asked again with the whole
+  context under the long-context comparison below (NTK), which is the long path Self-Route falls back to.
+- ``lingua4`` / ``lingua8``: LongLLMLingua at 4x and 8x compression, SmolLM2-135M as the compressor. Where the
+  compressed context reaches the trained window (length / ratio >= 8K: 4x from 32K, 8x from 64K), the answering
+  model also gets the NTK rule below for that compressed length (x4), since it would otherwise read past its window.
+- ``pcw``: parallel context windows (as many windows of up to the trained length as the context needs).
+- ``ntk``: the long-context comparison, the best training-free RoPE scaling on this model: NTK x4 (passkey 100 at
+  16K in benchmarks/rope/results/smollm2-135m/table.md and benchmarks/train/results/extend_32k/table.md, where
+  Self-Extend, an attention remap, had a higher 16K mean). The factor covers the length: max(4, length / 8K),
+  so x4 at 16K and 32K, x8 at 64K, x16 at 128K. One full-attention prefill.
+- ``snapkv``: SnapKV keeping ``n_init + n_local + topk * block_size`` = 6272 tokens, InfLLM's working set, with
+  the prompt prefilled in chunks of 512 tokens (the cache compressed after every chunk, so it never holds more than
+  6272 + 512 tokens), on top of the same NTK factor (SnapKV keeps tokens at their positions, up to the length).
+
+Skips: a (method, bucket) the CPU cannot afford is skipped with its reason written to the run directory
+(``skipped.json``) and shown in the table; ``--force`` runs it anyway. Skipped by default: ``ntk`` at 128K (a
+full-attention prefill at 128K: about 20 min per sample here, 18 samples ~ 6 h) and ``self_route`` at 128K (its
+fall-back is that same path).
+
+Table (``render``, from the records only): one table per length, rows = methods, columns = the score of each task
+(% correct), their mean, mean seconds per sample (prefill + decode + retrieval or compression), peak memory (the
+largest of the runner's ``peak_mem_bytes``, resident set above the sample's start on CPU, and the compressor's
+``memory_peak_mem_bytes``), KV bytes after the prefill (all of InfLLM's blocks included; on a CPU its offloaded
+blocks live in the same RAM) and tokens the answering model processed; then the effective length by RULER's rule
+(the longest length whose mean is above 85.6) on the tasks run at each length. The renderer refuses records that do
+not agree on the prompts (each (task, length, depth, sample) must have one answer and needle position) or on the
+model and seed of their run.json.
+
+Cost on this machine (2 cores shared with other jobs, 23 GiB RAM; the model runs in bfloat16 here, dtype auto).
+Measured: one 16K passkey sample of ``rag_bm25`` end to end through ``longkit eval`` (run under nice 19, whose
+CPU-capped group gave it a fraction of a core beside another eval): 2 min 4 s wall, 23 s of CPU for the whole command
+(imports and model load included); BM25 over the 16K context 0.08 s; the model read 1,073 tokens (prefill 39.9 s and
+8-token decode 55.9 s wall under that cap, where an uncapped 2K prefill takes 0.9 s); peak 50 MiB above the start,
+KV 23 MiB; correct. The rest is estimated from committed records: full prefill 23 s at 16K and 77 s at 32K
+(train/results/extend_32k), about x4 per doubling beyond; 8K windows 7 s each; chunked prefill against a bounded
+cache grows linearly (kvcache/results/chunked_prefill_memory.md). Minutes per bucket per method with the CPU to
+itself, all tasks of the bucket (16K and 32K: 28 samples; 64K and 128K: 18), about 30 s of start-up per step
+included; under the nice-19 cap multiply by about 5:
+
+    method      16K    32K    64K    128K   basis (per sample)
+    rag_bm25      1      1      1      1    ~1 s: a 1.1K-token prompt, BM25 under 1 s
+    rag_dense     5     10     12     24    + MiniLM embeddings of every 256-token chunk (~0.15 s each)
+    self_route    2+     2+     2+  skip    as rag_bm25, + one NTK answer per refusal (25 s, 80 s, 5 min)
+    pcw           8     14     18     36    one 8K window prefill (~7 s) per 8K of context
+    lingua8       7     14     19     40    the compressor reads ~1.3x the context, scores the kept 1/8 twice
+    lingua4      10     21     30     70    as lingua8, 1/4 kept; answers of 8K-32K under NTK x4 from 32K
+    infllm       14     28     36     72    ~1.3x a 16K full prefill per 16K (6.9K keys per query; untested here)
+    snapkv       12     23     30     60    ~25 s per 16K (a 6.8K-token cache, chunks of 512)
+    ntk          12     37     90   skip    full attention: 25 s, 80 s, ~5 min per sample
+    total       ~70   ~150   ~240   ~300    minutes; ~13 h for the whole grid
+
+Peak memory to expect: a full cache is 23 KiB per token in bfloat16 (1.4 GiB at 64K, 2.8 GiB at 128K): ntk holds it
+plus attention working memory, pcw holds every window's cache, infllm's offloaded blocks hold the same amount in RAM
+on a CPU (its compute working set stays bounded); rag, lingua and snapkv stay near the model's own footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = HERE / "results" / "grid"
+LONGKIT = str(Path(sys.executable).with_name("longkit"))
+
+MODEL = "smollm2-135m"
+#: SmolLM2-135M's trained window: the unit of the NTK factor rule.
+TRAINED = 8192
+BUCKETS = {"16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
+DEPTHS = "0.1,0.5,0.9"
+#: RULER's threshold (Llama-2-7B's 4K average; longkit.eval.metrics.RULER_THRESHOLD): a length counts when above it.
+THRESHOLD = 85.6
+SKIPPED_FILE = "skipped.json"
+
+
+class Tasks(NamedTuple):
+    """A task group: its tasks, samples per (length, depth), needle depths (None: the tasks draw their own), and the
+    buckets it runs at."""
+
+    tasks: tuple[str, ...]
+    samples: int
+    depths: str | None
+    buckets: tuple[str, ...]
+
+    def args(self, samples: int | None = None, depths: str | None = None) -> list[str]:
+        """The ``longkit eval`` arguments that ask these tasks (``samples`` / ``depths``: tests' smaller grid)."""
+        out = [a for t in self.tasks for a in ("--task", t)]
+        if self.depths is not None:
+            out += ["--depths", depths or self.depths]
+        return [*out, "--samples", str(samples or self.samples)]
+
+
+TASK_GROUPS = {
+    "depth": Tasks(("passkey", "needle"), 3, DEPTHS, tuple(BUCKETS)),
+    "ruler": Tasks(("niah_single_2", "niah_multikey_1"), 5, None, ("16k", "32k")),
+}
+TASKS = tuple(t for g in TASK_GROUPS.values() for t in g.tasks)
+
+
+def ntk_factor(length: int) -> int:
+    """The NTK factor at a context length: x4 (the best measured at 16K) or enough to cover the length."""
+    return max(4, -(-length // TRAINED))
+
+
+def ntk(length: int) -> str:
+    return f"rope=ntk:factor={ntk_factor(length)}"
+
+
+def infllm_budget() -> int:
+    """InfLLM's working set with its defaults: initial tokens + local window + top-k blocks (SnapKV's budget)."""
+    from longkit.memory.infllm import InfLLM
+
+    m = InfLLM()
+    return m.n_init + m.n_local + m.topk * m.block_size
+
+
+def lingua(ratio: int) -> Callable[[int], str]:
+    def spec(length: int) -> str:
+        method = f"memory=longllmlingua:ratio={ratio}"
+        # The compressed context reaches the trained window: the answering model needs the NTK rule for it.
+        return f"{ntk(length // ratio)}+{method}" if length // ratio >= TRAINED else method
+
+    return spec
+
+
+class Method(NamedTuple):
+    """A row of the table: the combination it runs at a length, its prefill chunk, the buckets it skips (why)."""
+
+    label: str
+    spec: Callable[[int], str]
+    prefill_chunk: int | None = None
+    skip: Mapping[str, str] = MappingProxyType({})
+
+
+NTK_128K = ("full-attention prefill at 128K: about 20 min per sample on 2 CPU cores (16K: 23 s, 32K: 77 s, about "
+            "x4 per doubling), 18 samples ~ 6 h")
+#: Cheap rows first, so a partial grid has the most rows.
+METHODS = {
+    "rag_bm25": Method("RAG (BM25)", lambda n: "memory=rag:retriever=bm25"),
+    "rag_dense": Method("RAG (dense, MiniLM)", lambda n: "memory=rag:retriever=dense"),
+    "self_route": Method("Self-Route (BM25, NTK fall-back)", lambda n: f"{ntk(n)}+memory=self_route",
+                         skip={"128k": "its fall-back is the NTK full-attention path, skipped at 128K"}),
+    "pcw": Method("PCW", lambda n: "memory=pcw"),
+    "lingua8": Method("LongLLMLingua 8x", lingua(8)),
+    "lingua4": Method("LongLLMLingua 4x", lingua(4)),
+    "infllm": Method("InfLLM", lambda n: "memory=infllm", prefill_chunk=512),
+    "snapkv": Method("SnapKV, chunked prefill (InfLLM's budget)",
+                     lambda n: f"{ntk(n)}+kv=snapkv:tokens={infllm_budget()}", prefill_chunk=512),
+    "ntk": Method("NTK (long context)", ntk, skip={"128k": NTK_128K}),
+}
+
+
+def run_dir(results: Path, method: str, bucket: str, tasks: str) -> Path:
+    return results / f"{method}-{bucket}-{tasks}"
+
+
+def _names(text: str, valid: dict, what: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(valid)
+    bad = [s for s in names if s not in valid]
+    if bad:
+        raise SystemExit(f"unknown {what} {', '.join(bad)}; valid: {', '.join(valid)}")
+    return names
+
+
+def _overrides(text: str) -> dict[str, int]:
+    """``16k=1024,32k=2048``: tiny lengths for the buckets (tests); the method rules still see the bucket's length."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        bucket, _, n = part.partition("=")
+        if bucket not in BUCKETS or not n.isdigit():
+            raise SystemExit(f"--lengths-override expects BUCKET=TOKENS with BUCKET one of {', '.join(BUCKETS)} "
+                             f"(got {part!r})")
+        out[bucket] = int(n)
+    if len(set(out.values())) < len(out):
+        raise SystemExit(f"--lengths-override gives two buckets one length ({text}): a length names its bucket")
+    return out
+
+
+def commands(args: argparse.Namespace) -> list[tuple[Path, list[str] | None, dict | None]]:
+    """Every step of the grid as (run directory, ``longkit eval`` command or None, skip record or None)."""
+    results = Path(args.results)
+    override = _overrides(args.lengths_override)
+    steps = []
+    for bucket in _names(args.buckets, BUCKETS, "bucket"):
+        nominal = BUCKETS[bucket]
+        for tasks in _names(args.tasks, TASK_GROUPS, "task group"):
+            group = TASK_GROUPS[tasks]
+            if bucket not in group.buckets:
+                continue
+            for name in _names(args.only, METHODS, "method"):
+                method = METHODS[name]
+                d = run_dir(results, name, bucket, tasks)
+                spec = method.spec(nominal)
+                reason = method.skip.get(bucket)
+                if reason and not args.force:
+                    steps.append((d, None, {"method": name, "bucket": bucket, "tasks": tasks, "spec": spec,
+                                            "reason": reason}))
+                    continue
+                chunk = ["--prefill-chunk", str(method.prefill_chunk)] if method.prefill_chunk else []
+                asked = group.args(args.samples_override, args.depths_override)
+                cmd = [LONGKIT, "eval", "--model", args.model, "--no-baseline", "--combo", spec, *asked,
+                       "--lengths", str(override.get(bucket, nominal)), *chunk, "--no-report", "--out", str(d)]
+                steps.append((d, cmd, None))
+    return steps
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    failed = []
+    for d, cmd, skipped in commands(args):
+        if skipped is not None:
+            print(f"skip {d.name}: {skipped['reason']}", flush=True)
+            if not args.dry_run:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / SKIPPED_FILE).write_text(json.dumps(skipped, indent=1, sort_keys=True) + "\n")
+            continue
+        print(" ".join(cmd), flush=True)
+        if args.dry_run:
+            continue
+        # A step run with --force is no longer skipped.
+        (d / SKIPPED_FILE).unlink(missing_ok=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(d.name)
+    if failed:
+        # The other steps went on; rerunning the same command resumes the failed ones.
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+# ----------------------------------------------------------------------------------------------------- render
+
+
+def load(results: Path = RESULTS) -> tuple[list[dict], list[dict], list[dict]]:
+    """(sample records, skip records, run.json configs) of every run directory, each tagged with its method and
+    bucket."""
+    rows, skips, configs = [], [], []
+    for d in sorted(p for p in results.glob("*-*-*") if p.is_dir()):
+        method, bucket, tasks = d.name.rsplit("-", 2)
+        if method not in METHODS or bucket not in BUCKETS or tasks not in TASK_GROUPS:
+            raise SystemExit(f"{d}: not a run directory of this grid (<method>-<bucket>-<tasks>)")
+        if (d / SKIPPED_FILE).is_file():
+            skips.append(json.loads((d / SKIPPED_FILE).read_text()))
+        if (d / "run.json").is_file():
+            configs.append({"dir": d.name, **json.loads((d / "run.json").read_text())["config"]})
+        if not (d / "samples.jsonl").is_file():
+            continue
+        for line in (d / "samples.jsonl").read_text().splitlines():
+            if line.strip():
+                rows.append({**json.loads(line), "group": method, "bucket": bucket})
+    return rows, skips, configs
+
+
+def check_same_prompts(rows: list[dict], configs: list[dict]) -> int:
+    """Every run used the same model and seed, and every (task, length, depth, sample) was asked with the same
+    answer and needle position in every run: the same prompts. Returns the number of prompts."""
+    for key in ("model", "seed", "haystack", "chat"):
+        values = {json.dumps(c.get(key)) for c in configs}
+        if len(values) > 1:
+            raise SystemExit(f"run directories disagree on {key}: "
+                             + "; ".join(f"{c['dir']}: {c.get(key)!r}" for c in configs))
+    seen: dict[tuple, tuple] = {}
+    for r in rows:
+        k = (r["task"], r["length"], r.get("depth"), r["sample"])
+        v = (tuple(r["answer"]), r.get("needle_start"))
+        if seen.setdefault(k, v) != v:
+            raise SystemExit(f"different prompts for {k}: {seen[k]} vs {v} ({r['group']}, {r['method']})")
+    return len(seen)
+
+
+def _seconds(r: dict) -> float:
+    """Wall time of a sample: prefill and decode (summed over Self-Route's requests) plus retrieval or compression."""
+    return sum(float(r.get(k) or 0.0) for k in ("prefill_s", "decode_s", "retrieval_s", "compress_s"))
+
+
+def _peak(r: dict) -> int | None:
+    values = [r.get(k) for k in ("peak_mem_bytes", "memory_peak_mem_bytes") if r.get(k) is not None]
+    return max(values) if values else None
+
+
+def _tokens(r: dict) -> int:
+    """Tokens the answering model processed: the memory methods record it; else the prompt and the answer."""
+    if r.get("tokens_processed") is not None:
+        return int(r["tokens_processed"])
+    return int(r["n_tokens"]) + int(r.get("new_tokens") or 0)
+
+
+def _planned(bucket: str) -> list[str]:
+    return [t for g in TASK_GROUPS.values() if bucket in g.buckets for t in g.tasks]
+
+
+def summarize(rows: list[dict], skips: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        if r.get("score") is None:
+            continue  # a failed sample is not scored
+        m = out.setdefault(r["group"], {"label": METHODS[r["group"]].label, "specs": {}, "scores": {}, "n": {},
+                                        "seconds": {}, "peak": {}, "kv": {}, "tokens": {}, "buckets": {},
+                                        "skipped": {}})
+        n = int(r["length"])
+        m["buckets"][n] = r["bucket"]
+        m["specs"].setdefault(n, set()).add(r["method"])
+        m["scores"].setdefault(r["task"], {}).setdefault(n, []).append(float(r["score"]))
+        m["seconds"].setdefault(n, []).append(_seconds(r))
+        m["tokens"].setdefault(n, []).append(_tokens(r))
+        if _peak(r) is not None:
+            m["peak"][n] = max(m["peak"].get(n, 0), _peak(r))
+        if r.get("kv_bytes") is not None:
+            m["kv"][n] = max(m["kv"].get(n, 0), int(r["kv_bytes"]))
+    for s in skips:
+        m = out.setdefault(s["method"], {"label": METHODS[s["method"]].label, "specs": {}, "scores": {}, "n": {},
+                                         "seconds": {}, "peak": {}, "kv": {}, "tokens": {}, "buckets": {},
+                                         "skipped": {}})
+        m["skipped"][s["bucket"]] = s["reason"]
+    for m in out.values():
+        m["specs"] = {n: sorted(v) for n, v in m["specs"].items()}
+        m["n"] = {task: {n: len(v) for n, v in by.items()} for task, by in m["scores"].items()}
+        m["scores"] = {task: {n: sum(v) / len(v) for n, v in by.items()} for task, by in m["scores"].items()}
+        m["seconds"] = {n: sum(v) / len(v) for n, v in m["seconds"].items()}
+        m["tokens"] = {n: sum(v) / len(v) for n, v in m["tokens"].items()}
+        # RULER's rule on the mean of the tasks run at each length, where all of them were measured.
+        m["mean"] = {n: sum(m["scores"][t][n] for t in _planned(b)) / len(_planned(b))
+                     for n, b in m["buckets"].items() if all(n in m["scores"].get(t, {}) for t in _planned(b))}
+        passing = [n for n, s in m["mean"].items() if s > THRESHOLD]
+        m["effective"] = max(passing) if passing else None
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _mib(v: int | None) -> str:
+    return "-" if v is None else f"{v / 2**20:.0f}"
+
+
+def table(results: Path = RESULTS) -> tuple[str, dict]:
+    """The markdown table and the per-method summary, from the records only (nothing measured, nothing written)."""
+    rows, skips, configs = load(results)
+    if not rows and not skips:
+        raise SystemExit(f"no records under {results}: run `grid.py eval` first")
+    prompts = check_same_prompts(rows, configs)
+    summary = summarize(rows, skips)
+    keys = [k for k in METHODS if k in summary]
+    lengths = sorted({int(r["length"]) for r in rows})
+    bucket_of = {int(r["length"]): r["bucket"] for r in rows}
+    if len(set(bucket_of.values())) < len(bucket_of) or any(bucket_of[int(r["length"])] != r["bucket"] for r in rows):
+        raise SystemExit("a context length was recorded under two buckets (or a bucket at two lengths)")
+    model = configs[0]["model"] if configs else MODEL
+    where = results.relative_to(REPO) if results.is_relative_to(REPO) else results.name
+    lines = [f"# The memory room on {model}: bounded memory, retrieval and compression vs long context", "",
+             f"`python {Path(__file__).relative_to(REPO)} render` (records in `{where}/`); {prompts} prompts; every "
+             "method measured at a length was asked the same ones (checked: same answers and needle positions, same "
+             "model and seed in every run.json).", "",
+             "**Methods** (the combination each row ran at each length, as recorded)", "",
+             "| method | " + " | ".join(_k(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for k in keys:
+        specs = summary[k]["specs"]
+        lines.append(f"| {summary[k]['label']} | "
+                     + " | ".join(", ".join(f"`{s}`" for s in specs[n]) if n in specs else "-" for n in lengths) + " |")
+    lines.append("")
+    for n in lengths:
+        tasks = _planned(bucket_of[n])
+        lines += [f"**{_k(n)} tokens**", "",
+                  "| method | " + " | ".join(tasks) + " | mean | s / sample | peak MiB | KV MiB | tokens processed |",
+                  "|---|" + "---|" * (len(tasks) + 5)]
+        for k in keys:
+            m = summary[k]
+            if n not in m["seconds"]:
+                continue
+            cells = [m["label"], *[_fmt(m["scores"].get(t, {}).get(n), ".0f") for t in tasks],
+                     _fmt(m["mean"].get(n), ".0f"), _fmt(m["seconds"][n], ".1f"), _mib(m["peak"].get(n)),
+                     _mib(m["kv"].get(n)), _fmt(m["tokens"][n], ".0f")]
+            lines.append("| " + " | ".join(cells) + " |")
+        skipped = [f"{summary[k]['label']} ({summary[k]['skipped'][bucket_of[n]]})" for k in keys
+                   if bucket_of[n] in summary[k]["skipped"]]
+        lines += ["", f"Skipped at {_k(n)}: {'; '.join(skipped)}.", ""] if skipped else [""]
+    lines += ["**Effective length** (RULER's rule: the longest length whose mean is above 85.6, on the tasks run at "
+              "each length)", "", "| method | lengths measured | skipped | effective length |", "|---|---|---|---|"]
+    for k in keys:
+        m = summary[k]
+        skipped = ", ".join(b for b in BUCKETS if b in m["skipped"]) or "-"
+        lines.append(f"| {m['label']} | {', '.join(_k(n) for n in sorted(m['seconds'])) or '-'} | {skipped} | "
+                     f"{_k(m['effective']) if m['effective'] else 'none'} |")
+    unskipped = sorted({b for m in summary.values() for b in m["skipped"]} - {bucket_of[n] for n in lengths},
+                       key=list(BUCKETS).index)
+    for b in unskipped:
+        lines += ["", f"Skipped at {b}: " + "; ".join(f"{summary[k]['label']} ({summary[k]['skipped'][b]})"
+                                                       for k in keys if b in summary[k]["skipped"]) + "."]
+    counts = sorted({c for k in keys for by in summary[k]["n"].values() for c in by.values()})
+    lines += ["", f"Scores: % correct; samples per cell: {', '.join(map(str, counts)) or '-'} (passkey, needle: 3 "
+              "depths x 3 samples; RULER tasks: 5 samples). `-` = not measured (yet). s / sample: prefill + decode "
+              "(+ retrieval or compression), mean. Peak MiB: the largest peak above the sample's start (resident set "
+              "on a CPU; the compressor's included). KV MiB: the largest cache after the prefill (InfLLM: every "
+              "block, offloaded ones included). Tokens processed: by the answering model, mean per sample "
+              "(LongLLMLingua's compressor not included)."]
+    return "\n".join(lines) + "\n", {k: _jsonable(summary[k]) for k in keys}
+
+
+def _jsonable(m: dict) -> dict:
+    return json.loads(json.dumps(m, sort_keys=True))
+
+
+def render(args: argparse.Namespace | None = None) -> None:
+    results = Path(args.results) if args is not None else RESULTS
+    text, summary = table(results)
+    (results / "table.md").write_text(text)
+    (results / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("--buckets", default=",".join(BUCKETS), help=f"of {', '.join(BUCKETS)} (default: all)")
+    e.add_argument("--only", default="", help=f"methods, of {', '.join(METHODS)} (default: all)")
+    e.add_argument("--tasks", default="", help=f"task groups, of {', '.join(TASK_GROUPS)} (default: both)")
+    e.add_argument("--force", action="store_true", help="run the (method, bucket) steps skipped by default too")
+    e.add_argument("--dry-run", action="store_true", help="print the steps; run and write nothing")
+    # For tests: a tiny model and tiny lengths into another folder.
+    e.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
+    e.add_argument("--lengths-override", default="", help=argparse.SUPPRESS)
+    e.add_argument("--samples-override", type=int, default=None, help=argparse.SUPPRESS)
+    e.add_argument("--depths-override", default=None, help=argparse.SUPPRESS)
+    e.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    r = sub.add_parser("render")
+    r.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    {"eval": evaluate, "render": render}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

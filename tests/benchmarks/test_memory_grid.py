@@ -1,0 +1,158 @@
+"""The memory room's benchmark grid (benchmarks/memory/grid.py): its method rules, one run directory per (method,
+bucket, task group) from a tiny eval, recorded skips, the table from the records, and the same-prompt check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "memory" / "grid.py"
+#: Tiny lengths for two buckets (tiny-llama's trained window is 512) and a small grid: 1 depth x 1 sample.
+TINY = ["--model", "tiny-llama", "--lengths-override", "16k=1024,128k=768", "--tasks", "depth",
+        "--samples-override", "1", "--depths-override", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("memory_grid_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # The script's `longkit eval` steps must import this checkout, whatever the working directory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_method_rules_follow_the_documented_choices(grid):
+    from longkit.memory.infllm import InfLLM
+    from longkit.seam import MethodSpec
+
+    spec = {name: {b: m.spec(n) for b, n in grid.BUCKETS.items()} for name, m in grid.METHODS.items()}
+    # NTK: x4 (the best measured at 16K), then enough to cover the length with the 8K window.
+    assert [spec["ntk"][b] for b in grid.BUCKETS] == [f"rope=ntk:factor={f}" for f in (4, 4, 8, 16)]
+    # SnapKV keeps InfLLM's working set (initial + local + top-k blocks) on the same NTK factor, chunked like InfLLM.
+    m = InfLLM()
+    budget = m.n_init + m.n_local + m.topk * m.block_size
+    assert budget == 6272
+    assert spec["snapkv"]["64k"] == f"rope=ntk:factor=8+kv=snapkv:tokens={budget}"
+    assert grid.METHODS["snapkv"].prefill_chunk == grid.METHODS["infllm"].prefill_chunk == m.exec_chunk
+    # LongLLMLingua gets NTK only where the compressed context reaches the trained window.
+    assert spec["lingua4"]["16k"] == "memory=longllmlingua:ratio=4"
+    assert spec["lingua4"]["32k"] == "rope=ntk:factor=4+memory=longllmlingua:ratio=4"
+    assert spec["lingua8"]["32k"] == "memory=longllmlingua:ratio=8"
+    assert spec["lingua8"]["128k"] == "rope=ntk:factor=4+memory=longllmlingua:ratio=8"
+    # Self-Route falls back to the long-context comparison of its length.
+    assert spec["self_route"]["64k"] == "rope=ntk:factor=8+memory=self_route"
+    # Every combination parses; the full-attention paths are skipped at 128K with a reason.
+    for by_bucket in spec.values():
+        for text in by_bucket.values():
+            MethodSpec.parse(text)
+    assert set(grid.METHODS["ntk"].skip) == set(grid.METHODS["self_route"].skip) == {"128k"}
+
+
+def test_dry_run_lists_every_step_and_writes_nothing(grid, tmp_path):
+    r = _run("eval", "--buckets", "16k,32k,64k,128k", "--dry-run", "--results", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    # 9 methods x (2 task groups at 16K and 32K, 1 at 64K and 128K), two of them skipped at 128K.
+    assert len(lines) == 9 * 6
+    assert sum(line.startswith("skip ") for line in lines) == 2
+    assert any(" --combo rope=ntk:factor=8+kv=snapkv:tokens=6272 " in line and "--prefill-chunk 512" in line
+               and line.endswith("snapkv-64k-depth") for line in lines)
+    assert not (tmp_path / "g").exists()
+
+
+def test_tiny_grid_writes_run_dirs_renders_and_rerenders_byte_for_byte(grid, tmp_path):
+    results = tmp_path / "grid"
+    r = _run("eval", "--buckets", "16k", "--only", "pcw,ntk", *TINY, "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["ntk-16k-depth", "pcw-16k-depth"]
+    for name, label in (("ntk", "rope=ntk:factor=4"), ("pcw", "memory=pcw")):
+        records = [json.loads(x) for x in (results / f"{name}-16k-depth" / "samples.jsonl").read_text().splitlines()]
+        assert [(x["method"], x["task"], x["length"]) for x in records] == [(label, "passkey", 1024),
+                                                                            (label, "needle", 1024)]
+    # The skipped step writes its reason, runs nothing, and the table says so.
+    r = _run("eval", "--buckets", "128k", "--only", "ntk", *TINY, "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    skipped = json.loads((results / "ntk-128k-depth" / grid.SKIPPED_FILE).read_text())
+    assert skipped["reason"] == grid.NTK_128K and not (results / "ntk-128k-depth" / "samples.jsonl").exists()
+
+    r = _run("render", "--results", str(results))
+    assert r.returncode == 0, r.stderr
+    text = (results / "table.md").read_text()
+    assert "| PCW | `memory=pcw` |" in text and "| NTK (long context) | `rope=ntk:factor=4` |" in text
+    assert "| method | passkey | needle | niah_single_2 | niah_multikey_1 | mean |" in text
+    assert f"Skipped at 128k: NTK (long context) ({grid.NTK_128K})." in text
+    assert "| NTK (long context) | 1K | 128k | " in text
+    summary = json.loads((results / "results.json").read_text())
+    assert set(summary) == {"ntk", "pcw"} and summary["ntk"]["skipped"] == {"128k": grid.NTK_128K}
+    assert summary["pcw"]["n"] == {"needle": {"1024": 1}, "passkey": {"1024": 1}}
+    # Re-render: the table from the committed records alone, byte for byte, and a second render writes the same.
+    assert grid.table(results)[0] == text
+    before = (results / "results.json").read_bytes()
+    grid.render(type("Args", (), {"results": str(results)})())
+    assert (results / "table.md").read_text() == text and (results / "results.json").read_bytes() == before
+
+    # A doctored record (another answer for the same prompt) fails the same-prompt check.
+    path = results / "pcw-16k-depth" / "samples.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    records[0]["answer"] = ["99999"]
+    path.write_text("".join(json.dumps(x) + "\n" for x in records))
+    with pytest.raises(SystemExit, match="different prompts for \\('passkey', 1024, 0.5, 0\\)"):
+        grid.table(results)
+
+
+def _record(method: str, task: str, length: int, depth, sample: int, score: float, answer: str, **extra) -> dict:
+    return {"id": f"{method}|{task}|{length}|{depth}|{sample}", "method": method, "task": task, "length": length,
+            "depth": depth, "sample": sample, "n_tokens": length, "score": score, "prediction": "", "answer": [answer],
+            "needle_start": None, "prefill_s": 2.0, "decode_s": 0.5, "new_tokens": 4, "peak_mem_bytes": 2**20,
+            "kv_bytes": 2**20, **extra}
+
+
+def _write(d: Path, records: list[dict], seed: int = 0) -> None:
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"config": {"model": "m", "seed": seed, "haystack": None, "chat": None}}))
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
+    # RAG at 16K: passkey 100, needle 50, both RULER tasks 100 -> mean 87.5 > 85.6 (effective 16K); at 64K only the
+    # depth tasks count: 100 and 0 -> 50, not effective.
+    rag = "memory=rag:retriever=bm25"
+    cost = {"retrieval_s": 1.0, "tokens_processed": 1100}
+    depth16 = [_record(rag, "passkey", 16384, 0.5, 0, 100.0, "1", **cost),
+               _record(rag, "needle", 16384, 0.5, 0, 100.0, "n", **cost),
+               _record(rag, "needle", 16384, 0.5, 1, 0.0, "n2", **cost)]
+    ruler16 = [_record(rag, t, 16384, None, 0, 100.0, t, **cost) for t in ("niah_single_2", "niah_multikey_1")]
+    depth64 = [_record(rag, "passkey", 65536, 0.5, 0, 100.0, "6", **cost),
+               _record(rag, "needle", 65536, 0.5, 0, 0.0, "m", **cost, memory_peak_mem_bytes=3 * 2**20)]
+    _write(tmp_path / "rag_bm25-16k-depth", depth16)
+    _write(tmp_path / "rag_bm25-16k-ruler", ruler16)
+    _write(tmp_path / "rag_bm25-64k-depth", depth64)
+    # NTK at 16K asked the same prompts; no tokens_processed: prompt + answer.
+    _write(tmp_path / "ntk-16k-depth", [_record("rope=ntk:factor=4", "passkey", 16384, 0.5, 0, 0.0, "1")])
+    text, summary = grid.table(tmp_path)
+    rag_s = summary["rag_bm25"]
+    assert rag_s["mean"] == {"16384": 87.5, "65536": 50.0} and rag_s["effective"] == 16384
+    assert rag_s["seconds"]["16384"] == 3.5 and rag_s["tokens"]["65536"] == 1100
+    assert rag_s["peak"]["65536"] == 3 * 2**20
+    assert summary["ntk"]["tokens"] == {"16384": 16388} and summary["ntk"]["mean"] == {}
+    assert "| RAG (BM25) | 100 | 50 | 100 | 100 | 88 | 3.5 | 1 | 1 | 1100 |" in text
+    assert "| RAG (BM25) | 100 | 0 | 50 | 3.5 | 3 | 1 | 1100 |" in text
+    assert "| RAG (BM25) | 16K, 64K | - | 16K |" in text and "| NTK (long context) | 16K | - | none |" in text
+
+    # A run with another seed asked other prompts: refused even where the answers happen to agree.
+    _write(tmp_path / "pcw-16k-depth", [_record("memory=pcw", "passkey", 16384, 0.5, 0, 0.0, "1")], seed=1)
+    with pytest.raises(SystemExit, match="disagree on seed"):
+        grid.table(tmp_path)

@@ -76,6 +76,7 @@ def fx(tmp_path_factory) -> dict[str, Path]:
     # Training: good documents, a malformed JSONL file, a causal LM without RoPE (GPT-2), a directory of another run.
     put("docs", "a.txt", PROSE.encode())
     paths["bad_jsonl"] = put("jsonl", "bad.jsonl", b'{"text": "fine"}\n{oops\n')
+    paths["chat_jsonl"] = put("chat", "chat.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n')
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=264, n_embd=16, n_layer=1, n_head=2, n_positions=256)).save_pretrained(
@@ -342,6 +343,30 @@ TRAIN = [
     ("seq-parallel-longlora", {"recipe": "longlora", "--seq-parallel": "ulysses"}, "that training recipe 'longlora' "
                                                                                    "sets"),
     ("seq-parallel-longce", {"recipe": "continual:loss=longce", "--seq-parallel": "ring"}, "works with loss=ce only"),
+    # answer-only data, kv-retrieval and token shares
+    ("data-chat-without-answer", {"--data": "{chat_jsonl}"}, "chat.jsonl:1: no 'assistant' turn in 'messages'"),
+    ("data-share-out-of-range", {"--data": "{docs}:share=1.5"}, "parameter 'share' must be a number in (0, 1], "
+                                                                "got '1.5'"),
+    ("data-lone-share", {"--data": "kv-retrieval:count=2,share=0.5"}, "every source has a share and they sum to "
+                                                                      "0.5; they must sum to 1"),
+    ("data-path-unknown-param", {"--data": "{docs}:count=3"}, "has no parameter 'count'; valid parameters: share"),
+    ("kv-unknown-param", {"--data": "kv-retrieval:lenght=512"}, "source 'kv-retrieval' has no parameter 'lenght'; "
+                                                                "valid parameters: share, length, count, seed"),
+    ("kv-longer-than-rows", {"--data": "kv-retrieval:length=4096"}, "'length' = 4096 must be at most the training "
+                                                                    "row length 1024"),
+    ("kv-too-short", {"--data": "kv-retrieval:length=64"}, "'length' = 64 is too small"),
+    ("kv-count-0", {"--data": "kv-retrieval:count=0"}, "kv-retrieval: parameter 'count' must be an int >= 1"),
+    # held-out loss
+    ("eval-every-without-data", {"--eval-every": "1"}, "parameter 'eval_every' needs held-out data"),
+    ("eval-data-without-every", {"--eval-data": "python-docs"}, "parameter 'eval_data' needs 'eval_every'"),
+    ("eval-every-0", {"--eval-every": "0", "--eval-data": "python-docs"}, "'eval_every' must be an int >= 1"),
+    ("eval-rows-0", {"--eval-every": "1", "--eval-data": "python-docs", "--eval-rows": "0"},
+     "'eval_rows' must be an int >= 1"),
+    ("eval-data-share", {"--eval-every": "1", "--eval-data": "kv-retrieval:count=2,share=0.5"},
+     "held-out data is packed whole"),
+    ("eval-data-missing", {"--eval-every": "1", "--eval-data": "{missing}"}, "does not exist"),
+    ("eval-seq-parallel", {"--eval-every": "1", "--eval-data": "python-docs", "--seq-parallel": "ring"},
+     "'eval_every' does not work with 'seq_parallel'"),
 ]
 
 

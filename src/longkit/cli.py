@@ -341,10 +341,14 @@ def train_cmd(
     recipe: Annotated[str, typer.Argument(help="Training recipe and its parameters, e.g. continual or "
                                           "continual:lora=true,lr=1e-4 (see `longkit methods --kind train`).")],
     model: Annotated[str, typer.Option(help="Model alias (smollm2-135m, tiny-llama, ...) or local HF directory.")] = D.model,
-    data: Annotated[list[str], typer.Option(help="Training data: a directory of text files, a .jsonl or .parquet "
-                    "file (repeatable), or a built-in corpus: python-stdlib, python-docs, kjv, austen (the last two read the "
-                    "Debian packages bible-kjv-text, r-cran-janeaustenr; default: the first two plus the installed "
-                    "books).")] = None,
+    data: Annotated[list[str], typer.Option(help="Training data (repeatable): a directory of text files, a .jsonl "
+                    "file (rows {\"text\"}, chat rows {\"messages\"} with loss on the assistant turns, or "
+                    "{\"prompt\", \"completion\"} with loss on the completion) or .parquet file, or a built-in "
+                    "source: python-stdlib, python-docs, kjv, austen (the last two read the Debian packages "
+                    "bible-kjv-text, r-cran-janeaustenr; default: the first two plus the installed books), or "
+                    "kv-retrieval (synthetic key-value retrieval chats, Xiong et al. 2024; parameters length=TOKENS "
+                    "(default: the training row), count=N (256), seed=N). Any source takes :share=F, its fraction "
+                    "of the training tokens, e.g. --data python-stdlib --data kv-retrieval:share=0.3.")] = None,
     target_length: Annotated[str, typer.Option(help="Length to train at, e.g. 16k (the packed row length).")] = "16k",
     rope: Annotated[str | None, typer.Option(help="RoPE method trained in, e.g. yarn:factor=4 or abf:rope_theta=5e5; "
                     "its parameters go into the saved config.json.")] = None,
@@ -360,6 +364,12 @@ def train_cmd(
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/ after a successful run.")] = False,
     seq_parallel: Annotated[str | None, typer.Option(help="Sequence parallelism under torchrun: ring or ulysses; "
                             "every rank holds 1/N of each row's tokens (rows longer than one device holds).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate the loss on held-out rows every N steps (and "
+                          "before the first, after the last); needs --eval-data. Logged as eval_loss and drawn in loss.png.")] = None,
+    eval_data: Annotated[list[str], typer.Option(help="Held-out data for --eval-every (repeatable), spelt as --data "
+                         "(no share), e.g. python-docs or kv-retrieval:seed=1,count=16; packed and transformed "
+                         "(PoSE) as the training rows.")] = None,
+    eval_rows: Annotated[int, typer.Option(help="Held-out rows scored per evaluation.")] = 16,
 ) -> None:
     """Train a model for long context with a recipe (e.g. continual pre-training under a RoPE method).
 
@@ -373,13 +383,16 @@ def train_cmd(
                              target_length=_one_length(target_length, "target_length"), rope=rope,
                              attention=attention, steps=steps, out=out, save_every=save_every, seed=seed,
                              precision=precision, device=device, gradient_checkpointing=gradient_checkpointing,
-                             keep_checkpoints=keep_checkpoints, seq_parallel=seq_parallel)
+                             keep_checkpoints=keep_checkpoints, seq_parallel=seq_parallel, eval_every=eval_every,
+                             eval_data=list(eval_data or []), eval_rows=eval_rows)
         saved = train(config)
     except LongkitError as err:
         _fail(err)
     report = json.loads((saved / "train_report.json").read_text())
+    held = (f", held-out loss {report['first_eval_loss']:.4f} -> {report['final_eval_loss']:.4f}"
+            if report.get("final_eval_loss") is not None else "")
     Console().print(f"trained [bold]{saved}[/]: {report['tokens_seen']:,} tokens, final loss "
-                    f"{report['final_loss']:.4f}; evaluate with: longkit eval --model {saved}")
+                    f"{report['final_loss']:.4f}{held}; evaluate with: longkit eval --model {saved}")
 
 
 @app.command("models")

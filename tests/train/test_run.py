@@ -15,9 +15,10 @@ import torch
 import longkit
 from conftest import REPO
 from longkit.errors import MethodError, TrainError
-from longkit.runtime.train import TrainConfig, read_log, train, trained_config
+from longkit.runtime.train import TrainConfig, read_eval_log, read_log, train, trained_config
 from longkit.seam import MethodSpec
 from longkit.train import RECIPES, create_recipe
+from longkit.train import data as D
 
 
 def _config(docs, out, **kw):
@@ -121,9 +122,10 @@ KILL = textwrap.dedent("""
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(docs, tmp_path):
+    # with a held-out evaluation every 2 steps (and before the first): it repeats too
     settings = dict(recipe="continual:lr=3e-3,warmup_ratio=0.2", model="tiny-llama", data=[str(docs)],
                     target_length=640, steps=8, save_every=3, out=str(tmp_path / "killed"), precision="fp32",
-                    progress=False, rope="yarn:factor=2")
+                    progress=False, rope="yarn:factor=2", eval_every=2, eval_data=["kv-retrieval:seed=1,count=2"])
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-c", KILL, json.dumps(settings)], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -132,6 +134,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(docs, tmp_path):
     assert (killed / "checkpoints" / "checkpoint-3").is_dir() and not (killed / "model.safetensors").exists()
     # killed inside step 5 (its update done, not yet logged or checkpointed)
     assert [r["step"] for r in read_log(killed)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_eval_log(killed)] == [0, 2, 4]
     train(TrainConfig(**settings))                     # the same command again: resumes from checkpoint-3
     straight = train(TrainConfig(**{**settings, "out": str(tmp_path / "straight")}))
     resumed = [r["loss"] for r in read_log(killed)]
@@ -139,6 +142,47 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(docs, tmp_path):
     assert [r["step"] for r in read_log(killed)] == list(range(1, 9))
     assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert json.loads((killed / "train_report.json").read_text())["resumed_from_step"] == 3
+    # the evaluations after the checkpoint were dropped and redone once: 0, 2 kept, 4, 6, 8 after resuming
+    held, held_straight = read_eval_log(killed), read_eval_log(straight)
+    assert [r["step"] for r in held] == [r["step"] for r in held_straight] == [0, 2, 4, 6, 8]
+    assert [r["eval_loss"] for r in held] == pytest.approx([r["eval_loss"] for r in held_straight], rel=1e-6, abs=1e-6)
+
+
+def test_held_out_loss_at_its_steps_on_pose_rows(docs, tmp_path):
+    """PoSE + LoRA with 50% synthetic retrieval: the held-out kv rows are scored every 2 steps, before the first and
+    after the last; step 0's loss is the untrained model's mean loss over the same rows under the same PoSE
+    transform."""
+    recipe = "pose:window=512,lora=true,lr=3e-3,warmup_ratio=0"
+    out = train(_config(docs, tmp_path / "eval", recipe=recipe, data=[str(docs), "kv-retrieval:count=4,share=0.5"],
+                        target_length=1024, steps=5, save_every=5, eval_every=2, eval_rows=3,
+                        eval_data=["kv-retrieval:seed=1,count=3"]))
+    held = read_eval_log(out)
+    assert [r["step"] for r in held] == [0, 2, 4, 5] and [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5]
+    assert [r["tokens"] for r in held] == [0, 1024, 2048, 2560] and held[2]["eval_loss"] != held[0]["eval_loss"]
+
+    lm = longkit.load_model("tiny-llama", dtype="float32")
+    pose = create_recipe(recipe)
+    pose.train_length(1024)
+    tok = lm.tokenizer
+    rows = D.build(D.read_source("kv-retrieval", tokenizer=tok, row_length=512, params={"seed": "1", "count": "3"}),
+                   tok, 512, seed=0)
+    assert len(rows) == 3
+    losses = []
+    with torch.no_grad():
+        for i in range(3):
+            row = pose.transform({k: rows[i][k] for k in ("input_ids", "labels", "position_ids")}, i, 0)
+            batch = {k: v.unsqueeze(0) for k, v in row.items()}
+            losses.append(float(lm.model(**batch, use_cache=False).loss))
+    assert held[0]["eval_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+    report = json.loads((out / "train_report.json").read_text())
+    assert (report["first_eval_loss"], report["final_eval_loss"]) == (held[0]["eval_loss"], held[-1]["eval_loss"])
+    assert report["eval_every"] == 2 and report["eval_rows"] == 3 and list(report["eval_losses"]) == ["0", "2", "4", "5"]
+    assert report["eval_data"]["sources"]["kv-retrieval"]["documents"] == 3
+    kv = report["data"]["sources"]["kv-retrieval"]
+    assert kv["requested_share"] == 0.5 and abs(kv["sampled_tokens"] - 0.5 * 5 * 512) <= 512
+    assert json.loads((out / "eval_data_stats.json").read_text()) == report["eval_data"]
+    assert (out / "loss.png").stat().st_size > 0
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(docs, tmp_path):
@@ -188,3 +232,19 @@ def test_cli_train_and_methods_kind_train(docs, tmp_path, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in listed] == ["continual", "longlora", "pose"] and listed[0]["kind"] == "train"
     assert {"lr", "lora", "lora_r"} <= {p["name"] for p in listed[0]["parameters"]}
+
+
+def test_cli_train_with_shares_and_held_out_loss(docs, tmp_path, capsys):
+    from longkit.cli import main
+
+    out = tmp_path / "cli-eval"
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "continual:lr=3e-3", "--model", "tiny-llama", "--data", str(docs), "--data",
+              "kv-retrieval:count=2,share=0.4", "--target-length", "640", "--steps", "2", "--out", str(out),
+              "--precision", "fp32", "--eval-every", "1", "--eval-data", "kv-retrieval:seed=1,count=1",
+              "--eval-rows", "1"])
+    assert ex.value.code == 0, capsys.readouterr()
+    assert "held-out loss" in capsys.readouterr().out.replace("\n", "")
+    assert [r["step"] for r in read_eval_log(out)] == [0, 1, 2]
+    stats = json.loads((out / "data_stats.json").read_text())["sources"]["kv-retrieval"]
+    assert stats["requested_share"] == 0.4 and stats["sampled_documents"] >= 1

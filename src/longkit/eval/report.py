@@ -223,7 +223,8 @@ TRAINING_FIELDS = (
     ("trained_window", "base model's window"), ("target_length", "target length"), ("steps", "steps"),
     ("tokens_seen", "tokens seen"), ("seconds_this_session", "time (s, last session)"),
     ("tokens_per_second", "tokens/s"), ("resumed_from_step", "resumed from step"), ("first_loss", "first loss"),
-    ("final_loss", "final loss"),
+    ("final_loss", "final loss"), ("first_eval_loss", "first held-out loss"),
+    ("final_eval_loss", "final held-out loss"),
 )
 
 

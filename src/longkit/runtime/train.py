@@ -10,11 +10,18 @@ What a run writes under ``out``:
   different run is refused, so nothing already written is lost;
 - ``checkpoints/checkpoint-N``: Trainer checkpoints every ``save_every`` steps (weights, optimiser, scheduler, RNG
   states); after a crash (even ``kill -9``) the same command resumes from the last one with the same data order;
-- ``train_log.jsonl``: one line per step (loss, learning rate, grad norm, tokens seen, seconds);
-- ``data_stats.json``: the packed data's statistics;
+- ``train_log.jsonl``: one line per step (loss, learning rate, grad norm, tokens seen, seconds) and, with
+  ``eval_every``, one line per evaluation of the held-out rows (``eval_loss``; :func:`read_eval_log`);
+- ``data_stats.json``: the packed data's statistics (``eval_data_stats.json``: the held-out data's);
 - at the end, a plain Hugging Face model directory (``config.json`` with the RoPE method's ``rope_parameters``,
   ``model.safetensors``, the tokenizer); LoRA adapters are merged (and kept as peft's ``adapter/``);
-- ``train_report.json`` and ``loss.png``: tokens seen, time, the loss curve.
+- ``train_report.json`` and ``loss.png``: tokens seen, time, the loss curve (and the held-out loss).
+
+Held-out loss (``eval_every`` N with ``eval_data``): transformers' evaluation (``eval_strategy="steps"``) every N
+steps, before the first step and after the last, on the first ``eval_rows`` rows of the held-out data, packed as
+the training rows and passed through the recipe's transform with the run's seed (PoSE: the same skip-wise
+positions at every evaluation, and in a resumed run). Evaluation leaves torch's random state as it found it, so
+the training losses are those of the same run without it (LoRA dropout included).
 
 Scale-out: under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) the same run is DDP (each rank its own
 rows; a step trains on N x the rows of one process) or, with ``seq_parallel`` (``--seq-parallel ring|ulysses``),
@@ -59,6 +66,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SEQ_PARALLEL = ("ring", "ulysses")
 RUN_FILE = "train_run.json"
 LOG_FILE = "train_log.jsonl"
+#: The held-out data's statistics (runs with ``eval_every``).
+EVAL_STATS_FILE = "eval_data_stats.json"
 #: Files a finished run leaves besides the model: a rerun of a finished run finds them and stops.
 REPORT_FILE = "train_report.json"
 #: The loss curve a finished run draws beside its report (when matplotlib is installed).
@@ -71,7 +80,8 @@ class TrainConfig:
 
     recipe: str = "continual"
     model: str = DEFAULT_MODEL
-    #: Training sources (text directories, .jsonl, .parquet); empty = the offline Python corpus (stdlib + docs).
+    #: Training sources (text directories, .jsonl, .parquet, built-in sources such as ``kv-retrieval``, each
+    #: optionally ``:share=F,...``: :func:`longkit.train.data.parse_source`); empty = the offline Python corpus.
     data: list[str] = field(default_factory=list)
     target_length: int = 16384
     rope: str | None = None
@@ -91,14 +101,23 @@ class TrainConfig:
     #: Sequence parallelism under torchrun: ``ring`` or ``ulysses``; every rank trains on the same rows, each
     #: holding 1/W of their tokens (see :func:`train`). None: each rank trains on its own rows (DDP).
     seq_parallel: str | None = None
+    #: Evaluate the loss on held-out rows every N steps (and before the first, after the last): needs ``eval_data``.
+    eval_every: int | None = None
+    #: Held-out sources, in the ``data`` spelling (e.g. ``kv-retrieval:seed=1,count=16``); no ``share``.
+    eval_data: list[str] = field(default_factory=list)
+    #: How many packed held-out rows each evaluation scores (the first ones, after a seeded shuffle).
+    eval_rows: int = 16
 
     def identity(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("out", "progress", "keep_checkpoints"):
             out.pop(key)
+        # Runs from before these settings existed keep their identity (and stay resumable).
         if out["seq_parallel"] is None:
-            # Runs from before the setting existed keep their identity (and stay resumable).
             out.pop("seq_parallel")
+        if out["eval_every"] is None and not out["eval_data"]:
+            for key in ("eval_every", "eval_data", "eval_rows"):
+                out.pop(key)
         return out
 
     def validate(self) -> None:
@@ -111,6 +130,25 @@ class TrainConfig:
         if self.seq_parallel is not None and self.seq_parallel not in SEQ_PARALLEL:
             raise TrainError(f"parameter 'seq_parallel' must be one of {', '.join(SEQ_PARALLEL)} (got "
                              f"{self.seq_parallel!r})")
+        self._validate_eval()
+
+    def _validate_eval(self) -> None:
+        if self.eval_every is None:
+            if self.eval_data:
+                raise TrainError("parameter 'eval_data' needs 'eval_every' (--eval-every N: evaluate every N steps)")
+            return
+        every = self.eval_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise TrainError(f"parameter 'eval_every' must be an int >= 1 (got {every!r})")
+        if not self.eval_data:
+            raise TrainError("parameter 'eval_every' needs held-out data: give --eval-data SOURCE (e.g. "
+                             "python-docs, or kv-retrieval:seed=1,count=16)")
+        rows = self.eval_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise TrainError(f"parameter 'eval_rows' must be an int >= 1 (got {rows!r})")
+        if self.seq_parallel is not None:
+            raise TrainError("parameter 'eval_every' does not work with 'seq_parallel' (the held-out rows would "
+                             "need the sharded forward); evaluate the saved model instead")
 
 
 # ------------------------------------------------------------------------------------------ the trained-in config
@@ -190,9 +228,9 @@ def _write_run(out: Path, config: TrainConfig, status: str, identity: dict[str, 
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """Exactly ``n`` training rows: the packed rows in order, cycled when there are fewer, each passed through the
-    recipe's :meth:`~longkit.train.recipes.Recipe.transform` (which depends only on the row and its index, so a
-    resumed run sees the same rows)."""
+    """Exactly ``n`` training (or held-out) rows: the packed rows in order, cycled when there are fewer, each
+    passed through the recipe's :meth:`~longkit.train.recipes.Recipe.transform` (which depends only on the row and
+    its index, so a resumed run sees the same rows, and every evaluation the same held-out rows)."""
 
     def __init__(self, packed: D.Packed, n: int, recipe: Recipe, seed: int):
         self.packed, self.n, self.recipe, self.seed = packed, n, recipe, seed
@@ -206,13 +244,31 @@ class PackedRows(torch.utils.data.Dataset):
         return self.recipe.transform(row, i, self.seed)
 
 
-def _documents(config: TrainConfig) -> list[D.Document]:
+def _documents(config: TrainConfig, tokenizer: Any, length: int) -> tuple[list[D.Document], dict[str, float]]:
+    """The training documents and the token shares asked for by source name."""
     if not config.data:
-        return D.default_corpus()
-    docs: list[D.Document] = []
-    for source in config.data:
-        docs += D.read_source(source, text_field=config.text_field)
-    return docs
+        return D.default_corpus(), {}
+    return D.read_sources(config.data, tokenizer=tokenizer, row_length=length, text_field=config.text_field)
+
+
+def _held_out(config: TrainConfig, tokenizer: Any, length: int) -> D.Packed | None:
+    """The held-out rows of ``eval_data`` (the first ``eval_rows`` after a seeded shuffle), or None."""
+    if config.eval_every is None:
+        return None
+    specs = [D.parse_source(s) for s in config.eval_data]
+    shared = next((s for s in specs if s.share is not None), None)
+    if shared is not None:
+        raise DataError(f"parameter 'eval_data': source {shared.path!r} has a 'share'; held-out data is packed "
+                        "whole, shares apply to --data")
+    docs, _ = D.read_sources(config.eval_data, tokenizer=tokenizer, row_length=length,
+                             text_field=config.text_field)
+    packed = D.build(docs, tokenizer, length, seed=config.seed)
+    n = min(config.eval_rows, len(packed))
+    packed = D.Packed(packed.input_ids[:n], packed.labels[:n], packed.position_ids[:n], packed.doc_ids[:n],
+                      packed.stats)
+    if int((packed.labels != -100).sum()) == 0:
+        raise DataError("parameter 'eval_data': the held-out rows give no token to predict")
+    return packed
 
 
 # ------------------------------------------------------------------------------------------------- the callbacks
@@ -231,6 +287,12 @@ def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[An
             self.t0 = time.perf_counter()
 
         def on_log(self, args, st, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs and st.is_world_process_zero:
+                record = {"step": st.global_step, "eval_loss": float(logs["eval_loss"]),
+                          "tokens": st.global_step * tokens_per_step,
+                          "seconds": round(time.perf_counter() - self.t0, 3)}
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             if not logs or "loss" not in logs:
                 return
             # The logged loss is the mean over all ranks (the Trainer gathers it), so every rank stops alike.
@@ -263,9 +325,12 @@ def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[An
             self.bar.update(st.global_step - self.bar.n)
 
         def on_log(self, args, st, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                self.eval_loss = logs["eval_loss"]
             if logs and "loss" in logs:
                 rate = (st.global_step - self.s0) * tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:,.0f}")
+                held = {"eval_loss": f"{self.eval_loss:.4f}"} if getattr(self, "eval_loss", None) is not None else {}
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", **held, tok_s=f"{rate:,.0f}")
 
         def on_train_end(self, args, st, control, **kwargs):
             self.bar.close()
@@ -281,10 +346,20 @@ def _trim_log(out: Path, upto: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def read_log(out: str | Path) -> list[dict[str, Any]]:
-    """The per-step records of ``out/train_log.jsonl``."""
+def _log_records(out: str | Path) -> list[dict[str, Any]]:
     path = Path(out) / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_log(out: str | Path) -> list[dict[str, Any]]:
+    """The per-step training records of ``out/train_log.jsonl`` (loss, learning rate, grad norm, tokens, seconds)."""
+    return [r for r in _log_records(out) if "loss" in r]
+
+
+def read_eval_log(out: str | Path) -> list[dict[str, Any]]:
+    """The held-out evaluations of ``out/train_log.jsonl`` (step, eval_loss, tokens, seconds); step 0 is the
+    model before training."""
+    return [r for r in _log_records(out) if "eval_loss" in r]
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -380,10 +455,11 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     # Sequence parallelism: the W ranks share every row (each holds 1/W of its tokens), so a step trains on the
     # rows of one process.
     rows = config.steps * recipe.batch_size * recipe.grad_accum * (1 if sp else dist.world)
-    docs = _documents(config)
-    packed = D.build(docs, tokenizer, length, total_tokens=rows * length, seed=config.seed)
+    docs, shares = _documents(config, tokenizer, length)
+    packed = D.build(docs, tokenizer, length, total_tokens=rows * length, seed=config.seed, shares=shares)
     if int((packed.labels != -100).sum()) == 0:
         raise DataError("the training data give no token to predict (every document is a single token)")
+    held_out = _held_out(config, tokenizer, length)
 
     # Nothing was written before this line. Every rank has read the output directory above; only rank 0
     # writes to it, after all of them have (else a rank would find rank 0's files and refuse the directory).
@@ -392,6 +468,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         _write_run(out, config, "running", identity)
         packed.stats.write(out / "data_stats.json")
+        if held_out is not None:
+            held_out.stats.write(out / EVAL_STATS_FILE)
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -423,13 +501,21 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         dataloader_num_workers=0,
         # Sequence parallelism: every rank holds the same rows, so their target count is not summed over ranks.
         average_tokens_across_devices=sp is None,
+        # Held-out loss: every eval_every steps, before the first step of a new run (the untrained model's) and,
+        # as transformers does with steps, after the last.
+        eval_strategy="steps" if held_out is not None else "no", eval_steps=config.eval_every,
+        eval_on_start=held_out is not None and last is None, per_device_eval_batch_size=recipe.batch_size,
+        prediction_loss_only=True, label_names=["labels"],
     )
     t0 = time.perf_counter()
     with Applied(model, spec):
         trainee = recipe.wrap(model)
         trainee.train()
+        # The held-out rows go through the recipe's transform like the training rows, with the run's seed: the
+        # same rows (PoSE: the same positions) at every evaluation.
+        held = PackedRows(held_out, len(held_out), recipe, config.seed) if held_out is not None else None
         trainer = _RecipeTrainer(recipe=recipe, sp=sp, model=trainee, args=args,
-                                 train_dataset=PackedRows(packed, rows, recipe, config.seed),
+                                 train_dataset=PackedRows(packed, rows, recipe, config.seed), eval_dataset=held,
                                  callbacks=[*own, *callbacks])
         # The bar shows the loss; transformers' printer would add a dict line per step.
         trainer.remove_callback(PrinterCallback)
@@ -459,7 +545,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
     if dist.main:
         model.save_pretrained(out, state_dict=full_state)
         tokenizer.save_pretrained(out)
-        _write_report(out, config, recipe, packed, seconds, start_step, tokens_per_step, window)
+        _write_report(out, config, recipe, packed, seconds, start_step, tokens_per_step, window, held_out)
         _write_run(out, config, "done", identity)
         if ckpt_dir.is_dir() and not config.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -621,6 +707,19 @@ class _RecipeTrainer:
                     sampler.num_processes, sampler.process_index = 1, 0
                 return loader
 
+            def evaluate(self, *args, **kwargs):
+                # Evaluation must not move the random stream that training draws from (LoRA dropout): the
+                # evaluation data loader's iterator draws its base seed from torch's generator. Put it back, so that
+                # a run's training losses are the same with or without evaluation.
+                cpu = torch.get_rng_state()
+                cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                try:
+                    return super().evaluate(*args, **kwargs)
+                finally:
+                    torch.set_rng_state(cpu)
+                    if cuda is not None:
+                        torch.cuda.set_rng_state_all(cuda)
+
             def training_step(self, model, inputs, num_items_in_batch=None):
                 if sp is None:
                     return super().training_step(model, inputs, num_items_in_batch)
@@ -667,8 +766,9 @@ class _RecipeTrainer:
 
 
 def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Packed, seconds: float, start_step: int,
-                  tokens_per_step: int, window: int) -> None:
+                  tokens_per_step: int, window: int, held_out: D.Packed | None = None) -> None:
     log = read_log(out)
+    evals = read_eval_log(out)
     losses = [r["loss"] for r in log]
     report = {
         "recipe": recipe.label(), "model": config.model, "rope": config.rope, "attention": config.attention,
@@ -680,9 +780,17 @@ def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Pack
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "data": packed.stats.stats(),
     }
+    if held_out is not None:
+        report.update({
+            "eval_every": config.eval_every, "eval_rows": len(held_out),
+            "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "eval_losses": {str(r["step"]): r["eval_loss"] for r in evals},
+            "eval_data": held_out.stats.stats(),
+        })
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     with contextlib.suppress(ImportError):
-        _plot(out / LOSS_PLOT, log, f"{recipe.label()} {config.rope or ''} @ {config.target_length}")
+        _plot(out / LOSS_PLOT, log, f"{recipe.label()} {config.rope or ''} @ {config.target_length}", evals)
 
 
 def read_report(model_dir: str | Path) -> dict[str, Any] | None:
@@ -701,7 +809,7 @@ def read_report(model_dir: str | Path) -> dict[str, Any] | None:
     return report
 
 
-def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
+def _plot(path: Path, log: list[dict[str, Any]], title: str, evals: Sequence[dict[str, Any]] = ()) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -715,13 +823,17 @@ def _plot(path: Path, log: list[dict[str, Any]], title: str) -> None:
     if k > 1:
         mean = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
         ax.plot(tokens, mean, lw=1.6, label=f"mean of the last {k} steps")
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.2, ms=3,
+                label="held-out loss")
+    if k > 1 or evals:
         ax.legend(fontsize=8)
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss" if evals else "training loss")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.savefig(path)
 
 
-__all__ = ["LOSS_PLOT", "PRECISIONS", "REPORT_FILE", "SEQ_PARALLEL", "TrainConfig", "check_out_dir", "read_log",
-           "read_report", "run_identity", "train", "trained_config"]
+__all__ = ["EVAL_STATS_FILE", "LOSS_PLOT", "PRECISIONS", "REPORT_FILE", "SEQ_PARALLEL", "TrainConfig", "check_out_dir",
+           "read_eval_log", "read_log", "read_report", "run_identity", "train", "trained_config"]

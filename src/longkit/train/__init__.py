@@ -1,6 +1,7 @@
 """Training room: make a model long-context (long data with document masks, PoSE, LongLoRA, losses).
 
 - :mod:`longkit.train.data`: local corpora, packing with per-document masks and position ids, length upsampling.
+- :mod:`longkit.train.kv_retrieval`: synthetic key-value retrieval chats (``--data kv-retrieval``), answer-only loss.
 - :mod:`longkit.train.recipes`: the recipe base class and the :data:`RECIPES` registry (``longkit methods --kind
   train``); one file per recipe: :mod:`longkit.train.continual`,
   :mod:`longkit.train.pose_recipe`, :mod:`longkit.train.longlora`.

@@ -46,6 +46,16 @@ class PoseSample:
     first: int
     skip: int
 
+    def take(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The window's entries of per-token tensors of the document (ids, the loss mask of an answer-only
+        document, labels...), each indexed along its last dimension by ``token_index``: whatever is selected
+        travels together, so a token keeps its own mask."""
+        for t in tensors:
+            if t.shape[-1] <= int(self.token_index.max()):
+                raise MethodError(f"pose: a tensor of {t.shape[-1]} tokens is shorter than the sampled document "
+                                  f"(index {int(self.token_index.max())})")
+        return tuple(t[..., self.token_index] for t in tensors)
+
 
 def _check_int(name: str, value: object, low: int, high: int | None, rule: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):

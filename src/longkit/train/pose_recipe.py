@@ -79,7 +79,10 @@ class Pose(Recipe):
         positions, doc = old.clone(), torch.empty_like(old)
         for d, (a, b) in enumerate(row_documents(old)):
             doc[a:b] = d
-            # the padding block (no target) keeps its positions; it attends only to itself
+            # The padding block (no target) keeps its positions; it attends only to itself. So does a piece of an
+            # answer-only document without a trained token (a prompt cut from its answer): with no target in it,
+            # its positions cannot change the loss. The labels themselves are never moved: the window is the row's
+            # own contiguous tokens, so each token keeps its label (answer-only mask included).
             if b - a >= 2 and bool((labels[a:b] != IGNORE_INDEX).any()):
                 positions[a:b] = pose_sample(b - a, b - a, target, rng=rng).position_ids
         return {**row, "position_ids": positions, "attention_mask": block_causal_mask(doc)[0]}

@@ -16,13 +16,15 @@ their own rows, labels and table layout; they import it after putting this folde
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 LONGKIT = str(Path(sys.executable).with_name("longkit"))
 SKIPPED_FILE = "skipped.json"
@@ -54,6 +56,19 @@ def planned(groups: Mapping[str, Tasks], bucket: str) -> list[str]:
     return [t for g in groups.values() if bucket in g.buckets for t in g.tasks]
 
 
+class Method(NamedTuple):
+    """A row of a grid: its label, its combination (a ``longkit eval --combo`` spec, ``baseline`` for the model as
+    it is, or a rule from the bucket's length to one), its prefill chunk, the buckets it skips (why)."""
+
+    label: str
+    spec: str | Callable[[int], str]
+    prefill_chunk: int | None = None
+    skip: Mapping[str, str] = MappingProxyType({})
+
+    def at(self, length: int) -> str:
+        return self.spec(length) if callable(self.spec) else self.spec
+
+
 class Step(NamedTuple):
     """One step of a grid: its run directory, and its ``longkit eval`` command or the record of its skip."""
 
@@ -70,6 +85,57 @@ def eval_command(model: Sequence[str], asked: Sequence[str], lengths: str, out: 
                  extra: Sequence[str] = ()) -> list[str]:
     """``longkit eval --model MODEL [methods] TASKS --lengths L [extra] --no-report --out DIR``."""
     return [LONGKIT, "eval", "--model", *model, *asked, "--lengths", lengths, *extra, "--no-report", "--out", str(out)]
+
+
+def model_args(model: str, spec: str) -> list[str]:
+    """``--model`` and the methods of a step that runs one combination: the untouched model is the runner's
+    baseline; a method runs alone, without it."""
+    return [model, "--no-default-methods"] if spec == "baseline" else [model, "--no-baseline", "--combo", spec]
+
+
+def grid_steps(args: Any, buckets: Mapping[str, int], groups: Mapping[str, Tasks],
+               methods: Mapping[str, Method]) -> list[Step]:
+    """Every step of a grid of (bucket, task group, method) as chosen by :func:`add_eval_arguments`' options: its
+    run directory and ``longkit eval`` command, or the record of its skip."""
+    results = Path(args.results)
+    override = length_overrides(args.lengths_override, buckets)
+    steps = []
+    for bucket in names(args.buckets, buckets, "bucket"):
+        nominal = buckets[bucket]
+        for tasks in names(args.tasks, groups, "task group"):
+            group = groups[tasks]
+            if bucket not in group.buckets:
+                continue
+            for name in names(args.only, methods, "method"):
+                method = methods[name]
+                d = run_dir(results, name, bucket, tasks)
+                spec = method.at(nominal)
+                reason = method.skip.get(bucket)
+                if reason and not args.force:
+                    steps.append(Step(d, None, {"method": name, "bucket": bucket, "tasks": tasks, "spec": spec,
+                                                "reason": reason}))
+                    continue
+                chunk = ["--prefill-chunk", str(method.prefill_chunk)] if method.prefill_chunk else []
+                asked = group.args(args.samples_override, args.depths_override)
+                cmd = eval_command(model_args(args.model, spec), asked, str(override.get(bucket, nominal)), d, chunk)
+                steps.append(Step(d, cmd, None))
+    return steps
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser, buckets: Collection[str], methods: Collection[str],
+                       groups: Collection[str], model: str, results: Path) -> None:
+    """The options of a grid's ``eval`` command (:func:`grid_steps` reads them), the tests' hidden ones included."""
+    parser.add_argument("--buckets", default=",".join(buckets), help=f"of {', '.join(buckets)} (default: all)")
+    parser.add_argument("--only", default="", help=f"methods, of {', '.join(methods)} (default: all)")
+    parser.add_argument("--tasks", default="", help=f"task groups, of {', '.join(groups)} (default: all)")
+    parser.add_argument("--force", action="store_true", help="run the (method, bucket) steps skipped by default too")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps; run and write nothing")
+    # For tests: a tiny model and tiny lengths into another folder.
+    parser.add_argument("--model", default=model, help=argparse.SUPPRESS)
+    parser.add_argument("--lengths-override", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--samples-override", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--depths-override", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--results", default=str(results), help=argparse.SUPPRESS)
 
 
 def names(text: str, valid: Iterable[str], what: str) -> list[str]:
@@ -141,6 +207,29 @@ def load(results: Path, tag: Callable[[str], dict]) -> tuple[list[dict], list[di
             if line.strip():
                 rows.append({**json.loads(line), **fields})
     return rows, skips, configs
+
+
+def grid_tagger(results: Path, rows: Iterable[str], buckets: Iterable[str], groups: Iterable[str]
+                ) -> Callable[[str], dict]:
+    """:func:`load`'s ``tag`` for run directories ``<row>-<bucket>-<tasks>``: ``row`` and ``bucket``."""
+    rows, buckets, groups = set(rows), set(buckets), set(groups)
+
+    def tag(name: str) -> dict:
+        row, bucket, tasks = name.rsplit("-", 2)
+        if row not in rows or bucket not in buckets or tasks not in groups:
+            raise SystemExit(f"{results / name}: not a run directory of this grid (<method>-<bucket>-<tasks>)")
+        return {"row": row, "bucket": bucket}
+
+    return tag
+
+
+def buckets_of(rows: list[dict]) -> dict[int, str]:
+    """Each recorded context length's bucket; refused when a length was recorded under two buckets or a bucket at
+    two lengths (a bucket is one length in these grids)."""
+    bucket_of = {int(r["length"]): r["bucket"] for r in rows}
+    if len(set(bucket_of.values())) < len(bucket_of) or any(bucket_of[int(r["length"])] != r["bucket"] for r in rows):
+        raise SystemExit("a context length was recorded under two buckets (or a bucket at two lengths)")
+    return bucket_of
 
 
 def check_same_prompts(rows: list[dict], configs: list[dict], settings: Sequence[str] = PROMPT_SETTINGS) -> int:
@@ -274,3 +363,20 @@ def mib(v: int | None) -> str:
 
 def row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def records_header(script: Path, results: Path, prompts: int, summary: Mapping[str, dict], keys: Sequence[str],
+                   lengths: Sequence[int]) -> list[str]:
+    """The lines under a grid table's title: how to render it, where its records are, the same-prompt check, and
+    the combination each row ran at each length (a summary's ``label`` and ``specs``)."""
+    repo = Path(__file__).resolve().parent.parent
+    where = results.relative_to(repo) if results.is_relative_to(repo) else results.name
+    lines = [f"`python {script.relative_to(repo)} render` (records in `{where}/`); {prompts} prompts; every method "
+             "measured at a length was asked the same ones (checked: same answers and needle positions, same model "
+             "and seed in every run.json).", "", "**Methods** (the combination each row ran at each length, as recorded)",
+             "", row(["method", *map(k, lengths)]), "|---|" + "---|" * len(lengths)]
+    for key in keys:
+        specs = summary[key]["specs"]
+        lines.append(row([summary[key]["label"], *(", ".join(f"`{s}`" for s in specs[n]) if n in specs else "-"
+                                                    for n in lengths)]))
+    return [*lines, ""]

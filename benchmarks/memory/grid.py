@@ -77,10 +77,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
-from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -134,13 +132,7 @@ def lingua(ratio: int) -> Callable[[int], str]:
     return spec
 
 
-class Method(NamedTuple):
-    """A row of the table: the combination it runs at a length, its prefill chunk, the buckets it skips (why)."""
-
-    label: str
-    spec: Callable[[int], str]
-    prefill_chunk: int | None = None
-    skip: Mapping[str, str] = MappingProxyType({})
+Method = evalgrid.Method
 
 
 NTK_128K = ("full-attention prefill at 128K: about 20 min per sample on 2 CPU cores (16K: 23 s, 32K: 77 s, about "
@@ -163,30 +155,7 @@ METHODS = {
 
 def commands(args: argparse.Namespace) -> list[evalgrid.Step]:
     """Every step of the grid: its run directory and ``longkit eval`` command, or the record of its skip."""
-    results = Path(args.results)
-    override = evalgrid.length_overrides(args.lengths_override, BUCKETS)
-    steps = []
-    for bucket in evalgrid.names(args.buckets, BUCKETS, "bucket"):
-        nominal = BUCKETS[bucket]
-        for tasks in evalgrid.names(args.tasks, TASK_GROUPS, "task group"):
-            group = TASK_GROUPS[tasks]
-            if bucket not in group.buckets:
-                continue
-            for name in evalgrid.names(args.only, METHODS, "method"):
-                method = METHODS[name]
-                d = evalgrid.run_dir(results, name, bucket, tasks)
-                spec = method.spec(nominal)
-                reason = method.skip.get(bucket)
-                if reason and not args.force:
-                    steps.append(evalgrid.Step(d, None, {"method": name, "bucket": bucket, "tasks": tasks,
-                                                         "spec": spec, "reason": reason}))
-                    continue
-                chunk = ["--prefill-chunk", str(method.prefill_chunk)] if method.prefill_chunk else []
-                asked = group.args(args.samples_override, args.depths_override)
-                cmd = evalgrid.eval_command([args.model, "--no-baseline", "--combo", spec], asked,
-                                            str(override.get(bucket, nominal)), d, chunk)
-                steps.append(evalgrid.Step(d, cmd, None))
-    return steps
+    return evalgrid.grid_steps(args, BUCKETS, TASK_GROUPS, METHODS)
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -199,13 +168,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def load(results: Path = RESULTS) -> tuple[list[dict], list[dict], list[dict]]:
     """(sample records, skip records, run.json configs) of every run directory, each record tagged with its
     method (``row``) and bucket."""
-    def tag(name: str) -> dict:
-        method, bucket, tasks = name.rsplit("-", 2)
-        if method not in METHODS or bucket not in BUCKETS or tasks not in TASK_GROUPS:
-            raise SystemExit(f"{results / name}: not a run directory of this grid (<method>-<bucket>-<tasks>)")
-        return {"row": method, "bucket": bucket}
-
-    return evalgrid.load(results, tag)
+    return evalgrid.load(results, evalgrid.grid_tagger(results, METHODS, BUCKETS, TASK_GROUPS))
 
 
 def check_same_prompts(rows: list[dict], configs: list[dict]) -> int:
@@ -249,22 +212,10 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
     summary = summarize(rows, skips)
     keys = [k for k in METHODS if k in summary]
     lengths = sorted({int(r["length"]) for r in rows})
-    bucket_of = {int(r["length"]): r["bucket"] for r in rows}
-    if len(set(bucket_of.values())) < len(bucket_of) or any(bucket_of[int(r["length"])] != r["bucket"] for r in rows):
-        raise SystemExit("a context length was recorded under two buckets (or a bucket at two lengths)")
+    bucket_of = evalgrid.buckets_of(rows)
     model = configs[0]["model"] if configs else MODEL
-    where = results.relative_to(REPO) if results.is_relative_to(REPO) else results.name
     lines = [f"# The memory room on {model}: bounded memory, retrieval and compression vs long context", "",
-             f"`python {Path(__file__).relative_to(REPO)} render` (records in `{where}/`); {prompts} prompts; every "
-             "method measured at a length was asked the same ones (checked: same answers and needle positions, same "
-             "model and seed in every run.json).", "",
-             "**Methods** (the combination each row ran at each length, as recorded)", "",
-             "| method | " + " | ".join(evalgrid.k(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for k in keys:
-        specs = summary[k]["specs"]
-        lines.append(f"| {summary[k]['label']} | "
-                     + " | ".join(", ".join(f"`{s}`" for s in specs[n]) if n in specs else "-" for n in lengths) + " |")
-    lines.append("")
+             *evalgrid.records_header(Path(__file__).resolve(), results, prompts, summary, keys, lengths)]
     for n in lengths:
         tasks = _planned(bucket_of[n])
         lines += [f"**{evalgrid.k(n)} tokens**", "",
@@ -312,17 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval")
-    e.add_argument("--buckets", default=",".join(BUCKETS), help=f"of {', '.join(BUCKETS)} (default: all)")
-    e.add_argument("--only", default="", help=f"methods, of {', '.join(METHODS)} (default: all)")
-    e.add_argument("--tasks", default="", help=f"task groups, of {', '.join(TASK_GROUPS)} (default: both)")
-    e.add_argument("--force", action="store_true", help="run the (method, bucket) steps skipped by default too")
-    e.add_argument("--dry-run", action="store_true", help="print the steps; run and write nothing")
-    # For tests: a tiny model and tiny lengths into another folder.
-    e.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
-    e.add_argument("--lengths-override", default="", help=argparse.SUPPRESS)
-    e.add_argument("--samples-override", type=int, default=None, help=argparse.SUPPRESS)
-    e.add_argument("--depths-override", default=None, help=argparse.SUPPRESS)
-    e.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    evalgrid.add_eval_arguments(e, BUCKETS, METHODS, TASK_GROUPS, MODEL, RESULTS)
     r = sub.add_parser("render")
     r.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

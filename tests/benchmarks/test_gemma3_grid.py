@@ -4,16 +4,13 @@ the same-prompt check, and the prefill part's table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from grid_records import check_rerender_and_doctored, load_script, record, run_script, write_run
 
 SCRIPT = REPO / "benchmarks" / "models" / "gemma3_grid.py"
 #: tiny-gemma3 (window 16, three sliding layers and one full) at 600 tokens for the 8K bucket, 1 depth x 1 sample.
@@ -23,16 +20,11 @@ TINY = ["--model", "tiny-gemma3", "--lengths-override", "8k=600,128k=700", "--sa
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("gemma3_grid_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gemma3_grid_benchmark")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    # The script's `longkit eval` steps must import this checkout, whatever the working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return run_script(SCRIPT, *args)
 
 
 def test_rows_follow_the_documented_choices(grid):
@@ -104,45 +96,20 @@ def test_tiny_grid_writes_run_dirs_renders_and_rerenders_byte_for_byte(grid, tmp
     summary = json.loads((results / "results.json").read_text())
     assert set(summary) == {"baseline", "yarn4"} and summary["yarn4"]["n"] == {"needle": {"600": 1},
                                                                               "passkey": {"600": 1}}
-    # Re-render: the table from the records alone, byte for byte, and a second render writes the same.
-    assert grid.table(results)[0] == text
-    before = (results / "results.json").read_bytes()
-    grid.render(type("Args", (), {"results": str(results)})())
-    assert (results / "table.md").read_text() == text and (results / "results.json").read_bytes() == before
-
-    # A doctored record (another answer for the same prompt) fails the same-prompt check.
-    path = results / "yarn4-8k-depth" / "samples.jsonl"
-    records = [json.loads(x) for x in path.read_text().splitlines()]
-    records[0]["answer"] = ["99999"]
-    path.write_text("".join(json.dumps(x) + "\n" for x in records))
-    with pytest.raises(SystemExit, match="different prompts for \\('passkey', 600, 0.5, 0\\)"):
-        grid.table(results)
-
-
-def _record(method: str, task: str, length: int, depth, sample: int, score: float | None, answer: str,
-            **extra) -> dict:
-    return {"id": f"{method}|{task}|{length}|{depth}|{sample}", "method": method, "task": task, "length": length,
-            "depth": depth, "sample": sample, "n_tokens": length, "score": score, "prediction": "", "answer": [answer],
-            "needle_start": None, "prefill_s": 2.0, "decode_s": 0.5, "new_tokens": 4, "peak_mem_bytes": 2**20,
-            "kv_bytes": 2**20, **extra}
-
-
-def _write(d: Path, records: list[dict], model: str = "gemma3-270m") -> None:
-    d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"config": {"model": model, "seed": 0, "haystack": None, "chat": None}}))
-    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Re-render byte for byte; a doctored record (another answer for the same prompt) fails the same-prompt check.
+    check_rerender_and_doctored(grid, results, text, "yarn4-8k-depth", "('passkey', 600, 0.5, 0)")
 
 
 def test_summary_ruler_average_perplexity_and_both_effective_lengths(grid, tmp_path):
     # DCA at 8K: passkey and needle 100 (retrieval mean 100), RULER 12 tasks at 100 and one at 0 (average 92.3 >
     # 85.6); at 16K RULER 50 on every task; perplexity from the pooled NLL of its windows.
     dca = grid.METHODS["dca"].spec
-    _write(tmp_path / "dca-8k-depth", [_record(dca, t, 8192, 0.5, 0, 100.0, t) for t in grid.RETRIEVAL])
-    _write(tmp_path / "dca-8k-ruler", [_record(dca, t, 8192, None, 0, 0.0 if t == "vt" else 100.0, t)
+    write_run(tmp_path / "dca-8k-depth", [record(dca, t, 8192, 0.5, 0, 100.0, t) for t in grid.RETRIEVAL])
+    write_run(tmp_path / "dca-8k-ruler", [record(dca, t, 8192, None, 0, 0.0 if t == "vt" else 100.0, t)
                                        for t in grid.RULER])
-    _write(tmp_path / "dca-16k-ruler", [_record(dca, t, 16384, None, 0, 50.0, t) for t in grid.RULER])
-    _write(tmp_path / "dca-16k-depth", [_record(dca, t, 16384, 0.5, 0, 100.0, t + "16") for t in grid.RETRIEVAL])
-    _write(tmp_path / "dca-8k-ppl", [_record(dca, "perplexity", 8192, None, 0, None, "", nll_sum=4096.0,
+    write_run(tmp_path / "dca-16k-ruler", [record(dca, t, 16384, None, 0, 50.0, t) for t in grid.RULER])
+    write_run(tmp_path / "dca-16k-depth", [record(dca, t, 16384, 0.5, 0, 100.0, t + "16") for t in grid.RETRIEVAL])
+    write_run(tmp_path / "dca-8k-ppl", [record(dca, "perplexity", 8192, None, 0, None, "", nll_sum=4096.0,
                                              n_targets=4096)])
     text, summary = grid.table(tmp_path)
     s = summary["dca"]
@@ -153,7 +120,7 @@ def test_summary_ruler_average_perplexity_and_both_effective_lengths(grid, tmp_p
     assert "| DCA (chunk 24576, local 4096) | 8K, 16K | - | 8K | 16K |" in text
     assert "**RULER at 16K**" in text
     # A run of another model asked other prompts: refused.
-    _write(tmp_path / "yarn4-8k-depth", [_record("y", "passkey", 8192, 0.5, 0, 0.0, "passkey")], model="other")
+    write_run(tmp_path / "yarn4-8k-depth", [record("y", "passkey", 8192, 0.5, 0, 0.0, "passkey")], model="other")
     with pytest.raises(SystemExit, match="disagree on model"):
         grid.table(tmp_path)
 
@@ -161,9 +128,9 @@ def test_summary_ruler_average_perplexity_and_both_effective_lengths(grid, tmp_p
 def test_prefill_table_ratios_to_smollm2(grid, tmp_path):
     results = tmp_path / grid.PREFILL
     fast = {"prefill_s": 1.0, "peak_mem_bytes": 3 * 2**20}
-    _write(results / "gemma3_chunked-8k-prefill", [_record("baseline", "passkey", 8192, 0.5, s, 100.0, "k", **fast)
+    write_run(results / "gemma3_chunked-8k-prefill", [record("baseline", "passkey", 8192, 0.5, s, 100.0, "k", **fast)
                                                     for s in range(3)])
-    _write(results / "smollm2-8k-prefill", [_record("baseline", "passkey", 8192, 0.5, s, 0.0, "j", prefill_s=p)
+    write_run(results / "smollm2-8k-prefill", [record("baseline", "passkey", 8192, 0.5, s, 0.0, "j", prefill_s=p)
                                             for s, p in enumerate((4.0, 5.0, 9.0))], model="smollm2-135m")
     text, summary = grid.prefill_table(results)
     assert "| 8K | Gemma 3 270M, chunked prefill 4096 | 1.0 | 0.20 | 3 | 3.00 | 1 | 100 |" in text

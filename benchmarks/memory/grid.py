@@ -76,45 +76,28 @@ on a CPU (its compute working set stays bounded); rag, lingua and snapkv stay ne
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
-from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+import evalgrid  # noqa: E402  (benchmarks/evalgrid.py, on the path above)
+from evalgrid import Tasks, fmt, mib  # noqa: E402
+
 RESULTS = HERE / "results" / "grid"
-LONGKIT = str(Path(sys.executable).with_name("longkit"))
+LONGKIT = evalgrid.LONGKIT
 
 MODEL = "smollm2-135m"
 #: SmolLM2-135M's trained window: the unit of the NTK factor rule.
 TRAINED = 8192
 BUCKETS = {"16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
 DEPTHS = "0.1,0.5,0.9"
-#: RULER's threshold (Llama-2-7B's 4K average; longkit.eval.metrics.RULER_THRESHOLD): a length counts when above it.
-THRESHOLD = 85.6
-SKIPPED_FILE = "skipped.json"
-
-
-class Tasks(NamedTuple):
-    """A task group: its tasks, samples per (length, depth), needle depths (None: the tasks draw their own), and the
-    buckets it runs at."""
-
-    tasks: tuple[str, ...]
-    samples: int
-    depths: str | None
-    buckets: tuple[str, ...]
-
-    def args(self, samples: int | None = None, depths: str | None = None) -> list[str]:
-        """The ``longkit eval`` arguments that ask these tasks (``samples`` / ``depths``: tests' smaller grid)."""
-        out = [a for t in self.tasks for a in ("--task", t)]
-        if self.depths is not None:
-            out += ["--depths", depths or self.depths]
-        return [*out, "--samples", str(samples or self.samples)]
-
+THRESHOLD = evalgrid.RULER_THRESHOLD
+SKIPPED_FILE = evalgrid.SKIPPED_FILE
 
 TASK_GROUPS = {
     "depth": Tasks(("passkey", "needle"), 3, DEPTHS, tuple(BUCKETS)),
@@ -149,13 +132,7 @@ def lingua(ratio: int) -> Callable[[int], str]:
     return spec
 
 
-class Method(NamedTuple):
-    """A row of the table: the combination it runs at a length, its prefill chunk, the buckets it skips (why)."""
-
-    label: str
-    spec: Callable[[int], str]
-    prefill_chunk: int | None = None
-    skip: Mapping[str, str] = MappingProxyType({})
+Method = evalgrid.Method
 
 
 NTK_128K = ("full-attention prefill at 128K: about 20 min per sample on 2 CPU cores (16K: 23 s, 32K: 77 s, about "
@@ -176,189 +153,54 @@ METHODS = {
 }
 
 
-def run_dir(results: Path, method: str, bucket: str, tasks: str) -> Path:
-    return results / f"{method}-{bucket}-{tasks}"
-
-
-def _names(text: str, valid: dict, what: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(valid)
-    bad = [s for s in names if s not in valid]
-    if bad:
-        raise SystemExit(f"unknown {what} {', '.join(bad)}; valid: {', '.join(valid)}")
-    return names
-
-
-def _overrides(text: str) -> dict[str, int]:
-    """``16k=1024,32k=2048``: tiny lengths for the buckets (tests); the method rules still see the bucket's length."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        bucket, _, n = part.partition("=")
-        if bucket not in BUCKETS or not n.isdigit():
-            raise SystemExit(f"--lengths-override expects BUCKET=TOKENS with BUCKET one of {', '.join(BUCKETS)} "
-                             f"(got {part!r})")
-        out[bucket] = int(n)
-    if len(set(out.values())) < len(out):
-        raise SystemExit(f"--lengths-override gives two buckets one length ({text}): a length names its bucket")
-    return out
-
-
-def commands(args: argparse.Namespace) -> list[tuple[Path, list[str] | None, dict | None]]:
-    """Every step of the grid as (run directory, ``longkit eval`` command or None, skip record or None)."""
-    results = Path(args.results)
-    override = _overrides(args.lengths_override)
-    steps = []
-    for bucket in _names(args.buckets, BUCKETS, "bucket"):
-        nominal = BUCKETS[bucket]
-        for tasks in _names(args.tasks, TASK_GROUPS, "task group"):
-            group = TASK_GROUPS[tasks]
-            if bucket not in group.buckets:
-                continue
-            for name in _names(args.only, METHODS, "method"):
-                method = METHODS[name]
-                d = run_dir(results, name, bucket, tasks)
-                spec = method.spec(nominal)
-                reason = method.skip.get(bucket)
-                if reason and not args.force:
-                    steps.append((d, None, {"method": name, "bucket": bucket, "tasks": tasks, "spec": spec,
-                                            "reason": reason}))
-                    continue
-                chunk = ["--prefill-chunk", str(method.prefill_chunk)] if method.prefill_chunk else []
-                asked = group.args(args.samples_override, args.depths_override)
-                cmd = [LONGKIT, "eval", "--model", args.model, "--no-baseline", "--combo", spec, *asked,
-                       "--lengths", str(override.get(bucket, nominal)), *chunk, "--no-report", "--out", str(d)]
-                steps.append((d, cmd, None))
-    return steps
+def commands(args: argparse.Namespace) -> list[evalgrid.Step]:
+    """Every step of the grid: its run directory and ``longkit eval`` command, or the record of its skip."""
+    return evalgrid.grid_steps(args, BUCKETS, TASK_GROUPS, METHODS)
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    failed = []
-    for d, cmd, skipped in commands(args):
-        if skipped is not None:
-            print(f"skip {d.name}: {skipped['reason']}", flush=True)
-            if not args.dry_run:
-                d.mkdir(parents=True, exist_ok=True)
-                (d / SKIPPED_FILE).write_text(json.dumps(skipped, indent=1, sort_keys=True) + "\n")
-            continue
-        print(" ".join(cmd), flush=True)
-        if args.dry_run:
-            continue
-        # A step run with --force is no longer skipped.
-        (d / SKIPPED_FILE).unlink(missing_ok=True)
-        if subprocess.run(cmd).returncode != 0:
-            failed.append(d.name)
-    if failed:
-        # The other steps went on; rerunning the same command resumes the failed ones.
-        raise SystemExit(f"failed: {', '.join(failed)}")
+    evalgrid.run_steps(commands(args), args.dry_run)
 
 
 # ----------------------------------------------------------------------------------------------------- render
 
 
 def load(results: Path = RESULTS) -> tuple[list[dict], list[dict], list[dict]]:
-    """(sample records, skip records, run.json configs) of every run directory, each tagged with its method and
-    bucket."""
-    rows, skips, configs = [], [], []
-    for d in sorted(p for p in results.glob("*-*-*") if p.is_dir()):
-        method, bucket, tasks = d.name.rsplit("-", 2)
-        if method not in METHODS or bucket not in BUCKETS or tasks not in TASK_GROUPS:
-            raise SystemExit(f"{d}: not a run directory of this grid (<method>-<bucket>-<tasks>)")
-        if (d / SKIPPED_FILE).is_file():
-            skips.append(json.loads((d / SKIPPED_FILE).read_text()))
-        if (d / "run.json").is_file():
-            configs.append({"dir": d.name, **json.loads((d / "run.json").read_text())["config"]})
-        if not (d / "samples.jsonl").is_file():
-            continue
-        for line in (d / "samples.jsonl").read_text().splitlines():
-            if line.strip():
-                rows.append({**json.loads(line), "group": method, "bucket": bucket})
-    return rows, skips, configs
+    """(sample records, skip records, run.json configs) of every run directory, each record tagged with its
+    method (``row``) and bucket."""
+    return evalgrid.load(results, evalgrid.grid_tagger(results, METHODS, BUCKETS, TASK_GROUPS))
 
 
 def check_same_prompts(rows: list[dict], configs: list[dict]) -> int:
     """Every run used the same model and seed, and every (task, length, depth, sample) was asked with the same
     answer and needle position in every run: the same prompts. Returns the number of prompts."""
-    for key in ("model", "seed", "haystack", "chat"):
-        values = {json.dumps(c.get(key)) for c in configs}
-        if len(values) > 1:
-            raise SystemExit(f"run directories disagree on {key}: "
-                             + "; ".join(f"{c['dir']}: {c.get(key)!r}" for c in configs))
-    seen: dict[tuple, tuple] = {}
-    for r in rows:
-        k = (r["task"], r["length"], r.get("depth"), r["sample"])
-        v = (tuple(r["answer"]), r.get("needle_start"))
-        if seen.setdefault(k, v) != v:
-            raise SystemExit(f"different prompts for {k}: {seen[k]} vs {v} ({r['group']}, {r['method']})")
-    return len(seen)
-
-
-def _seconds(r: dict) -> float:
-    """Wall time of a sample: prefill and decode (summed over Self-Route's requests) plus retrieval or compression."""
-    return sum(float(r.get(k) or 0.0) for k in ("prefill_s", "decode_s", "retrieval_s", "compress_s"))
-
-
-def _peak(r: dict) -> int | None:
-    values = [r.get(k) for k in ("peak_mem_bytes", "memory_peak_mem_bytes") if r.get(k) is not None]
-    return max(values) if values else None
-
-
-def _tokens(r: dict) -> int:
-    """Tokens the answering model processed: the memory methods record it; else the prompt and the answer."""
-    if r.get("tokens_processed") is not None:
-        return int(r["tokens_processed"])
-    return int(r["n_tokens"]) + int(r.get("new_tokens") or 0)
+    return evalgrid.check_same_prompts(rows, configs, ("model", *evalgrid.PROMPT_SETTINGS))
 
 
 def _planned(bucket: str) -> list[str]:
-    return [t for g in TASK_GROUPS.values() if bucket in g.buckets for t in g.tasks]
+    return evalgrid.planned(TASK_GROUPS, bucket)
+
+
+FIELDS = ("scores", "n", "seconds", "peak", "kv", "tokens", "mean", "effective")
 
 
 def summarize(rows: list[dict], skips: list[dict]) -> dict:
+    # RULER's rule on the mean of the tasks run at each length, where all of them were measured.
+    bucket_of = {int(r["length"]): r["bucket"] for r in rows}
+    full = evalgrid.summarize(rows, lambda n: _planned(bucket_of[n]), THRESHOLD)
     out: dict = {}
-    for r in rows:
-        if r.get("score") is None:
-            continue  # a failed sample is not scored
-        m = out.setdefault(r["group"], {"label": METHODS[r["group"]].label, "specs": {}, "scores": {}, "n": {},
-                                        "seconds": {}, "peak": {}, "kv": {}, "tokens": {}, "buckets": {},
-                                        "skipped": {}})
-        n = int(r["length"])
-        m["buckets"][n] = r["bucket"]
-        m["specs"].setdefault(n, set()).add(r["method"])
-        m["scores"].setdefault(r["task"], {}).setdefault(n, []).append(float(r["score"]))
-        m["seconds"].setdefault(n, []).append(_seconds(r))
-        m["tokens"].setdefault(n, []).append(_tokens(r))
-        if _peak(r) is not None:
-            m["peak"][n] = max(m["peak"].get(n, 0), _peak(r))
-        if r.get("kv_bytes") is not None:
-            m["kv"][n] = max(m["kv"].get(n, 0), int(r["kv_bytes"]))
+    for name, m in full.items():
+        scored = [r for r in rows if r["row"] == name and r.get("score") is not None]
+        out[name] = {"label": METHODS[name].label, **{f: m[f] for f in FIELDS}, "skipped": {},
+                     "buckets": {int(r["length"]): r["bucket"] for r in scored},
+                     "specs": {n: sorted({r["method"] for r in scored if int(r["length"]) == n})
+                               for n in {int(r["length"]) for r in scored}}}
     for s in skips:
-        m = out.setdefault(s["method"], {"label": METHODS[s["method"]].label, "specs": {}, "scores": {}, "n": {},
-                                         "seconds": {}, "peak": {}, "kv": {}, "tokens": {}, "buckets": {},
-                                         "skipped": {}})
+        empty = evalgrid.empty_summary()
+        m = out.setdefault(s["method"], {"label": METHODS[s["method"]].label, "specs": {}, "buckets": {},
+                                         "skipped": {}, **{f: empty[f] for f in FIELDS}})
         m["skipped"][s["bucket"]] = s["reason"]
-    for m in out.values():
-        m["specs"] = {n: sorted(v) for n, v in m["specs"].items()}
-        m["n"] = {task: {n: len(v) for n, v in by.items()} for task, by in m["scores"].items()}
-        m["scores"] = {task: {n: sum(v) / len(v) for n, v in by.items()} for task, by in m["scores"].items()}
-        m["seconds"] = {n: sum(v) / len(v) for n, v in m["seconds"].items()}
-        m["tokens"] = {n: sum(v) / len(v) for n, v in m["tokens"].items()}
-        # RULER's rule on the mean of the tasks run at each length, where all of them were measured.
-        m["mean"] = {n: sum(m["scores"][t][n] for t in _planned(b)) / len(_planned(b))
-                     for n, b in m["buckets"].items() if all(n in m["scores"].get(t, {}) for t in _planned(b))}
-        passing = [n for n, s in m["mean"].items() if s > THRESHOLD]
-        m["effective"] = max(passing) if passing else None
     return out
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _mib(v: int | None) -> str:
-    return "-" if v is None else f"{v / 2**20:.0f}"
 
 
 def table(results: Path = RESULTS) -> tuple[str, dict]:
@@ -370,45 +212,33 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
     summary = summarize(rows, skips)
     keys = [k for k in METHODS if k in summary]
     lengths = sorted({int(r["length"]) for r in rows})
-    bucket_of = {int(r["length"]): r["bucket"] for r in rows}
-    if len(set(bucket_of.values())) < len(bucket_of) or any(bucket_of[int(r["length"])] != r["bucket"] for r in rows):
-        raise SystemExit("a context length was recorded under two buckets (or a bucket at two lengths)")
+    bucket_of = evalgrid.buckets_of(rows)
     model = configs[0]["model"] if configs else MODEL
-    where = results.relative_to(REPO) if results.is_relative_to(REPO) else results.name
     lines = [f"# The memory room on {model}: bounded memory, retrieval and compression vs long context", "",
-             f"`python {Path(__file__).relative_to(REPO)} render` (records in `{where}/`); {prompts} prompts; every "
-             "method measured at a length was asked the same ones (checked: same answers and needle positions, same "
-             "model and seed in every run.json).", "",
-             "**Methods** (the combination each row ran at each length, as recorded)", "",
-             "| method | " + " | ".join(_k(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for k in keys:
-        specs = summary[k]["specs"]
-        lines.append(f"| {summary[k]['label']} | "
-                     + " | ".join(", ".join(f"`{s}`" for s in specs[n]) if n in specs else "-" for n in lengths) + " |")
-    lines.append("")
+             *evalgrid.records_header(Path(__file__).resolve(), results, prompts, summary, keys, lengths)]
     for n in lengths:
         tasks = _planned(bucket_of[n])
-        lines += [f"**{_k(n)} tokens**", "",
+        lines += [f"**{evalgrid.k(n)} tokens**", "",
                   "| method | " + " | ".join(tasks) + " | mean | s / sample | peak MiB | KV MiB | tokens processed |",
                   "|---|" + "---|" * (len(tasks) + 5)]
         for k in keys:
             m = summary[k]
             if n not in m["seconds"]:
                 continue
-            cells = [m["label"], *[_fmt(m["scores"].get(t, {}).get(n), ".0f") for t in tasks],
-                     _fmt(m["mean"].get(n), ".0f"), _fmt(m["seconds"][n], ".1f"), _mib(m["peak"].get(n)),
-                     _mib(m["kv"].get(n)), _fmt(m["tokens"][n], ".0f")]
+            cells = [m["label"], *[fmt(m["scores"].get(t, {}).get(n), ".0f") for t in tasks],
+                     fmt(m["mean"].get(n), ".0f"), fmt(m["seconds"][n], ".1f"), mib(m["peak"].get(n)),
+                     mib(m["kv"].get(n)), fmt(m["tokens"][n], ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
         skipped = [f"{summary[k]['label']} ({summary[k]['skipped'][bucket_of[n]]})" for k in keys
                    if bucket_of[n] in summary[k]["skipped"]]
-        lines += ["", f"Skipped at {_k(n)}: {'; '.join(skipped)}.", ""] if skipped else [""]
+        lines += ["", f"Skipped at {evalgrid.k(n)}: {'; '.join(skipped)}.", ""] if skipped else [""]
     lines += ["**Effective length** (RULER's rule: the longest length whose mean is above 85.6, on the tasks run at "
               "each length)", "", "| method | lengths measured | skipped | effective length |", "|---|---|---|---|"]
     for k in keys:
         m = summary[k]
         skipped = ", ".join(b for b in BUCKETS if b in m["skipped"]) or "-"
-        lines.append(f"| {m['label']} | {', '.join(_k(n) for n in sorted(m['seconds'])) or '-'} | {skipped} | "
-                     f"{_k(m['effective']) if m['effective'] else 'none'} |")
+        lines.append(f"| {m['label']} | {', '.join(evalgrid.k(n) for n in sorted(m['seconds'])) or '-'} | {skipped} | "
+                     f"{evalgrid.k(m['effective']) if m['effective'] else 'none'} |")
     unskipped = sorted({b for m in summary.values() for b in m["skipped"]} - {bucket_of[n] for n in lengths},
                        key=list(BUCKETS).index)
     for b in unskipped:
@@ -421,36 +251,19 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
               "on a CPU; the compressor's included). KV MiB: the largest cache after the prefill (InfLLM: every "
               "block, offloaded ones included). Tokens processed: by the answering model, mean per sample "
               "(LongLLMLingua's compressor not included)."]
-    return "\n".join(lines) + "\n", {k: _jsonable(summary[k]) for k in keys}
-
-
-def _jsonable(m: dict) -> dict:
-    return json.loads(json.dumps(m, sort_keys=True))
+    return "\n".join(lines) + "\n", {k: evalgrid.jsonable(summary[k]) for k in keys}
 
 
 def render(args: argparse.Namespace | None = None) -> None:
     results = Path(args.results) if args is not None else RESULTS
-    text, summary = table(results)
-    (results / "table.md").write_text(text)
-    (results / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    print(text)
+    evalgrid.write(results, *table(results))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval")
-    e.add_argument("--buckets", default=",".join(BUCKETS), help=f"of {', '.join(BUCKETS)} (default: all)")
-    e.add_argument("--only", default="", help=f"methods, of {', '.join(METHODS)} (default: all)")
-    e.add_argument("--tasks", default="", help=f"task groups, of {', '.join(TASK_GROUPS)} (default: both)")
-    e.add_argument("--force", action="store_true", help="run the (method, bucket) steps skipped by default too")
-    e.add_argument("--dry-run", action="store_true", help="print the steps; run and write nothing")
-    # For tests: a tiny model and tiny lengths into another folder.
-    e.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
-    e.add_argument("--lengths-override", default="", help=argparse.SUPPRESS)
-    e.add_argument("--samples-override", type=int, default=None, help=argparse.SUPPRESS)
-    e.add_argument("--depths-override", default=None, help=argparse.SUPPRESS)
-    e.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
+    evalgrid.add_eval_arguments(e, BUCKETS, METHODS, TASK_GROUPS, MODEL, RESULTS)
     r = sub.add_parser("render")
     r.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

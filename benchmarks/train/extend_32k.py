@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -32,8 +31,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+import evalgrid  # noqa: E402  (benchmarks/evalgrid.py, on the path above)
+
 RESULTS = HERE / "results" / "extend_32k"
-LONGKIT = str(Path(sys.executable).with_name("longkit"))
+LONGKIT = evalgrid.LONGKIT
 
 TRAIN_OUT = "/work/runs/pose-yarn4-32k"
 TRAIN_ARGS = ["train", "pose:window=2048,lora=true,lora_r=16,lr=1e-4,warmup_ratio=0.05", "--model", "smollm2-135m",
@@ -52,6 +56,8 @@ GROUPS = {
     "ruler": ["--task", "niah_single_2", "--samples", "5"],
 }
 TASKS = ("passkey", "needle", "niah_single_2")
+#: This table's threshold of RULER's rule (the grids of later rooms use RULER's own 85.6).
+THRESHOLD = 85.0
 LABELS = {
     "trained:baseline": "trained (PoSE + YaRN x4, LoRA)",
     "base:baseline": "base model",
@@ -62,7 +68,7 @@ LABELS = {
 
 
 def run_dir(model: str, bucket: str, group: str) -> Path:
-    return RESULTS / f"{model}-{bucket}-{group}"
+    return evalgrid.run_dir(RESULTS, model, bucket, group)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -74,84 +80,45 @@ def train(args: argparse.Namespace) -> None:
         shutil.copy(Path(args.out) / name, RESULTS / name)
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def steps(args: argparse.Namespace) -> list[evalgrid.Step]:
     models = {"trained": [args.out, "--no-default-methods"], "base": ["smollm2-135m", *BASE_METHODS]}
-    only = args.only.split(",") if args.only else list(models)
-    for bucket in args.buckets.split(","):
-        for model in only:
-            for group, extra in GROUPS.items():
-                cmd = [LONGKIT, "eval", "--model", *models[model], *extra, "--lengths", BUCKETS[bucket],
-                       "--no-report", "--out", str(run_dir(model, bucket, group))]
-                print(" ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True)
+    only = evalgrid.names(args.only, models, "model")
+    return [evalgrid.Step(d, evalgrid.eval_command(models[model], extra, BUCKETS[bucket], d), None)
+            for bucket in evalgrid.names(args.buckets, BUCKETS, "bucket") for model in only
+            for group, extra in GROUPS.items() for d in [run_dir(model, bucket, group)]]
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    evalgrid.run_steps(steps(args))
 
 
 # ----------------------------------------------------------------------------------------------------- render
 
 
-def load() -> list[dict]:
-    rows = []
-    for d in sorted(RESULTS.glob("*-*-*")):
-        if not (d / "samples.jsonl").is_file():
-            continue
-        model = d.name.split("-")[0]
-        for line in (d / "samples.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows.append({**r, "model": model, "key": f"{model}:{r['method']}"})
-    return rows
+def load() -> tuple[list[dict], list[dict]]:
+    """(sample records tagged with their model and table row, run.json configs)."""
+    def tag(name: str) -> dict:
+        return {"model": name.split("-")[0]}
 
-
-def check_same_prompts(rows: list[dict]) -> int:
-    """Every (task, length, depth, sample) was asked with the same answer in every run: the same prompts."""
-    seen: dict[tuple, tuple] = {}
-    for r in rows:
-        if r["task"] == "perplexity":
-            continue
-        k = (r["task"], r["length"], r.get("depth"), r["sample"])
-        v = (tuple(r["answer"]), r.get("needle_start"))
-        if seen.setdefault(k, v) != v:
-            raise SystemExit(f"different prompts for {k}: {seen[k]} vs {v}")
-    return len(seen)
+    rows, _, configs = evalgrid.load(RESULTS, tag)
+    return [{**r, "row": f"{r['model']}:{r['method']}"} for r in rows], configs
 
 
 def summarize(rows: list[dict]) -> dict:
-    out: dict = {}
-    for r in rows:
-        m = out.setdefault(r["key"], {"scores": {}, "ppl": {}, "prefill_s": {}})
-        n = int(r["length"])
-        if r["task"] == "perplexity":
-            nll, t = m["ppl"].setdefault(n, [0.0, 0])
-            m["ppl"][n] = [nll + float(r["nll_sum"]), t + int(r["n_targets"])]
-        elif r.get("score") is not None:
-            m["scores"].setdefault(r["task"], {}).setdefault(n, []).append(float(r["score"]))
-            m["prefill_s"].setdefault(n, []).append(float(r["prefill_s"]))
-    for m in out.values():
-        m["ppl"] = {n: math.exp(nll / t) for n, (nll, t) in m["ppl"].items()}
-        m["n"] = {task: {n: len(v) for n, v in by.items()} for task, by in m["scores"].items()}
-        m["scores"] = {task: {n: sum(v) / len(v) for n, v in by.items()} for task, by in m["scores"].items()}
-        m["prefill_s"] = {n: sorted(v)[len(v) // 2] for n, v in m["prefill_s"].items()}
-        lengths = sorted(set().union(*[set(by) for by in m["scores"].values()])) if m["scores"] else []
-        # RULER's rule on the mean over the three retrieval tasks, at lengths where all three were measured.
-        mean = {n: sum(m["scores"][t][n] for t in TASKS) / len(TASKS) for n in lengths
-                if all(n in m["scores"].get(t, {}) for t in TASKS)}
-        m["mean"] = mean
-        passing = [n for n, s in mean.items() if s > 85.0]
-        m["effective"] = max(passing) if passing else None
-    return out
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}K"
+    # RULER's rule on the mean over the three retrieval tasks, at lengths where all three were measured.
+    full = evalgrid.summarize(rows, lambda n: TASKS, THRESHOLD)
+    return {k: {f: m[f] for f in ("scores", "n", "ppl", "prefill_s", "mean", "effective")} for k, m in full.items()}
 
 
 def table() -> tuple[str, dict]:
     """The markdown table and the per-model summary, from the records only (nothing measured, nothing written)."""
-    rows = load()
-    prompts = check_same_prompts(rows)
+    rows, configs = load()
+    # The trained and the base model differ by design; the prompts' other settings must not.
+    prompts = evalgrid.check_same_prompts(rows, configs)
     summary = summarize(rows)
     lengths = sorted({int(r["length"]) for r in rows})
     keys = [k for k in LABELS if k in summary]
+    k_, fmt = evalgrid.k, evalgrid.fmt
     lines = ["# Extending SmolLM2-135M from 8K to 32K on a 2-core CPU: trained vs training-free", "",
              f"`python {Path(__file__).relative_to(REPO)} render` (records in `{RESULTS.relative_to(REPO)}/`); "
              f"{prompts} prompts; every model measured at a length was asked the same ones (checked: same answers).", ""]
@@ -163,22 +130,22 @@ def table() -> tuple[str, dict]:
                   f"({t['tokens_per_second']:.0f} tokens/s), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}; "
                   "loss curve: [loss.png](loss.png).", ""]
     for n in lengths:
-        lines += [f"**{_k(n)} tokens**", "", "| model | passkey | needle | niah_single_2 | mean | ppl | prefill s (median) |",
+        lines += [f"**{k_(n)} tokens**", "", "| model | passkey | needle | niah_single_2 | mean | ppl | prefill s (median) |",
                   "|---|---|---|---|---|---|---|"]
         for k in keys:
             m = summary[k]
             if not any(n in m["scores"].get(t, {}) for t in TASKS) and n not in m["ppl"]:
                 continue
-            cells = [LABELS[k], *[_fmt(m["scores"].get(t, {}).get(n), ".0f") for t in TASKS],
-                     _fmt(m["mean"].get(n), ".0f"), _fmt(m["ppl"].get(n), ".2f"), _fmt(m["prefill_s"].get(n), ".1f")]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(evalgrid.row([LABELS[k], *[fmt(m["scores"].get(t, {}).get(n), ".0f") for t in TASKS],
+                                       fmt(m["mean"].get(n), ".0f"), fmt(m["ppl"].get(n), ".2f"),
+                                       fmt(m["prefill_s"].get(n), ".1f")]))
         lines.append("")
     lines += ["**Effective length** (RULER's rule, score > 85, on the mean of the three tasks; lengths measured)", "",
               "| model | lengths measured | effective length |", "|---|---|---|"]
     for k in keys:
         m = summary[k]
-        lines.append(f"| {LABELS[k]} | {', '.join(_k(n) for n in sorted(m['mean']))} | "
-                     f"{_k(m['effective']) if m['effective'] else 'none'} |")
+        lines.append(f"| {LABELS[k]} | {', '.join(k_(n) for n in sorted(m['mean']))} | "
+                     f"{k_(m['effective']) if m['effective'] else 'none'} |")
     counts = sorted({c for k in keys for by in summary[k]["n"].values() for c in by.values()})
     lines += ["", f"Scores: % correct (passkey, needle: 5 depths x 1 sample; niah_single_2: 5 samples); samples per "
               f"cell: {', '.join(map(str, counts))}. `-` = not measured yet. Perplexity: the held-out documentation "
@@ -189,13 +156,7 @@ def table() -> tuple[str, dict]:
 
 def render(_: argparse.Namespace | None = None) -> None:
     text, summary = table()
-    (RESULTS / "table.md").write_text(text)
-    (RESULTS / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    print(text)
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    evalgrid.write(RESULTS, text, summary)
 
 
 def main() -> None:

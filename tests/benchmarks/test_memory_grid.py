@@ -3,16 +3,13 @@ bucket, task group) from a tiny eval, recorded skips, the table from the records
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from grid_records import check_rerender_and_doctored, load_script, record, run_script, write_run
 
 SCRIPT = REPO / "benchmarks" / "memory" / "grid.py"
 #: Tiny lengths for two buckets (tiny-llama's trained window is 512) and a small grid: 1 depth x 1 sample.
@@ -22,16 +19,11 @@ TINY = ["--model", "tiny-llama", "--lengths-override", "16k=1024,128k=768", "--t
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("memory_grid_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "memory_grid_benchmark")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    # The script's `longkit eval` steps must import this checkout, whatever the working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return run_script(SCRIPT, *args)
 
 
 def test_method_rules_follow_the_documented_choices(grid):
@@ -98,32 +90,8 @@ def test_tiny_grid_writes_run_dirs_renders_and_rerenders_byte_for_byte(grid, tmp
     summary = json.loads((results / "results.json").read_text())
     assert set(summary) == {"ntk", "pcw"} and summary["ntk"]["skipped"] == {"128k": grid.NTK_128K}
     assert summary["pcw"]["n"] == {"needle": {"1024": 1}, "passkey": {"1024": 1}}
-    # Re-render: the table from the committed records alone, byte for byte, and a second render writes the same.
-    assert grid.table(results)[0] == text
-    before = (results / "results.json").read_bytes()
-    grid.render(type("Args", (), {"results": str(results)})())
-    assert (results / "table.md").read_text() == text and (results / "results.json").read_bytes() == before
-
-    # A doctored record (another answer for the same prompt) fails the same-prompt check.
-    path = results / "pcw-16k-depth" / "samples.jsonl"
-    records = [json.loads(x) for x in path.read_text().splitlines()]
-    records[0]["answer"] = ["99999"]
-    path.write_text("".join(json.dumps(x) + "\n" for x in records))
-    with pytest.raises(SystemExit, match="different prompts for \\('passkey', 1024, 0.5, 0\\)"):
-        grid.table(results)
-
-
-def _record(method: str, task: str, length: int, depth, sample: int, score: float, answer: str, **extra) -> dict:
-    return {"id": f"{method}|{task}|{length}|{depth}|{sample}", "method": method, "task": task, "length": length,
-            "depth": depth, "sample": sample, "n_tokens": length, "score": score, "prediction": "", "answer": [answer],
-            "needle_start": None, "prefill_s": 2.0, "decode_s": 0.5, "new_tokens": 4, "peak_mem_bytes": 2**20,
-            "kv_bytes": 2**20, **extra}
-
-
-def _write(d: Path, records: list[dict], seed: int = 0) -> None:
-    d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"config": {"model": "m", "seed": seed, "haystack": None, "chat": None}}))
-    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Re-render byte for byte; a doctored record (another answer for the same prompt) fails the same-prompt check.
+    check_rerender_and_doctored(grid, results, text, "pcw-16k-depth", "('passkey', 1024, 0.5, 0)")
 
 
 def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
@@ -131,17 +99,17 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     # depth tasks count: 100 and 0 -> 50, not effective.
     rag = "memory=rag:retriever=bm25"
     cost = {"retrieval_s": 1.0, "tokens_processed": 1100}
-    depth16 = [_record(rag, "passkey", 16384, 0.5, 0, 100.0, "1", **cost),
-               _record(rag, "needle", 16384, 0.5, 0, 100.0, "n", **cost),
-               _record(rag, "needle", 16384, 0.5, 1, 0.0, "n2", **cost)]
-    ruler16 = [_record(rag, t, 16384, None, 0, 100.0, t, **cost) for t in ("niah_single_2", "niah_multikey_1")]
-    depth64 = [_record(rag, "passkey", 65536, 0.5, 0, 100.0, "6", **cost),
-               _record(rag, "needle", 65536, 0.5, 0, 0.0, "m", **cost, memory_peak_mem_bytes=3 * 2**20)]
-    _write(tmp_path / "rag_bm25-16k-depth", depth16)
-    _write(tmp_path / "rag_bm25-16k-ruler", ruler16)
-    _write(tmp_path / "rag_bm25-64k-depth", depth64)
+    depth16 = [record(rag, "passkey", 16384, 0.5, 0, 100.0, "1", **cost),
+               record(rag, "needle", 16384, 0.5, 0, 100.0, "n", **cost),
+               record(rag, "needle", 16384, 0.5, 1, 0.0, "n2", **cost)]
+    ruler16 = [record(rag, t, 16384, None, 0, 100.0, t, **cost) for t in ("niah_single_2", "niah_multikey_1")]
+    depth64 = [record(rag, "passkey", 65536, 0.5, 0, 100.0, "6", **cost),
+               record(rag, "needle", 65536, 0.5, 0, 0.0, "m", **cost, memory_peak_mem_bytes=3 * 2**20)]
+    write_run(tmp_path / "rag_bm25-16k-depth", depth16)
+    write_run(tmp_path / "rag_bm25-16k-ruler", ruler16)
+    write_run(tmp_path / "rag_bm25-64k-depth", depth64)
     # NTK at 16K asked the same prompts; no tokens_processed: prompt + answer.
-    _write(tmp_path / "ntk-16k-depth", [_record("rope=ntk:factor=4", "passkey", 16384, 0.5, 0, 0.0, "1")])
+    write_run(tmp_path / "ntk-16k-depth", [record("rope=ntk:factor=4", "passkey", 16384, 0.5, 0, 0.0, "1")])
     text, summary = grid.table(tmp_path)
     rag_s = summary["rag_bm25"]
     assert rag_s["mean"] == {"16384": 87.5, "65536": 50.0} and rag_s["effective"] == 16384
@@ -153,6 +121,6 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     assert "| RAG (BM25) | 16K, 64K | - | 16K |" in text and "| NTK (long context) | 16K | - | none |" in text
 
     # A run with another seed asked other prompts: refused even where the answers happen to agree.
-    _write(tmp_path / "pcw-16k-depth", [_record("memory=pcw", "passkey", 16384, 0.5, 0, 0.0, "1")], seed=1)
+    write_run(tmp_path / "pcw-16k-depth", [record("memory=pcw", "passkey", 16384, 0.5, 0, 0.0, "1")], seed=1)
     with pytest.raises(SystemExit, match="disagree on seed"):
         grid.table(tmp_path)

@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     skipped, ggufs, llama_version = [], {}, None
     if not args.no_llama and (args.configs is None or any(n.startswith("llama.cpp") for n in names)):
         wanted = {**default_ggufs(args.model), **dict(g.split("=", 1) for g in args.gguf)}
+        if args.configs is not None:  # only the llama.cpp files named in --configs
+            dropped = sorted(set(wanted) - set(names))
+            wanted = {k: v for k, v in wanted.items() if k in names}
+            skipped += [{"config": k, "reason": "not in --configs"} for k in dropped]
         try:
             import llama_cpp
 
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for rep in range(args.repeats):
         for n in lengths:
-            for name in [*names, *ggufs]:
+            for name in dict.fromkeys([*names, *ggufs]):  # a llama.cpp file named in --configs runs once
                 if name.startswith("llama.cpp") and name not in ggufs:
                     continue
                 print(f"repeat {rep + 1}/{args.repeats}  {n:>6}  {name}", file=sys.stderr, flush=True)

@@ -94,6 +94,9 @@ TABLES = {
     ),
     "attention/results/minference_smollm2_16k.md": lambda: _minference("minference_smollm2_16k"),
     "attention/results/sparse_16k/table.md": _sparse,
+    "decode/results/decode_smollm2.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_smollm2.json")
+    ),
     "kvcache/results/chunked_prefill_memory.md": lambda: _meta_rows(
         "kvcache/chunked_prefill_memory.py", "kvcache/results/chunked_prefill_memory.json"
     ),

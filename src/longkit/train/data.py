@@ -627,6 +627,11 @@ def check_shares(shares: Mapping[str, float], names: Iterable[str]) -> None:
                         "(or leave a source without a share to take the rest)")
 
 
+def _prefix(doc: TokenizedDocument, n: int) -> TokenizedDocument:
+    """The first ``n`` tokens of ``doc`` (its loss mask cut alike), counted under the same source and origin."""
+    return TokenizedDocument(doc.ids[:n], doc.source, doc.origin, None if doc.mask is None else doc.mask[:n])
+
+
 def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_threshold: int,
                   long_share: float, seed: int = 0,
                   shares: Mapping[str, float] | None = None) -> list[TokenizedDocument]:
@@ -638,7 +643,8 @@ def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_
 
     ``shares``: source name -> fraction of ``total_tokens`` drawn from it (e.g. 30% synthetic retrieval), instead
     of its corpus share; the sources without one split the rest in proportion to their tokens
-    (:func:`check_shares` says what is valid). A source's budget is met to within one document."""
+    (:func:`check_shares` says what is valid). A source's budget is met to the token: the document that would
+    overshoot it is cut to its first tokens (a 220K-token novel must not fill a 61K-token share)."""
     if total_tokens < 1:
         raise DataError(f"parameter 'total_tokens' must be >= 1, got {total_tokens}")
     if long_threshold < 1:
@@ -676,6 +682,9 @@ def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_
                     order = list(group)
                     rng.shuffle(order)
                 d = order.pop()
+                left = math.ceil(group_budget - taken)
+                if left < len(d.ids):
+                    d = _prefix(d, max(left, 2))
                 out.append(d)
                 taken += len(d.ids)
     rng.shuffle(out)

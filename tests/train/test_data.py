@@ -221,12 +221,13 @@ def test_named_sources_pick_one_builtin_corpus(tmp_path, monkeypatch):
 
 def test_a_share_is_met_to_the_token_even_by_one_long_document():
     # one 5,000-token "novel" against a 300-token share: the novel is cut to its first 300 tokens (whole, it would
-    # make 5/6 of the data), and the cut keeps its answer mask aligned
-    novel = D.TokenizedDocument(tuple(range(1, 5001)), "book", "novel", tuple(i % 2 == 0 for i in range(5000)))
+    # make 5/6 of the data); an answer-only document is never cut (its answer is at its end)
+    novel = D.TokenizedDocument(tuple(range(1, 5001)), "book", "novel")
+    chat = D.TokenizedDocument(tuple(range(1, 501)), "chat", "c", tuple(i >= 490 for i in range(500)))
     code = _docs([50] * 40, source="code", start=9000)
-    out = D.upsample_long([novel, *code], total_tokens=1000, long_threshold=30, long_share=0.5, seed=0,
-                          shares={"book": 0.3})
+    out = D.upsample_long([novel, chat, *code], total_tokens=1000, long_threshold=30, long_share=0.5, seed=0,
+                          shares={"book": 0.3, "chat": 0.1})
     book = [d for d in out if d.source == "book"]
-    assert sum(len(d.ids) for d in book) == 300
-    assert book[0].ids == novel.ids[:300] and book[0].mask == novel.mask[:300]
-    assert sum(len(d.ids) for d in out if d.source == "code") == 700
+    assert sum(len(d.ids) for d in book) == 300 and book[0].ids == novel.ids[:300]
+    assert [d for d in out if d.source == "chat"] == [chat]
+    assert sum(len(d.ids) for d in out if d.source == "code") == 600

@@ -628,8 +628,8 @@ def check_shares(shares: Mapping[str, float], names: Iterable[str]) -> None:
 
 
 def _prefix(doc: TokenizedDocument, n: int) -> TokenizedDocument:
-    """The first ``n`` tokens of ``doc`` (its loss mask cut alike), counted under the same source and origin."""
-    return TokenizedDocument(doc.ids[:n], doc.source, doc.origin, None if doc.mask is None else doc.mask[:n])
+    """The first ``n`` tokens of ``doc`` (no loss mask: every token trained), under the same source and origin."""
+    return TokenizedDocument(doc.ids[:n], doc.source, doc.origin)
 
 
 def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_threshold: int,
@@ -644,7 +644,8 @@ def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_
     ``shares``: source name -> fraction of ``total_tokens`` drawn from it (e.g. 30% synthetic retrieval), instead
     of its corpus share; the sources without one split the rest in proportion to their tokens
     (:func:`check_shares` says what is valid). A source's budget is met to the token: the document that would
-    overshoot it is cut to its first tokens (a 220K-token novel must not fill a 61K-token share)."""
+    overshoot it is cut to its first tokens (a 220K-token novel must not fill a 61K-token share); answer-only
+    documents (with a loss mask) are taken whole, so their budget is met to within one of them."""
     if total_tokens < 1:
         raise DataError(f"parameter 'total_tokens' must be >= 1, got {total_tokens}")
     if long_threshold < 1:
@@ -683,8 +684,8 @@ def upsample_long(docs: Sequence[TokenizedDocument], *, total_tokens: int, long_
                     rng.shuffle(order)
                 d = order.pop()
                 left = math.ceil(group_budget - taken)
-                if left < len(d.ids):
-                    d = _prefix(d, max(left, 2))
+                if left < len(d.ids) and d.mask is None:  # an answer-only document is taken whole: cut, it
+                    d = _prefix(d, max(left, 2))          # would lose its answer (its trained tokens)
                 out.append(d)
                 taken += len(d.ids)
     rng.shuffle(out)

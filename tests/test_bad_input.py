@@ -527,3 +527,12 @@ def test_good_neighbours_api(fx):
     # a BERT checkpoint saved as a decoder is a causal LM
     _check_causal_lm(fx["bert_decoder"])
     EvalConfig(model="tiny-llama", methods=["baseline"], tasks=["passkey"], lengths=[512.0], depths=[0, 1]).validate()
+
+
+def test_bad_omp_wait_policy_names_the_variable_and_values():
+    # the longkit script's launcher (longkit_launch) checks it before torch loads; the script exits with this line
+    import longkit_launch
+
+    with pytest.raises(ValueError, match=r"LONGKIT_OMP_WAIT_POLICY must be one of auto, passive, active, default "
+                                         r"\(got 'spin'\)"):
+        longkit_launch.choose_wait_policy({"LONGKIT_OMP_WAIT_POLICY": "spin"}, 0.0)

@@ -248,3 +248,40 @@ def test_cli_train_with_shares_and_held_out_loss(docs, tmp_path, capsys):
     assert [r["step"] for r in read_eval_log(out)] == [0, 1, 2]
     stats = json.loads((out / "data_stats.json").read_text())["sources"]["kv-retrieval"]
     assert stats["requested_share"] == 0.4 and stats["sampled_documents"] >= 1
+
+
+def test_rows_without_a_target_weigh_zero_instead_of_stopping_the_run(tmp_path):
+    """Answer-only documents longer than a row leave rows that hold only a prompt: no token to predict. A mean
+    over no target is 0/0 = NaN, which stopped the run; such a step now gives a zero loss, changes no weight, is
+    marked in the log and left out of the report and plot, and the data statistics count the rows."""
+    rows = [{"prompt": ("lorem ipsum dolor " * 80) + f"Q{i}?", "completion": f" answer {i}"} for i in range(6)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = train(_config(data, tmp_path / "run", steps=4, save_every=4))
+    log = read_log(out)
+    empty = [r for r in log if r.get("no_targets")]
+    assert len(log) == 4 and empty and len(empty) < 4, log
+    assert all(r["loss"] == 0.0 for r in empty) and all(r["loss"] > 0 for r in log if not r.get("no_targets"))
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["rows_without_targets"] >= len(empty)
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["first_loss"] > 0 and report["final_loss"] > 0
+
+
+def test_a_row_without_a_target_changes_no_weight(tmp_path):
+    """The zero loss of a row without targets has zero gradients: the weights after that step equal those before
+    (weight decay off, so only the gradient could move them)."""
+    rows = [{"prompt": "x" * 1500, "completion": " y"}]
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n")
+    before = {k: v.clone() for k, v in longkit.load_model("tiny-llama", dtype="float32").model.state_dict().items()}
+    out = train(_config(data, tmp_path / "run", steps=1, save_every=1,
+                        recipe="continual:lr=3e-3,warmup_ratio=0,weight_decay=0"))
+    log = read_log(out)
+    assert log[0].get("no_targets") and log[0]["loss"] == 0.0
+    from transformers import AutoModelForCausalLM
+
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for k, v in before.items():
+        if "rotary" not in k:
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)

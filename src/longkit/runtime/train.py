@@ -277,7 +277,9 @@ def _held_out(config: TrainConfig, tokenizer: Any, length: int) -> D.Packed | No
 def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[Any], dict]:
     from transformers import TrainerCallback
 
-    state: dict[str, Any] = {"bad": None, "last_good": None}
+    # "scored" / "empty": this rank's micro-batches with / without a token to predict since the last log (the
+    # trainer counts them), so a step that trained on nothing is marked in the log, not plotted as a loss of 0.
+    state: dict[str, Any] = {"bad": None, "last_good": None, "scored": 0, "empty": 0}
     log_path = out / LOG_FILE
 
     class JsonlLog(TrainerCallback):
@@ -306,6 +308,12 @@ def _callbacks(out: Path, tokens_per_step: int, progress: bool) -> tuple[list[An
             record = {"step": st.global_step, "loss": loss, "learning_rate": logs.get("learning_rate"),
                       "grad_norm": logs.get("grad_norm"), "tokens": st.global_step * tokens_per_step,
                       "seconds": round(time.perf_counter() - self.t0, 3)}
+            # Exact in one process and under sequence parallelism (every rank holds the same rows); with DDP the
+            # logged loss is the ranks' mean, so only a step without a target on every rank would be 0 — and the
+            # mark says this rank's.
+            if state["empty"] and not state["scored"]:
+                record["no_targets"] = True
+            state["scored"] = state["empty"] = 0
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
@@ -352,7 +360,8 @@ def _log_records(out: str | Path) -> list[dict[str, Any]]:
 
 
 def read_log(out: str | Path) -> list[dict[str, Any]]:
-    """The per-step training records of ``out/train_log.jsonl`` (loss, learning rate, grad norm, tokens, seconds)."""
+    """The per-step training records of ``out/train_log.jsonl`` (loss, learning rate, grad norm, tokens, seconds;
+    ``no_targets: true`` on a step whose rows held no token to predict: its loss is 0 and it trained nothing)."""
     return [r for r in _log_records(out) if "loss" in r]
 
 
@@ -514,7 +523,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Path:
         # The held-out rows go through the recipe's transform like the training rows, with the run's seed: the
         # same rows (PoSE: the same positions) at every evaluation.
         held = PackedRows(held_out, len(held_out), recipe, config.seed) if held_out is not None else None
-        trainer = _RecipeTrainer(recipe=recipe, sp=sp, model=trainee, args=args,
+        trainer = _RecipeTrainer(recipe=recipe, sp=sp, counts=guard, model=trainee, args=args,
                                  train_dataset=PackedRows(packed, rows, recipe, config.seed), eval_dataset=held,
                                  callbacks=[*own, *callbacks])
         # The bar shows the loss; transformers' printer would add a dict line per step.
@@ -689,7 +698,8 @@ def _attention(config: TrainConfig, recipe: Recipe) -> str | None:
 class _RecipeTrainer:
     """Built lazily (transformers' Trainer imports accelerate): a Trainer whose loss is the recipe's."""
 
-    def __new__(cls, *, recipe: Recipe, sp: _SeqParallel | None = None, **kwargs: Any) -> Any:
+    def __new__(cls, *, recipe: Recipe, sp: _SeqParallel | None = None, counts: dict | None = None,
+                **kwargs: Any) -> Any:
         from transformers import Trainer
 
         from longkit.attention.sequence_parallel import SequenceParallel, sharded_row
@@ -736,6 +746,18 @@ class _RecipeTrainer:
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 if sp is not None:
                     return self._sp_loss(model, inputs, return_outputs, num_items_in_batch)
+                empty = not bool((inputs["labels"][:, 1:] != -100).any())
+                if counts is not None and model.training:
+                    counts["empty" if empty else "scored"] += 1
+                if empty:
+                    # No token to predict in this micro-batch (an answer-only document split so that its rows hold
+                    # only the prompt): a mean over no target is 0/0 = NaN, which would stop the run. It weighs
+                    # zero instead. The forward still runs, so that every rank of a DDP/FSDP step takes part in
+                    # the same collectives and a model whose logits are no longer finite is still caught (0 * NaN).
+                    extra = {k: v for k, v in inputs.items() if k != "labels"}
+                    out = model(**extra, use_cache=False)
+                    loss = out.logits.sum() * 0.0
+                    return (loss, out) if return_outputs else loss
                 loss = recipe.compute_loss(model, inputs)
                 if loss is None:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -755,7 +777,11 @@ class _RecipeTrainer:
                 labels = inputs["labels"]
                 # The model's convention (see compute_loss above): a sum over the step's targets divided by their
                 # count, num_items_in_batch, when the Trainer passes it; else this micro-batch's mean.
-                count = num_items_in_batch if num_items_in_batch is not None else None
+                # A step with no target at all (answer-only rows holding only prompts) divides a zero sum by 1: it
+                # weighs zero rather than giving 0/0 = NaN.
+                count = None if num_items_in_batch is None else max(int(num_items_in_batch), 1)
+                if counts is not None and model.training:
+                    counts["scored" if bool((labels[:, 1:] != -100).any()) else "empty"] += 1
                 out = SequenceParallel(model, sp.group, sp.layout)(
                     inputs["input_ids"], labels=labels, gather_logits=False, position_ids=positions, doc_ids=docs,
                     num_items=count)
@@ -767,7 +793,7 @@ class _RecipeTrainer:
 
 def _write_report(out: Path, config: TrainConfig, recipe: Recipe, packed: D.Packed, seconds: float, start_step: int,
                   tokens_per_step: int, window: int, held_out: D.Packed | None = None) -> None:
-    log = read_log(out)
+    log = [r for r in read_log(out) if not r.get("no_targets")]
     evals = read_eval_log(out)
     losses = [r["loss"] for r in log]
     report = {

@@ -541,6 +541,9 @@ class DataStats:
     split_chunks: int = 0
     sequences: int = 0
     pad_tokens: int = 0
+    #: Rows with no token to predict (an answer-only document split so that a row holds only its prompt): they
+    #: weigh zero in the loss (the training loop gives them a zero loss, not 0/0).
+    rows_without_targets: int = 0
     #: The token shares asked for per source (``--data NAME:share=F``), shown beside the shares drawn.
     shares: dict[str, float] = field(default_factory=dict)
 
@@ -579,6 +582,7 @@ class DataStats:
             "sequences": self.sequences,
             "pad_tokens": self.pad_tokens,
             "pad_fraction": self.pad_tokens / total if total else 0.0,
+            "rows_without_targets": self.rows_without_targets,
             "length_histogram": dict(hist),
         }
 
@@ -587,6 +591,9 @@ class DataStats:
         lines = [f"{s['documents']} documents, {s['tokens']} tokens -> {s['sequences']} sequences of {s['length']} "
                  f"({s['pad_fraction']:.1%} padding); {s['split_documents']} documents longer than {s['length']} "
                  f"split into {s['split_chunks']} chunks (counted after sampling)"]
+        if s["rows_without_targets"]:
+            lines.append(f"  {s['rows_without_targets']} of {s['sequences']} sequences have no token to predict (an "
+                         "answer-only document split across rows): they weigh zero in the loss")
         for name, v in s["sources"].items():
             asked = f", asked {v['requested_share']:.1%}" if "requested_share" in v else ""
             trained = (f", {v['sampled_trained_tokens']} with a loss"
@@ -806,6 +813,7 @@ def pack(docs: Sequence[TokenizedDocument], length: int, *, pad_id: int, max_ope
         position_ids[r, at:] = torch.arange(length - at)
         stats.pad_tokens += length - at
     stats.sequences = n
+    stats.rows_without_targets = int(((labels != -100).sum(-1) == 0).sum())
     return Packed(input_ids, labels, position_ids, doc_ids, stats)
 
 

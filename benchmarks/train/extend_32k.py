@@ -2,13 +2,17 @@
 the trained model with the base model and the best training-free methods on the same prompts.
 
     python benchmarks/train/extend_32k.py train          # <= 60 min on 2 cores: PoSE + YaRN x4, LoRA
+    python benchmarks/train/extend_32k.py train --run 2  # the second run: code, books and key-value retrieval
     python benchmarks/train/extend_32k.py eval --buckets short,16k,32k [--only trained,base]
     python benchmarks/train/extend_32k.py render         # table.md + results.json from the committed records
 
 Training (``longkit train``): PoSE (Zhu et al. 2024) on 2,048-token windows whose position ids span 32,768, with
 YaRN x4 trained in (its ``rope_parameters`` land in the saved config.json), LoRA r=16 on q/k/v/o, on the standard
 library's code only (``--data python-stdlib``): Python's documentation topics are the evaluation's haystack and
-perplexity text, so they are held out of training.
+perplexity text, so they are held out of training. The second run (``--run 2``, rows ``trained2``) is the same
+recipe on a mixture: code 50%, synthetic key-value retrieval chats 30% (Xiong et al. 2024, loss on the answers
+only), the King James Bible 10% and Jane Austen's novels 10% (Debian's bible-kjv-text / r-cran-janeaustenr, or
+``LONGKIT_BOOKS_ROOT``), with a held-out retrieval loss every 50 steps.
 
 Evaluation (``longkit eval``, seed 0, so both models see the same prompts; the renderer checks the answers match):
 passkey and needle at depths 0.1/0.3/0.5/0.7/0.9 (5 samples per length), RULER niah_single_2 (5 samples per
@@ -43,6 +47,15 @@ TRAIN_OUT = "/work/runs/pose-yarn4-32k"
 TRAIN_ARGS = ["train", "pose:window=2048,lora=true,lora_r=16,lr=1e-4,warmup_ratio=0.05", "--model", "smollm2-135m",
               "--data", "python-stdlib", "--target-length", "32k", "--rope", "yarn:factor=4", "--steps", "300",
               "--save-every", "25"]
+TRAIN2_OUT = "/work/runs/pose-yarn4-32k-kv2"
+TRAIN2_ARGS = ["train", "pose:window=2048,lora=true,lora_r=16,lr=1e-4,warmup_ratio=0.05", "--model", "smollm2-135m",
+               "--data", "python-stdlib:share=0.5", "--data", "kv-retrieval:share=0.3", "--data", "kjv:share=0.1",
+               "--data", "austen:share=0.1", "--target-length", "32k", "--rope", "yarn:factor=4", "--steps", "300",
+               "--save-every", "25", "--eval-every", "50", "--eval-data", "kv-retrieval:seed=1,count=16",
+               "--eval-rows", "8"]
+#: The training runs: (command, default output directory, where its report and log are copied under RESULTS).
+RUNS = {"1": (TRAIN_ARGS, TRAIN_OUT, "."), "2": (TRAIN2_ARGS, TRAIN2_OUT, "trained2")}
+FILES = ("train_report.json", "train_log.jsonl", "data_stats.json", "loss.png", "train_run.json")
 
 #: Comparison methods on the base model (the runner adds the untouched model as "baseline").
 BASE_METHODS = ["--rope", "ntk:factor=4", "--rope", "yarn:factor=4",
@@ -60,6 +73,7 @@ TASKS = ("passkey", "needle", "niah_single_2")
 THRESHOLD = 85.0
 LABELS = {
     "trained:baseline": "trained (PoSE + YaRN x4, LoRA)",
+    "trained2:baseline": "trained 2 (as 1, on code + books + key-value retrieval)",
     "base:baseline": "base model",
     "base:rope=ntk:factor=4": "NTK x4",
     "base:rope=yarn:factor=4": "YaRN x4 (not trained)",
@@ -72,16 +86,25 @@ def run_dir(model: str, bucket: str, group: str) -> Path:
 
 
 def train(args: argparse.Namespace) -> None:
-    cmd = [LONGKIT, *TRAIN_ARGS, "--out", args.out]
+    train_args, default_out, where = RUNS[args.run]
+    out = args.out or default_out
+    cmd = [LONGKIT, *train_args, "--out", out]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in ("train_report.json", "train_log.jsonl", "data_stats.json", "loss.png", "train_run.json"):
-        shutil.copy(Path(args.out) / name, RESULTS / name)
+    copy_run(out, where)
+
+
+def copy_run(out: str, where: str) -> None:
+    """The run's report, log, data statistics and loss curve beside the records (``where`` under RESULTS)."""
+    dest = RESULTS / where
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copy(Path(out) / name, dest / name)
 
 
 def steps(args: argparse.Namespace) -> list[evalgrid.Step]:
-    models = {"trained": [args.out, "--no-default-methods"], "base": ["smollm2-135m", *BASE_METHODS]}
+    models = {"trained": [args.out, "--no-default-methods"], "trained2": [args.out2, "--no-default-methods"],
+              "base": ["smollm2-135m", *BASE_METHODS]}
     only = evalgrid.names(args.only, models, "model")
     return [evalgrid.Step(d, evalgrid.eval_command(models[model], extra, BUCKETS[bucket], d), None)
             for bucket in evalgrid.names(args.buckets, BUCKETS, "bucket") for model in only
@@ -122,13 +145,21 @@ def table() -> tuple[str, dict]:
     lines = ["# Extending SmolLM2-135M from 8K to 32K on a 2-core CPU: trained vs training-free", "",
              f"`python {Path(__file__).relative_to(REPO)} render` (records in `{RESULTS.relative_to(REPO)}/`); "
              f"{prompts} prompts; every model measured at a length was asked the same ones (checked: same answers).", ""]
-    report = RESULTS / "train_report.json"
-    if report.is_file():
+    for number, (_, _, where) in RUNS.items():
+        report = RESULTS / where / "train_report.json"
+        if not report.is_file():
+            continue
         t = json.loads(report.read_text())
-        lines += [f"Training: `{t['recipe']}`, rope `{t['rope']}`, target {t['target_length']}, {t['steps']} steps, "
+        name = "Training" if number == "1" else f"Training {number}"
+        sources = t["data"]["sources"]
+        total = sum(v.get("sampled_tokens", 0) for v in sources.values()) or 1
+        data = ", ".join(f"{src} {v.get('sampled_tokens', 0) / total:.0%}" for src, v in sources.items())
+        held = (f"; held-out loss {t['first_eval_loss']:.3f} -> {t['final_eval_loss']:.3f}"
+                if t.get("final_eval_loss") is not None else "")
+        lines += [f"{name}: `{t['recipe']}`, rope `{t['rope']}`, target {t['target_length']}, {t['steps']} steps, "
                   f"{t['tokens_seen']:,} tokens, {t['seconds_this_session'] / 60:.1f} min "
-                  f"({t['tokens_per_second']:.0f} tokens/s), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}; "
-                  "loss curve: [loss.png](loss.png).", ""]
+                  f"({t['tokens_per_second']:.0f} tokens/s), loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}"
+                  f"{held}; data: {data}; loss curve: [loss.png]({Path(where, 'loss.png').as_posix()}).", ""]
     for n in lengths:
         lines += [f"**{k_(n)} tokens**", "", "| model | passkey | needle | niah_single_2 | mean | ppl | prefill s (median) |",
                   "|---|---|---|---|---|---|---|"]
@@ -163,11 +194,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--out", default=TRAIN_OUT)
+    t.add_argument("--run", choices=sorted(RUNS), default="1", help="which training run (1: code only; 2: mixture)")
+    t.add_argument("--out", default=None, help="the output directory (default: the run's)")
     e = sub.add_parser("eval")
-    e.add_argument("--out", default=TRAIN_OUT, help="the trained model directory")
+    e.add_argument("--out", default=TRAIN_OUT, help="the trained model directory (rows 'trained')")
+    e.add_argument("--out2", default=TRAIN2_OUT, help="the second trained model directory (rows 'trained2')")
     e.add_argument("--buckets", default="short,16k,32k")
-    e.add_argument("--only", default="", help="trained, base (default: both)")
+    e.add_argument("--only", default="", help="trained, trained2, base (default: all)")
     sub.add_parser("render")
     args = ap.parse_args()
     {"train": train, "eval": evaluate, "render": render}[args.cmd](args)

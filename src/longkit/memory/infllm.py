@@ -58,7 +58,8 @@ from longkit.rope.rotation import rotate_by
 @register("memory", "infllm")
 @dataclass
 class InfLLM(MemoryMethod):
-    """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens."""
+    """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens (on a model
+    whose layers differ, in its full-attention layers; sliding-window layers keep their window)."""
 
     paper = "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory (https://arxiv.org/abs/2402.04617)"
     keeps_cache = True
@@ -416,7 +417,9 @@ def _window_nbytes(layer: DynamicSlidingWindowLayer) -> int:
 
 
 class _InfLLMAttention(BoundAttention):
-    """The attention function InfLLM registers (not a registered method of its own)."""
+    """The attention function InfLLM registers (not a registered method of its own). Sliding-window layers never
+    reach :meth:`attention`: :meth:`AttentionMethod.forward` hands them to the model's own attention
+    (``own_sliding_layers`` is False), over the keys their sliding cache layer returns."""
 
     name = "infllm"
     kind = "memory"

@@ -397,6 +397,9 @@ GOOD = [
     ("bom-ppl-text", ["--task", "perplexity", "--lengths", "256", "--ppl-text", "{bom_ppl}"]),
     ("yarn-factor-1e3", [*PK, "--rope", "yarn:factor=1e3", "--no-baseline"]),
     ("kivi-group-divides-head-dim", [*PK, "--kv", "kivi:group_size=8,residual=16", "--no-baseline"]),
+    # InfLLM on a model whose layers differ runs (block memory on the full-attention layers)
+    ("infllm-on-gemma3", [*PK, "--model", "tiny-gemma3", "--memory",
+                          "infllm:n_local=64,exec_chunk=16,block_size=16,n_init=4,topk=2", "--no-baseline"]),
 ]
 
 
@@ -425,6 +428,21 @@ def _apply(lm, **kw):
         applied.new_cache()
 
 
+def _gemma3_every_layer_sliding():
+    """tiny-gemma3's configuration with every layer a sliding-window layer (no full-attention layer)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from longkit.models.tiny import TINY_CONFIGS
+
+    config = TINY_CONFIGS["tiny-gemma3"]()
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return SimpleNamespace(model=model.eval())
+
+
 API = [
     ("apply-factor-nan", lambda fx, lm, t: _apply(lm, rope="yarn", rope_args={"factor": NAN}), MethodError,
      "'factor' must be a finite number"),
@@ -445,6 +463,8 @@ API = [
      "'window' expects int"),
     ("kivi-check-model", lambda fx, lm, t: MethodSpec.parse("kv=kivi:group_size=7").check(lm.model), MethodError,
      "'group_size' must divide the head dimension 16"),
+    ("infllm-every-layer-sliding", lambda fx, lm, t: _apply(_gemma3_every_layer_sliding(), memory="infllm"),
+     MethodError, "there is no full-attention layer for the block memory"),
     ("config-no-methods", lambda fx, lm, t: _cfg(methods=[]).validate(), EvalError, "'methods'"),
     ("config-lengths-empty", lambda fx, lm, t: _cfg(lengths=[]).validate(), EvalError, "'lengths'"),
     ("config-lengths-fraction", lambda fx, lm, t: _cfg(lengths=[4096.5]).validate(), EvalError,

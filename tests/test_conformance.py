@@ -55,6 +55,10 @@ def test_decoding_with_a_cache_matches_one_full_forward(tiny_llama, kind, name, 
 #: Rooms whose methods must run on tiny-gemma3. The attention and KV methods may instead refuse it with a
 #: MethodError (hybrid models are their room's work); a refusal must then say what the model lacks.
 MUST_RUN_ON_HYBRID = {"rope"}
+#: Methods of other rooms that must run on tiny-gemma3 too (and, where their entry says so, change its logits):
+#: InfLLM keeps its block memory on the full-attention layer and the sliding layers' windows
+#: (tests/memory/test_memory_infllm_hybrid.py).
+MUST_RUN_METHODS_ON_HYBRID = {("memory", "infllm")}
 #: case id -> the refusal's message (read when listing which methods refuse hybrid models).
 REFUSED_ON_HYBRID: dict[str, str] = {}
 
@@ -70,7 +74,7 @@ def _apply_or_refusal(model, kind, name, args):
         applied = longkit.apply(model, **{kind: name, f"{kind}_args": args})
         return applied, applied
     except MethodError as err:
-        if kind in MUST_RUN_ON_HYBRID:
+        if kind in MUST_RUN_ON_HYBRID or (kind, name) in MUST_RUN_METHODS_ON_HYBRID:
             raise
         assert str(err).strip() and name in str(err), f"{kind} method {name!r} refused with an unclear error: {err}"
         return None, err
@@ -94,7 +98,7 @@ def test_on_a_hybrid_model_apply_restores_or_refuses(tiny_gemma3, kind, name, ar
             applied.remove()
         after = model(ids).logits
     assert torch.equal(before, after)
-    if changes and kind == "rope":
+    if changes and (kind == "rope" or (kind, name) in MUST_RUN_METHODS_ON_HYBRID):
         assert not torch.allclose(before, during, atol=1e-4), f"{case_id} did not change the logits"
 
 

@@ -28,6 +28,14 @@ position, up to ``exec_chunk - 1`` tokens they already see in their local window
 once, locally when it is closer than ``n_local`` and at the far position otherwise, as the paper defines.
 Not implemented: the reference's GPU cache of recently loaded blocks (``max_cached_block``, LRU); blocks are
 loaded afresh for each chunk.
+
+Models whose layers differ (Gemma 3: five of six layers sliding-window attention, RoPE given per layer type): the
+block memory runs on the full-attention layers, with the far position rotated by those layers' own frequencies
+(``full_attention_inv_freq``, read when the layer runs, so a RoPE method applied first is honoured). A
+sliding-window layer keeps the model's own attention over its window at the true positions, and its cache is
+transformers' ``DynamicSlidingWindowLayer`` (the last ``window - 1`` tokens): its cost and its positions are
+already bounded by the window, and InfLLM's memory there would let it see beyond the window it was trained with.
+Other layer kinds (chunked or linear attention) are refused, and so is a model with no full-attention layer.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from longkit.attention.base import BoundAttention, check_qkv
+from longkit.attention.base import BoundAttention, check_qkv, find_rotary, layer_inv_freq
 from longkit.errors import MethodError
 from longkit.memory.base import MemoryMethod
 from longkit.methods import Undo
@@ -50,7 +58,8 @@ from longkit.rope.rotation import rotate_by
 @register("memory", "infllm")
 @dataclass
 class InfLLM(MemoryMethod):
-    """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens."""
+    """InfLLM: initial tokens + local window + top-k memory blocks chosen by representative tokens (on a model
+    whose layers differ, in its full-attention layers; sliding-window layers keep their window)."""
 
     paper = "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory (https://arxiv.org/abs/2402.04617)"
     keeps_cache = True
@@ -75,19 +84,30 @@ class InfLLM(MemoryMethod):
         """The most keys one query attends to, whatever the context length (see the module docstring)."""
         return self.n_init + self.topk * self.block_size + self.n_local + self.block_size + self.exec_chunk - 1
 
-    def check_model(self, model: Any) -> None:
-        _inv_freq(self, model)
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        text = model.config.get_text_config(decoder=True)
-        kinds = sorted(set(get_layer_types_and_kwargs(text)[0]) - {"full_attention"})
+    def check_model(self, model: Any) -> tuple[Any, str]:
+        """The (parent, attribute) of the model's one rotary module; refuses models InfLLM cannot run on."""
+        found = find_rotary(model)
+        if len(found) != 1:
+            raise MethodError(
+                f"memory method '{self.name}' needs a model with one rotary embedding module (RoPE); "
+                f"{type(model).__name__} has {len(found)}"
+            )
+        types = layer_types(model)
+        kinds = sorted(set(types) - {"full_attention", "sliding_attention"})
         if kinds:
             raise MethodError(
-                f"memory method '{self.name}' supports full-attention layers only; this model has {', '.join(kinds)} layers"
+                f"memory method '{self.name}' supports full-attention and sliding-window layers only; this model has "
+                f"{', '.join(kinds)} layers"
             )
+        if "full_attention" not in types:
+            raise MethodError(
+                f"memory method '{self.name}': every layer of this model is a sliding-window layer, already bounded "
+                "by its window; there is no full-attention layer for the block memory"
+            )
+        return found[0]
 
     def apply(self, model: Any) -> Undo:
-        self.check_model(model)
+        rotary = self.check_model(model)
         impl = getattr(model.config, "_attn_implementation", "")
         if isinstance(impl, str) and impl.startswith("longkit_"):
             # InfLLM is an attention function of its own: it would silently replace the other method's.
@@ -97,20 +117,18 @@ class InfLLM(MemoryMethod):
             )
         attn = _InfLLMAttention()
         attn._owner = self
-        return attn.bind(model, _inv_freq(self, model))
+        return attn.bind(model, rotary)
 
     def make_cache(self, model: Any) -> InfLLMCache:
         return InfLLMCache(model.config, self)
 
 
-def _inv_freq(method: InfLLM, model: Any) -> torch.Tensor:
-    inner = getattr(model, "model", model)
-    inv_freq = getattr(getattr(inner, "rotary_emb", None), "inv_freq", None)
-    if not isinstance(inv_freq, torch.Tensor):
-        raise MethodError(
-            f"memory method '{method.name}' needs a model with one rotary embedding (model.model.rotary_emb.inv_freq)"
-        )
-    return inv_freq
+def layer_types(model_or_config: Any) -> list[str]:
+    """The ``config.layer_types`` entry of every decoder layer (inferred by transformers where the config has none)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
 
 
 # ---- the per-layer state: initial tokens, recent tokens, block store ---------------------------------------------
@@ -153,6 +171,11 @@ class InfLLMState:
 
     def nbytes(self) -> int:
         ts = [self.rk, self.rv, self.init_k, self.init_v, self.repr, self.rscore, *self.block_k, *self.block_v]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def working_set_nbytes(self) -> int:
+        """Bytes of the initial and recent tokens' keys, values and scores (blocks and representative keys excluded)."""
+        ts = [self.rk, self.rv, self.init_k, self.init_v, self.rscore]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     # ---- forward ----
@@ -348,26 +371,55 @@ class _InfLLMLayer(CacheLayerMixin):
 
 
 class InfLLMCache(Cache):
-    """The KV cache of :class:`InfLLM`: per layer an :class:`InfLLMState` (initial tokens, recent tokens, the block
-    store with its representative keys). ``get_seq_length()`` counts the tokens seen."""
+    """The KV cache of :class:`InfLLM`: per full-attention layer an :class:`InfLLMState` (initial tokens, recent
+    tokens, the block store with its representative keys); per sliding-window layer transformers' own
+    ``DynamicSlidingWindowLayer`` (its window). ``get_seq_length()`` counts the tokens seen."""
 
     def __init__(self, config: Any, method: InfLLM):
-        text = config.get_text_config(decoder=True)
-        super().__init__(layers=[_InfLLMLayer(method) for _ in range(text.num_hidden_layers)])
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        super().__init__(
+            layers=[
+                DynamicSlidingWindowLayer(**kw) if kind == "sliding_attention" else _InfLLMLayer(method)
+                for kind, kw in zip(types, per_layer, strict=True)
+            ]
+        )
         self.method = method
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def states(self) -> list[InfLLMState]:
-        return [layer.state for layer in self.layers]
+        """The block memories, one per full-attention layer (in layer order; sliding layers have none)."""
+        return [layer.state for layer in self.layers if isinstance(layer, _InfLLMLayer)]
+
+    def window_layers(self) -> list[DynamicSlidingWindowLayer]:
+        """The sliding-window layers' caches (empty on a model whose layers are all full attention)."""
+        return [layer for layer in self.layers if isinstance(layer, DynamicSlidingWindowLayer)]
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.states())
+        """Exact bytes of every tensor held: block memories (offloaded blocks included) and the sliding windows."""
+        return sum(s.nbytes() for s in self.states()) + sum(_window_nbytes(w) for w in self.window_layers())
+
+    def working_set_nbytes(self) -> int:
+        """Bytes of keys and values held on the compute device between forwards: initial and recent tokens of the
+        full-attention layers (with their attention scores) and the sliding windows; bounded by the configuration.
+        Excluded: the offloaded blocks and the representative keys (one per block and query head, as the
+        reference keeps them on the compute device: they grow with the context, 1/block_size of its keys)."""
+        return sum(s.working_set_nbytes() for s in self.states()) + sum(_window_nbytes(w) for w in self.window_layers())
+
+
+def _window_nbytes(layer: DynamicSlidingWindowLayer) -> int:
+    if not layer.is_initialized or layer.keys is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 
 class _InfLLMAttention(BoundAttention):
-    """The attention function InfLLM registers (not a registered method of its own)."""
+    """The attention function InfLLM registers (not a registered method of its own). Sliding-window layers never
+    reach :meth:`attention`: :meth:`AttentionMethod.forward` hands them to the model's own attention
+    (``own_sliding_layers`` is False), over the keys their sliding cache layer returns."""
 
     name = "infllm"
     kind = "memory"
@@ -375,7 +427,10 @@ class _InfLLMAttention(BoundAttention):
     def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
         B, H, H_kv, T, S, D = check_qkv(query, key, value)
         cfg: InfLLM = self._owner
-        inv_freq = self.bound(module)
+        parent, attr = self.bound(module)
+        # Read when the layer runs (a RoPE method applied first swaps the rotary module), for this layer's type:
+        # Gemma 3's full-attention layers rotate with their own base. Sliding layers never get here (forward()).
+        inv_freq = layer_inv_freq(self, getattr(parent, attr), module)
         item = getattr(_handoff, "item", None)
         _handoff.item = None
         if item is not None and item[1] is key:

@@ -49,6 +49,21 @@ def sample_ids(lm, n: int = 37, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, lm.model.config.vocab_size, (1, n), generator=g)
 
 
+def run_kv(model, spec: str, ids: torch.Tensor, n_decode: int = 3, mask: torch.Tensor | None = None):
+    """Prefill all but the last ``n_decode`` tokens of ``ids`` through the cache of KV method ``spec``, then decode
+    them one by one: (logits of the prefill's last token and of every decode step, (1, n_decode + 1, V); the cache).
+    ``mask``, a (1, n) attention mask, is cut to the tokens seen at each step."""
+    with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
+        cache = applied.new_cache()
+        T = ids.shape[1] - n_decode
+        out = model(ids[:, :T], cache=cache, use_cache=True, attention_mask=None if mask is None else mask[:, :T])
+        logits = [out.logits[:, -1:]]
+        for i in range(T, ids.shape[1]):
+            m = None if mask is None else mask[:, : i + 1]
+            logits.append(model(ids[:, i : i + 1], cache=cache, use_cache=True, attention_mask=m).logits)
+    return torch.cat(logits, dim=1), cache
+
+
 def _fingerprint(model: torch.nn.Module) -> tuple:
     with torch.no_grad():
         weights = tuple((p.dtype, float(p.double().sum())) for p in model.parameters())

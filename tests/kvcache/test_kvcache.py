@@ -10,7 +10,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import longkit
-from conftest import sample_ids
+from conftest import run_kv, sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import CompressedCache, CompressionMethod, cache_nbytes
 from longkit.kvcache.budget import keep_layerwide, keep_topk, pyramid_budgets
@@ -20,19 +20,6 @@ from longkit.rope.rotation import rotate_by
 from longkit.runtime import compress_context
 
 EVICTION = sorted(n for n in REGISTRIES["kv"].names() if issubclass(REGISTRIES["kv"].get(n), CompressionMethod))
-
-
-def _run(model, spec, ids, n_decode=3, mask=None):
-    """Prefill all but ``n_decode`` tokens through ``spec``'s cache, then decode them one by one: (logits, cache)."""
-    with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
-        cache = applied.new_cache()
-        T = ids.shape[1] - n_decode
-        out = model(ids[:, :T], cache=cache, use_cache=True, attention_mask=None if mask is None else mask[:, :T])
-        logits = [out.logits[:, -1:]]
-        for i in range(T, ids.shape[1]):
-            m = None if mask is None else mask[:, : i + 1]
-            logits.append(model(ids[:, i : i + 1], cache=cache, use_cache=True, attention_mask=m).logits)
-    return torch.cat(logits, dim=1), cache
 
 
 def _reference(model, ids, n_decode=3, mask=None):
@@ -63,7 +50,7 @@ def _kv_bytes(cache: CompressedCache) -> int:
 def test_keep_everything_reproduces_uncompressed_logits_exactly(tiny_llama, name):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=45)
-    got, cache = _run(model, f"{name}:ratio=1.0", ids)
+    got, cache = run_kv(model, f"{name}:ratio=1.0", ids)
     with torch.inference_mode():
         dyn = DynamicCache(config=model.config)
         out = model(ids[:, :42], cache=dyn, use_cache=True)
@@ -80,7 +67,7 @@ def test_budget_above_the_context_keeps_everything_through_the_selection_path(ti
     # tokens >= the context goes through scoring, selection and compaction (own masks) and must change nothing.
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=45)
-    got, cache = _run(model, f"{name}:tokens=500", ids)
+    got, cache = run_kv(model, f"{name}:tokens=500", ids)
     assert not any(layer.compacted for layer in cache.layers)
     torch.testing.assert_close(got, _reference(model, ids), rtol=1e-4, atol=1e-5)
 
@@ -92,7 +79,7 @@ def test_budget_above_the_context_keeps_everything_through_the_selection_path(ti
 def test_budget_is_honoured_bytes_drop_and_decoding_runs(tiny_llama, name):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=67)
-    got, cache = _run(model, f"{name}:ratio=0.25", ids, n_decode=3)
+    got, cache = run_kv(model, f"{name}:ratio=0.25", ids, n_decode=3)
     assert torch.isfinite(got).all()
     per_layer = [int(n.sum()) for n in cache.stored_tokens()]
     H_kv = model.config.num_key_value_heads
@@ -117,7 +104,7 @@ def test_pyramidkv_budgets_fall_with_depth_and_average_the_uniform_budget():
 
 def test_pyramidkv_per_layer_counts(tiny_llama):
     ids = sample_ids(tiny_llama, n=64)
-    _, cache = _run(tiny_llama.model, "pyramidkv:tokens=24,window=4,beta=2", ids, n_decode=0)
+    _, cache = run_kv(tiny_llama.model, "pyramidkv:tokens=24,window=4,beta=2", ids, n_decode=0)
     # beyond the window: k=20 -> layers [30, 10] (beta 2), plus the window of 4
     assert [int(n.flatten()[0]) for n in cache.stored_tokens()] == [34, 14]
 
@@ -137,7 +124,7 @@ def test_adakv_layerwide_topk_with_safeguard():
 
 def test_adakv_stores_ragged_heads_and_frees_their_bytes(tiny_llama):
     ids = sample_ids(tiny_llama, n=64)
-    _, cache = _run(tiny_llama.model, "adakv:tokens=16,alpha=0.1", ids, n_decode=0)
+    _, cache = run_kv(tiny_llama.model, "adakv:tokens=16,alpha=0.1", ids, n_decode=0)
     lengths = cache.stored_tokens()
     assert any(layer.packed for layer in cache.layers), "expected different budgets per head"
     for layer, n in zip(cache.layers, lengths, strict=True):
@@ -174,7 +161,7 @@ def test_ragged_cache_equals_masking_the_evicted_entries(impl, dtype):
     ids = sample_ids(lm, n=41)
     register("kv", "_tracked_adakv")(_TrackedAdaKV)
     try:
-        got, cache = _run(model, "_tracked_adakv", ids, n_decode=4)
+        got, cache = run_kv(model, "_tracked_adakv", ids, n_decode=4)
     finally:
         REGISTRIES["kv"].unregister("_tracked_adakv")
     assert any(layer.packed for layer in cache.layers)
@@ -231,7 +218,7 @@ def test_snapkv_keeps_what_explicit_window_attention_selects(tiny_llama):
     window, kernel, k = 6, 3, 20
     register("kv", "_tracked_snapkv")(_TrackedSnapKV)
     try:
-        _, cache = _run(model, f"_tracked_snapkv:tokens={k},window={window},kernel={kernel}", ids, n_decode=0)
+        _, cache = run_kv(model, f"_tracked_snapkv:tokens={k},window={window},kernel={kernel}", ids, n_decode=0)
     finally:
         REGISTRIES["kv"].unregister("_tracked_snapkv")
     with torch.inference_mode(), longkit.apply(model, attention="eager"):
@@ -274,7 +261,7 @@ def test_streaming_llm_keeps_sinks_and_recent_tokens_at_rolled_positions(tiny_ll
 
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=40)
-    _, cache = _run(model, "streaming_llm:tokens=10,sink=2", ids, n_decode=4)
+    _, cache = run_kv(model, "streaming_llm:tokens=10,sink=2", ids, n_decode=4)
     layer = cache.layers[0]
     kept = [0, 1] + list(range(32, 40))
     assert layer.keys.shape[-2] == 10 and cache.get_seq_length() == 40
@@ -332,7 +319,7 @@ def test_generate_with_sampling_and_several_sequences(tiny_llama):
 )
 def test_every_tiny_model_family(any_tiny, spec):
     ids = sample_ids(any_tiny, n=43)
-    got, cache = _run(any_tiny.model, spec, ids, n_decode=3)
+    got, cache = run_kv(any_tiny.model, spec, ids, n_decode=3)
     assert torch.isfinite(got).all()
     assert cache.get_seq_length() == 43
     assert cache_nbytes(cache) == _kv_bytes(cache)
@@ -466,7 +453,7 @@ def test_h2o_accumulates_the_attention_every_query_paid(tiny_llama):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=30)
     # keep everything: the sums then cover all 30 tokens and can be checked against the model's attentions
-    _, cache = _run(model, "h2o:tokens=100", ids, n_decode=2)
+    _, cache = run_kv(model, "h2o:tokens=100", ids, n_decode=2)
     with torch.inference_mode(), longkit.apply(model, attention="eager"):
         attentions = model(ids, output_attentions=True).attentions
     H_kv = model.config.num_key_value_heads
@@ -483,9 +470,9 @@ def test_h2o_accumulation_in_query_chunks(tiny_llama, monkeypatch):
 
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=30)
-    _, whole = _run(model, "h2o:tokens=100", ids, n_decode=0)
+    _, whole = run_kv(model, "h2o:tokens=100", ids, n_decode=0)
     monkeypatch.setattr(h2o, "_QUERY_CHUNK", 7)
-    _, chunked = _run(model, "h2o:tokens=100", ids, n_decode=0)
+    _, chunked = run_kv(model, "h2o:tokens=100", ids, n_decode=0)
     for a, b in zip(whole.layers, chunked.layers, strict=True):
         torch.testing.assert_close(b.extras["acc"], a.extras["acc"], rtol=1e-5, atol=1e-6)
 
@@ -493,8 +480,8 @@ def test_h2o_accumulation_in_query_chunks(tiny_llama, monkeypatch):
 def test_h2o_keeps_heavy_hitters_and_recent_tokens(tiny_llama):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=40)
-    _, full = _run(model, "h2o:tokens=100", ids, n_decode=0)
-    _, cache = _run(model, "h2o:tokens=12,recent=0.25", ids, n_decode=0)
+    _, full = run_kv(model, "h2o:tokens=100", ids, n_decode=0)
+    _, cache = run_kv(model, "h2o:tokens=12,recent=0.25", ids, n_decode=0)
     for layer_full, layer in zip(full.layers, cache.layers, strict=True):
         acc = layer_full.extras["acc"][0]
         for h in range(acc.shape[0]):
@@ -507,7 +494,7 @@ def test_h2o_keeps_heavy_hitters_and_recent_tokens(tiny_llama):
 def test_scissorhands_counts_the_queries_for_which_a_token_was_unimportant(tiny_llama):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=30)
-    _, cache = _run(model, "scissorhands:tokens=100,history=8", ids, n_decode=0)
+    _, cache = run_kv(model, "scissorhands:tokens=100,history=8", ids, n_decode=0)
     with torch.inference_mode(), longkit.apply(model, attention="eager"):
         attentions = model(ids, output_attentions=True).attentions
     H_kv = model.config.num_key_value_heads
@@ -548,8 +535,8 @@ def test_periodic_eviction_keeps_decoding_at_the_budget(tiny_llama):
 def test_threshold_budget_keeps_every_score_above_it_per_head(tiny_llama):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=40)
-    _, full = _run(model, "h2o:tokens=100", ids, n_decode=0)
-    _, cache = _run(model, "h2o:threshold=1.5,recent=0", ids, n_decode=0)
+    _, full = run_kv(model, "h2o:tokens=100", ids, n_decode=0)
+    _, cache = run_kv(model, "h2o:threshold=1.5,recent=0", ids, n_decode=0)
     for layer_full, layer in zip(full.layers, cache.layers, strict=True):
         expected = (layer_full.extras["acc"][0] >= 1.5).sum(-1)
         assert layer.stored_lengths()[0].tolist() == expected.tolist()
@@ -560,9 +547,9 @@ def test_adakv_scorer_args_reach_the_scorer(tiny_llama):
     snapkv:window=4 keeps, and differ from the scorer at its default window."""
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=60)
-    _, wrapped = _run(model, "adakv:ratio=0.3,alpha=1,scorer=snapkv,scorer_args=window=4;kernel=3", ids, n_decode=0)
-    _, plain = _run(model, "snapkv:ratio=0.3,window=4,kernel=3", ids, n_decode=0)
-    _, default = _run(model, "snapkv:ratio=0.3", ids, n_decode=0)
+    _, wrapped = run_kv(model, "adakv:ratio=0.3,alpha=1,scorer=snapkv,scorer_args=window=4;kernel=3", ids, n_decode=0)
+    _, plain = run_kv(model, "snapkv:ratio=0.3,window=4,kernel=3", ids, n_decode=0)
+    _, default = run_kv(model, "snapkv:ratio=0.3", ids, n_decode=0)
 
     def kept(cache):
         return [torch.sort(layer.padded()[0].sum(-1), dim=-1).values for layer in cache.layers]

@@ -9,21 +9,11 @@ import torch
 from transformers import DynamicCache
 
 import longkit
-from conftest import sample_ids
+from conftest import run_kv, sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import cache_nbytes
 from longkit.kvcache.base import ScoreContext
 from longkit.kvcache.cam import CaM, merge_into_following, merge_weights
-
-
-def _run(model, spec, ids, n_decode=3):
-    with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
-        cache = applied.new_cache()
-        T = ids.shape[1] - n_decode
-        logits = [model(ids[:, :T], cache=cache, use_cache=True).logits[:, -1:]]
-        for i in range(T, ids.shape[1]):
-            logits.append(model(ids[:, i : i + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(logits, dim=1), cache
 
 
 def _merge_loop(values, keep, weight, merge):
@@ -141,7 +131,7 @@ def test_keep_everything_is_the_uncompressed_model(tiny_llama):
         ref += [model(ids[:, i : i + 1], cache=dyn, use_cache=True).logits for i in range(27, 30)]
     ref = torch.cat(ref, 1)
     for spec in ("cam:ratio=1.0", "cam:tokens=64,mode=expected"):
-        got, cache = _run(model, spec, ids)
+        got, cache = run_kv(model, spec, ids)
         assert torch.equal(got, ref), spec
         assert cache_nbytes(cache) == cache_nbytes(dyn)
 
@@ -150,7 +140,7 @@ def test_keep_everything_is_the_uncompressed_model(tiny_llama):
 def test_budget_is_honoured_bytes_are_exact_and_decoding_runs(tiny_llama, spec):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=67)
-    got, cache = _run(model, spec, ids)
+    got, cache = run_kv(model, spec, ids)
     assert torch.isfinite(got).all()
     H_kv, D = model.config.num_key_value_heads, 16
     k = 17 if "decode_every" in spec else 16 + 3
@@ -163,7 +153,7 @@ def test_budget_is_honoured_bytes_are_exact_and_decoding_runs(tiny_llama, spec):
 def test_per_head_threshold_budget_stores_ragged_merged_values(tiny_llama):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=40)
-    got, cache = _run(model, "cam:threshold=0.03,window=8,kernel=1", ids)
+    got, cache = run_kv(model, "cam:threshold=0.03,window=8,kernel=1", ids)
     assert torch.isfinite(got).all()
     assert any(layer.packed for layer in cache.layers)
     for layer in cache.layers:
@@ -178,8 +168,8 @@ def test_merged_values_move_kept_tokens_towards_their_evicted_neighbours(tiny_ll
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=33)
     common = "tokens=12,window=4,kernel=1"
-    _, snap = _run(model, f"snapkv:{common}", ids, n_decode=0)
-    _, cam = _run(model, f"cam:{common},merge=1,mode=expected", ids, n_decode=0)
+    _, snap = run_kv(model, f"snapkv:{common}", ids, n_decode=0)
+    _, cam = run_kv(model, f"cam:{common},merge=1,mode=expected", ids, n_decode=0)
     with torch.inference_mode():
         dyn = DynamicCache(config=model.config)
         model(ids, cache=dyn, use_cache=True)
@@ -218,4 +208,4 @@ def test_bad_parameters_are_clear_errors(tiny_llama):
 def test_quantised_storage_that_cannot_take_merged_values_is_a_clear_error(tiny_llama):
     ids = sample_ids(tiny_llama, n=20)
     with pytest.raises(MethodError, match="merges values"):
-        _run(tiny_llama.model, "kivi:bits=2,group_size=16,evict=cam,ratio=0.5", ids, n_decode=0)
+        run_kv(tiny_llama.model, "kivi:bits=2,group_size=16,evict=cam,ratio=0.5", ids, n_decode=0)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import longkit
-from conftest import sample_ids
+from conftest import run_kv, sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import decode
 from longkit.kvcache.decode import decode_attention, decode_reference
@@ -95,27 +94,17 @@ def test_measure_kernels_times_every_kernel():
     assert set(ms) == {"sdpa", "packed", "matmul"} and all(t > 0 for t in ms.values())
 
 
-def _decode(model, spec, ids, n_decode):
-    with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
-        cache = applied.new_cache()
-        T = ids.shape[1] - n_decode
-        out = [model(ids[:, :T], cache=cache, use_cache=True).logits[:, -1:]]
-        for i in range(T, ids.shape[1]):
-            out.append(model(ids[:, i : i + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("spec", ["snapkv:ratio=1.0", "adakv:ratio=0.4", "streaming_llm:ratio=0.5,decode_every=2"])
 @pytest.mark.parametrize("kernel", ["packed", "matmul"])
 def test_hook_decodes_with_the_kernel_as_with_the_models_own_attention(tiny_llama, spec, kernel, monkeypatch):
     model = tiny_llama.model
     ids = sample_ids(tiny_llama, n=50)
-    want = _decode(model, spec, ids, 6)
+    want, _ = run_kv(model, spec, ids, 6)
     used = []
     real = decode.decode_attention
     monkeypatch.setattr(decode, "decode_attention", lambda *a, **kw: used.append(kw["kernel"]) or real(*a, **kw))
     decode.set_decode_kernel(kernel)
-    got = _decode(model, spec, ids, 6)
+    got, _ = run_kv(model, spec, ids, 6)
     # one call per layer and decode step
     assert used == [kernel] * (6 * model.config.num_hidden_layers)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

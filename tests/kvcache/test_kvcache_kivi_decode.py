@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import longkit
-from conftest import sample_ids
+from conftest import run_kv, sample_ids
 from longkit.errors import MethodError
 from longkit.kvcache import KIVICache, kivi_attention
 from longkit.kvcache.hook import CACHE_KWARG
@@ -56,15 +55,6 @@ def test_quantised_read_honours_the_mask(per_head):
     assert not torch.allclose(got, kivi_decode_reference(layer, q), atol=1e-3)
 
 
-def _decode(model, ids, spec, prefill):
-    with torch.inference_mode(), longkit.apply(model, kv=spec) as applied:
-        cache = applied.new_cache()
-        out = [model(ids[:, :prefill], cache=cache, use_cache=True).logits[:, -1:]]
-        for i in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, i : i + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(out, 1), cache
-
-
 def _args(spec):
     return {k: int(v) for k, v in (kv.split("=") for kv in spec.split(":", 1)[1].split(","))}
 
@@ -76,7 +66,7 @@ def test_hooked_decoding_reads_quantised_and_matches_the_reference_path(tiny_lla
     calls = []
     real = kivi_attention.kivi_decode
     monkeypatch.setattr(kivi_attention, "kivi_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    got, cache = _decode(model, ids, spec, 41)
+    got, cache = run_kv(model, spec, ids, n_decode=60 - 41)
     # every decode step of every layer read the quantised storage
     assert len(calls) == 19 * model.config.num_hidden_layers
     assert not any(layer.deferred for layer in cache.layers)

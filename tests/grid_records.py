@@ -1,5 +1,6 @@
-"""Helpers of the tests of the benchmark grids (benchmarks/evalgrid.py's scripts): load a script as a module, run it
-as the user does, and write run directories of made-up records."""
+"""Helpers of the tests of the benchmarks: load a script as a module (every benchmark test loads its script here);
+for the grids (benchmarks/evalgrid.py's scripts), run a script as the user does and write run directories of
+made-up records."""
 
 from __future__ import annotations
 
@@ -17,11 +18,23 @@ import pytest
 from conftest import REPO
 
 
-def load_script(path: Path, name: str) -> ModuleType:
-    """A benchmark script as a module (the scripts are not a package)."""
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """A benchmark script as a module (the scripts are not a package): the one loader of the tests. ``name``
+    defaults to ``bench_<folder>_<stem>`` from the path under benchmarks/."""
+    if name is None:
+        name = "bench_" + "_".join(Path(path).resolve().relative_to(REPO / "benchmarks").with_suffix("").parts)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Registered while it runs, as an import would be: dataclasses look the module up in sys.modules to resolve
+    # string annotations. Put back afterwards so that loading a script leaves nothing behind.
+    before = sys.modules.pop(name, None)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+        if before is not None:
+            sys.modules[name] = before
     return module
 
 

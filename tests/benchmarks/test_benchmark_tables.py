@@ -8,23 +8,20 @@ way are listed, with the reason, in benchmarks/README.md.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
 from conftest import REPO
+from grid_records import load_script
 
 BENCH = REPO / "benchmarks"
 
 
 def _script(path: str):
     """Load benchmarks/<path> as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_" + path.replace("/", "_")[:-3], BENCH / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / path)
 
 
 def _json(path: str) -> dict:

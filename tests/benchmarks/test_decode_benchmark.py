@@ -3,7 +3,6 @@ distance from the bandwidth floor), its render from JSON, and a tiny real run.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,15 +11,13 @@ import sys
 import pytest
 
 from conftest import REPO
+from grid_records import load_script
 
 SCRIPT = REPO / "benchmarks" / "decode" / "decode.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("decode_bench", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_script(SCRIPT)
 
 
 def _data() -> dict:

@@ -20,7 +20,7 @@ TINY = ["--model", "tiny-gemma3", "--lengths-override", "8k=600,128k=700", "--sa
 
 @pytest.fixture(scope="module")
 def grid():
-    return load_script(SCRIPT, "gemma3_grid_benchmark")
+    return load_script(SCRIPT)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -6,17 +6,16 @@ The runner lives in its own venv (kvpress pins transformers < 5.3); these tests 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO
+from grid_records import load_script
 
 KVCACHE = REPO / "benchmarks" / "kvcache"
 RUNNER = KVCACHE / "kvpress_sweep_runner.py"
@@ -99,13 +98,9 @@ def test_check_passes_and_records_parse(tiny_llama, tmp_path):
     assert [r["run_id"] for r in new] == ["knorm@0.25"] and new[0]["cache_lengths"] == [16] * layers
 
 
-def test_compare_snapshots_finds_one_changed_element(monkeypatch):
+def test_compare_snapshots_finds_one_changed_element():
     """The --check comparison is bit-exact: one changed key element, a shorter layer or a different mask fails."""
-    spec = importlib.util.spec_from_file_location("kvpress_sweep_runner", RUNNER)
-    runner = importlib.util.module_from_spec(spec)
-    # dataclasses resolve the module's annotations through sys.modules
-    monkeypatch.setitem(sys.modules, spec.name, runner)
-    spec.loader.exec_module(runner)
+    runner = load_script(RUNNER)
     g = torch.Generator().manual_seed(0)
     # (B, H_kv, S, D) per layer
     keys = [torch.randn(1, 2, 9, 4, generator=g) for _ in range(2)]

@@ -32,9 +32,9 @@ def test_render_rewrites_table_and_figure_from_json(tmp_path):
     # In a subprocess: the script draws through pyplot, which must not leak into this test process
     # (tests/test_report.py checks that the report never imports it).
     code = (
-        "import sys, importlib.util; from pathlib import Path; sys.argv = ['prefill.py', '--render', '--name', 'run'];"
-        f"spec = importlib.util.spec_from_file_location('prefill', {str(SCRIPT)!r}); m = importlib.util.module_from_spec(spec);"
-        f"spec.loader.exec_module(m); m.RESULTS = Path({str(tmp_path)!r}); m.main()"
+        "import sys; from pathlib import Path; sys.argv = ['prefill.py', '--render', '--name', 'run'];"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r}); from grid_records import load_script;"
+        f"m = load_script(Path({str(SCRIPT)!r})); m.RESULTS = Path({str(tmp_path)!r}); m.main()"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

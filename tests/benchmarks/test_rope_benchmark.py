@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO
+from grid_records import load_script
 from longkit.registry import registry
 
 RUNNER = REPO / "benchmarks" / "rope" / "run.py"
@@ -19,10 +19,7 @@ RUNNER = REPO / "benchmarks" / "rope" / "run.py"
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("rope_benchmark_runner", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RUNNER)
 
 
 def _lm(trained: int = 8192, theta: float = 1e5):

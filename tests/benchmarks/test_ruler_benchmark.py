@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from conftest import REPO
+from grid_records import load_script
 from longkit.eval import ruler
 
 RUNNER = REPO / "benchmarks" / "ruler" / "run.py"
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("ruler_benchmark_runner", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RUNNER)
 
 
 def _write_run(d: Path, length: int, methods: dict[str, float], tasks: list[str], samples: int = 2) -> None:

@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
 from conftest import REPO
+from grid_records import load_script
 
 HERE = REPO / "benchmarks" / "attention"
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(HERE / f"{name}.py")
 
 
 def _rec(method, task, depth, sample, score=None, prefill=10.0, **extra):

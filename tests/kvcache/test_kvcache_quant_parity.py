@@ -3,22 +3,18 @@ venv exists (bash benchmarks/kvcache/kvpress_env.sh), one real round trip agains
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 import longkit
 from conftest import REPO
+from grid_records import load_script
 
 BENCH = REPO / "benchmarks" / "kvcache"
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("kvpress_parity", BENCH / "kvpress_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / "kvpress_parity.py")
 
 
 def test_comparison_helpers():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import longkit_launch
 from longkit.eval.runner import hardware
@@ -77,4 +78,7 @@ def test_thread_settings_recorded(monkeypatch):
     got = thread_settings()
     assert got["omp_wait_policy"] == "default"
     assert "not chosen by the longkit script" in got["omp_wait_policy_reason"]
-    assert hardware()["threads"]["omp_wait_policy"] == "default"
+    hw = hardware()
+    assert hw["threads"]["omp_wait_policy"] == "default"
+    # the thread count is recorded once, inside "threads"
+    assert hw["threads"]["torch_threads"] == torch.get_num_threads() and "torch_threads" not in hw

@@ -332,8 +332,8 @@ def hardware() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # wait policy (and why), load average, capability: CPU timings depend on them (issue #24)
+        # thread count, wait policy (and why), load average, capability: CPU timings depend on them (issue #24).
+        # Records written before this held the thread count a second time as a top-level "torch_threads".
         "threads": thread_settings(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }

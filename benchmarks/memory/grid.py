@@ -30,11 +30,16 @@ Methods (rows; ``longkit methods --kind memory|kv|rope`` for their parameters):
 - ``snapkv``: SnapKV keeping ``n_init + n_local + topk * block_size`` = 6272 tokens, InfLLM's working set, with
   the prompt prefilled in chunks of 512 tokens (the cache compressed after every chunk, so it never holds more than
   6272 + 512 tokens), on top of the same NTK factor (SnapKV keeps tokens at their positions, up to the length).
+- ``self_extend``: Self-Extend, the other long-context comparison (an attention remap, no RoPE change): window
+  2048 and group 5 as in benchmarks/train/extend_32k.py, where (8192 - 2048) x 5 + 2048 = 32K covers 16K and 32K;
+  beyond, the smallest group that covers the length, (8192 - 2048) x G + 2048 >= length: G = 11 at 64K and 21 at
+  128K. One full-attention prefill (blockwise, neighbour and grouped parts).
 
 Skips: a (method, bucket) the CPU cannot afford is skipped with its reason written to the run directory
 (``skipped.json``) and shown in the table; ``--force`` runs it anyway. Skipped by default: ``ntk`` at 128K (a
-full-attention prefill at 128K: about 20 min per sample here, 18 samples ~ 6 h) and ``self_route`` at 128K (its
-fall-back is that same path).
+full-attention prefill at 128K: about 20 min per sample here, 18 samples ~ 6 h), ``self_extend`` at 128K (the
+same full-attention cost, 1.0-1.3x NTK's prefill at 16K and 32K in train/results/extend_32k) and ``self_route`` at
+128K (its fall-back is the NTK path).
 
 Table (``render``, from the records only): one table per length, rows = methods, columns = the score of each task
 (% correct), their mean, mean seconds per sample (prefill + decode + retrieval or compression), peak memory (the
@@ -66,10 +71,12 @@ included; under the nice-19 cap multiply by about 5:
     infllm       14     28     36     72    ~1.3x a 16K full prefill per 16K (6.9K keys per query; untested here)
     snapkv       12     23     30     60    ~25 s per 16K (a 6.8K-token cache, chunks of 512)
     ntk          12     37     90   skip    full attention: 25 s, 80 s, ~5 min per sample
-    total       ~70   ~150   ~240   ~300    minutes; ~13 h for the whole grid
+    self_extend  14     43    105   skip    as ntk x 1.15 (its measured prefill: 28 s at 16K, 116 s at 32K)
+    total       ~85   ~195   ~345   ~300    minutes; ~15 h for the whole grid
 
 Peak memory to expect: a full cache is 23 KiB per token in bfloat16 (1.4 GiB at 64K, 2.8 GiB at 128K): ntk holds it
-plus attention working memory, pcw holds every window's cache, infllm's offloaded blocks hold the same amount in RAM
+plus attention working memory, self_extend the same cache (its blockwise attention never forms the T x S
+matrix), pcw holds every window's cache, infllm's offloaded blocks hold the same amount in RAM
 on a CPU (its compute working set stays bounded); rag, lingua and snapkv stay near the model's own footprint.
 """
 
@@ -123,6 +130,21 @@ def infllm_budget() -> int:
     return m.n_init + m.n_local + m.topk * m.block_size
 
 
+#: Self-Extend's neighbour window and its group size up to 32K (benchmarks/train/extend_32k.py's comparison row).
+SELF_EXTEND_WINDOW, SELF_EXTEND_GROUP = 2048, 5
+
+
+def self_extend_group(length: int) -> int:
+    """The group size at a context length: 5, or the smallest G with (8K - W) * G + W >= length (the grouped
+    positions then stay inside the trained window)."""
+    W = SELF_EXTEND_WINDOW
+    return max(SELF_EXTEND_GROUP, -(-(length - W) // (TRAINED - W)))
+
+
+def self_extend(length: int) -> str:
+    return f"attention=self_extend:group_size={self_extend_group(length)},window={SELF_EXTEND_WINDOW}"
+
+
 def lingua(ratio: int) -> Callable[[int], str]:
     def spec(length: int) -> str:
         method = f"memory=longllmlingua:ratio={ratio}"
@@ -137,6 +159,8 @@ Method = evalgrid.Method
 
 NTK_128K = ("full-attention prefill at 128K: about 20 min per sample on 2 CPU cores (16K: 23 s, 32K: 77 s, about "
             "x4 per doubling), 18 samples ~ 6 h")
+SELF_EXTEND_128K = ("full-attention prefill at 128K, as NTK's (Self-Extend's prefill took 1.0-1.3x NTK's at 16K and "
+                    "32K in train/results/extend_32k): about 20 min or more per sample, 18 samples ~ 6 h")
 #: Cheap rows first, so a partial grid has the most rows.
 METHODS = {
     "rag_bm25": Method("RAG (BM25)", lambda n: "memory=rag:retriever=bm25"),
@@ -150,6 +174,7 @@ METHODS = {
     "snapkv": Method("SnapKV, chunked prefill (InfLLM's budget)",
                      lambda n: f"{ntk(n)}+kv=snapkv:tokens={infllm_budget()}", prefill_chunk=512),
     "ntk": Method("NTK (long context)", ntk, skip={"128k": NTK_128K}),
+    "self_extend": Method("Self-Extend (long context)", self_extend, skip={"128k": SELF_EXTEND_128K}),
 }
 
 

@@ -19,7 +19,7 @@ TINY = ["--model", "tiny-llama", "--lengths-override", "16k=1024,128k=768", "--t
 
 @pytest.fixture(scope="module")
 def grid():
-    return load_script(SCRIPT, "memory_grid_benchmark")
+    return load_script(SCRIPT)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -46,22 +46,34 @@ def test_method_rules_follow_the_documented_choices(grid):
     assert spec["lingua8"]["128k"] == "rope=ntk:factor=4+memory=longllmlingua:ratio=8"
     # Self-Route falls back to the long-context comparison of its length.
     assert spec["self_route"]["64k"] == "rope=ntk:factor=8+memory=self_route"
+    # Self-Extend: extend_32k's G=5, w=2048 (covers 32K), then the smallest group with (8K - 2K) * G + 2K >= length.
+    groups = [5, 5, 11, 21]
+    assert [spec["self_extend"][b] for b in grid.BUCKETS] == [
+        f"attention=self_extend:group_size={g},window=2048" for g in groups
+    ]
+    for (bucket, n), g in zip(grid.BUCKETS.items(), groups, strict=True):
+        assert (8192 - 2048) * g + 2048 >= n and (g == 5 or (8192 - 2048) * (g - 1) + 2048 < n), bucket
     # Every combination parses; the full-attention paths are skipped at 128K with a reason.
     for by_bucket in spec.values():
         for text in by_bucket.values():
             MethodSpec.parse(text)
-    assert set(grid.METHODS["ntk"].skip) == set(grid.METHODS["self_route"].skip) == {"128k"}
+    skips = [set(grid.METHODS[name].skip) for name in ("ntk", "self_route", "self_extend")]
+    assert skips == [{"128k"}] * 3
+    assert grid.METHODS["self_extend"].skip["128k"] == grid.SELF_EXTEND_128K
 
 
 def test_dry_run_lists_every_step_and_writes_nothing(grid, tmp_path):
     r = _run("eval", "--buckets", "16k,32k,64k,128k", "--dry-run", "--results", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    # 9 methods x (2 task groups at 16K and 32K, 1 at 64K and 128K), two of them skipped at 128K.
-    assert len(lines) == 9 * 6
-    assert sum(line.startswith("skip ") for line in lines) == 2
+    # 10 methods x (2 task groups at 16K and 32K, 1 at 64K and 128K), three of them skipped at 128K.
+    assert len(lines) == 10 * 6
+    skipped = sorted(line for line in lines if line.startswith("skip "))
+    assert len(skipped) == 3 and all("128k-depth" in line for line in skipped)
     assert any(" --combo rope=ntk:factor=8+kv=snapkv:tokens=6272 " in line and "--prefill-chunk 512" in line
                and line.endswith("snapkv-64k-depth") for line in lines)
+    assert any(" --combo attention=self_extend:group_size=11,window=2048 " in line
+               and line.endswith("self_extend-64k-depth") for line in lines)
     assert not (tmp_path / "g").exists()
 
 

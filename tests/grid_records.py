@@ -18,11 +18,10 @@ import pytest
 from conftest import REPO
 
 
-def load_script(path: Path, name: str | None = None) -> ModuleType:
-    """A benchmark script as a module (the scripts are not a package): the one loader of the tests. ``name``
-    defaults to ``bench_<folder>_<stem>`` from the path under benchmarks/."""
-    if name is None:
-        name = "bench_" + "_".join(Path(path).resolve().relative_to(REPO / "benchmarks").with_suffix("").parts)
+def load_script(path: Path) -> ModuleType:
+    """A benchmark script as a module named ``bench_<folder>_<stem>`` (the scripts are not a package): the one
+    loader of the tests."""
+    name = "bench_" + "_".join(Path(path).resolve().relative_to(REPO / "benchmarks").with_suffix("").parts)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     # Registered while it runs, as an import would be: dataclasses look the module up in sys.modules to resolve

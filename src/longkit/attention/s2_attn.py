@@ -73,8 +73,8 @@ def _fold(x: torch.Tensor, m: int) -> torch.Tensor:
 
 def _group_mask(dense: torch.Tensor, B: int, a: int, L: int, m: int) -> torch.Tensor | None:
     """The diagonal (L, L) blocks of ``dense`` (Bd, hd, T, T) for the run, ANDed with causality, as a (B·m, hd, L, L)
-    mask; None when the blocks hide nothing causal attention would show (a plain causal mask as transformers
-    hands over for padded batches without padding, or a packed row whose documents span the groups)."""
+    mask; None when the blocks hide nothing causal attention would show (a plain causal mask, as transformers may
+    hand over for a batch without padding, or documents whose boundaries all fall between the run's groups)."""
     d = dense[:, :, a : a + m * L, a : a + m * L]
     # (Bd, hd, m, L, m, L) -> the diagonal blocks (Bd, m, hd, L, L): each group's own rows and columns
     d = d.unflatten(2, (m, L)).unflatten(4, (m, L)).diagonal(dim1=2, dim2=4).permute(0, 4, 1, 2, 3)
@@ -146,8 +146,9 @@ def s2_attention(
         MaskSpec(causal=False, dense=dense).check(B, H, T, S)
     g = s2_group_size(T, group_size_ratio)
     rep, half = H // H_kv, H // 2
-    # Key heads matched to the query heads (one copy, its backward one sum); measured against sdpa's enable_gqa
-    # in benchmarks/train/s2_attn_speed.py. The halves are cut with split (backward: one cat).
+    # Key heads matched to the query heads (one copy, its backward one sum): as fast as sdpa's enable_gqa on the
+    # flash kernel (benchmarks/train/results/s2_attn_speed.notes.md), which cannot take a half that splits a key
+    # head (SmolLM2: 9 query heads, 3 key heads). The halves are cut with split (backward: one cat).
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     sizes = [n for n in (half, H - half) if n]

@@ -119,6 +119,9 @@ TABLES = {
     "train/results/s2_attn_speed.md": lambda: _script("train/s2_attn_speed.py").markdown(
         **_json("train/results/s2_attn_speed.json"), notes=BENCH / "train/results/s2_attn_speed.notes.md"
     ),
+    "train/results/s2_attn_speed_1thread.md": lambda: _meta_rows(
+        "train/s2_attn_speed.py", "train/results/s2_attn_speed_1thread.json"
+    ),
     "train/results/extend_32k/table.md": lambda: _script("train/extend_32k.py").table()[0],
 }
 

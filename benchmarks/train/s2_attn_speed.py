@@ -15,7 +15,8 @@ repeat runs each implementation once, in the same order, so that a disturbance o
 them; the table gives the median of the repeats (a warm-up call of each is not counted). Wall time
 (``perf_counter``) and this process's CPU time (``process_time``, all threads) are both recorded: on a CPU shared
 with other work, CPU time is the steadier measure of the work done, wall time what a training step waits.
-The ratios are taken within the run. Each row also records the largest difference of ``s2`` from ``s2_before``
+The ratios are taken within the run. ``OMP_WAIT_POLICY`` is recorded: with OpenMP's default spin-waiting the idle
+thread spins between kernels, which on a loaded CPU costs S²-Attn (more, smaller ops) more than full attention. Each row also records the largest difference of ``s2`` from ``s2_before``
 (and of ``s2_packed`` from ``s2_before`` with the same mask) as a check that the timed paths compute the same thing.
 
     nice -n 19 python benchmarks/train/s2_attn_speed.py
@@ -187,7 +188,8 @@ def markdown(meta: dict, rows: list[dict], notes: Path | None = None) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        f"CPU: {meta['cpu_capability']}, {meta['threads']} torch threads ({meta['cpus']} CPUs, nice {meta['nice']}); "
+        f"CPU: {meta['cpu_capability']}, {meta['threads']} torch threads ({meta['cpus']} CPUs, nice {meta['nice']}), "
+        f"OMP_WAIT_POLICY {meta.get('omp_wait_policy') or 'unset (OpenMP default: spin, then sleep)'}; "
         f"torch {meta['torch']}. Shape: B={shape['B']}, H={shape['H']}, H_kv={shape['H_kv']}, D={shape['D']} "
         f"(SmolLM2-135M); group = {meta['ratio']} of the row, half the heads shifted. Forward + backward of one "
         f"attention call, median of {meta['repeats']} repeats (each repeat runs every implementation once, in "
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
             "shape": SHAPE, "ratio": args.ratio, "repeats": args.repeats, "packed_docs": list(PACKED_DOCS),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "nice": os.nice(0), "python": platform.python_version(),
-            "torch": torch.__version__, "load_start": _load()}
+            "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "load_start": _load()}
     meta["command"] = meta["command"].rstrip()
     rows: list[dict] = []
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,9 @@ TABLES = {
     "train/results/s2_attn_speed_1thread.md": lambda: _meta_rows(
         "train/s2_attn_speed.py", "train/results/s2_attn_speed_1thread.json"
     ),
+    "train/results/s2_attn_speed_passive.md": lambda: _meta_rows(
+        "train/s2_attn_speed.py", "train/results/s2_attn_speed_passive.json"
+    ),
     "train/results/extend_32k/table.md": lambda: _script("train/extend_32k.py").table()[0],
 }
 

@@ -3,12 +3,13 @@ padding, gradients, and the seam (training mode only)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from attention_helpers import qkv
 
 import longkit
 from conftest import sample_ids
 from longkit.attention.naive import s2_attn_reference
-from longkit.attention.s2_attn import s2_attention
+from longkit.attention.s2_attn import s2_attention, s2_runs
 from longkit.errors import MethodError
 
 CASES = [
@@ -19,7 +20,21 @@ CASES = [
     (50, 6, 3, 0.13),  # H // 2 = 3 query heads: a key head serves both halves
     (23, 5, 5, 1.0),  # odd head count (3 shifted heads), one group
     (7, 4, 2, 0.1),  # g = 1: every token sees itself only
+    (1, 4, 2, 0.25),  # T = 1: one token, g = 1
+    (9, 9, 3, 0.25),  # SmolLM2's heads (halves of 4 and 5 split a key head), g = 2
+    (13, 9, 3, 0.6),  # T < 2g: shifted groups [0, 3), [3, 10), [10, 13)
+    (50, 3, 1, 0.25),  # H = 3: one plain head, two shifted
+    (40, 7, 7, 0.3),  # MHA, odd head count
 ]
+
+
+def _documents(T, seed):
+    """(2, 1, T, T) block-causal masks of random document lengths (one row a single document)."""
+    g = torch.Generator().manual_seed(seed)
+    doc = torch.zeros(2, T, dtype=torch.long)
+    for c in torch.randint(1, max(2, T), (3,), generator=g).tolist():
+        doc[0, c:] += 1
+    return ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril())[:, None]
 
 
 @pytest.mark.parametrize("T,H,H_kv,ratio", CASES)
@@ -30,6 +45,69 @@ def test_fast_path_matches_the_reference(T, H, H_kv, ratio, dtype, tol):
     ref, _ = s2_attn_reference(q, k, v, ratio)
     assert out.dtype == dtype and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("T,H,H_kv,ratio", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_document_mask_matches_the_reference(T, H, H_kv, ratio, dtype, tol):
+    q, k, v = qkv(T, T, H_kv, dtype=dtype, H=H, seed=T + 1)
+    dense = _documents(T, T)
+    out = s2_attention(q, k, v, ratio, dense=dense)
+    ref, _ = s2_attn_reference(q, k, v, ratio, dense=dense)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_per_head_dense_mask_and_transformers_layout():
+    # A (B, H, T, T) mask differing per head, and inputs laid out as transformers hands them over ((B, T, H, D)
+    # transposed): the groups are folded from strided views.
+    T, H = 33, 6
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(T, T, 2, H=H, seed=3))
+    assert not q.is_contiguous()
+    dense = torch.rand(2, H, T, T, generator=torch.Generator().manual_seed(4)) > 0.3
+    out = s2_attention(q, k, v, 0.3, dense=dense)
+    ref, _ = s2_attn_reference(q, k, v, 0.3, dense=dense)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s2_attention(q, k, v, 0.3), s2_attn_reference(q, k, v, 0.3)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_runs_by_hand():
+    assert s2_runs(10, 4, 0) == [(0, 4, 2), (8, 2, 1)]
+    assert s2_runs(10, 4, 2) == [(0, 2, 1), (2, 4, 2)]
+    assert s2_runs(13, 7, 3) == [(0, 3, 1), (3, 7, 1), (10, 3, 1)]
+    assert s2_runs(8192, 2048, 1024) == [(0, 1024, 1), (1024, 2048, 3), (7168, 1024, 1)]
+    assert s2_runs(1, 1, 0) == [(0, 1, 1)]
+
+
+def _sdpa_calls(monkeypatch):
+    """Record (4-D inputs, is_causal, has a mask) of every sdpa call S²-Attn makes."""
+    import longkit.attention.s2_attn as s2
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.ndim == 4 and k.ndim == 4, is_causal, attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(s2.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_fused_path_without_a_mask(monkeypatch):
+    # What torch's flash kernels take: 4-D inputs, is_causal, no mask, one call per run of equal groups; a dense
+    # mask that is plain causal attention (what transformers may hand over for an unpadded batch) is dropped.
+    calls = _sdpa_calls(monkeypatch)
+    q, k, v = qkv(40, 40, 3, H=9)
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    out = s2_attention(q, k, v, 0.25)
+    assert calls == [(True, True, False)] * 4  # plain half: 4 groups of 10; shifted: [0, 5), 3 x 10, [35, 40)
+    calls.clear()
+    assert torch.equal(s2_attention(q, k, v, 0.25, dense=causal.expand(2, 1, 40, 40)), out)
+    assert calls == [(True, True, False)] * 4
+    calls.clear()
+    dense = causal.repeat(2, 1, 1, 1)
+    dense[1, :, :, 7] = False  # a hidden key in row 1: in the plain groups' run and the shifted run [5, 35) only
+    s2_attention(q, k, v, 0.25, dense=dense)
+    assert all(c[0] for c in calls) and [c[2] for c in calls] == [True, False, True, False]
 
 
 def _visibility(fn, T, H, ratio):
@@ -80,18 +158,32 @@ def test_padding_and_fully_masked_rows_match_the_reference():
     assert out[0, :, :5].abs().max() == 0
 
 
-def test_gradients_match_the_reference():
-    T, H = 29, 4
-    q, k, v = qkv(T, T, 2, H=H)
+@pytest.mark.parametrize("T,H,H_kv,ratio", [c for c in CASES if c[0] > 1])
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
+def test_gradients_match_the_reference(T, H, H_kv, ratio, documents):
+    q, k, v = qkv(T, T, H_kv, H=H, seed=T + 2)
+    dense = _documents(T, T) if documents else None
     w = torch.randn(2, H, T, 16, generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (s2_attention, lambda *a: s2_attn_reference(*a)[0]):
+    for fn in (s2_attention, lambda *a, **kw: s2_attn_reference(*a, **kw)[0]):
         x = [t.clone().requires_grad_() for t in (q, k, v)]
-        (fn(*x, 0.25) * w).sum().backward()
+        (fn(*x, ratio, dense=dense) * w).sum().backward()
         grads.append([t.grad for t in x])
     for a, b in zip(*grads, strict=True):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [32, 37])
+def test_first_tokens_get_no_gradient_from_the_last(T):
+    # The wrap-around leak in gradients: the outputs of tokens 0 .. s - 1 (the shifted heads' own first group)
+    # must not depend on any later key or value; LongLoRA's roll would put the last tokens in their group.
+    g, H = int(T * 0.25), 4
+    s = g // 2
+    x = [t.clone().requires_grad_() for t in qkv(T, T, 2, H=H)]
+    s2_attention(*x, 0.25)[:, :, :s].sum().backward()
+    for t in x[1:]:
+        assert t.grad[:, :, s:].abs().max() == 0 and t.grad[:, :, :s].abs().max() > 0
 
 
 @pytest.mark.parametrize(

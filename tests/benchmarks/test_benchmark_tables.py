@@ -113,6 +113,15 @@ TABLES = {
     "ruler/results/smollm2-4k-baseline/ruler.md": lambda: _ruler("smollm2-4k-baseline"),
     "ruler/results/smollm2-4k-baseline-snapkv/ruler.md": lambda: _ruler("smollm2-4k-baseline-snapkv"),
     "train/results/longlora_8k.md": lambda: _meta_rows("train/longlora_8k.py", "train/results/longlora_8k.json"),
+    "train/results/s2_attn_speed.md": lambda: _script("train/s2_attn_speed.py").markdown(
+        **_json("train/results/s2_attn_speed.json"), notes=BENCH / "train/results/s2_attn_speed.notes.md"
+    ),
+    "train/results/s2_attn_speed_1thread.md": lambda: _meta_rows(
+        "train/s2_attn_speed.py", "train/results/s2_attn_speed_1thread.json"
+    ),
+    "train/results/s2_attn_speed_passive.md": lambda: _meta_rows(
+        "train/s2_attn_speed.py", "train/results/s2_attn_speed_passive.json"
+    ),
     "train/results/extend_32k/table.md": lambda: _script("train/extend_32k.py").table()[0],
 }
 

@@ -10,8 +10,14 @@ No causal leak. LongLoRA's plain-PyTorch path (``forward_noflashattn``) shifts b
 future): issues #15 and #90 of dvlab-research/LongLoRA. Here the shifted heads' groups are
 ``[0, s), [s, s + g), [s + g, s + 2g), ...``: the wrapped tokens form their own group at the start, which is
 what the official flash-attention path (``forward_flashattn``, cumulative lengths ``k·g + g/2``) computes.
-Implemented without the roll: the shifted half is padded with ``g - s`` placeholder tokens at the front so its
-groups align with multiples of ``g``; placeholders are masked out.
+Implemented without the roll, as that flash path: each half's groups are runs of equal-length groups
+(:func:`s2_runs`: the shifted half's own first group ``[0, s)``, whole groups of ``g``, a shorter last group), and
+each run is one causal sdpa call with its groups folded into the batch dim: 4-D inputs, ``is_causal`` and no mask,
+which torch's fused flash kernels take on CPU and GPU. An extra ``dense`` mask (padding, packed documents) that
+hides something inside a group is cut into per-group (g, g) blocks and passed as a mask (still 4-D, still the
+flash kernel on CPU); one that hides nothing there (a plain causal mask) is dropped. Measured in
+``benchmarks/train/s2_attn_speed.py``: the former single masked 5-D sdpa call ran torch's math path on CPU
+(materialised (g, g) scores, slow backward) and was slower than full attention.
 
 Lengths not divisible by ``g`` (LongLoRA refuses them): the last group of each half is shorter; every token is
 still in exactly one group.
@@ -43,39 +49,68 @@ def s2_group_size(T: int, group_size_ratio: float) -> int:
     return max(1, int(T * group_size_ratio))
 
 
-def _grouped(q, k, v, g: int, front: int, dense: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-    """Causal attention inside groups of ``g`` of positions ``-front, ..., T - 1`` (placeholders below 0 and
-    past T - 1 are masked): q (B, h, T, D), k, v (B, h_kv, T, D) -> (B, h, T, D_v)."""
-    B, h, T, _ = q.shape
-    n = -(-(front + T) // g)
-    back = n * g - front - T
+def s2_runs(T: int, g: int, first: int) -> list[tuple[int, int, int]]:
+    """The groups of positions ``0 .. T - 1`` as runs ``(start, length, count)`` of ``count`` consecutive groups of
+    ``length``: an own first group ``[0, first)`` when ``first > 0`` (the shifted heads' half group), then whole
+    groups of ``g``, then the shorter last group when ``g`` does not divide what is left."""
+    runs, a = [], 0
+    if first:
+        runs.append((0, first, 1))
+        a = first
+    if (T - a) // g:
+        runs.append((a, g, (T - a) // g))
+        a += (T - a) // g * g
+    if a < T:
+        runs.append((a, T - a, 1))
+    return runs
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:
-        # (B, h, T, D) -> (B, n, h, g, D): sdpa's batch dims, then heads at -3 as its GQA needs
-        x = F.pad(x, (0, 0, front, back))
-        return x.view(x.shape[0], x.shape[1], n, g, x.shape[-1]).transpose(1, 2)
 
-    idx = torch.arange(n * g, device=q.device) - front
-    real = ((idx >= 0) & (idx < T)).view(n, g)
-    causal = torch.ones(g, g, dtype=torch.bool, device=q.device).tril()
-    eye = torch.eye(g, dtype=torch.bool, device=q.device)
-    # (n, g, g): a real key, or the query itself (so a placeholder query's row is never empty)
-    visible = causal & (real[:, None, :] | eye)
-    mask = visible[None, :, None]
-    if dense is not None:
-        d = F.pad(dense, (front, back, front, back))
-        # (Bd, hd, n·g, n·g) -> the diagonal blocks (Bd, n, hd, g, g): each group's own rows and columns
-        d = d.view(d.shape[0], d.shape[1], n, g, n, g).diagonal(dim1=2, dim2=4).permute(0, 4, 1, 2, 3)
-        mask = mask & d
-    # A row that sees nothing (a padded query) gets its own key so sdpa stays finite, then a zero output, as
-    # the reference gives it.
-    empty = ~mask.any(-1, keepdim=True)
-    mask = mask | (empty & eye)
-    out = F.scaled_dot_product_attention(
-        blocks(q), blocks(k), blocks(v), attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h
-    )
-    out = out.masked_fill(empty, 0.0) if dense is not None else out
-    return out.transpose(1, 2).reshape(B, h, n * g, -1)[:, :, front : front + T]
+def _fold(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, h, m·L, D) -> (B·m, h, L, D): ``m`` consecutive groups folded into the batch dim (a view for B = 1)."""
+    B, h, n, D = x.shape
+    return x.unflatten(2, (m, n // m)).transpose(1, 2).reshape(B * m, h, n // m, D)
+
+
+def _group_mask(dense: torch.Tensor, B: int, a: int, L: int, m: int) -> torch.Tensor | None:
+    """The diagonal (L, L) blocks of ``dense`` (Bd, hd, T, T) for the run, ANDed with causality, as a (B·m, hd, L, L)
+    mask; None when the blocks hide nothing causal attention would show (a plain causal mask, as transformers may
+    hand over for a batch without padding, or documents whose boundaries all fall between the run's groups)."""
+    d = dense[:, :, a : a + m * L, a : a + m * L]
+    # (Bd, hd, m, L, m, L) -> the diagonal blocks (Bd, m, hd, L, L): each group's own rows and columns
+    d = d.unflatten(2, (m, L)).unflatten(4, (m, L)).diagonal(dim1=2, dim2=4).permute(0, 4, 1, 2, 3)
+    causal = torch.ones(L, L, dtype=torch.bool, device=dense.device).tril()
+    if bool((d | ~causal).all()):
+        return None
+    d = d & causal
+    return d.expand(B, *d.shape[1:]).reshape(B * m, *d.shape[2:])
+
+
+def _causal_groups(q, k, v, runs, dense: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """Causal attention inside each group of ``runs`` (see :func:`s2_runs`): q (B, h, T, D), k, v (B, h, T, D)
+    (key heads already matched to the query heads) -> (B, T, h, D_v).
+
+    Each run is one sdpa call on 4-D inputs (groups folded into the batch dim) with ``is_causal`` and no mask
+    where ``dense`` hides nothing in it: what torch's fused CPU/GPU flash kernels take (a 5-D call or an explicit
+    mask sends CPU sdpa to its math path, which materialises every (g, g) score matrix and is slow backwards).
+    The runs are cut with ``split`` (its backward is one ``cat``; slicing would zero-fill a full-size gradient
+    per run)."""
+    B = q.shape[0]
+    sizes = [L * m for _, L, m in runs]
+    outs = []
+    for (a, L, m), qr, kr, vr in zip(runs, *(x.split(sizes, dim=2) for x in (q, k, v)), strict=True):
+        mask = None if dense is None else _group_mask(dense, B, a, L, m)
+        qf, kf, vf = _fold(qr, m), _fold(kr, m), _fold(vr, m)
+        if mask is None:
+            out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=L > 1, scale=scale)
+        else:
+            # A row that sees nothing (a padded query) gets its own key so sdpa stays finite, then a zero output,
+            # as the reference gives it.
+            empty = ~mask.any(-1, keepdim=True)
+            mask = mask | (empty & torch.eye(L, dtype=torch.bool, device=mask.device))
+            out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale).masked_fill(empty, 0.0)
+        # (B·m, h, L, D_v) -> (B, m·L, h, D_v)
+        outs.append(out.transpose(1, 2).reshape(B, m * L, out.shape[1], out.shape[-1]))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def s2_attention(
@@ -110,23 +145,24 @@ def s2_attention(
             raise MethodError("s2_attn attention: parameter 'dense' must be a bool tensor (B|1, H|1, T, T)")
         MaskSpec(causal=False, dense=dense).check(B, H, T, S)
     g = s2_group_size(T, group_size_ratio)
-    s = g // 2
     rep, half = H // H_kv, H // 2
-    outs = []
-    for heads, front in ((range(0, half), 0), (range(half, H), (g - s) % g)):
-        if not heads:
-            continue
-        qh = q[:, heads.start : heads.stop]
-        if heads.start % rep == 0 and heads.stop % rep == 0:
-            # The half's key heads are whole: keep GQA unexpanded.
-            kv = slice(heads.start // rep, heads.stop // rep)
-            kh, vh = k[:, kv], v[:, kv]
-        else:
-            kh = k.repeat_interleave(rep, dim=1)[:, heads.start : heads.stop]
-            vh = v.repeat_interleave(rep, dim=1)[:, heads.start : heads.stop]
-        dh = None if dense is None else dense if dense.shape[1] == 1 else dense[:, heads.start : heads.stop]
-        outs.append(_grouped(qh, kh, vh, g, front, dh, scale))
-    return torch.cat(outs, dim=1)
+    # Key heads matched to the query heads (one copy, its backward one sum): as fast as sdpa's enable_gqa on the
+    # flash kernel (benchmarks/train/results/s2_attn_speed.notes.md), which cannot take a half that splits a key
+    # head (SmolLM2: 9 query heads, 3 key heads). The halves are cut with split (backward: one cat).
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    sizes = [n for n in (half, H - half) if n]
+    firsts = [0, g // 2][-len(sizes) :]
+    if dense is not None and dense.shape[1] > 1:
+        denses = dense.split(sizes, dim=1)
+    else:
+        denses = [dense] * len(sizes)
+    outs = [
+        _causal_groups(qh, kh, vh, s2_runs(T, g, first), dh, scale)
+        for qh, kh, vh, dh, first in zip(*(x.split(sizes, dim=1) for x in (q, k, v)), denses, firsts, strict=True)
+    ]
+    # (B, T, H, D_v) viewed as (B, H, T, D_v): the layout transformers wants back, so its transpose is free
+    return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]).transpose(1, 2)
 
 
 @register("attention", "s2_attn")

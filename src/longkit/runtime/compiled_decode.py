@@ -105,9 +105,7 @@ def _dense_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
             raise MethodError("compiled_decode: sliding-window layers are not supported (full-attention models only)")
     out = []
     for i, layer in enumerate(layers):
-        if isinstance(layer, RaggedLayer):
-            if not isinstance(cache, CompressedCache):
-                raise MethodError("compiled_decode: a ragged layer outside a CompressedCache is not supported")
+        if type(layer) is RaggedLayer and isinstance(cache, CompressedCache):
             keys, values, valid, _ = layer.padded()
             if layer.last_valid is not None and valid is None:
                 valid = layer.last_valid[..., : keys.shape[-2]]
@@ -140,15 +138,17 @@ class CompiledDecoder:
             raise MethodError(f"compiled_decode: parameter 'max_new_tokens' must be an int >= 1 (got {max_new_tokens!r})")
         if not isinstance(bucket, int) or bucket < 1:
             raise MethodError(f"compiled_decode: parameter 'bucket' must be an int >= 1 (got {bucket!r})")
+        from transformers import StaticCache
+
+        # the cache first: its refusal names the method more precisely than its attention function would
+        layers = _dense_layers(cache)
         impl = model.config._attn_implementation
         if impl not in REPLACEABLE:
             raise MethodError(
                 f"compiled_decode: the model's attention implementation is {impl!r}; the decoder replaces the "
-                f"attention during decoding and supports {', '.join(REPLACEABLE)} only (attention methods decode eagerly)"
+                f"attention during decoding and supports {', '.join(REPLACEABLE)} only (a method that computes "
+                "attention its own way decodes eagerly)"
             )
-        from transformers import StaticCache
-
-        layers = _dense_layers(cache)
         self.model = model
         self.seen = layers[0][3]
         stored = max(k.shape[-2] for k, *_ in layers)
@@ -177,9 +177,9 @@ class CompiledDecoder:
                 self.mask[i, ..., :n] = True
             else:
                 self.mask[i, :, :, 0, :n] = valid
-        if len(set(self._slots)) != 1:
-            # one mask slot per step for every layer: layers must append at the same slot
-            raise MethodError("compiled_decode: the cache's layers store different numbers of tokens")
+        # (layers,): the slot each layer's next token goes to (layers may store different numbers: PyramidKV)
+        self._slots = torch.tensor(self._slots, device=k0.device)
+        self._layer_ids = torch.arange(len(layers), device=k0.device)
         self.cache = static
         self.kv_read_bytes = sum(
             layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -209,8 +209,8 @@ class CompiledDecoder:
             raise MethodError(
                 f"compiled_decode: max_new_tokens={self.max_new_tokens} steps already decoded; build a new decoder"
             )
-        slot = self._slots[0] + self.steps
-        self.mask[..., slot] = True
+        # the slot each layer writes this step becomes visible (it holds the token's own key and value)
+        self.mask[self._layer_ids, :, :, :, self._slots + self.steps] = True
         # (B, 1): the token's true position (after an eviction it is past the stored slots)
         position = torch.full((tokens.shape[0], 1), self.seen + self.steps, dtype=torch.long, device=tokens.device)
         t0 = time.perf_counter() if self.steps == 0 else None

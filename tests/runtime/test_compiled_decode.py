@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import longkit
+from conftest import sample_ids
 from longkit.errors import MethodError
 from longkit.runtime.compiled_decode import ATTENTION, compiled_decode
-from conftest import sample_ids
 
 STEPS = 32
 

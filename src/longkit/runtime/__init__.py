@@ -1,7 +1,8 @@
 """Runtime: how a model is run over long inputs, whatever methods are applied.
 
 Chunked prefill, greedy generation with measured cost, windowed NLL, compress-once-ask-many, prefill
-capture/replay for sweeping KV methods over one prefill, and compiled decode steps (``compiled_decode``). Sits above the seam and the method rooms, below eval.
+capture/replay for sweeping KV methods over one prefill, and compiled decode steps (``compiled_decode``). Sits above
+the seam and the method rooms, below eval.
 """
 
 from longkit.runtime.chunked_prefill import chunked_prefill

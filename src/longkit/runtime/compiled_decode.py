@@ -154,7 +154,7 @@ class CompiledDecoder:
         stored = max(k.shape[-2] for k, *_ in layers)
         self.capacity = -(-(stored + max_new_tokens) // bucket) * bucket
         self.max_new_tokens = max_new_tokens
-        k0, v0 = layers[0][0], layers[0][1]
+        k0 = layers[0][0]
         B = k0.shape[0]
         static = StaticCache(config=model.config, max_cache_len=self.capacity)
         if len(static.layers) != len(layers):

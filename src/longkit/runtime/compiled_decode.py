@@ -194,9 +194,9 @@ class CompiledDecoder:
         self._closed = False
         forward = model.forward
         if compile:
-            options = {"freezing": True} if freezing else {}
-            forward = torch.compile(model.forward, dynamic=False, options=options)
+            forward = torch.compile(model.forward, dynamic=False)
         self._forward = forward
+        self.freezing = bool(compile and freezing)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -214,10 +214,14 @@ class CompiledDecoder:
         # (B, 1): the token's true position (after an eviction it is past the stored slots)
         position = torch.full((tokens.shape[0], 1), self.seen + self.steps, dtype=torch.long, device=tokens.device)
         t0 = time.perf_counter() if self.steps == 0 else None
-        out = self._forward(
-            input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
-            use_cache=True, **{MASK_KWARG: self.mask},
-        )  # fmt: skip
+        # inductor reads ``freezing`` when it compiles, which is inside this call (the first step, or a recompile);
+        # torch.compile(options={"freezing": True}) does not reach it (torch 2.13: the weights stay graph inputs and
+        # the linears plain mm)
+        with torch._inductor.config.patch(freezing=self.freezing):
+            out = self._forward(
+                input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
+                use_cache=True, **{MASK_KWARG: self.mask},
+            )  # fmt: skip
         if t0 is not None:
             self.compile_s = time.perf_counter() - t0
         self.steps += 1

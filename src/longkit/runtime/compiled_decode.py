@@ -167,6 +167,11 @@ class CompiledDecoder:
         self._slots = []
         for i, ((keys, values, valid, _), layer) in enumerate(zip(layers, static.layers, strict=True)):
             layer.lazy_initialization(keys[..., :1, :], values[..., :1, :])
+            # fresh tensors in place of the ones lazy_initialization marked as static addresses: with freezing, inductor
+            # folds static-address inputs into the graph as constants, so a later decoder of the same capacity would
+            # reuse this one's buffers (its own cache ignored)
+            layer.keys, layer.values = torch.zeros_like(layer.keys), torch.zeros_like(layer.values)
+            layer.cumulative_length = torch.zeros_like(layer.cumulative_length)
             n = keys.shape[-2]
             layer.keys[..., :n, :].copy_(keys)
             layer.values[..., :n, :].copy_(values)

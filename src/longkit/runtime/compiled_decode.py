@@ -93,7 +93,7 @@ def _dense_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
 
     layers = getattr(cache, "layers", None)
     if not layers:
-        raise MethodError(f"compiled_decode: parameter 'cache' must be a prefilled transformers Cache (got {cache!r})")
+        raise MethodError(f"compiled_decode: parameter 'cache' must be a prefilled transformers Cache (got {type(cache).__name__})")
     if isinstance(cache, CompressedCache):
         method = cache.method
         if getattr(method, "decode_every", 0):

@@ -4,7 +4,7 @@ An eager decode step of a small model is mostly fixed overhead: about 600 small 
 per step (SmolLM2-135M bf16 on a 2-core AVX-512 CPU: 39 ms per step at a 10-token context against a 9.6 ms weight-read
 floor, issue 24). Compiling the one-token forward removes the Python and fuses the small element-wise operations;
 with inductor's ``freezing`` the weights become constants of the compiled graph, and on CPUs with bf16 support the
-linear layers run on weights prepacked for oneDNN. Measurements: ``benchmarks/decode/results/compile_notes.md``.
+linear layers run on weights prepacked for oneDNN. Measurements: ``benchmarks/decode/results/compile.notes.md``.
 
 A compiled graph needs shapes that do not change from step to step. :class:`CompiledDecoder` therefore copies the
 prefilled cache once into preallocated buffers of a fixed capacity (transformers' ``StaticCache``, capacity =

@@ -10,9 +10,10 @@ A compiled graph needs shapes that do not change from step to step. :class:`Comp
 prefilled cache once into preallocated buffers of a fixed capacity (transformers' ``StaticCache``, capacity =
 stored tokens + ``max_new_tokens`` rounded up to :data:`BUCKET` slots so that nearby lengths share one compiled
 graph), and every step writes one slot and attends over the whole buffer under a boolean mask of the filled slots.
-The mask is per key/value head, so a cache whose heads kept different tokens (per-head eviction) decodes too.
-Attention during these steps is :func:`longkit.kvcache.decode.decode_attention` (``packed``: the query heads of a
-kv head as one matrix, K and V read once, no repeated heads), registered as the attention implementation
+The mask is per layer and per key/value head, so caches whose layers or heads kept different tokens (PyramidKV,
+AdaKV) decode too.
+Attention during these steps is the packed single-query form of :mod:`longkit.kvcache.decode` (the query heads of a
+kv head as the rows of one matrix, K and V read once, no repeated heads), registered as the attention implementation
 ``longkit_decode`` for the decoder's lifetime and restored when it closes.
 
 What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
@@ -24,6 +25,11 @@ What it takes (anything else is refused with a :class:`~longkit.errors.MethodErr
   whose method compresses only after prefill (``decode_every=0``: SnapKV, PyramidKV, AdaKV...). Methods that act on
   every decoding step (H2O, TOVA, quantising caches such as KIVI, DuoAttention's streaming heads) keep their eager
   path.
+
+Costs: the first step compiles (tens of seconds to minutes per capacity bucket; ``compile_s``), each new bucket
+compiles again (after torch's ``cache_size_limit`` recompiles dynamo runs the forward eagerly), and with ``freezing``
+the compiled graph keeps its own prepacked copy of the weights for the life of dynamo's cache: weights changed later
+are not seen by it.
 
 Outputs equal the eager path up to float rounding (the masked buffer adds zero-weight slots, inductor fuses
 element-wise operations): greedy tokens identical and fp32 logits within 1e-5 on the tiny test models.
@@ -37,10 +43,12 @@ element-wise operations): greedy tokens identical and fp32 logits within 1e-5 on
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from longkit.errors import MethodError
 
@@ -222,7 +230,7 @@ class CompiledDecoder:
         # inductor reads ``freezing`` when it compiles, which is inside this call (the first step, or a recompile);
         # torch.compile(options={"freezing": True}) does not reach it (torch 2.13: the weights stay graph inputs and
         # the linears plain mm)
-        with torch._inductor.config.patch(freezing=self.freezing):
+        with torch._inductor.config.patch(freezing=True) if self.freezing else contextlib.nullcontext():
             out = self._forward(
                 input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
                 use_cache=True, **{MASK_KWARG: self.mask},

@@ -56,8 +56,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
 }
 #: the suffix of a configuration decoded through ``longkit.runtime.compiled_decode`` (``--compile``)
 COMPILED = " (compiled)"
-#: the configurations ``--compile`` adds a compiled row for (when they are run)
-COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%")
+#: the configurations ``--compile`` adds a compiled row for (when they are run); KIVI and DuoAttention are refused by
+#: compiled_decode, and their rows record the reason
+COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%", "kivi 2-bit", "duo_attention")
 
 
 def parse_length(text: str) -> int:

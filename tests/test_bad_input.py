@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import longkit
 from longkit.cli import main
@@ -503,6 +504,12 @@ API = [
      "parameter 'length'"),
     ("ruler-samples-0", lambda fx, lm, t: longkit.eval.ruler.generate("niah_single_1", lm.tokenizer, 4096, 0),
      EvalError, "'num_samples'"),
+    ("compiled-decode-steps-0", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 0), MethodError,
+     "parameter 'max_new_tokens' must be an int >= 1"),
+    ("compiled-decode-no-cache", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, torch.ones(3, 3), 4),
+     MethodError, "parameter 'cache' must be a prefilled transformers Cache (got Tensor)"),
+    ("compiled-decode-empty-cache", lambda fx, lm, t: longkit.runtime.compiled_decode(
+        lm.model, DynamicCache(config=lm.model.config), 4), MethodError, "prefill the cache"),
 ]
 
 

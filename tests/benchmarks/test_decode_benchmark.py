@@ -52,6 +52,23 @@ def test_summary_is_the_median_of_per_repeat_medians_against_the_floor():
     assert any("llama.cpp: not installed" in line for line in md)
 
 
+def test_compiled_rows_read_their_whole_buffer_and_report_compile_time_apart():
+    data = _data()
+    for rep, ms in enumerate((5.0, 7.0)):
+        data["runs"].append({"config": "longkit full (compiled)", "length": 1024, "repeat": rep, "prefill_s": 1.0,
+                             "step_ms": [ms, ms, ms], "kv_bytes": 40_000_000, "kv_read_bytes": 50_000_000,
+                             "weight_bytes": 60_000_000, "compile_s": 30.0 if rep == 0 else 0.5})  # fmt: skip
+    rows = {r["config"]: r for r in _module().summarise(data)}
+    # the buffer's capacity (50 MB) is what a compiled step reads, not the stored 40 MB
+    assert rows["longkit full (compiled)"]["bytes_per_token"] == 110_000_000
+    assert rows["longkit full (compiled)"]["ms_per_token"] == 6.0
+    md = _module().markdown(data)
+    assert "| 1024 | longkit full (compiled) | 6.0 | 0.29 |" in md
+    assert "longkit full (compiled) at 1024: 30.0 / 0.5" in md
+    # a run without compiled rows renders as before (the committed tables re-render byte for byte)
+    assert "compiled step" not in _module().markdown(_data())
+
+
 def test_render_of_a_missing_run_fails_naming_the_file(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--render", "--out", str(tmp_path), "--name", "nothing_here"],
                        capture_output=True, text=True)  # fmt: skip

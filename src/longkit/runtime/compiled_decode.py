@@ -1,0 +1,266 @@
+"""A compiled decode step: one-token forwards through ``torch.compile`` on a fixed-capacity cache.
+
+An eager decode step of a small model is mostly fixed overhead: about 600 small ATen calls and transformers' Python
+per step (SmolLM2-135M bf16 on a 2-core AVX-512 CPU: 39 ms per step at a 10-token context against a 9.6 ms weight-read
+floor, issue 24). Compiling the one-token forward removes the Python and fuses the small element-wise operations;
+with inductor's ``freezing`` the weights become constants of the compiled graph, and on CPUs with bf16 support the
+linear layers run on weights prepacked for oneDNN. Measurements: ``benchmarks/decode/results/compile.notes.md``.
+
+A compiled graph needs shapes that do not change from step to step. :class:`CompiledDecoder` therefore copies the
+prefilled cache once into preallocated buffers of a fixed capacity (transformers' ``StaticCache``, capacity =
+stored tokens + ``max_new_tokens`` rounded up to :data:`BUCKET` slots so that nearby lengths share one compiled
+graph), and every step writes one slot and attends over the whole buffer under a boolean mask of the filled slots.
+The mask is per layer and per key/value head, so caches whose layers or heads kept different tokens (PyramidKV,
+AdaKV) decode too.
+Attention during these steps is the packed single-query form of :mod:`longkit.kvcache.decode` (the query heads of a
+kv head as the rows of one matrix, K and V read once, no repeated heads), registered as the attention implementation
+``longkit_decode`` for the decoder's lifetime and restored when it closes.
+
+What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
+
+- the model's attention implementation ``sdpa`` (or a KV method's ``longkit_kv_sdpa`` wrapper): an attention method
+  (Quest, MInference...) computes attention its own way, which the decoder would replace;
+- a cache after prefill whose layers are all full-attention layers holding plain keys and values: the seam's default
+  cache, transformers' ``DynamicCache``, or a compressing cache (:class:`~longkit.kvcache.cache.CompressedCache`)
+  whose method compresses only after prefill (``decode_every=0``: SnapKV, PyramidKV, AdaKV...). Methods that act on
+  every decoding step (H2O, TOVA, quantising caches such as KIVI, DuoAttention's streaming heads) keep their eager
+  path.
+
+Costs: the first step compiles (tens of seconds to minutes per capacity bucket; ``compile_s``), each new bucket
+compiles again (after torch's ``cache_size_limit`` recompiles dynamo runs the forward eagerly), and with ``freezing``
+the compiled graph keeps its own prepacked copy of the weights for the life of dynamo's cache: weights changed later
+are not seen by it.
+
+Outputs equal the eager path up to float rounding (the masked buffer adds zero-weight slots, inductor fuses
+element-wise operations): greedy tokens identical and fp32 logits within 1e-5 on the tiny test models.
+
+>>> with longkit.apply(model) as applied:
+...     cache = applied.new_cache()
+...     out = model(ids, cache=cache, use_cache=True)        # prefill, eager
+...     with compiled_decode(model, cache, max_new_tokens=64) as dec:
+...         logits = dec.step(out.logits[:, -1:].argmax(-1))  # (B, vocab)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch._inductor.config
+
+from longkit.errors import MethodError
+
+#: capacities are rounded up to a multiple of this many slots (one compiled graph serves every length in a bucket)
+BUCKET = 256
+#: the attention implementation registered for compiled decode steps
+ATTENTION = "longkit_decode"
+#: attention implementations a compiled decoder may stand in for during decoding
+REPLACEABLE = ("sdpa", "longkit_kv_sdpa")
+#: the keyword argument that hands the attention calls every layer's mask (transformers passes a model's extra
+#: keyword arguments on to the attention functions; its own ``attention_mask`` is one tensor for all layers)
+MASK_KWARG = "longkit_decode_mask"
+
+
+def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention of compiled decode steps: q (B, H, 1, D) against the whole buffer (B, H_kv, cap, D) under the
+    layer's mask (B, H_kv, 1, cap) from the decoder's (layers, B, H_kv, 1, cap) mask, kv heads read once. Returns
+    (B, 1, H, D) as transformers expects."""
+    from longkit.kvcache.decode import pack_query
+
+    if query.shape[2] != 1:
+        raise MethodError(f"compiled decode: attention takes one query token per step (got {query.shape[2]})")
+    B, H, _, D = query.shape
+    masks = kwargs.get(MASK_KWARG)
+    mask = attention_mask if masks is None else masks[module.layer_idx]
+    # (B, H, 1, D) -> (B, H_kv, G, D): the G query heads of a kv head are the rows of one product against its K and V,
+    # and the (B, H_kv, 1, cap) mask broadcasts over them
+    out = torch.nn.functional.scaled_dot_product_attention(
+        pack_query(query, key.shape[1]), key, value, attn_mask=mask, scale=scaling
+    )
+    # (B, H_kv, G, D) -> (B, 1, H, D)
+    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _decode_attention_fn)
+
+
+def _dense_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
+    """Per layer ``(keys, values, valid, seen)`` of a prefilled cache: keys/values (B, H_kv, S, D), validity
+    (B, H_kv, S) bool or None when every slot holds a token; ``seen`` the tokens the layer has seen. Raises a
+    MethodError for caches whose decoding is not a plain append."""
+    from transformers.cache_utils import DynamicLayer
+
+    from longkit.kvcache.cache import CompressedCache
+    from longkit.kvcache.grow import GrowingLayer
+    from longkit.kvcache.storage import RaggedLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise MethodError(f"compiled_decode: parameter 'cache' must be a prefilled transformers Cache (got {type(cache).__name__})")
+    if isinstance(cache, CompressedCache):
+        method = cache.method
+        if getattr(method, "decode_every", 0):
+            raise MethodError(
+                f"compiled_decode: kv method '{method.name}' compresses during decoding (decode_every="
+                f"{method.decode_every}); it decodes eagerly (only methods that compress after prefill compile)"
+            )
+        if "sliding_attention" in cache.layer_types:
+            raise MethodError("compiled_decode: sliding-window layers are not supported (full-attention models only)")
+    out = []
+    for i, layer in enumerate(layers):
+        if type(layer) is RaggedLayer and isinstance(cache, CompressedCache):
+            keys, values, valid, _ = layer.padded()
+            if layer.last_valid is not None and valid is None:
+                valid = layer.last_valid[..., : keys.shape[-2]]
+            out.append((keys, values, valid, int(layer.seen)))
+        elif type(layer) in (DynamicLayer, GrowingLayer):
+            if not layer.is_initialized or layer.keys.numel() == 0:
+                raise MethodError(f"compiled_decode: layer {i} of the cache is empty; prefill the cache first")
+            out.append((layer.keys, layer.values, None, layer.keys.shape[-2]))
+        else:
+            raise MethodError(
+                f"compiled_decode: cache layer {i} is a {type(layer).__name__}; supported: the seam's default cache, "
+                "DynamicCache (full-attention layers) and CompressedCache of methods that compress after prefill only"
+            )
+    if len({seen for *_, seen in out}) != 1:
+        raise MethodError("compiled_decode: the cache's layers have seen different numbers of tokens")
+    return out
+
+
+class CompiledDecoder:
+    """Decode steps of ``model`` through one compiled forward on a fixed-capacity copy of a prefilled cache.
+
+    Built by :func:`compiled_decode`; use as a context manager (or call :meth:`close`), which restores the model's
+    attention implementation. ``compile_s`` is the time of the first step (compilation included), ``steps`` the
+    steps run; ``capacity`` the buffer's slots and ``kv_read_bytes`` the KV bytes a step reads (the whole buffer).
+    """
+
+    def __init__(self, model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
+                 bucket: int = BUCKET):  # fmt: skip
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MethodError(f"compiled_decode: parameter 'max_new_tokens' must be an int >= 1 (got {max_new_tokens!r})")
+        if not isinstance(bucket, int) or bucket < 1:
+            raise MethodError(f"compiled_decode: parameter 'bucket' must be an int >= 1 (got {bucket!r})")
+        from transformers import StaticCache
+
+        # the cache first: its refusal names the method more precisely than its attention function would
+        layers = _dense_layers(cache)
+        impl = model.config._attn_implementation
+        if impl not in REPLACEABLE:
+            raise MethodError(
+                f"compiled_decode: the model's attention implementation is {impl!r}; the decoder replaces the "
+                f"attention during decoding and supports {', '.join(REPLACEABLE)} only (a method that computes "
+                "attention its own way decodes eagerly)"
+            )
+        self.model = model
+        self.seen = layers[0][3]
+        stored = max(k.shape[-2] for k, *_ in layers)
+        self.capacity = -(-(stored + max_new_tokens) // bucket) * bucket
+        self.max_new_tokens = max_new_tokens
+        k0 = layers[0][0]
+        B = k0.shape[0]
+        static = StaticCache(config=model.config, max_cache_len=self.capacity)
+        if len(static.layers) != len(layers):
+            raise MethodError(
+                f"compiled_decode: the cache has {len(layers)} layers, the model {len(static.layers)}"
+            )
+        # (B, H_kv, 1, capacity): which slots each kv head attends to (filled ones; the step's slot is set before it)
+        heads = max(k.shape[1] for k, *_ in layers)
+        self.mask = torch.zeros((len(layers), B, heads, 1, self.capacity), dtype=torch.bool, device=k0.device)
+        self._slots = []
+        for i, ((keys, values, valid, _), layer) in enumerate(zip(layers, static.layers, strict=True)):
+            layer.lazy_initialization(keys[..., :1, :], values[..., :1, :])
+            # fresh tensors in place of the ones lazy_initialization marked as static addresses: with freezing, inductor
+            # folds static-address inputs into the graph as constants, so a later decoder of the same capacity would
+            # reuse this one's buffers (its own cache ignored)
+            layer.keys, layer.values = torch.zeros_like(layer.keys), torch.zeros_like(layer.values)
+            layer.cumulative_length = torch.zeros_like(layer.cumulative_length)
+            n = keys.shape[-2]
+            layer.keys[..., :n, :].copy_(keys)
+            layer.values[..., :n, :].copy_(values)
+            # the slot the next token goes to
+            layer.cumulative_length.fill_(n)
+            self._slots.append(n)
+            if valid is None:
+                self.mask[i, ..., :n] = True
+            else:
+                self.mask[i, :, :, 0, :n] = valid
+        # (layers,): the slot each layer's next token goes to (layers may store different numbers: PyramidKV)
+        self._slots = torch.tensor(self._slots, device=k0.device)
+        self._layer_ids = torch.arange(len(layers), device=k0.device)
+        self.cache = static
+        self.kv_read_bytes = sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in static.layers
+        )
+        self.steps = 0
+        self.compile_s: float | None = None
+        self.compiled = compile
+        self._previous_impl = impl
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
+        self._closed = False
+        forward = model.forward
+        if compile:
+            forward = torch.compile(model.forward, dynamic=False)
+        self._forward = forward
+        self.freezing = bool(compile and freezing)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (B, 1) ids, return the next-token logits (B, vocab) and advance by one token."""
+        if self._closed:
+            raise MethodError("compiled_decode: step() after close()")
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise MethodError(f"compiled_decode: parameter 'tokens' must have shape (B, 1) (got {tuple(tokens.shape)})")
+        if self.steps >= self.max_new_tokens:
+            raise MethodError(
+                f"compiled_decode: max_new_tokens={self.max_new_tokens} steps already decoded; build a new decoder"
+            )
+        # the slot each layer writes this step becomes visible (it holds the token's own key and value)
+        self.mask[self._layer_ids, :, :, :, self._slots + self.steps] = True
+        # (B, 1): the token's true position (after an eviction it is past the stored slots)
+        position = torch.full((tokens.shape[0], 1), self.seen + self.steps, dtype=torch.long, device=tokens.device)
+        t0 = time.perf_counter() if self.steps == 0 else None
+        # inductor reads ``freezing`` when it compiles, which is inside this call (the first step, or a recompile);
+        # torch.compile(options={"freezing": True}) does not reach it (torch 2.13: the weights stay graph inputs and
+        # the linears plain mm)
+        with torch._inductor.config.patch(freezing=True) if self.freezing else contextlib.nullcontext():
+            out = self._forward(
+                input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
+                use_cache=True, **{MASK_KWARG: self.mask},
+            )  # fmt: skip
+        if t0 is not None:
+            self.compile_s = time.perf_counter() - t0
+        self.steps += 1
+        return out.logits[:, -1]
+
+    def close(self) -> None:
+        """Restore the model's attention implementation (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.model.set_attn_implementation(self._previous_impl)
+
+    def __enter__(self) -> CompiledDecoder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
+                    bucket: int = BUCKET) -> CompiledDecoder:  # fmt: skip
+    """A :class:`CompiledDecoder` for ``model`` continuing from the prefilled ``cache``.
+
+    Parameters: ``max_new_tokens`` >= 1, the steps it may decode (the buffers' capacity is the stored tokens plus
+    this, rounded up to ``bucket`` >= 1 slots); ``compile`` False runs the same fixed-capacity steps eagerly (the
+    reference the compiled steps are tested against); ``freezing`` (inductor's constant weights and bf16 weight
+    prepacking; the compiled step then keeps its own copy of the weights: build a new decoder after changing them).
+    The ``cache`` is read, not changed. See the module docstring for what is supported.
+    """
+    return CompiledDecoder(model, cache, max_new_tokens, compile=compile, freezing=freezing, bucket=bucket)

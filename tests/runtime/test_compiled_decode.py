@@ -1,0 +1,124 @@
+"""longkit.runtime.compiled_decode: compiled one-token steps on a fixed-capacity cache decode as the eager path.
+
+The compiled test compiles tiny-llama once (about 20 s on a quiet 2-core CPU); the other tests run the same
+fixed-capacity steps eagerly (``compile=False``), which is what the compiled graph computes, or check refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longkit
+from conftest import sample_ids
+from longkit.errors import MethodError
+from longkit.runtime.compiled_decode import ATTENTION, compiled_decode
+
+STEPS = 32
+
+
+def _eager(model, ids, steps, **spec):
+    """Greedy tokens and (steps, vocab) logits of the seam's eager decoding."""
+    with longkit.apply(model, **spec) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        out = model(ids, cache=cache, use_cache=True)
+        token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
+        for _ in range(steps):
+            tokens.append(int(token))
+            out = model(token, cache=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    return tokens, torch.cat(logits)
+
+
+def _decoded(model, ids, steps, compile, **spec):
+    """The same through a :class:`CompiledDecoder` (prefill eager)."""
+    with longkit.apply(model, **spec) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        out = model(ids, cache=cache, use_cache=True)
+        token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
+        with compiled_decode(model, cache, steps, compile=compile) as dec:
+            assert model.config._attn_implementation == ATTENTION
+            for _ in range(steps):
+                tokens.append(int(token))
+                logits.append(dec.step(token))
+                token = logits[-1].argmax(-1, keepdim=True)
+    return tokens, torch.cat(logits), dec
+
+
+def test_compiled_steps_decode_the_eager_tokens_and_logits(tiny_llama):
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 37)
+    for spec in ({}, {"kv": "snapkv:ratio=0.3"}):
+        tokens, logits = _eager(model, ids, STEPS, **spec)
+        got, got_logits, dec = _decoded(model, ids, STEPS, True, **spec)
+        assert got == tokens, spec
+        torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+        assert dec.compile_s is not None and dec.steps == STEPS and dec.capacity == 256
+    # the decoder gave the model its attention back
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{}, {"kv": "snapkv:ratio=0.3"}, {"kv": "adakv:ratio=0.3"}, {"kv": "pyramidkv:ratio=0.3"},
+     {"rope": "yarn:factor=2"}],
+    ids=["full", "snapkv", "adakv-per-head", "pyramidkv-per-layer", "yarn"],
+)  # fmt: skip
+def test_fixed_capacity_steps_equal_the_eager_path(tiny_llama, spec):
+    # per-head (AdaKV) and per-layer (PyramidKV) budgets exercise the per-layer, per-head mask; the token positions
+    # after an eviction are the tokens seen, not the slots
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 45, seed=3)
+    tokens, logits = _eager(model, ids, 12, **spec)
+    got, got_logits, _ = _decoded(model, ids, 12, False, **spec)
+    assert got == tokens
+    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mask_hides_the_spare_slots(tiny_llama):
+    # garbage in the unused capacity must not reach the outputs: only the mask keeps it out
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 20)
+    with longkit.apply(model) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        out = model(ids, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        with compiled_decode(model, cache, 4, compile=False) as dec:
+            clean = dec.step(token)
+        with compiled_decode(model, cache, 4, compile=False) as dec:
+            for layer in dec.cache.layers:
+                layer.keys[..., 21:, :] = 1e4
+                layer.values[..., 21:, :] = 1e4
+            dirty = dec.step(token)
+    torch.testing.assert_close(dirty, clean)
+    assert int(dec.mask[0].sum()) == 21 * dec.mask.shape[2]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [({"kv": "h2o:ratio=0.5"}, "compresses during decoding"),
+     ({"kv": "kivi:bits=2,group_size=16"}, "cache layer 0 is a"),
+     ({"attention": "quest:page_size=8,top_k=2,skip_layers=0"}, "attention implementation")],
+    ids=["h2o-per-step", "kivi", "quest"],
+)  # fmt: skip
+def test_caches_and_attention_it_cannot_compile_are_refused(tiny_llama, spec, needle):
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 40)
+    with longkit.apply(model, **spec) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        model(ids, cache=cache, use_cache=True)
+        impl = model.config._attn_implementation
+        with pytest.raises(MethodError, match=needle):
+            compiled_decode(model, cache, 4)
+        assert model.config._attn_implementation == impl
+
+
+def test_steps_past_max_new_tokens_are_refused(tiny_llama):
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 10)
+    with longkit.apply(model) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        out = model(ids, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        with compiled_decode(model, cache, 1, compile=False) as dec:
+            dec.step(token)
+            with pytest.raises(MethodError, match="max_new_tokens=1"):
+                dec.step(token)
+        with pytest.raises(MethodError, match="after close"):
+            dec.step(token)

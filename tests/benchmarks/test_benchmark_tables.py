@@ -94,6 +94,9 @@ TABLES = {
     "decode/results/decode_smollm2.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_smollm2.json")
     ),
+    "decode/results/decode_compiled.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_compiled.json")
+    ),
     "kvcache/results/chunked_prefill_memory.md": lambda: _meta_rows(
         "kvcache/chunked_prefill_memory.py", "kvcache/results/chunked_prefill_memory.json"
     ),

@@ -64,6 +64,11 @@ def _settings(tmp_path, docs, name, **changes):
 
 
 def test_ring_and_ulysses_on_two_gloo_ranks_train_as_one_process(docs, tmp_path):
+    # Answer-only rows longer than a row: most rows hold only a prompt (no target; they weigh zero), one holds the
+    # answers. The sharded loss must give the same zero steps and the same trained step as one process.
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": ("lorem ipsum dolor " * 80) + f"Q{i}?", "completion": f" a {i}"})
+                               + "\n" for i in range(6)))
     runs = [
         # packed documents (position ids restarting per document), gradient checkpointing, crash + resume
         _settings(tmp_path, docs, "ring", seq_parallel="ring", steps=4),
@@ -73,6 +78,10 @@ def test_ring_and_ulysses_on_two_gloo_ranks_train_as_one_process(docs, tmp_path)
         # LoRA (peft) adapters merged into the saved model, without activation checkpointing
         _settings(tmp_path, docs, "ring-lora", seq_parallel="ring", gradient_checkpointing=False,
                   recipe="continual:lora=true,lr=3e-2,warmup_ratio=0"),
+        # answer-only data, with steps that have no token to predict
+        # (the one trained step is the last, at the cosine schedule's low end: a larger rate makes it visible)
+        _settings(tmp_path, docs, "ring-answers", seq_parallel="ring", data=[str(answers)], steps=3, save_every=3,
+                  recipe="continual:lr=3e-2,warmup_ratio=0"),
     ]
     bad = [
         # 642 is even (Ulysses would take it) but not a multiple of 4: the zigzag layout needs 2 x 2 chunks.
@@ -107,8 +116,13 @@ def test_ring_and_ulysses_on_two_gloo_ranks_train_as_one_process(docs, tmp_path)
         assert [r["tokens"] for r in log] == [r["tokens"] for r in expected]
         assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in expected], rel=1e-5, abs=1e-5)
         assert [r["grad_norm"] for r in log] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4, abs=1e-5)
+        assert [r.get("no_targets", False) for r in log] == [r.get("no_targets", False) for r in expected]
         stats = json.loads((sp / "data_stats.json").read_text())
-        assert stats["documents"] > stats["sequences"], "the rows should pack several documents"
+        if sp.name == "ring-answers":
+            assert stats["rows_without_targets"] > 0 and any(r.get("no_targets") for r in log), log
+            assert not all(r.get("no_targets") for r in log), log
+        else:
+            assert stats["documents"] > stats["sequences"], "the rows should pack several documents"
         a, b = load_file(sp / "model.safetensors"), load_file(one / "model.safetensors")
         assert a.keys() == b.keys()
         for name in b:

@@ -97,6 +97,9 @@ TABLES = {
     "decode/results/decode_compiled.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_compiled.json")
     ),
+    "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
+        _json("models/results/gemma3_chunked_check.json")
+    ),
     "kvcache/results/chunked_prefill_memory.md": lambda: _meta_rows(
         "kvcache/chunked_prefill_memory.py", "kvcache/results/chunked_prefill_memory.json"
     ),

@@ -48,7 +48,6 @@ import time
 from typing import Any
 
 import torch
-import torch._inductor.config
 
 from longkit.errors import MethodError
 
@@ -230,7 +229,11 @@ class CompiledDecoder:
         # inductor reads ``freezing`` when it compiles, which is inside this call (the first step, or a recompile);
         # torch.compile(options={"freezing": True}) does not reach it (torch 2.13: the weights stay graph inputs and
         # the linears plain mm)
-        with torch._inductor.config.patch(freezing=True) if self.freezing else contextlib.nullcontext():
+        # (imported here, not at module level: inductor's config costs seconds of import time for every user of
+        # longkit.runtime, and only a compiled decoder needs it)
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True) if self.freezing else contextlib.nullcontext():
             out = self._forward(
                 input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
                 use_cache=True, **{MASK_KWARG: self.mask},

@@ -103,6 +103,42 @@ def test_pose_row_forward_equals_each_document_alone(docs, impl):
         assert checked >= 2
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_pose_single_document_rows_take_the_causal_path_with_the_same_logits(docs, impl):
+    """A row that is one document (its block mask is the plain causal mask) is passed with an all-ones 2-D mask,
+    so sdpa can run its causal kernel; its logits equal those under the explicit block mask (with no mask at all,
+    transformers would read PoSE's skip as a document boundary, and they would differ). Rows of several documents
+    keep their block mask."""
+    lm = longkit.load_model("tiny-llama", attn_implementation=impl)
+    recipe = create_recipe("pose:window=128")
+    recipe.train_length(TARGET)
+    packed = _packed(docs, lm.tokenizer, 128, rows=40)
+    single = next(i for i in range(len(packed)) if len(row_documents(packed[i]["position_ids"])) == 1)
+    several = next(i for i in range(len(packed)) if len(row_documents(packed[i]["position_ids"])) >= 2)
+    for i in (single, several):
+        row = recipe.transform({k: packed[i][k] for k in ("input_ids", "labels", "position_ids")}, i, 0)
+        batch = {k: v.unsqueeze(0) for k, v in row.items()}
+        explicit = batch["attention_mask"].clone()
+        recipe.compute_loss(lm.model, batch)
+        mask = batch["attention_mask"]
+        if i == single:
+            assert int((row["position_ids"].diff() > 1).sum()) == 1      # the skip is there
+            assert mask.shape == (1, 128) and bool((mask == 1).all())
+        else:
+            assert mask.ndim == 4
+        with torch.no_grad():
+            got = lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                           use_cache=False).logits
+            ref_mask = explicit if impl == "sdpa" else torch.zeros(explicit.shape).masked_fill(
+                ~explicit, torch.finfo(torch.float32).min)
+            ref = lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=ref_mask, use_cache=False).logits
+            unmasked = lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                use_cache=False).logits
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(unmasked, ref, atol=1e-3)
+
+
 def test_pose_trains_and_saves_the_rope_method(docs, tmp_path):
     out = train(_config(docs, tmp_path / "pose", recipe="pose:window=64,lr=3e-3,warmup_ratio=0",
                         rope="linear:factor=2", steps=3, save_every=3))

@@ -90,8 +90,23 @@ class Pose(Recipe):
     def compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         mask = inputs.get("attention_mask")
         config = getattr(model, "config", None)
+        if mask is not None and mask.dtype == torch.bool and mask.ndim == 4 and _plain_causal(mask):
+            # Every row is one document (a window cut from a single document: the common case): the block mask is
+            # the plain causal mask, so pass an all-ones (batch, L) mask instead. It keeps transformers from
+            # reading the skip as a document boundary, and lets sdpa run its causal flash kernel instead of the
+            # masked (L x L) math path (2.8x the 2K step at 4K with the explicit mask, measured).
+            inputs["attention_mask"] = torch.ones(mask.shape[0], mask.shape[-1], dtype=torch.long,
+                                                  device=mask.device)
+            mask = inputs["attention_mask"]
         if mask is not None and mask.dtype == torch.bool and getattr(config, "_attn_implementation", "") == "eager":
             # transformers' eager attention adds the mask to the scores: it needs the additive form
             inputs["attention_mask"] = torch.zeros(mask.shape, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)
         return super().compute_loss(model, inputs)
+
+
+def _plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a (batch, 1, L, L) boolean block mask is the plain causal mask in every row."""
+    n = mask.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return bool((mask == causal).all())

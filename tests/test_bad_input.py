@@ -315,6 +315,7 @@ TRAIN = [
     ("pose-window-1", {"recipe": "pose:window=1"}, "parameter 'window' must be >= 2"),
     ("unknown-loss", {"recipe": "continual:loss=focal"}, "parameter 'loss' must be one of 'ce', 'longce'"),
     ("longce-short-0", {"recipe": "continual:loss=longce,longce_short=0"}, "parameter 'longce_short' must be >= 1"),
+    ("ce-chunk-negative", {"recipe": "continual:ce_chunk=-1"}, "parameter 'ce_chunk' must be >= 0"),
     ("unknown-recipe-param", {"recipe": "continual:rank=2"}, "has no parameter 'rank'; valid parameters"),
     ("recipe-lr-0", {"recipe": "continual:lr=0"}, "parameter 'lr' must be > 0.0"),
     ("recipe-lora-targets", {"recipe": "continual:lora=true,lora_targets=mlp"}, "'lora_targets' must be one of"),

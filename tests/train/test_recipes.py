@@ -264,7 +264,11 @@ def test_longce_loss_equals_a_hand_computation_on_one_batch(docs, lm):
     assert float(got.detach()) == pytest.approx(expected, rel=1e-4)
     with torch.no_grad():
         ce = float(lm.model(**D.model_inputs(batch)).loss)
-    assert abs(float(got) - ce) > 1e-3 and create_recipe("continual").compute_loss(lm.model, batch) is None
+    assert abs(float(got) - ce) > 1e-3 and create_recipe("continual:ce_chunk=0").compute_loss(lm.model, batch) is None
+    # loss=ce: the chunked cross-entropy, the model's own value
+    with torch.no_grad():
+        chunked = create_recipe("continual").compute_loss(lm.model, dict(batch))
+    assert float(chunked) == pytest.approx(ce, rel=1e-6)
 
 
 def test_longce_trains_and_keeps_the_trainer_scale_with_grad_accum(docs, tmp_path):

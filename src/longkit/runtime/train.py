@@ -767,7 +767,13 @@ class _RecipeTrainer:
                     # the whole accumulated step) and does not divide by grad_accum; rescale it to that convention.
                     scored = (inputs["labels"][:, 1:] != -100).sum()
                     loss = loss * scored / num_items_in_batch
-                return (loss, None) if return_outputs else loss
+                    if self.args.average_tokens_across_devices:
+                        # As the Trainer does for the model's loss: num_items_in_batch counts the targets of every
+                        # rank and DDP averages the ranks' gradients, so each rank's loss is scaled by the number
+                        # of ranks (the average of the ranks' sums over all targets is then their mean).
+                        loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+                # The evaluation loop reads outputs[1:] (or a dict's non-loss values): a dict without logits.
+                return (loss, {"loss": loss}) if return_outputs else loss
 
             def _sp_loss(self, model, inputs, return_outputs, num_items_in_batch):
                 if not isinstance(model, torch.nn.parallel.DistributedDataParallel):

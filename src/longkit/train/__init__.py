@@ -7,6 +7,8 @@
   :mod:`longkit.train.pose_recipe`, :mod:`longkit.train.longlora`.
 - :mod:`longkit.train.pose`: PoSE's positional skip-wise position ids.
 - :mod:`longkit.train.losses`: cross-entropy and LongCE.
+- :mod:`longkit.train.chunked_ce`: the chunked cross-entropy ``loss=ce`` trains with (the LM head applied to
+  the scored positions chunk by chunk; no float32 logits of the whole row).
 
 Shifted sparse attention (S²-Attn, LongLoRA) is an attention method: ``attention/s2_attn.py``. The training run
 itself (Trainer, checkpoints, saving) is above the seam: :mod:`longkit.runtime.train`.

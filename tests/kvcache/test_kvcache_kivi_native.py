@@ -142,6 +142,7 @@ def test_switched_off_or_without_a_compiler_the_tiled_path_runs(monkeypatch, tmp
     assert available(layer, q) == f"{kivi_native.ENV}=0"
     monkeypatch.delenv(kivi_native.ENV)
     monkeypatch.setattr(kivi_native, "_LIBS", {})
+    monkeypatch.setattr(kivi_native, "_AVAILABLE", {})
     monkeypatch.setenv("LONGKIT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     reason = available(layer, q)

@@ -84,6 +84,7 @@ typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 #if KV_KIND == 0
 typedef float kv_t;
 static inline float kv_float(kv_t x) { return x; }
+static inline kv_t float_kv(float x) { return x; }
 #elif KV_KIND == 1
 typedef uint16_t kv_t;
 static inline float kv_float(kv_t x) {
@@ -92,9 +93,17 @@ static inline float kv_float(kv_t x) {
     memcpy(&f, &u, 4);
     return f;
 }
+/* round to nearest even, as torch's float -> bfloat16 (NaN kept a NaN) */
+static inline kv_t float_kv(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (kv_t)((u >> 16) | 0x40);
+    return (kv_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
 #else
 typedef _Float16 kv_t;
 static inline float kv_float(kv_t x) { return (float)x; }
+static inline kv_t float_kv(float x) { return (kv_t)x; }
 #endif
 
 /* VL bytes -> VL int32 lanes; dword j of VL rows MB bytes apart; the sum of a vector's lanes (intrinsics where
@@ -373,21 +382,24 @@ static void piece_softmax(float *s, int64_t s_row, const uint8_t *mask, int64_t 
 /* Single-query attention of each kv head's GQ query rows over its KIVI layer: NC pieces of whole key groups of the
    Sq quantised tokens, then the R residual tokens as a last piece, one OpenMP task each; each piece's softmax is
    local (its max, its sum), merged at the end (the log-sum-exp merge of split softmax).
-   q (B*HK, GQ, HD) float32, pre-scaled; quantised codes (b, h, t, MB) at + b*c_b + h*c_h + t*MB, key scale/zero
+   q (b, h * GQ + i, d) at + b*q_b + (h*GQ + i)*q_h + d in the residual's dtype, multiplied by qscale here; quantised codes (b, h, t, MB) at + b*c_b + h*c_h + t*MB, key scale/zero
    (b, h, t / GS, HD) at + b*ks_b + h*ks_h, value scale/zero (b, h, t, NGV) at + b*vs_b + h*vs_h; residual keys and
    values (b, h, t, HD) at + b*r_b + h*r_h; mask (B*HK, GQ, Sq + R) bytes (0 = hidden) or NULL; scratch
-   (B*HK, GQ, Sq + R) float32; part (B*HK, NC + 1, GQ, HD), stats (B*HK, NC + 1, GQ, 2); out (B*HK, GQ, HD). */
-void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const float *q, const uint8_t *kc,
+   (B*HK, GQ, Sq + R) float32; part (B*HK, NC + 1, GQ, HD), stats (B*HK, NC + 1, GQ, 2); out (B*HK, GQ, HD) in the residual's dtype. */
+void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const kv_t *q, int64_t q_b, int64_t q_h,
+                 float qscale, const uint8_t *kc,
                  int64_t c_b, int64_t c_h, const SCALE_T *ks, const SCALE_T *kz, int64_t ks_b, int64_t ks_h,
                  const uint8_t *vc, const SCALE_T *vs, const SCALE_T *vz, int64_t vs_b, int64_t vs_h,
                  const kv_t *rk, const kv_t *rv, int64_t r_b, int64_t r_h, const uint8_t *mask, float *scratch,
-                 float *part, float *stats, float *out, int nthreads) {
+                 float *part, float *stats, kv_t *out, int nthreads) {
     const int64_t S = Sq + R, np = NC + 1, tasks = B * HK * np;
     const int64_t chunk = (Sq / GS + NC - 1) / NC * GS;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t bh = task / np, c = task % np, b = bh / HK, h = bh % HK;
-        const float *qh = q + bh * GQ * HD;
+        float qh[GQ * HD];
+        for (int i = 0; i < GQ; i++)
+            for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * qscale;
         float *s = scratch + bh * GQ * S;
         const uint8_t *mk = mask ? mask + bh * GQ * S : 0;
         float *o = part + (bh * np + c) * GQ * HD, *st = stats + (bh * np + c) * GQ * 2;
@@ -434,11 +446,11 @@ void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const
                 w[c] = m == -INFINITY ? 0.f : expf(m - M);
                 L += w[c] * stats[((bh * np + c) * GQ + i) * 2 + 1];
             }
-            float *oi = out + (bh * GQ + i) * HD;
+            kv_t *oi = out + (bh * GQ + i) * HD;
             for (int d = 0; d < HD; d++) {
                 float acc = 0.f;
                 for (int64_t c = 0; c < np; c++) acc += w[c] * part[((bh * np + c) * GQ + i) * HD + d];
-                oi[d] = acc / L;
+                oi[d] = float_kv(acc / L);
             }
         }
 }
@@ -447,11 +459,14 @@ void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const
 _SCALE_TYPES = {torch.float16: "_Float16", torch.float32: "float"}
 _KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGS = [_I64] * 5 + [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
+_ARGS = [_I64] * 5 + [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+_ARGS += [_I64, _I64]
 _ARGS += [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
 
 #: (head_dim, bits, group_size, gq, scale dtype, residual dtype) -> the loaded library, or why there is none
 _LIBS: dict[tuple, ctypes.CDLL | str] = {}
+#: what :func:`available` found per query/layer shape and dtype
+_AVAILABLE: dict[tuple, bool | str] = {}
 
 
 def shape_problem(head_dim: int, bits: int, group_size: int, heads: int, kv_heads: int) -> str | None:
@@ -527,20 +542,29 @@ def library(
 
 
 def available(layer: KIVILayer, q: torch.Tensor) -> bool | str:
-    """True if :func:`kivi_decode_native` can read ``layer`` for the query ``q``; otherwise why not."""
+    """True if :func:`kivi_decode_native` can read ``layer`` for the query ``q``; otherwise why not (remembered per
+    shape and dtype: this runs at every layer of every decode step)."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
     if layer.qkeys is None:
         return "no quantised tokens"
-    if q.device.type != "cpu" or layer.qkeys.device.type != "cpu":
+    key = (q.shape[1], q.shape[-1], q.device.type, layer.qkeys.device.type, layer.keys.shape[1], layer.bits,
+           layer.group_size, layer.scale_dtype, layer.keys.dtype)  # fmt: skip
+    found = _AVAILABLE.get(key)
+    if found is None:
+        found = _AVAILABLE[key] = _available(*key)
+    return found
+
+
+def _available(heads, head_dim, q_device, kv_device, kv_heads, bits, group_size, scale_dtype, kv_dtype) -> bool | str:
+    if q_device != "cpu" or kv_device != "cpu":
         return "tensors not on the CPU"
-    if layer.scale_dtype not in _SCALE_TYPES or layer.keys.dtype not in _KV_KINDS:
-        return f"scale dtype {layer.scale_dtype}, residual dtype {layer.keys.dtype}"
-    problem = shape_problem(q.shape[-1], layer.bits, layer.group_size, q.shape[1], layer.keys.shape[1])
+    if scale_dtype not in _SCALE_TYPES or kv_dtype not in _KV_KINDS:
+        return f"scale dtype {scale_dtype}, residual dtype {kv_dtype}"
+    problem = shape_problem(head_dim, bits, group_size, heads, kv_heads)
     if problem:
         return problem
-    lib = library(q.shape[-1], layer.bits, layer.group_size, q.shape[1] // layer.keys.shape[1], layer.scale_dtype,
-                  layer.keys.dtype)  # fmt: skip
+    lib = library(head_dim, bits, group_size, heads // kv_heads, scale_dtype, kv_dtype)
     return True if isinstance(lib, ctypes.CDLL) else lib
 
 
@@ -563,15 +587,17 @@ def kivi_decode_native(
     ``S = S_q + S_r`` stored tokens (quantised first). Returns (B, H, 1, D) in q's dtype.
     """
     B, H, _, D = q.shape
+    dtype = q.dtype
     h_kv = layer.keys.shape[1]
     gq = H // h_kv
+    pack_query(q, h_kv)  # checks the shape
     lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
     if not isinstance(lib, ctypes.CDLL):
         raise RuntimeError(lib)
     threads = torch.get_num_threads()
     scale = D**-0.5 if scale is None else scale
-    # (B, H_kv, G_q, D) float32, pre-scaled so the scores need no further pass
-    qp = (pack_query(q, h_kv).float() * scale).contiguous()
+    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
+        q = q.to(layer.keys.dtype).contiguous()
     qkeys, qvals = _alike(layer.qkeys, layer.qvalues)
     ks, kz = _alike(layer.k_scale, layer.k_zero)
     vs, vz = _alike(layer.v_scale, layer.v_zero)
@@ -586,12 +612,12 @@ def kivi_decode_native(
     scratch = torch.empty(B, h_kv, gq, n_q + n_r, dtype=torch.float32)
     part = torch.empty(B, h_kv, pieces + 1, gq, D, dtype=torch.float32)
     stats = torch.empty(B, h_kv, pieces + 1, gq, 2, dtype=torch.float32)
-    out = torch.empty(B, h_kv, gq, D, dtype=torch.float32)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
     lib.kivi_attend(
-        B, h_kv, n_q, n_r, pieces, qp.data_ptr(),
+        B, h_kv, n_q, n_r, pieces, q.data_ptr(), q.stride(0), q.stride(1), scale,
         qkeys.data_ptr(), qkeys.stride(0), qkeys.stride(1), ks.data_ptr(), kz.data_ptr(), ks.stride(0), ks.stride(1),
         qvals.data_ptr(), vs.data_ptr(), vz.data_ptr(), vs.stride(0), vs.stride(1),
         rk.data_ptr(), rv.data_ptr(), rk.stride(0), rk.stride(1), None if m is None else m.data_ptr(),
         scratch.data_ptr(), part.data_ptr(), stats.data_ptr(), out.data_ptr(), threads,
     )  # fmt: skip
-    return out.to(q.dtype).reshape(B, H, 1, D)
+    return out if out.dtype == dtype else out.to(dtype)

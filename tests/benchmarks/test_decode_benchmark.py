@@ -125,3 +125,38 @@ def test_a_tiny_run_writes_json_and_renders_the_same_table(tmp_path):
                        text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "decode.md").read_text() == md
+
+
+PAIRED = REPO / "benchmarks" / "decode" / "paired_steps.py"
+
+
+def test_paired_ratios_are_taken_per_round():
+    mod = load_script(PAIRED)
+    meta = {"model": "m", "dtype": "bfloat16", "rounds": 4, "command": "python paired_steps.py", "torch": "t",
+            "transformers": "x", "cpu_capability": "AVX2", "threads": 2, "omp_wait_policy": "PASSIVE",
+            "load_before": [1, 1, 1], "load_after": [1, 1, 1]}  # fmt: skip
+    # the load doubles in rounds 2 and 3: per-round ratios stay 0.5, a ratio of medians would not
+    data = {"meta": meta, "times_ms": {"1024": {"longkit full": [10.0, 10.0, 40.0, 40.0],
+                                                "kivi 2-bit": [5.0, 5.0, 20.0, 20.0]}}}  # fmt: skip
+    rows = {r["config"]: r for r in mod.summarise(data)}
+    assert rows["kivi 2-bit"]["ratio"] == 0.5 and rows["kivi 2-bit"]["ms"] == 12.5
+    assert rows["longkit full"]["ratio"] == 1.0
+    assert "| 1024 | kivi 2-bit | 12.5 | 0.50 | 0.50–0.50 |" in mod.markdown(data)
+
+
+def test_a_tiny_paired_run_writes_json_and_renders_the_same_table(tmp_path):
+    args = ["--model", "tiny-llama", "--dtype", "float32", "--lengths", "160", "--rounds", "2", "--threads", "1",
+            "--group-size", "16", "--out", str(tmp_path), "--name", "p"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(PAIRED), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "p.json").read_text())
+    times = data["times_ms"]["160"]
+    assert set(times) == {"longkit full", "kivi 2-bit", "kivi 2-bit tiled", "kivi 4-bit"}
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    md = (tmp_path / "p.md").read_text()
+    (tmp_path / "p.md").unlink()
+    r = subprocess.run([sys.executable, str(PAIRED), "--render", "--out", str(tmp_path), "--name", "p"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.md").read_text() == md

@@ -445,6 +445,17 @@ def _gemma3_every_layer_sliding():
     return SimpleNamespace(model=model.eval())
 
 
+def _kivi_decode(kernel: str, tokens: int = 1):
+    """KIVI's quantised read of a small layer (8 tokens, all quantised) with the given kernel."""
+    from longkit.kvcache.kivi import KIVILayer
+    from longkit.kvcache.kivi_attention import kivi_decode
+
+    layer = KIVILayer(2, 4, 0)
+    x = torch.ones(1, 2, 8, 16)
+    layer.update(x, x)
+    return kivi_decode(layer, torch.ones(1, 4, tokens, 16), kernel=kernel)
+
+
 API = [
     ("apply-factor-nan", lambda fx, lm, t: _apply(lm, rope="yarn", rope_args={"factor": NAN}), MethodError,
      "'factor' must be a finite number"),
@@ -511,6 +522,10 @@ API = [
      MethodError, "parameter 'cache' must be a prefilled transformers Cache (got Tensor)"),
     ("compiled-decode-empty-cache", lambda fx, lm, t: longkit.runtime.compiled_decode(
         lm.model, DynamicCache(config=lm.model.config), 4), MethodError, "prefill the cache"),
+    ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,
+     "parameter 'kernel' must be one of native, tiled or None (got 'fast')"),
+    ("kivi-native-two-query-tokens", lambda fx, lm, t: _kivi_decode(kernel="native", tokens=2), MethodError,
+     "needs one query token"),
 ]
 
 

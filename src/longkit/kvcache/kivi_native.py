@@ -1,0 +1,623 @@
+"""KIVI read quantised, natively: the decode step's attention over packed 2-/4-bit codes in one pass of C loops.
+
+Eager PyTorch cannot unpack a 2-bit code without writing it out as a full-size tensor first, so the tiled path of
+:func:`longkit.kvcache.kivi_attention.kivi_decode` spends its time unpacking and converting codes (SmolLM2-135M bf16 at
+8K: KIVI 2-bit 1.8x *slower* than the full cache, issue 24). Here a small C kernel reads the packed bytes and does the
+arithmetic in registers, so the only full-size work left is reading the codes (about a quarter of the full cache's
+bytes at 2 bits, plus scales):
+
+- scores, per key group ``g`` (``G`` tokens sharing a per-channel scale ``s_g`` and zero ``z_g``):
+  ``q . k_t = sum_d (q_d s_g[d]) c[t, d] + sum_d q_d z_g[d]``: the scale is folded into the query once per group,
+  the zero term is one number per group and query row, and each token costs one multiply-add per channel on its
+  codes, unpacked in vector registers (the ``8 / bits`` codes of a byte are ``8 / bits`` vector planes);
+- softmax over the quantised scores and the exact residual's, float32, in PyTorch (the mask applied there);
+- values: ``sum_t p_t (c_t * s_t + z_t)`` accumulated per query row in registers over a chunk of tokens (chunks run
+  on OpenMP threads, their partial sums added afterwards), the per-token scales broadcast over their channel groups.
+
+The kernel is C with GCC's vector extensions (one source for AVX-512, AVX2, NEON...), compiled on first use with
+``-O3 -march=native -fopenmp`` for the shape at hand (head dim, bits, group size, query heads per kv head, scale
+dtype) into ``$LONGKIT_CACHE/kernels/`` (default ``~/.cache/longkit``) and loaded through ctypes; its OpenMP calls use
+the OpenMP runtime torch already loaded (same soname), with torch's thread count. If there is no C compiler (``$CC``,
+else ``cc``/``gcc``), the compile fails, the tensors are not on the CPU, or the shape is outside what the kernel takes
+(``group_size`` a multiple of the codes per byte, ``head_dim * bits / 8`` a multiple of 4 bytes), :func:`available`
+says why and KIVI keeps the tiled PyTorch path. ``LONGKIT_KIVI_NATIVE=0`` turns the kernel off.
+
+Outputs equal :func:`longkit.kvcache.naive.kivi_decode_reference` up to float rounding (the summation order differs;
+the reference also rounds dequantised keys and values to the model's dtype, which this path, like the tiled one, does
+not): fp32 within 1e-5.
+
+Based on KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al. 2024),
+https://arxiv.org/abs/2402.02750 (its CUDA kernels fuse dequantisation into the matrix products the same way).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from longkit.kvcache.decode import cpu_capability, pack_mask, pack_query
+from longkit.kvcache.naive import bool_mask
+
+if TYPE_CHECKING:
+    from longkit.kvcache.kivi import KIVILayer
+
+#: the environment variable that turns the native kernel off (``0``)
+ENV = "LONGKIT_KIVI_NATIVE"
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* compiled per shape: HD head dim, BITS code width, GS group size, GQ query heads per kv head, SCALE_T the scales'
+   and zeros' storage type (SCALE_IS_HALF: _Float16), KV_KIND the residual's dtype (0 float32, 1 bfloat16, 2 float16) */
+#define PER (8 / BITS)
+#define MB (HD * BITS / 8)
+#define NGV (HD / GS)
+#define CMASK ((1 << BITS) - 1)
+/* float lanes per vector: one register of the target, or fewer when a row of codes is shorter */
+#if defined(__AVX512F__) && MB % 16 == 0
+#define VL 16
+#elif (defined(__AVX2__) || defined(__AVX512F__)) && MB % 8 == 0
+#define VL 8
+#else
+#define VL 4
+#endif
+#define NV (MB / VL)
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+#if KV_KIND == 0
+typedef float kv_t;
+static inline float kv_float(kv_t x) { return x; }
+static inline kv_t float_kv(float x) { return x; }
+#elif KV_KIND == 1
+typedef uint16_t kv_t;
+static inline float kv_float(kv_t x) {
+    const uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* round to nearest even, as torch's float -> bfloat16 (NaN kept a NaN) */
+static inline kv_t float_kv(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (kv_t)((u >> 16) | 0x40);
+    return (kv_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+#else
+typedef _Float16 kv_t;
+static inline float kv_float(kv_t x) { return (float)x; }
+static inline kv_t float_kv(float x) { return (kv_t)x; }
+#endif
+
+/* VL bytes -> VL int32 lanes; dword j of VL rows MB bytes apart; the sum of a vector's lanes (intrinsics where
+   GCC's generic code for them is scalar) */
+#if VL == 16
+static inline vi load_bytes(const uint8_t *p) { return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi gather_rows(const uint8_t *p) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(MB));
+    return (vi)_mm512_i32gather_epi32(idx, (const void *)p, 1);
+}
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif VL == 8 && defined(__AVX2__)
+static inline vi load_bytes(const uint8_t *p) { return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi gather_rows(const uint8_t *p) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(MB));
+    return (vi)_mm256_i32gather_epi32((const int *)p, idx, 1);
+}
+static inline float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+static inline vi load_bytes(const uint8_t *p) {
+    vi x;
+    for (int l = 0; l < VL; l++) x[l] = p[l];
+    return x;
+}
+static inline vi gather_rows(const uint8_t *p) {
+    vi x;
+    for (int l = 0; l < VL; l++) memcpy(&x[l], p + l * MB, 4);
+    return x;
+}
+static inline float hsum(vf v) {
+    float s = 0.f;
+    for (int l = 0; l < VL; l++) s += v[l];
+    return s;
+}
+#endif
+
+static inline vf plane(vi x, int k) { return __builtin_convertvector((x >> (BITS * k)) & CMASK, vf); }
+
+/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp), 0 below -87 */
+static inline vf vexp(vf x) {
+    const vi tiny = x < -87.0f;
+    x = (vf)((vi)x & ~tiny) + (vf)((vi)((vf){0} - 87.0f) & tiny);
+    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);
+    const vf fn = __builtin_convertvector(n, vf);
+    vf r = x - fn * 0.693359375f;
+    r = r + fn * 2.12194440e-4f;
+    vf y = (vf){0} + 1.9875691500E-4f;
+    y = y * r + 1.3981999507E-3f;
+    y = y * r + 8.3334519073E-3f;
+    y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f;
+    y = y * r + 5.0000001201E-1f;
+    y = y * r * r + r + 1.0f;
+    return (vf)(((vi)y + (n << 23)) & ~tiny);
+}
+
+/* The query in the codes' plane layout: qp[i][k][v][l] is channel (v*VL + l)*PER + k (byte v*VL + l, code k) */
+static inline void query_planes(const float *qh, vf qp[GQ][PER][NV]) {
+    for (int i = 0; i < GQ; i++)
+        for (int k = 0; k < PER; k++)
+            for (int v = 0; v < NV; v++)
+                for (int l = 0; l < VL; l++) qp[i][k][v][l] = qh[i * HD + (v * VL + l) * PER + k];
+}
+
+/* The group's key scale folded into the query planes (qs), and the zero's term of each query row (qz) */
+static inline void fold_group(const float *qh, vf qp[GQ][PER][NV], const SCALE_T *sc, const SCALE_T *ze,
+                              vf qs[GQ][PER][NV], float *qz) {
+    float scf[HD], zef[HD], planes[HD];
+#if VL == 16
+    /* 16 scales at a time converted, then de-interleaved into the code planes by lane permutations */
+    __m512 src[HD / 16];
+    for (int u = 0; u < HD / 16; u++) {
+#if SCALE_IS_HALF
+        src[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16 * u)));
+        _mm512_storeu_ps(zef + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ze + 16 * u))));
+#else
+        src[u] = _mm512_loadu_ps(sc + 16 * u);
+        _mm512_storeu_ps(zef + 16 * u, _mm512_loadu_ps(ze + 16 * u));
+#endif
+    }
+    for (int k = 0; k < PER; k++)
+        for (int v = 0; v < NV; v++) {
+            /* lane l of plane k, vector v: channel (16 v + l) PER + k */
+            __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                                13, 14, 15), _mm512_set1_epi32(PER)),
+                                           _mm512_set1_epi32(k));
+            __m512 r;
+#if PER == 2
+            r = _mm512_permutex2var_ps(src[2 * v], idx, src[2 * v + 1]);
+#else
+            r = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(src[4 * v], idx, src[4 * v + 1]),
+                                     _mm512_permutex2var_ps(src[4 * v + 2], idx, src[4 * v + 3]), 0x44);
+#endif
+            _mm512_storeu_ps(planes + k * MB + 16 * v, r);
+        }
+    (void)scf;
+#else
+    for (int d = 0; d < HD; d++) {
+        scf[d] = (float)sc[d];
+        zef[d] = (float)ze[d];
+    }
+    for (int k = 0; k < PER; k++)
+        for (int j = 0; j < MB; j++) planes[k * MB + j] = scf[j * PER + k];
+#endif
+    for (int i = 0; i < GQ; i++) {
+        vf z = (vf){0};
+        for (int d = 0; d < HD; d += VL) {
+            vf a, b;
+            memcpy(&a, qh + i * HD + d, sizeof(vf));
+            memcpy(&b, zef + d, sizeof(vf));
+            z += a * b;
+        }
+        qz[i] = hsum(z);
+        for (int k = 0; k < PER; k++)
+            for (int v = 0; v < NV; v++) {
+                vf sp;
+                memcpy(&sp, planes + k * MB + v * VL, sizeof(vf));
+                qs[i][k][v] = qp[i][k][v] * sp;
+            }
+    }
+}
+
+/* acc[i] = the per-lane partial products of query row i and token t's key codes (their lanes sum to the score) */
+static inline void token_partials(const uint8_t *row, vf qs[GQ][PER][NV], vf *acc) {
+    for (int i = 0; i < GQ; i++) acc[i] = (vf){0};
+    for (int v = 0; v < NV; v++) {
+        const vi x = load_bytes(row + v * VL);
+        for (int k = 0; k < PER; k++) {
+            const vf c = plane(x, k);
+            for (int i = 0; i < GQ; i++) acc[i] += qs[i][k][v] * c;
+        }
+    }
+}
+
+#if VL == 16
+/* Lane sums of 16 tokens' partials at once, by halving: two tokens' 16 lanes -> 8 each in one vector, two of those
+   -> 4 each, then 2, then 1 (3 operations per halving instead of a full reduction per token) */
+static inline __m512 comb1(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+static inline __m512 comb2(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+static inline __m512 comb3(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+}
+static inline __m512 comb4(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+#endif
+
+/* Scores of the quantised tokens [t0, t1) (whole key groups) of one kv head: s[i * s_row + t]. */
+static void key_scores(const float *qh, const uint8_t *codes, const SCALE_T *scale, const SCALE_T *zero, int64_t t0,
+                       int64_t t1, float *s, int64_t s_row) {
+    vf qp[GQ][PER][NV], qs[GQ][PER][NV];
+    float qz[GQ];
+    query_planes(qh, qp);
+    int64_t t = t0;
+#if VL == 16 && GS % 16 == 0
+    /* 16 tokens of one group at a time; after comb4 lane 4k + x holds token 4x + k */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; t + 16 <= t1; t += 16) {
+        if (t % GS == 0) fold_group(qh, qp, scale + (t / GS) * HD, zero + (t / GS) * HD, qs, qz);
+        __m512 l3[2][GQ];
+        for (int a = 0; a < 2; a++) {
+            __m512 l2[2][GQ];
+            for (int b = 0; b < 2; b++) {
+                __m512 l1[2][GQ];
+                for (int c = 0; c < 2; c++) {
+                    vf x[GQ], y[GQ];
+                    const int64_t u = t + 8 * a + 4 * b + 2 * c;
+                    token_partials(codes + u * MB, qs, x);
+                    token_partials(codes + (u + 1) * MB, qs, y);
+                    for (int i = 0; i < GQ; i++) l1[c][i] = comb1((__m512)x[i], (__m512)y[i]);
+                }
+                for (int i = 0; i < GQ; i++) l2[b][i] = comb2(l1[0][i], l1[1][i]);
+            }
+            for (int i = 0; i < GQ; i++) l3[a][i] = comb3(l2[0][i], l2[1][i]);
+        }
+        for (int i = 0; i < GQ; i++) {
+            const __m512 r = _mm512_permutexvar_ps(order, comb4(l3[0][i], l3[1][i]));
+            _mm512_storeu_ps(s + i * s_row + t, _mm512_add_ps(r, _mm512_set1_ps(qz[i])));
+        }
+    }
+#endif
+    for (; t < t1; t++) {
+        if (t % GS == 0 || t == t0) fold_group(qh, qp, scale + (t / GS) * HD, zero + (t / GS) * HD, qs, qz);
+        vf acc[GQ];
+        token_partials(codes + t * MB, qs, acc);
+        for (int i = 0; i < GQ; i++) s[i * s_row + t] = qz[i] + hsum(acc[i]);
+    }
+}
+
+/* sum_t p[i, t] v_t over the quantised tokens [t0, t1) of one kv head, into o (GQ, HD) */
+static void weighted_values(const float *p, int64_t p_row, const uint8_t *codes, const SCALE_T *scale,
+                            const SCALE_T *zero, int64_t t0, int64_t t1, float *o) {
+    vf acc[GQ][PER][NV];
+    for (int i = 0; i < GQ; i++)
+        for (int k = 0; k < PER; k++)
+            for (int v = 0; v < NV; v++) acc[i][k][v] = (vf){0};
+    for (int64_t t = t0; t < t1; t++) {
+        const SCALE_T *sv = scale + t * NGV, *zv = zero + t * NGV;
+        float pt[GQ];
+        for (int i = 0; i < GQ; i++) pt[i] = p[i * p_row + t];
+        for (int v = 0; v < NV; v++) {
+            /* byte v*VL + l holds channels of the one value group ((v*VL + l)*PER) / GS (GS % PER == 0) */
+            const int first = (v * VL * PER) / GS, last = ((v * VL + VL - 1) * PER) / GS;
+            vf s = (vf){0} + (float)sv[first], z = (vf){0} + (float)zv[first];
+            for (int gg = first + 1; gg <= last; gg++) {
+                vi in;
+                for (int l = 0; l < VL; l++) in[l] = -(((v * VL + l) * PER) / GS >= gg);
+                const vi sn = (vi)((vf){0} + (float)sv[gg]), zn = (vi)((vf){0} + (float)zv[gg]);
+                s = (vf)(((vi)s & ~in) | (sn & in));
+                z = (vf)(((vi)z & ~in) | (zn & in));
+            }
+            const vi x = load_bytes(codes + t * MB + v * VL);
+            for (int k = 0; k < PER; k++) {
+                const vf val = plane(x, k) * s + z;
+                for (int i = 0; i < GQ; i++) acc[i][k][v] += pt[i] * val;
+            }
+        }
+    }
+    for (int i = 0; i < GQ; i++)
+        for (int k = 0; k < PER; k++)
+            for (int v = 0; v < NV; v++)
+                for (int l = 0; l < VL; l++) o[i * HD + (v * VL + l) * PER + k] = acc[i][k][v][l];
+}
+
+/* Masked softmax numerators of s[i * s_row + t], t in [t0, t1), in place: exp(s - m_i) with m_i the piece's max
+   (masked: p = 0); stats[2 i] = m_i, stats[2 i + 1] = sum of the numerators */
+static void piece_softmax(float *s, int64_t s_row, const uint8_t *mask, int64_t t0, int64_t t1, float *stats) {
+    for (int i = 0; i < GQ; i++) {
+        float *r = s + i * s_row;
+        if (mask)
+            for (int64_t t = t0; t < t1; t++) r[t] = mask[i * s_row + t] ? r[t] : -INFINITY;
+        vf mv = (vf){0} - INFINITY;
+        int64_t t = t0;
+        for (; t + VL <= t1; t += VL) {
+            vf x;
+            memcpy(&x, r + t, sizeof(vf));
+            const vi gt = x > mv;
+            mv = (vf)(((vi)x & gt) | ((vi)mv & ~gt));
+        }
+        float m = -INFINITY;
+        for (int l = 0; l < VL; l++) m = mv[l] > m ? mv[l] : m;
+        for (; t < t1; t++) m = r[t] > m ? r[t] : m;
+        float l = 0.f;
+        if (m == -INFINITY) {
+            for (t = t0; t < t1; t++) r[t] = 0.f;
+        } else {
+            /* a masked score (-inf) gives exactly 0 */
+            vf lv = (vf){0};
+            for (t = t0; t + VL <= t1; t += VL) {
+                vf x;
+                memcpy(&x, r + t, sizeof(vf));
+                x = vexp(x - m);
+                memcpy(r + t, &x, sizeof(vf));
+                lv += x;
+            }
+            l = hsum(lv);
+            for (; t < t1; t++) {
+                r[t] = expf(r[t] - m);
+                l += r[t];
+            }
+        }
+        stats[2 * i] = m;
+        stats[2 * i + 1] = l;
+    }
+}
+
+/* Single-query attention of each kv head's GQ query rows over its KIVI layer: NC pieces of whole key groups of the
+   Sq quantised tokens, then the R residual tokens as a last piece, one OpenMP task each; each piece's softmax is
+   local (its max, its sum), merged at the end (the log-sum-exp merge of split softmax).
+   q (b, h * GQ + i, d) at + b*q_b + (h*GQ + i)*q_h + d in the residual's dtype, multiplied by qscale here; quantised codes (b, h, t, MB) at + b*c_b + h*c_h + t*MB, key scale/zero
+   (b, h, t / GS, HD) at + b*ks_b + h*ks_h, value scale/zero (b, h, t, NGV) at + b*vs_b + h*vs_h; residual keys and
+   values (b, h, t, HD) at + b*r_b + h*r_h; mask (B*HK, GQ, Sq + R) bytes (0 = hidden) or NULL; scratch
+   (B*HK, GQ, Sq + R) float32; part (B*HK, NC + 1, GQ, HD), stats (B*HK, NC + 1, GQ, 2); out (B*HK, GQ, HD) in the residual's dtype. */
+void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const kv_t *q, int64_t q_b, int64_t q_h,
+                 float qscale, const uint8_t *kc,
+                 int64_t c_b, int64_t c_h, const SCALE_T *ks, const SCALE_T *kz, int64_t ks_b, int64_t ks_h,
+                 const uint8_t *vc, const SCALE_T *vs, const SCALE_T *vz, int64_t vs_b, int64_t vs_h,
+                 const kv_t *rk, const kv_t *rv, int64_t r_b, int64_t r_h, const uint8_t *mask, float *scratch,
+                 float *part, float *stats, kv_t *out, int nthreads) {
+    const int64_t S = Sq + R, np = NC + 1, tasks = B * HK * np;
+    const int64_t chunk = (Sq / GS + NC - 1) / NC * GS;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t bh = task / np, c = task % np, b = bh / HK, h = bh % HK;
+        float qh[GQ * HD];
+        for (int i = 0; i < GQ; i++)
+            for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * qscale;
+        float *s = scratch + bh * GQ * S;
+        const uint8_t *mk = mask ? mask + bh * GQ * S : 0;
+        float *o = part + (bh * np + c) * GQ * HD, *st = stats + (bh * np + c) * GQ * 2;
+        if (c < NC) {
+            const int64_t t0 = c * chunk < Sq ? c * chunk : Sq, t1 = t0 + chunk < Sq ? t0 + chunk : Sq;
+            key_scores(qh, kc + b * c_b + h * c_h, ks + b * ks_b + h * ks_h, kz + b * ks_b + h * ks_h, t0, t1, s, S);
+            piece_softmax(s, S, mk, t0, t1, st);
+            weighted_values(s, S, vc + b * c_b + h * c_h, vs + b * vs_b + h * vs_h, vz + b * vs_b + h * vs_h, t0, t1,
+                            o);
+        } else {
+            const kv_t *kh = rk + b * r_b + h * r_h, *vh = rv + b * r_b + h * r_h;
+            float row[HD];
+            for (int64_t t = 0; t < R; t++) {
+                for (int d = 0; d < HD; d++) row[d] = kv_float(kh[t * HD + d]);
+                for (int i = 0; i < GQ; i++) {
+                    vf acc = (vf){0};
+                    for (int d = 0; d < HD; d += VL) {
+                        vf a, k;
+                        memcpy(&a, qh + i * HD + d, sizeof(vf));
+                        memcpy(&k, row + d, sizeof(vf));
+                        acc += a * k;
+                    }
+                    s[i * S + Sq + t] = hsum(acc);
+                }
+            }
+            piece_softmax(s, S, mk, Sq, S, st);
+            for (int i = 0; i < GQ * HD; i++) o[i] = 0.f;
+            for (int64_t t = 0; t < R; t++) {
+                for (int d = 0; d < HD; d++) row[d] = kv_float(vh[t * HD + d]);
+                for (int i = 0; i < GQ; i++) {
+                    const float w = s[i * S + Sq + t];
+                    for (int d = 0; d < HD; d++) o[i * HD + d] += w * row[d];
+                }
+            }
+        }
+    }
+    /* merge the pieces: out = sum_c e^(m_c - M) part_c / sum_c e^(m_c - M) l_c */
+    for (int64_t bh = 0; bh < B * HK; bh++)
+        for (int i = 0; i < GQ; i++) {
+            float M = -INFINITY, L = 0.f, w[np];
+            for (int64_t c = 0; c < np; c++) M = fmaxf(M, stats[((bh * np + c) * GQ + i) * 2]);
+            for (int64_t c = 0; c < np; c++) {
+                const float m = stats[((bh * np + c) * GQ + i) * 2];
+                w[c] = m == -INFINITY ? 0.f : expf(m - M);
+                L += w[c] * stats[((bh * np + c) * GQ + i) * 2 + 1];
+            }
+            kv_t *oi = out + (bh * GQ + i) * HD;
+            for (int d = 0; d < HD; d++) {
+                float acc = 0.f;
+                for (int64_t c = 0; c < np; c++) acc += w[c] * part[((bh * np + c) * GQ + i) * HD + d];
+                oi[d] = float_kv(acc / L);
+            }
+        }
+}
+"""
+
+_SCALE_TYPES = {torch.float16: "_Float16", torch.float32: "float"}
+_KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGS = [_I64] * 5 + [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+_ARGS += [_I64, _I64]
+_ARGS += [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+
+#: (head_dim, bits, group_size, gq, scale dtype, residual dtype) -> the loaded library, or why there is none
+_LIBS: dict[tuple, ctypes.CDLL | str] = {}
+#: what :func:`available` found per query/layer shape and dtype
+_AVAILABLE: dict[tuple, bool | str] = {}
+
+
+def shape_problem(head_dim: int, bits: int, group_size: int, heads: int, kv_heads: int) -> str | None:
+    """Why the kernel cannot take this shape (None: it can)."""
+    per = 8 // bits
+    if heads % kv_heads:
+        return f"query heads {heads} not a multiple of kv heads {kv_heads}"
+    if group_size % per:
+        return f"group_size {group_size} is not a multiple of the {per} codes per byte"
+    if (head_dim * bits // 8) % 4:
+        return f"a row of {head_dim} {bits}-bit codes is {head_dim * bits // 8} bytes, not a multiple of 4"
+    return None
+
+
+def _cache_dir() -> Path:
+    from longkit.models.smollm2 import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(defines: dict[str, str | int]) -> ctypes.CDLL:
+    """Compile (once per shape, compiler and CPU) and load the kernel; raises OSError/CalledProcessError on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler (set CC, or install cc/gcc)")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    key = "\0".join([SOURCE, head, cc, *flags, platform.machine(), cpu_capability(), _cpu_model()])
+    path = _cache_dir() / f"kivi_read_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src = Path(tmp) / "kivi_read.c"
+            src.write_text(head + SOURCE)
+            out = Path(tmp) / path.name
+            subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True, text=True)
+            # atomic: a concurrent process either sees no file or a whole one
+            os.replace(out, path)
+    lib = ctypes.CDLL(str(path))
+    lib.kivi_attend.argtypes, lib.kivi_attend.restype = _ARGS, None
+    return lib
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library(
+    head_dim: int, bits: int, group_size: int, gq: int, scale_dtype: torch.dtype, kv_dtype: torch.dtype
+) -> ctypes.CDLL | str:
+    """The compiled kernel for this shape, or a string saying why there is none (remembered for the process)."""
+    key = (head_dim, bits, group_size, gq, scale_dtype, kv_dtype)
+    if key not in _LIBS:
+        defines = dict(HD=head_dim, BITS=bits, GS=group_size, GQ=gq, SCALE_T=_SCALE_TYPES[scale_dtype],
+                       SCALE_IS_HALF=int(scale_dtype == torch.float16), KV_KIND=_KV_KINDS[kv_dtype])  # fmt: skip
+        try:
+            _LIBS[key] = _build(defines)
+        except subprocess.CalledProcessError as e:
+            _LIBS[key] = f"the kernel did not compile: {(e.stderr or '').strip()[-400:]}"
+        except OSError as e:
+            _LIBS[key] = f"the kernel could not be built or loaded: {e}"
+    return _LIBS[key]
+
+
+def available(layer: KIVILayer, q: torch.Tensor) -> bool | str:
+    """True if :func:`kivi_decode_native` can read ``layer`` for the query ``q``; otherwise why not (remembered per
+    shape and dtype: this runs at every layer of every decode step)."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if layer.qkeys is None:
+        return "no quantised tokens"
+    key = (q.shape[1], q.shape[-1], q.device.type, layer.qkeys.device.type, layer.keys.shape[1], layer.bits,
+           layer.group_size, layer.scale_dtype, layer.keys.dtype)  # fmt: skip
+    found = _AVAILABLE.get(key)
+    if found is None:
+        found = _AVAILABLE[key] = _available(*key)
+    return found
+
+
+def _available(heads, head_dim, q_device, kv_device, kv_heads, bits, group_size, scale_dtype, kv_dtype) -> bool | str:
+    if q_device != "cpu" or kv_device != "cpu":
+        return "tensors not on the CPU"
+    if scale_dtype not in _SCALE_TYPES or kv_dtype not in _KV_KINDS:
+        return f"scale dtype {scale_dtype}, residual dtype {kv_dtype}"
+    problem = shape_problem(head_dim, bits, group_size, heads, kv_heads)
+    if problem:
+        return problem
+    lib = library(head_dim, bits, group_size, heads // kv_heads, scale_dtype, kv_dtype)
+    return True if isinstance(lib, ctypes.CDLL) else lib
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (B, H_kv, n, m), each (n, m) block's rows contiguous, with the same strides (the kernel takes one
+    batch and one head stride for both); the growing buffers' views already are."""
+    rows = [t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (a, b)]
+    if not all(rows) or a.stride() != b.stride():
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
+def kivi_decode_native(
+    layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of one query token over a dense :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised by the
+    native kernel (check :func:`available` first).
+
+    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's
+    ``S = S_q + S_r`` stored tokens (quantised first). Returns (B, H, 1, D) in q's dtype.
+    """
+    B, H, _, D = q.shape
+    dtype = q.dtype
+    h_kv = layer.keys.shape[1]
+    gq = H // h_kv
+    pack_query(q, h_kv)  # checks the shape
+    lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
+    if not isinstance(lib, ctypes.CDLL):
+        raise RuntimeError(lib)
+    threads = torch.get_num_threads()
+    scale = D**-0.5 if scale is None else scale
+    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
+        q = q.to(layer.keys.dtype).contiguous()
+    qkeys, qvals = _alike(layer.qkeys, layer.qvalues)
+    ks, kz = _alike(layer.k_scale, layer.k_zero)
+    vs, vz = _alike(layer.v_scale, layer.v_zero)
+    rk, rv = _alike(layer.keys, layer.values)
+    n_q, n_r = qkeys.shape[2], rk.shape[2]
+    m = bool_mask(pack_mask(mask, H, h_kv))
+    if m is not None:
+        # (B, H_kv, G_q, S) one byte per score, 0 = hidden
+        m = m.expand(B, h_kv, gq, n_q + n_r).contiguous()
+    # pieces of whole key groups per kv head (plus the residual): enough for every thread to have work
+    pieces = max(1, min(-(-2 * threads // (B * h_kv)), n_q // layer.group_size))
+    scratch = torch.empty(B, h_kv, gq, n_q + n_r, dtype=torch.float32)
+    part = torch.empty(B, h_kv, pieces + 1, gq, D, dtype=torch.float32)
+    stats = torch.empty(B, h_kv, pieces + 1, gq, 2, dtype=torch.float32)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    lib.kivi_attend(
+        B, h_kv, n_q, n_r, pieces, q.data_ptr(), q.stride(0), q.stride(1), scale,
+        qkeys.data_ptr(), qkeys.stride(0), qkeys.stride(1), ks.data_ptr(), kz.data_ptr(), ks.stride(0), ks.stride(1),
+        qvals.data_ptr(), vs.data_ptr(), vz.data_ptr(), vs.stride(0), vs.stride(1),
+        rk.data_ptr(), rv.data_ptr(), rk.stride(0), rk.stride(1), None if m is None else m.data_ptr(),
+        scratch.data_ptr(), part.data_ptr(), stats.data_ptr(), out.data_ptr(), threads,
+    )  # fmt: skip
+    return out if out.dtype == dtype else out.to(dtype)

@@ -126,6 +126,7 @@ TABLES = {
     "ruler/results/smollm2-4k-baseline-snapkv/ruler.md": lambda: _ruler("smollm2-4k-baseline-snapkv"),
     "train/results/longlora_8k.md": lambda: _meta_rows("train/longlora_8k.py", "train/results/longlora_8k.json"),
     "train/results/chunked_ce_head.md": lambda: _meta_rows("train/chunked_ce.py", "train/results/chunked_ce_head.json"),
+    "train/results/chunked_ce.md": lambda: _meta_rows("train/chunked_ce.py", "train/results/chunked_ce.json"),
     "train/results/s2_attn_speed.md": lambda: _script("train/s2_attn_speed.py").markdown(
         **_json("train/results/s2_attn_speed.json"), notes=BENCH / "train/results/s2_attn_speed.notes.md"
     ),

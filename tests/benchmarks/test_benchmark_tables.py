@@ -100,6 +100,9 @@ TABLES = {
     "decode/results/decode_kivi_read.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_kivi_read.json")
     ),
+    "decode/results/decode_q4_kivi.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_q4_kivi.json")
+    ),
     "decode/results/decode_kivi_paired.md": lambda: _script("decode/paired_steps.py").markdown(
         _json("decode/results/decode_kivi_paired.json")
     ),

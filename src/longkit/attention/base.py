@@ -170,6 +170,10 @@ class AttentionMethod(Method):
     #: sliding-window layer keeps the model's own attention: its window already bounds its cost and its
     #: positions, and a remap or a sparse pattern there would change what the model was trained to see.
     own_sliding_layers: ClassVar[bool] = False
+    #: Whether the method computes full-attention layers exactly as transformers' sdpa and changes only how
+    #: sliding-window layers are computed (``sliding_window``): a KV method may then wrap it, taking the
+    #: full-attention layers over (:func:`longkit.kvcache.hook.install`) and leaving the sliding layers to it.
+    full_layers_sdpa: ClassVar[bool] = False
 
     def forward(
         self,
@@ -229,8 +233,13 @@ class AttentionMethod(Method):
         name = f"longkit_{self.name}{suffix}"
         # Registering adds a new key to transformers' registries; no existing implementation is replaced.
         AttentionInterface.register(name, self.forward)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.mask_format])
+        AttentionMaskInterface.register(name, self.mask_function() or ALL_MASK_ATTENTION_FUNCTIONS[self.mask_format])
         return name
+
+    def mask_function(self) -> Any:
+        """The mask function transformers calls for this method's implementation; None = the one of
+        ``mask_format`` (a method overrides it to skip masks it builds itself, ``sliding_window``)."""
+        return None
 
     def apply(self, model: Any) -> Undo:
         if not hasattr(model, "set_attn_implementation"):

@@ -6,7 +6,9 @@ on CPU a sliding layer costs as much as full attention: the kernel scores every 
 Here queries go in chunks of ``chunk`` rows; a chunk [q0, q1) at positions p0 .. p1 - 1 can only see keys
 p0 - W + 1 .. p1 - 1, so one SDPA call per chunk on that (C, C + W - 1) band does all the work, and the cost is
 O(T·(C + W)) instead of O(T·S). The band's mask is the model's own mask sliced to the band (so padding and packed
-documents stay exact) or, where transformers passed none, the causal window built for the band.
+documents stay exact) or, where there is nothing but the window to mask, the causal window built for the band: the
+method's mask function (:func:`band_sdpa_mask`) then gives transformers' dense (T, S) sliding-window mask up (16 GiB
+of booleans for a 128K prefill), so a long prefill holds no T x T tensor at all.
 """
 
 from __future__ import annotations
@@ -86,6 +88,22 @@ def sliding_window_attention(
     return torch.cat(outs, dim=2)
 
 
+def band_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' sdpa mask function, except for a sliding-window layer's call with more queries than its window
+    and nothing but the window to mask (no padding; packed documents and custom patterns clear transformers'
+    ``allow_is_causal_skip``): None there, since :meth:`SlidingWindow.forward` builds the window of every band
+    itself (and of the whole call on its fallback path), so the dense (T, S) booleans are never made."""
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+
+    window, q_length = kwargs.get("local_size"), kwargs.get("q_length")
+    if not args and window is not None and q_length is not None and kwargs.get("allow_is_causal_skip", True) \
+            and q_length > window:
+        padding = prepare_padding_mask(kwargs.get("attention_mask"), kwargs["kv_length"], kwargs.get("kv_offset", 0))
+        if padding is None or bool(padding.all()):
+            return None
+    return sdpa_mask(*args, **kwargs)
+
+
 @register("attention", "sliding_window")
 @dataclass
 class SlidingWindow(AttentionMethod):
@@ -96,11 +114,13 @@ class SlidingWindow(AttentionMethod):
     costs full attention; this computes the same attention from the band alone (equal to float rounding). A
     sliding layer called with a mask whose key length is not the call's (a static cache) or with fewer queries
     than ``chunk`` or the window (decoding, short prompts) keeps the model's own attention, as do full-attention
-    layers. Exact: no parameter changes what is computed.
+    layers. Exact: no parameter changes what is computed. A KV method may wrap it (``attention=sliding_window+kv=...``):
+    the full-attention layers, which the KV method compresses, are plain SDPA here (``full_layers_sdpa``).
     """
 
     paper = "Sliding-window attention: Beltagy et al. 2020, Longformer (https://arxiv.org/abs/2004.05150)"
     own_sliding_layers = True
+    full_layers_sdpa = True
     chunk: int = param(1024, help="queries per SDPA call on a sliding-window layer", ge=1)
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -119,7 +139,14 @@ class SlidingWindow(AttentionMethod):
             and (attention_mask is None or attention_mask.shape[-1] == S)
         )
         if not fast:
+            if attention_mask is None and window is not None and T > window:
+                # band_sdpa_mask gave the window mask up (no padding): the window of the call's keys, which are the
+                # contiguous positions ending at the last query (T > window), as transformers would have built it
+                attention_mask = _band_mask(0, T, 0, S, S - T, window, query.device)[None, None]
             # full-attention layers, decoding steps, short prompts: exactly transformers' SDPA function
             return sliding_layer_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs), None
         out = sliding_window_attention(query, key, value, window, mask=attention_mask, scale=scaling, chunk=self.chunk)
         return out.transpose(1, 2).contiguous(), None
+
+    def mask_function(self):
+        return band_sdpa_mask

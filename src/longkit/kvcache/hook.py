@@ -8,6 +8,12 @@ attention module's keyword arguments on to its attention function). After the at
 layer's queries and cached keys (:class:`~longkit.kvcache.base.ScoreContext`) and returns a
 :class:`~longkit.kvcache.base.Decision`, which the layer applies. Nothing in the model's code is patched, and no
 table of live caches is kept: the cache travels with the call.
+
+The hook wraps ``sdpa`` or ``eager``, or an attention method that computes full-attention layers exactly as sdpa and
+only changes how sliding-window layers are computed (``full_layers_sdpa``: ``attention=sliding_window``). Then the
+full-attention layers, the ones a KV method compresses, run sdpa under the hook as before, and the sliding layers run
+the attention method: a hybrid model (Gemma 3) prefills in one forward without transformers' dense T x T
+sliding-window path, and the KV method sees the same full-attention calls as on plain sdpa.
 """
 
 from __future__ import annotations
@@ -45,6 +51,28 @@ def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
+
+
+def _full_layers_sdpa(name: str) -> bool:
+    """Whether the attention implementation ``name`` is a longkit attention method that runs full-attention layers
+    as transformers' sdpa and only computes sliding-window layers its own way (``full_layers_sdpa``)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        return False
+    owner = getattr(ALL_ATTENTION_FUNCTIONS[name], "__self__", None)
+    return bool(getattr(owner, "full_layers_sdpa", False))
+
+
+def wrappable(name: str) -> bool:
+    """Whether a KV method's attention function can wrap the attention implementation ``name``."""
+    return name in WRAPPABLE or _full_layers_sdpa(name)
+
+
+def full_layer_attention(name: str) -> str:
+    """The implementation a wrapped ``name`` runs on full-attention layers: itself, or sdpa for an attention method
+    that only changes the sliding-window layers."""
+    return name if name in WRAPPABLE else "sdpa"
 
 
 def inner_attention(name: str):
@@ -114,8 +142,10 @@ class KVAttention:
     """The registered attention function ``longkit_kv_<inner>``: mask ragged storage, attend, compress the layer."""
 
     def __init__(self, inner: str):
-        #: the implementation this one wraps ("sdpa" or "eager")
+        #: the implementation this one wraps ("sdpa", "eager" or a ``full_layers_sdpa`` attention method's)
         self.inner = inner
+        #: what the compressed (full-attention) layers run: ``inner`` itself, or sdpa under such a method
+        self.full = full_layer_attention(inner)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         cache = kwargs.pop(CACHE_KWARG, None)
@@ -134,11 +164,11 @@ class KVAttention:
         mask = attention_mask
         if cache.own_mask:
             mask = _own_mask(layer, attention_mask, B, H, T, key.shape[-2], query.device)
-            if self.inner == "eager":
+            if self.full == "eager":
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~mask, torch.finfo(query.dtype).min
                 )
-        out = attend(self.inner, module, query, key, value, mask, scaling, dropout=dropout, **kwargs)
+        out = attend(self.full, module, query, key, value, mask, scaling, dropout=dropout, **kwargs)
         _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
         return out
 
@@ -224,10 +254,11 @@ def install(
     if not hasattr(model, "set_attn_implementation"):
         raise MethodError(f"kv method '{method_name}' needs a transformers PreTrainedModel")
     previous = model.config._attn_implementation
-    if previous not in WRAPPABLE:
+    if not wrappable(previous):
         raise MethodError(
             f"kv method '{method_name}' needs the model's attention implementation to be one of "
-            f"{', '.join(WRAPPABLE)} (got {previous!r}); use attention=sdpa or attention=eager"
+            f"{', '.join(WRAPPABLE)} or attention=sliding_window (got {previous!r}); use attention=sdpa, "
+            "attention=eager or attention=sliding_window"
         )
     name = f"{prefix}_{previous}"
     if name not in ALL_ATTENTION_FUNCTIONS:

@@ -574,10 +574,10 @@ class KIVI(KVMethod):
     def apply(self, model: Any) -> Undo:
         if self._evictor is not None:
             return self._evictor.apply(model)
-        from longkit.kvcache.hook import WRAPPABLE, install
+        from longkit.kvcache.hook import install, wrappable
         from longkit.kvcache.kivi_attention import KIVIAttention
 
-        if getattr(getattr(model, "config", None), "_attn_implementation", None) not in WRAPPABLE:
+        if not wrappable(str(getattr(getattr(model, "config", None), "_attn_implementation", None))):
             # Other attention implementations attend over the dequantised cache (the reference path).
             return lambda: None
         # Decode steps read the cache quantised (longkit.kvcache.kivi_attention).

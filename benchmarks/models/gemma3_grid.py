@@ -31,23 +31,30 @@ Methods (rows; ``longkit methods --kind rope|attention|kv`` for their parameters
 - ``dca``: Dual Chunk Attention, chunk 24576 and local window 4096 (3/4 and 1/8 of the trained window, as
   benchmarks/rope/results/smollm2-135m/table.md's 6144 / 1024 on 8K).
 - ``snapkv``: SnapKV keeping 25% of the prompt (``ratio=0.25``), its own protocol: one full prefill, then the cache
-  compressed. Acts on the full-attention layers; the sliding layers' caches stay window-bounded (512 tokens).
+  compressed. Acts on the full-attention layers; the sliding layers' caches stay window-bounded (512 tokens). With
+  ``attention=sliding_window`` for its prefill (see "Prefill route").
 - ``kivi``: KIVI 4-bit (``bits=4``, KIVI's group 32 and residual 128). "KIVI at 25%" is read as 4-bit: its codes
   are 4 / 16 = 25% of the bfloat16 cache; with its float16 scales and zeros (2 x 2 bytes per 32 elements, keys per
   channel and values per token) a quantised token costs 0.625 / 2 = 31% (2-bit would be 19%), which the table's KV
-  MiB shows as measured (``cache_nbytes``). Full-attention layers only, as SnapKV.
+  MiB shows as measured (``cache_nbytes``). Full-attention layers only, as SnapKV; the same prefill route.
 
 Prefill route: the rows without a KV method prefill in chunks of 4096 tokens (``--prefill-chunk 4096``): exact (a
 chunked prefill into the model's own cache computes the same attention), and it keeps transformers from building a
 dense T x T sliding-window mask for the whole prompt (16 GiB of booleans at 128K) and from scoring every key on
 the sliding layers (their cache holds the last 512 tokens, so each chunk attends to 4096 + 511 keys there). The KV
-rows keep their methods' protocol (one full prefill, which a KV method's attention hook needs on sdpa), so their
-sliding layers run transformers' masked T x T path.
+rows keep their methods' protocol, one full prefill (a chunked prefill would change it: the hook compresses after
+every multi-token forward, so SnapKV would evict between chunks with each chunk's last queries, and KIVI's later
+chunks would attend to the earlier chunks' quantised keys), and prefill with ``attention=sliding_window`` under the
+KV method (``attention=sliding_window+kv=...``): the sliding layers by chunked SDPA over each query chunk's key band
+with no T x T mask built (``band_sdpa_mask``), the full-attention layers plain sdpa under the KV method's hook, so
+the method sees the same full-attention calls as on sdpa (same kept tokens, same KIVI codes: tests/kvcache/
+test_kvcache_band_prefill.py; on the real model at 8K: benchmarks/models/results/gemma3_kv_prefill_check.md).
 
 Skips (``skipped.json`` with the reason, shown in the table; ``--force`` runs them): at 128K ``baseline``,
-``ntk2`` and ``yarn2`` (their reach ends at 32K / 64K: a 128K prompt is past it, ~75 min per row); ``snapkv`` and
-``kivi`` at 64K and 128K (the full prefill's dense sliding-window masks, 4 GiB at 64K and 16 GiB at 128K, on a
-23 GiB machine, and the masked path's cost, ~4x / ~16x the 32K sample).
+``ntk2``, ``yarn2``, ``snapkv`` and ``kivi`` (their reach ends at 32K / 64K: a 128K prompt is past it, ~75 min per
+row; a KV method keeps the model's positions, so its reach is the baseline's). Memory no longer skips the KV rows:
+without the dense masks a 128K prefill holds the 3 full layers' cache (3 KiB per token, 384 MiB) and one forward's
+activations (~2-3 GiB), on a 23 GiB machine.
 
 Prefill cost against SmolLM2-135M (``prefill``, issue #21's "done means"): one passkey sample at depth 0.5, 3
 samples per length, at 8K, 16K and 32K, back to back in one command, for ``gemma3_sdpa`` (the model as
@@ -64,8 +71,10 @@ Committed timings: SmolLM2-135M's full prefill 6.9 s at 8K, 23 s at 16K, 77 s at
 0.064 s per (1K tokens)^2 (attention, 30 layers x 576 query dims); Gemma 3 270M's matrices cost about the same per
 token (~100M parameters outside the embeddings against SmolLM2's ~106M) and its three full-attention layers of 1,024
 query dims about 0.18 of SmolLM2's attention, so a chunked prefill takes about 0.35 T + 0.0114 T^2 seconds (T in
-1K tokens): ~3.5 s at 8K, 8.5 s at 16K, 23 s at 32K, 70 s at 64K, 230 s at 128K. The masked path of the KV rows:
-issue #21's smoke run took about 400 s for one 32K prefill on a busy CPU (~100 s at 16K, ~25 s at 8K by T^2).
+1K tokens): ~3.5 s at 8K, 8.5 s at 16K, 23 s at 32K, 70 s at 64K, 230 s at 128K. The KV rows' banded one-forward
+prefill costs about the same (its sliding layers score 1024 + 511 keys per query chunk instead of 4096 + 511; the
+full layers the same T^2), where the masked path they ran before took about 400 s for one 32K prefill on a busy CPU
+(issue #21's smoke run; ~100 s at 16K, ~25 s at 8K by T^2).
 Samples per (method, bucket): depth 18, ruler 65, ppl 1; with ~30 s of start-up per step and decoding (up to 128
 new tokens for RULER's cwe / fwe at ~0.15 s per token with the 262K vocabulary), minutes per method and bucket with
 the CPU to itself (under the nice-19 cap multiply by about 5):
@@ -73,14 +82,15 @@ the CPU to itself (under the nice-19 cap multiply by about 5):
     method                8K    16K    32K    64K    128K   basis (per sample)
     baseline, ntk2, yarn2 10     17     40     25    skip   chunked prefill 3.5 / 8.5 / 23 / 70 s
     ntk4, yarn4, SE, DCA  10     17     40     25     75    as baseline; 230 s at 128K
-    snapkv, kivi          40    145    560    skip   skip   masked prefill ~25 / 100 / 400 s
-    all 9 rows           ~150   ~410  ~1400   ~175   ~300   minutes; about 40 h for the whole grid
+    snapkv, kivi          10     17     40     25    skip   banded prefill, as chunked
+    all 9 rows            ~90   ~150   ~360   ~225   ~300   minutes; about 19 h for the whole grid
 
 so run it by bucket and by row (``--only``), cheapest first: ``--buckets 8k``, then 16K, 64K and 128K, with 32K's
-RULER group and the KV rows last. The prefill part: 4 rows x 3 lengths x 3 samples, ~1 h (the masked 32K samples
-dominate). Peak memory to expect: the full cache is 3 full layers x 2 x 256 x 2 bytes = 3 KiB per token (384 MiB
-at 128K) plus 15 window-bounded sliding layers; the model itself ~0.5 GiB of bfloat16 weights (0.31 GiB of them the
-262K x 640 embedding); the masked path's T x T boolean masks dominate (1 GiB at 32K).
+RULER group last. The prefill part: 4 rows x 3 lengths x 3 samples, ~1 h (the masked 32K samples of
+``gemma3_sdpa`` dominate). Peak memory to expect: the full cache is 3 full layers x 2 x 256 x 2 bytes = 3 KiB per
+token (384 MiB at 128K) plus 15 window-bounded sliding layers; the model itself ~0.5 GiB of bfloat16 weights
+(0.31 GiB of them the 262K x 640 embedding); the masked path's T x T boolean masks (1 GiB at 32K, ``gemma3_sdpa``
+only) or, on the others, one forward's activations.
 """
 
 from __future__ import annotations
@@ -124,9 +134,8 @@ def method(label: str, spec: str, prefill_chunk: int | None = CHUNK, **skip: str
 
 
 PAST_REACH = "its reach ends at {}: a 128K prompt is past it (~75 min per row on this CPU)"
-KV_SKIP = ("one full prefill on sdpa (a KV method's hook needs it) builds dense sliding-window masks ({} GiB at "
-           "{}) and runs the masked T x T path on 15 sliding layers, ~{}x a 32K sample (~400 s)")
-KV_SKIPS = {"64k": KV_SKIP.format(4, "64K", 4), "128k": KV_SKIP.format(16, "128K", 16)}
+#: The KV rows' prefill route: one forward (their protocol), the sliding layers banded (no dense T x T mask).
+BAND = "attention=sliding_window"
 
 
 def rope(kind: str, factor: int) -> str:
@@ -141,8 +150,9 @@ METHODS = {
     "yarn4": method("YaRN x4 (full layers)", rope("yarn", 4)),
     "self_extend": method("Self-Extend (G=5, w=8192)", "attention=self_extend:group_size=5,window=8192"),
     "dca": method("DCA (chunk 24576, local 4096)", "attention=dca:chunk_size=24576,local_window=4096"),
-    "snapkv": method("SnapKV 25%", "kv=snapkv:ratio=0.25", None, **KV_SKIPS),
-    "kivi": method("KIVI 4-bit (~25%)", "kv=kivi:bits=4", None, **KV_SKIPS),
+    "snapkv": method("SnapKV 25%", f"{BAND}+kv=snapkv:ratio=0.25", None,
+                     **{"128k": PAST_REACH.format("the trained 32K")}),
+    "kivi": method("KIVI 4-bit (~25%)", f"{BAND}+kv=kivi:bits=4", None, **{"128k": PAST_REACH.format("the trained 32K")}),
 }
 #: The prefill part's rows: (label, model, combination, prefill chunk), at 8K-32K.
 PREFILL_ROWS = {

@@ -45,8 +45,12 @@ def test_rows_follow_the_documented_choices(grid):
     se = MethodSpec.parse(specs["self_extend"]).attention
     assert (grid.TRAINED - se.window) * se.group_size + se.window == grid.BUCKETS["128k"]
     assert MethodSpec.parse(specs["kivi"]).kv.bits == 4 and MethodSpec.parse(specs["snapkv"]).kv.ratio == 0.25
-    # The KV rows keep their one-prefill protocol; the others prefill in chunks.
+    # The KV rows keep their one-prefill protocol, their sliding layers banded; the others prefill in chunks.
     assert {n for n, m in grid.METHODS.items() if m.prefill_chunk is None} == {"snapkv", "kivi"}
+    for name in ("snapkv", "kivi"):
+        assert MethodSpec.parse(specs[name]).attention.name == "sliding_window"
+        assert grid.METHODS[name].skip["128k"] == grid.METHODS["baseline"].skip["128k"]
+    assert not any("64k" in m.skip for m in grid.METHODS.values())
     assert {n for n, m in grid.METHODS.items() if "128k" in m.skip} == {"baseline", "ntk2", "yarn2", "snapkv", "kivi"}
 
 
@@ -54,13 +58,13 @@ def test_dry_run_lists_every_step_and_writes_nothing(tmp_path):
     r = _run("eval", "--dry-run", "--results", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    # 9 methods x (depth and ppl at 5 buckets + ruler at 3); skipped: 3 rows at 128K, the 2 KV rows at 64K and 128K.
+    # 9 methods x (depth and ppl at 5 buckets + ruler at 3); skipped: 5 rows (depth, ppl) at 128K, past their reach.
     assert len(lines) == 9 * 13
-    assert sum(line.startswith("skip ") for line in lines) == 3 * 2 + 2 * 2 * 2
+    assert sum(line.startswith("skip ") for line in lines) == 5 * 2
     ruler = [line for line in lines if line.endswith("yarn4-16k-ruler")]
     assert len(ruler) == 1 and ruler[0].count("--task ") == 13 and "--samples 5" in ruler[0]
-    assert any("--combo kv=kivi:bits=4 " in line and "--prefill-chunk" not in line and line.endswith("kivi-32k-depth")
-               for line in lines)
+    assert any("--combo attention=sliding_window+kv=kivi:bits=4 " in line and "--prefill-chunk" not in line
+               and line.endswith("kivi-32k-depth") for line in lines)
     assert any("--no-default-methods" in line and "--prefill-chunk 4096" in line and line.endswith("baseline-64k-ppl")
                for line in lines)
     r = _run("prefill", "--dry-run", "--results", str(tmp_path / "g"))

@@ -238,6 +238,8 @@ CLI = [
     ("pcw-windows-too-few", [*PK, "--memory", "pcw:n_windows=1", "--lengths", "1024"],
      "parameter 'n_windows' = 1 makes windows of"),
     ("pcw-and-kv-cache", [*PK, "--combo", "kv=snapkv+memory=pcw"], "each keep their own KV cache"),
+    ("kv-wraps-full-layer-attention", [*PK, "--combo", "attention=blockwise+kv=snapkv"],
+     "one of sdpa, eager or attention=sliding_window"),
     ("nbce-task-without-question", ["--task", "perplexity", "--lengths", "256", "--memory", "nbce"],
      "task 'perplexity' has no question to read the windows with"),
     ("nbce-pooling-unknown", [*PK, "--memory", "nbce:pooling=max"], "'pooling' must be one of"),

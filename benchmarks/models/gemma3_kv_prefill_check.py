@@ -9,11 +9,16 @@ the prefill seconds; between the routes: the next-token logits' largest absolute
 largest logit), whether the greedy token is the same, and what the method kept: SnapKV's kept slots per full layer
 (the fraction that is the same), KIVI's codes (the fraction equal, the largest difference in levels).
 
-    python benchmarks/models/gemma3_kv_prefill_check.py   # ~5 min on 2 cores; writes results/gemma3_kv_prefill_check.{json,md}
+    python benchmarks/models/gemma3_kv_prefill_check.py                   # ~5 min on 2 cores; results/gemma3_kv_prefill_check.{json,md}
+    python benchmarks/models/gemma3_kv_prefill_check.py --dtype float32   # ~8 min; results/gemma3_kv_prefill_check_float32.{json,md}
+
+float32 separates the routes' arithmetic from bfloat16's rounding: there the two routes must agree to float32
+rounding (logits, SnapKV's slots, KIVI's codes up to a level at a rounding boundary).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -88,7 +93,8 @@ def markdown(data: dict) -> str:
     m = data["meta"]
     lines = [f"# KV methods' prefill route on {m['model']} ({m['dtype']}): plain sdpa vs attention=sliding_window, "
              f"{m['length']} tokens", "",
-             "`python benchmarks/models/gemma3_kv_prefill_check.py`", "",
+             "`python benchmarks/models/gemma3_kv_prefill_check.py"
+             + ("" if m["dtype"] == "bfloat16" else f" --dtype {m['dtype']}") + "`", "",
              f"torch {m['torch']}, CPU capability {m['cpu']}, {m['threads']} threads, under `nice -n 19` beside another "
              "benchmark on a shared 2-core CPU (a capped cgroup): the seconds are capped, compare them only with each "
              f"other. One passkey prompt (depth {m['depth']}, seed 0; key {m['key']}), one full prefill by each route, "
@@ -109,6 +115,11 @@ def markdown(data: dict) -> str:
             kept = f"codes identical: {c['codes_same']:.2%}, at most {c['codes_max_level_diff']} levels apart"
         lines.append(f"| `{c['spec']}` | {c['max_abs_diff']:.3g} | {c['relative']:.3g} | "
                      f"{'yes' if c['same_argmax'] else 'no'} | {'yes' if c['same_answer'] else 'no'} | {kept} |")
+    if m["dtype"] != "bfloat16":
+        lines += ["", f"In {m['dtype']} the two routes differ only by the order of the band's SDPA sums against the "
+                  "masked kernel's: this run shows the route itself keeps each method's protocol on the real model; "
+                  "the bfloat16 run (gemma3_kv_prefill_check.md) shows how far bfloat16's rounding moves it."]
+        return "\n".join(lines) + "\n"
     lines += ["", "The next-token logits come from the prefill itself, which attends to the whole uncompressed prompt "
               "(the method compresses after each full layer's attention, and KIVI quantises after the prefill): their "
               "difference is the two routes' bfloat16 rounding alone (the band's SDPA calls against the masked "
@@ -122,7 +133,12 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    lm = longkit.load_model("gemma3-270m", dtype="bfloat16")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the model's dtype (bfloat16: as the grid runs it; float32: the routes' arithmetic alone)")
+    dtype = parser.parse_args().dtype
+    name = NAME if dtype == "bfloat16" else f"{NAME}_{dtype}"
+    lm = longkit.load_model("gemma3-270m", dtype=dtype)
     model = lm.model.eval()
     task = get_task("passkey")
     sample = task.build(TaskContext(lm.tokenizer, seed=0), LENGTH, DEPTH, 0)
@@ -142,13 +158,13 @@ def main() -> None:
         comparisons.append({"spec": spec, **compare(runs["sdpa"], runs["sliding_window"]),
                             "same_answer": runs["sdpa"]["tokens"] == runs["sliding_window"]["tokens"]})
         print(json.dumps(comparisons[-1]), flush=True)
-    meta = {"model": "gemma3-270m", "dtype": "bfloat16", "length": len(ids), "depth": DEPTH, "key": sample.answers[0],
+    meta = {"model": "gemma3-270m", "dtype": dtype, "length": len(ids), "depth": DEPTH, "key": sample.answers[0],
             "new_tokens": NEW_TOKENS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads()}
     data = {"meta": meta, "rows": rows, "compare": comparisons}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / f"{NAME}.md").write_text(markdown(data))
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(data))
     print(markdown(data))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def markdown(data: dict) -> str:
              f"{m['length']} tokens", "",
              "`python benchmarks/models/gemma3_kv_prefill_check.py"
              + ("" if m["dtype"] == "bfloat16" else f" --dtype {m['dtype']}") + "`", "",
-             f"torch {m['torch']}, CPU capability {m['cpu']}, {m['threads']} threads, under `nice -n 19` beside another "
-             "benchmark on a shared 2-core CPU (a capped cgroup): the seconds are capped, compare them only with each "
+             f"torch {m['torch']}, CPU capability {m['cpu']}, {m['threads']} threads, "
+             + ("under `nice -n 19` (a capped cgroup)" if m.get("niceness", 19) else "at normal priority")
+             + " beside another benchmark on a shared 2-core CPU: the seconds are only comparable with each "
              f"other. One passkey prompt (depth {m['depth']}, seed 0; key {m['key']}), one full prefill by each route, "
              f"then {m['new_tokens']} greedy tokens. `sdpa`: transformers' masked T x T path on the 15 sliding layers "
              "(the KV rows' route before); `sliding_window`: `attention=sliding_window+kv=...`, the sliding layers by "
@@ -112,7 +114,7 @@ def markdown(data: dict) -> str:
             kept = ("keep masks identical in " + ", ".join(f"{x:.2%}" for x in c["kept_same"])
                     + f" of slots (3 full layers; {', '.join(map(str, c['kept_slots']))} slots kept)")
         else:
-            kept = f"codes identical: {c['codes_same']:.2%}, at most {c['codes_max_level_diff']} levels apart"
+            kept = f"codes identical: {c['codes_same']:.4%}, at most {c['codes_max_level_diff']} levels apart"
         lines.append(f"| `{c['spec']}` | {c['max_abs_diff']:.3g} | {c['relative']:.3g} | "
                      f"{'yes' if c['same_argmax'] else 'no'} | {'yes' if c['same_answer'] else 'no'} | {kept} |")
     if m["dtype"] != "bfloat16":
@@ -160,7 +162,7 @@ def main() -> None:
         print(json.dumps(comparisons[-1]), flush=True)
     meta = {"model": "gemma3-270m", "dtype": dtype, "length": len(ids), "depth": DEPTH, "key": sample.answers[0],
             "new_tokens": NEW_TOKENS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "niceness": os.nice(0)}
     data = {"meta": meta, "rows": rows, "compare": comparisons}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -112,6 +112,9 @@ TABLES = {
     "models/results/gemma3_kv_prefill_check.md": lambda: _script("models/gemma3_kv_prefill_check.py").markdown(
         _json("models/results/gemma3_kv_prefill_check.json")
     ),
+    "models/results/gemma3_kv_prefill_check_float32.md": lambda: _script("models/gemma3_kv_prefill_check.py").markdown(
+        _json("models/results/gemma3_kv_prefill_check_float32.json")
+    ),
     "kvcache/results/chunked_prefill_memory.md": lambda: _meta_rows(
         "kvcache/chunked_prefill_memory.py", "kvcache/results/chunked_prefill_memory.json"
     ),

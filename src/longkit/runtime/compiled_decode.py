@@ -12,9 +12,16 @@ stored tokens + ``max_new_tokens`` rounded up to :data:`BUCKET` slots so that ne
 graph), and every step writes one slot and attends over the whole buffer under a boolean mask of the filled slots.
 The mask is per layer and per key/value head, so caches whose layers or heads kept different tokens (PyramidKV,
 AdaKV) decode too.
-Attention during these steps is the packed single-query form of :mod:`longkit.kvcache.decode` (the query heads of a
-kv head as the rows of one matrix, K and V read once, no repeated heads), registered as the attention implementation
-``longkit_decode`` for the decoder's lifetime and restored when it closes.
+Attention during these steps is registered as the attention implementation ``longkit_decode`` for the decoder's
+lifetime (restored when it closes), in one of two forms (``attention``):
+
+- ``native`` (the default wherever it builds, ``auto``): the C kernel of :mod:`longkit.kvcache.decode_native`, called
+  from the compiled graph as the operator ``longkit::decode_attend``: the query heads of a kv head packed, K and V read
+  once, the sequence split over the threads, and only each layer's filled slots read (the capacity's spare slots
+  cost nothing). At 8K on SmolLM2-135M bf16 it took the step's attention from 43% of a compiled step to about a
+  quarter (``benchmarks/decode/results/compile.notes.md``);
+- ``sdpa``: torch's fused kernel on the packed query (:mod:`longkit.kvcache.decode`) over the whole buffer under the
+  mask.
 
 What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
 

@@ -19,9 +19,9 @@ same round's ``--base`` step (round 0 is a warm-up, not counted). Variants (``+`
 
 Distance from the limit: the machine's read bandwidth is measured in the same process (``decode.py``'s probe) and each
 variant reports bytes/token (weights + the KV bytes its step reads: the compiled ``sdpa`` step reads its whole
-buffer, ``native`` the filled slots) and ``x floor`` = median ms / (bytes / bandwidth). ``--profile VARIANT`` adds
-``torch.profiler``'s top operators over 8 steps of that variant (self CPU time per step), to see where a compiled step
-spends its time. Writes ``results/<name>.json`` and ``.md``; ``--render`` redraws the ``.md`` from the ``.json``.
+buffer, ``native`` the filled slots) and ``x floor`` = median ms / (bytes / bandwidth). ``--profile VARIANT[,VARIANT...]``
+adds ``torch.profiler``'s top operators over 8 steps of each (self CPU time per step), to see where a step spends
+its time. Writes ``results/<name>.json`` and ``.md``; ``--render`` redraws the ``.md`` from the ``.json``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def measure(args) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     specs = {v: parse_variant(v) for v in variants}
     ids = torch.randint(5, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
-    steps = args.rounds + 10 + (8 if args.profile else 0)
+    steps = args.rounds + 10 + 8 * len(args.profiles)
     applied = longkit.apply(model)
     impl = model.config._attn_implementation
     steppers, kv_read, compile_s = {}, {}, {}
@@ -203,9 +203,7 @@ def measure(args) -> dict:
                     dt = steppers[name]()
                     if r:
                         times[name].append(1e3 * dt)
-            profiles = {}
-            if args.profile:
-                profiles[args.profile] = profile(steppers[args.profile])
+            profiles = {name: profile(steppers[name]) for name in args.profiles}
     finally:
         model.set_attn_implementation(impl)
         applied.remove()
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", default="eager,sdpa,native,native+cpp_wrapper")
     ap.add_argument("--base", default="sdpa", help="the variant ratios are taken to (one of --variants)")
-    ap.add_argument("--profile", default=None, help="a variant to profile after the rounds")
+    ap.add_argument("--profile", default=None, help="variants to profile after the rounds (comma-separated)")
     ap.add_argument("--note", default=None, help="a line on the conditions, recorded with the results")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
     ap.add_argument("--name", default="compiled_ab")
@@ -241,8 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         parse_variant(v)
     if args.base not in variants or args.rounds < 2:
         sys.exit(f"error: --base ({args.base}) must be one of --variants and --rounds must be >= 2")
-    if args.profile is not None and args.profile not in variants:
-        sys.exit(f"error: --profile ({args.profile}) must be one of --variants")
+    args.profiles = [v.strip() for v in (args.profile or "").split(",") if v.strip()]
+    if set(args.profiles) - set(variants):
+        sys.exit(f"error: --profile ({args.profile}) must name variants of --variants")
 
     import torch
     import transformers

@@ -271,7 +271,10 @@ class CompiledDecoder:
         self._closed = False
         forward = model.forward
         if compile:
-            forward = torch.compile(model.forward, dynamic=False)
+            # the options also go to torch.compile itself: dynamo reuses a compiled graph for an equal compile call
+            # (equal when their options are), so without them a decoder with other settings would run the graph an
+            # earlier decoder compiled (they are patched in again where inductor reads them, see step())
+            forward = torch.compile(model.forward, dynamic=False, options=self.options or None)
         self._forward = forward
         self.freezing = bool(compile and freezing)
 

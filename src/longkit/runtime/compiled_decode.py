@@ -18,8 +18,8 @@ lifetime (restored when it closes), in one of two forms (``attention``):
 - ``native`` (the default wherever it builds, ``auto``): the C kernel of :mod:`longkit.kvcache.decode_native`, called
   from the compiled graph as the operator ``longkit::decode_attend``: the query heads of a kv head packed, K and V read
   once, the sequence split over the threads, and only each layer's filled slots read (the capacity's spare slots
-  cost nothing). At 8K on SmolLM2-135M bf16 it took the step's attention from 43% of a compiled step to about a
-  quarter (``benchmarks/decode/results/compile.notes.md``);
+  cost nothing). At 8K on SmolLM2-135M bf16 it took about 0.53x the time of torch's fused kernel inside the
+  compiled step (profiles of one A/B run on a shared CPU, ``benchmarks/decode/results/compile.notes.md``);
 - ``sdpa``: torch's fused kernel on the packed query (:mod:`longkit.kvcache.decode`) over the whole buffer under the
   mask.
 

@@ -447,6 +447,14 @@ def _gemma3_every_layer_sliding():
     return SimpleNamespace(model=model.eval())
 
 
+def _decode_native(limit: int):
+    """The native dense decode kernel with a bad read limit (or, without a C compiler, its refusal)."""
+    from longkit.kvcache.decode_native import decode_attend
+
+    q, kv = torch.ones(1, 4, 1, 16), torch.ones(1, 2, 8, 16)
+    return decode_attend(q, kv, kv, limit=limit)
+
+
 def _kivi_decode(kernel: str, tokens: int = 1):
     """KIVI's quantised read of a small layer (8 tokens, all quantised) with the given kernel."""
     from longkit.kvcache.kivi import KIVILayer
@@ -524,6 +532,12 @@ API = [
      MethodError, "parameter 'cache' must be a prefilled transformers Cache (got Tensor)"),
     ("compiled-decode-empty-cache", lambda fx, lm, t: longkit.runtime.compiled_decode(
         lm.model, DynamicCache(config=lm.model.config), 4), MethodError, "prefill the cache"),
+    ("compiled-decode-attention", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 4, attention="fast"),
+     MethodError, "parameter 'attention' must be one of auto, native, sdpa (got 'fast')"),
+    ("compiled-decode-options", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 4, options=["x"]),
+     MethodError, "parameter 'options' must be a dict"),
+    ("decode-native-limit", lambda fx, lm, t: _decode_native(limit=0), MethodError,
+     "parameter 'limit' must be in [1, 8]"),
     ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,
      "parameter 'kernel' must be one of native, tiled or None (got 'fast')"),
     ("kivi-native-two-query-tokens", lambda fx, lm, t: _kivi_decode(kernel="native", tokens=2), MethodError,

@@ -144,10 +144,11 @@ def quest_read_bytes(model, cache, method, length: int) -> int:
     return int(total)
 
 
-def run_torch(lm, kind: str, spec: str, ids, steps: int, compiled: bool = False) -> dict:
+def run_torch(lm, kind: str, spec: str, ids, steps: int, compiled: bool = False, compile_kwargs: dict | None = None) -> dict:
     """Prefill ``ids`` and decode ``steps`` tokens (greedy, fed back) under one configuration; ``compiled``: through
-    ``longkit.runtime.compiled_decode`` (its first step, compilation included, is timed apart as ``compile_s`` and
-    ``steps`` more are timed; a step reads its whole fixed-capacity buffer, which ``kv_read_bytes`` counts)."""
+    ``longkit.runtime.compiled_decode`` with ``compile_kwargs`` (its first step, compilation included, is timed apart
+    as ``compile_s`` and ``steps`` more are timed; ``kv_read_bytes`` counts what a step reads: the filled slots with
+    the native attention, the whole fixed-capacity buffer with sdpa)."""
     import torch
 
     import longkit
@@ -187,7 +188,7 @@ def run_torch(lm, kind: str, spec: str, ids, steps: int, compiled: bool = False)
             if compiled:
                 from longkit.runtime.compiled_decode import compiled_decode
 
-                with compiled_decode(model, cache, steps + 1) as dec:
+                with compiled_decode(model, cache, steps + 1, **(compile_kwargs or {})) as dec:
                     token = dec.step(token).argmax(-1, keepdim=True)
                     for _ in range(steps):
                         t0 = time.perf_counter()
@@ -195,7 +196,8 @@ def run_torch(lm, kind: str, spec: str, ids, steps: int, compiled: bool = False)
                         times.append(time.perf_counter() - t0)
                         token = logits.argmax(-1, keepdim=True)
                 return {"prefill_s": prefill_s, "step_ms": [1e3 * t for t in times], "kv_bytes": kv_bytes,
-                        "kv_read_bytes": dec.kv_read_bytes, "compile_s": dec.compile_s}  # fmt: skip
+                        "kv_read_bytes": dec.kv_read_bytes, "compile_s": dec.compile_s,
+                        "compiled_attention": dec.attention}  # fmt: skip
             for _ in range(steps):
                 t0 = time.perf_counter()
                 out = model(token, cache=cache, use_cache=True)
@@ -376,6 +378,14 @@ def markdown(data: dict) -> str:
             "\nFirst compiled step (compilation included; later repeats reuse the compiled graph), seconds: "
             + ", ".join(f"{c} at {n}: {' / '.join(f'{x:.1f}' for x in v)}" for (c, n), v in compiles.items())
         )
+    comp = meta.get("compile")
+    if comp:
+        opts = ", ".join(comp["options"]) or "none"
+        lines.append(
+            f"\nCompiled rows: longkit.runtime.compiled_decode, attention {comp['attention']} (ran: "
+            + ", ".join(sorted({r["compiled_attention"] for r in data["runs"] if r.get("compiled_attention")}))
+            + f"), extra inductor settings: {opts}"
+        )
     for s in data.get("skipped", []):
         lines.append(f"\nSkipped: {s['config']}: {s['reason']}")
     native = meta.get("kivi_native")
@@ -439,6 +449,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
     ap.add_argument("--compile", action="store_true",
                     help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs")  # fmt: skip
+    ap.add_argument("--compile-attention", choices=("auto", "native", "sdpa"), default="auto",
+                    help="the compiled rows' attention (compiled_decode's 'attention'; auto: native where it builds)")
+    ap.add_argument("--compile-option", action="append", default=[], metavar="NAME",
+                    help="an inductor setting set True while the compiled rows compile (e.g. cpp_wrapper); repeatable")
     ap.add_argument("--gguf", action="append", default=[], help="extra llama.cpp model: 'name=path.gguf'")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--llama-extra-buffers", choices=("off", "on"), default="off",
@@ -518,6 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_bandwidth(args.bandwidth_mb)
     gen = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(5, cfg.vocab_size, (1, n), generator=gen) for n in lengths}
+    compile_kwargs = {"attention": args.compile_attention, "options": dict.fromkeys(args.compile_option, True)}
+    if args.compile:
+        # a compiled row per length and repeat; each capacity bucket compiles once, the repeats reuse it
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(lengths) * len(names))
     runs = []
     for rep in range(args.repeats):
         for n in lengths:
@@ -535,7 +553,8 @@ def main(argv: list[str] | None = None) -> None:
                         if spec.startswith("kivi"):
                             spec = spec.replace("kivi:", f"kivi:group_size={args.group_size},")
                         with native_kivi(name not in TILED):
-                            row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED))
+                            row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED),
+                                             compile_kwargs=compile_kwargs)
                         row["weight_bytes"] = weights
                 except Exception as exc:  # noqa: BLE001 - a failed configuration is a row with its error
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -551,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         "decode_kernel": kdecode.decode_kernel(), "decode_kernel_resolved": kdecode.resolved_kernel(dtype),
         "decode_kernel_ms": kernel_ms, "bandwidth": bandwidth, "weight_bytes": weights, "kivi_group_size": args.group_size,
         "kivi_native": kivi_native_status(lm.model, args.group_size),
+        "compile": {"attention": args.compile_attention, "options": compile_kwargs["options"]} if args.compile else None,
     }  # fmt: skip
     data = {"meta": meta, "runs": runs, "skipped": skipped}
     out.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,9 @@ TABLES = {
     "decode/results/decode_kivi_paired.md": lambda: _script("decode/paired_steps.py").markdown(
         _json("decode/results/decode_kivi_paired.json")
     ),
+    "decode/results/compiled_ab_8k.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_8k.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

@@ -184,3 +184,55 @@ def test_a_tiny_paired_run_writes_json_and_renders_the_same_table(tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p.md").read_text() == md
+
+
+AB = REPO / "benchmarks" / "decode" / "compiled_ab.py"
+
+
+def test_compiled_variants_parse_and_ratios_are_taken_per_round():
+    mod = load_script(AB)
+    assert mod.parse_variant("native+cpp_wrapper") == {"attention": "native", "freezing": True,
+                                                       "options": {"cpp_wrapper": True}, "compile": True}
+    assert mod.parse_variant("sdpa+nofreeze+nocompile")["freezing"] is False
+    assert mod.parse_variant("eager") == {"eager": True}
+    with pytest.raises(SystemExit, match="unknown"):
+        mod.parse_variant("native+fast")
+    meta = {"model": "m", "dtype": "bfloat16", "length": 8192, "rounds": 4, "base": "sdpa", "command": "c",
+            "torch": "t", "transformers": "x", "cpu_capability": "AVX512", "threads": 1, "omp_wait_policy": "PASSIVE",
+            "load_before": [1, 1, 1], "load_after": [1, 1, 1], "bandwidth": {"read_gb_s": 10.0}, "weight_bytes": 60_000_000,
+            "note": None}  # fmt: skip
+    # the load doubles in rounds 2 and 3: per-round ratios stay 0.5
+    data = {"meta": meta, "times_ms": {"sdpa": [20.0, 20.0, 40.0, 40.0], "native": [10.0, 10.0, 20.0, 20.0]},
+            "kv_read_bytes": {"sdpa": 50_000_000, "native": 40_000_000}, "compile_s": {"sdpa": 30.0, "native": 31.0},
+            "profiles": {"native": [{"name": "mm", "self_ms": 3.0, "calls": 211}, {"name": "(other)", "self_ms": 1.0,
+                                                                                   "calls": 5}]}}  # fmt: skip
+    rows = {r["variant"]: r for r in mod.summarise(data)}
+    assert rows["native"]["ratio"] == 0.5 and rows["native"]["ms"] == 15.0
+    # 100 MB at 10 GB/s: a 10 ms floor
+    assert rows["native"]["floor_ms"] == pytest.approx(10.0) and rows["native"]["x_floor"] == pytest.approx(1.5)
+    md = mod.markdown(data)
+    assert "| native | 15.0 | 10.0 | 0.50 | 0.50–0.50 | 100,000,000 | 10.0 | 1.50 | 31.0 |" in md
+    assert "| `mm` | 3.00 | 75% | 211 |" in md
+
+
+def test_a_tiny_compiled_ab_run_writes_json_and_renders_the_same_table(tmp_path):
+    # the fixed-capacity steps uncompiled (no compile time in the suite), both attentions and the eager baseline
+    args = ["--model", "tiny-llama", "--dtype", "float32", "--length", "100", "--rounds", "3", "--threads", "1",
+            "--variants", "eager,sdpa+nocompile,native+nocompile", "--base", "sdpa+nocompile", "--profile",
+            "native+nocompile", "--bandwidth-mb", "8", "--out", str(tmp_path), "--name", "ab"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert set(data["times_ms"]) == {"eager", "sdpa+nocompile", "native+nocompile"}
+    assert all(len(t) == 3 and min(t) > 0 for t in data["times_ms"].values())
+    kv = data["kv_read_bytes"]
+    # the native step reads the filled slots (100 of the 256-slot buffer), sdpa the whole buffer
+    assert kv["native+nocompile"] * 256 == kv["sdpa+nocompile"] * 100 == kv["eager"] * 256
+    assert data["profiles"]["native+nocompile"][-1]["name"] == "(other)"
+    md = (tmp_path / "ab.md").read_text()
+    (tmp_path / "ab.md").unlink()
+    r = subprocess.run([sys.executable, str(AB), "--render", "--out", str(tmp_path), "--name", "ab"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ab.md").read_text() == md

@@ -12,9 +12,12 @@ import torch
 import longkit
 from conftest import sample_ids
 from longkit.errors import MethodError
+from longkit.kvcache import kivi_native
 from longkit.runtime.compiled_decode import ATTENTION, compiled_decode
 
 STEPS = 32
+#: the native attention kernel builds here (a C compiler); without one the decoder's ``auto`` picks sdpa
+NATIVE = kivi_native._compiler() is not None
 
 
 def _eager(model, ids, steps, **spec):
@@ -31,13 +34,13 @@ def _eager(model, ids, steps, **spec):
     return tokens, torch.cat(logits)
 
 
-def _decoded(model, ids, steps, compile, **spec):
+def _decoded(model, ids, steps, compile, attention="auto", **spec):
     """The same through a :class:`CompiledDecoder` (prefill eager)."""
     with longkit.apply(model, **spec) as applied, torch.inference_mode():
         cache = applied.new_cache()
         out = model(ids, cache=cache, use_cache=True)
         token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
-        with compiled_decode(model, cache, steps, compile=compile) as dec:
+        with compiled_decode(model, cache, steps, compile=compile, attention=attention) as dec:
             assert model.config._attn_implementation == ATTENTION
             for _ in range(steps):
                 tokens.append(int(token))
@@ -54,6 +57,8 @@ def test_compiled_steps_decode_the_eager_tokens_and_logits(tiny_llama):
         assert got == tokens, spec
         torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
         assert dec.compile_s is not None and dec.steps == STEPS and dec.capacity == 256
+        # the compiled graph calls the native kernel (an operator of its own), which reads the filled slots only
+        assert dec.attention == ("native" if NATIVE else "sdpa")
     # the decoder gave the model its attention back
     assert model.config._attn_implementation == "sdpa"
 
@@ -64,26 +69,34 @@ def test_compiled_steps_decode_the_eager_tokens_and_logits(tiny_llama):
      {"rope": "yarn:factor=2"}],
     ids=["full", "snapkv", "adakv-per-head", "pyramidkv-per-layer", "yarn"],
 )  # fmt: skip
-def test_fixed_capacity_steps_equal_the_eager_path(tiny_llama, spec):
-    # per-head (AdaKV) and per-layer (PyramidKV) budgets exercise the per-layer, per-head mask; the token positions
-    # after an eviction are the tokens seen, not the slots
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
+def test_fixed_capacity_steps_equal_the_eager_path(tiny_llama, spec, attention):
+    # per-head (AdaKV) and per-layer (PyramidKV) budgets exercise the per-layer, per-head mask (and, natively, the
+    # per-layer read limit); the token positions after an eviction are the tokens seen, not the slots
+    if attention == "native" and not NATIVE:
+        pytest.skip("no C compiler for the native kernel")
     model, ids = tiny_llama.model, sample_ids(tiny_llama, 45, seed=3)
     tokens, logits = _eager(model, ids, 12, **spec)
-    got, got_logits, _ = _decoded(model, ids, 12, False, **spec)
+    got, got_logits, dec = _decoded(model, ids, 12, False, attention=attention, **spec)
+    assert dec.attention == attention
     assert got == tokens
     torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_the_mask_hides_the_spare_slots(tiny_llama):
-    # garbage in the unused capacity must not reach the outputs: only the mask keeps it out
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
+def test_the_mask_hides_the_spare_slots(tiny_llama, attention):
+    # garbage in the unused capacity must not reach the outputs: the mask keeps it out (sdpa), or it is never read
+    # (native: the read limit)
+    if attention == "native" and not NATIVE:
+        pytest.skip("no C compiler for the native kernel")
     model, ids = tiny_llama.model, sample_ids(tiny_llama, 20)
     with longkit.apply(model) as applied, torch.inference_mode():
         cache = applied.new_cache()
         out = model(ids, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        with compiled_decode(model, cache, 4, compile=False) as dec:
+        with compiled_decode(model, cache, 4, compile=False, attention=attention) as dec:
             clean = dec.step(token)
-        with compiled_decode(model, cache, 4, compile=False) as dec:
+        with compiled_decode(model, cache, 4, compile=False, attention=attention) as dec:
             for layer in dec.cache.layers:
                 layer.keys[..., 21:, :] = 1e4
                 layer.values[..., 21:, :] = 1e4
@@ -122,3 +135,24 @@ def test_steps_past_max_new_tokens_are_refused(tiny_llama):
                 dec.step(token)
         with pytest.raises(MethodError, match="after close"):
             dec.step(token)
+
+
+def test_native_attention_off_falls_back_or_is_refused(tiny_llama, monkeypatch):
+    # the kernel turned off: ``auto`` decodes with sdpa over the whole buffer, ``native`` asked for is refused
+    from longkit.kvcache import decode_native
+
+    monkeypatch.setenv(decode_native.ENV, "0")
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 10)
+    with longkit.apply(model) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        model(ids, cache=cache, use_cache=True)
+        with compiled_decode(model, cache, 4, compile=False) as dec:
+            assert dec.attention == "sdpa"
+            full = dec.kv_read_bytes
+        with pytest.raises(MethodError, match="attention='native' is not available here"):
+            compiled_decode(model, cache, 4, attention="native")
+        monkeypatch.delenv(decode_native.ENV)
+        if NATIVE:
+            with compiled_decode(model, cache, 4, compile=False) as dec:
+                # the native step reads the 10 filled slots of its 256
+                assert dec.attention == "native" and dec.kv_read_bytes * 256 == full * 10

@@ -491,25 +491,32 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(defines: dict[str, str | int]) -> ctypes.CDLL:
-    """Compile (once per shape, compiler and CPU) and load the kernel; raises OSError/CalledProcessError on failure."""
+def compile_library(source: str, defines: dict[str, str | int], stem: str) -> ctypes.CDLL:
+    """Compile ``source`` with ``defines`` prepended (once per source, defines, compiler and CPU: the file name is
+    their hash) with ``-O3 -march=native -fopenmp`` into the kernel cache, and load it. Raises OSError (no compiler,
+    load failure) or CalledProcessError (compile error). Shared by the native kernels of this room."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler (set CC, or install cc/gcc)")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    key = "\0".join([SOURCE, head, cc, *flags, platform.machine(), cpu_capability(), _cpu_model()])
-    path = _cache_dir() / f"kivi_read_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    key = "\0".join([source, head, cc, *flags, platform.machine(), cpu_capability(), _cpu_model()])
+    path = _cache_dir() / f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "kivi_read.c"
-            src.write_text(head + SOURCE)
+            src = Path(tmp) / f"{stem}.c"
+            src.write_text(head + source)
             out = Path(tmp) / path.name
             subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True, text=True)
             # atomic: a concurrent process either sees no file or a whole one
             os.replace(out, path)
-    lib = ctypes.CDLL(str(path))
+    return ctypes.CDLL(str(path))
+
+
+def _build(defines: dict[str, str | int]) -> ctypes.CDLL:
+    """Compile (once per shape, compiler and CPU) and load the kernel; raises OSError/CalledProcessError on failure."""
+    lib = compile_library(SOURCE, defines, "kivi_read")
     lib.kivi_attend.argtypes, lib.kivi_attend.restype = _ARGS, None
     return lib
 

@@ -12,9 +12,16 @@ stored tokens + ``max_new_tokens`` rounded up to :data:`BUCKET` slots so that ne
 graph), and every step writes one slot and attends over the whole buffer under a boolean mask of the filled slots.
 The mask is per layer and per key/value head, so caches whose layers or heads kept different tokens (PyramidKV,
 AdaKV) decode too.
-Attention during these steps is the packed single-query form of :mod:`longkit.kvcache.decode` (the query heads of a
-kv head as the rows of one matrix, K and V read once, no repeated heads), registered as the attention implementation
-``longkit_decode`` for the decoder's lifetime and restored when it closes.
+Attention during these steps is registered as the attention implementation ``longkit_decode`` for the decoder's
+lifetime (restored when it closes), in one of two forms (``attention``):
+
+- ``native`` (the default wherever it builds, ``auto``): the C kernel of :mod:`longkit.kvcache.decode_native`, called
+  from the compiled graph as the operator ``longkit::decode_attend``: the query heads of a kv head packed, K and V read
+  once, the sequence split over the threads, and only each layer's filled slots read (the capacity's spare slots
+  cost nothing). At 8K on SmolLM2-135M bf16 it took about 0.53x the time of torch's fused kernel inside the
+  compiled step (profiles of one A/B run on a shared CPU, ``benchmarks/decode/results/compile.notes.md``);
+- ``sdpa``: torch's fused kernel on the packed query (:mod:`longkit.kvcache.decode`) over the whole buffer under the
+  mask.
 
 What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
 
@@ -60,6 +67,10 @@ REPLACEABLE = ("sdpa", "longkit_kv_sdpa")
 #: the keyword argument that hands the attention calls every layer's mask (transformers passes a model's extra
 #: keyword arguments on to the attention functions; its own ``attention_mask`` is one tensor for all layers)
 MASK_KWARG = "longkit_decode_mask"
+#: the keyword argument that hands the attention calls every layer's filled slots (layers,) int64 (native attention)
+LIMIT_KWARG = "longkit_decode_limits"
+#: how a compiled step computes attention (the ``attention`` parameter)
+ATTENTIONS = ("auto", "native", "sdpa")
 
 
 def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -72,6 +83,11 @@ def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None
         raise MethodError(f"compiled decode: attention takes one query token per step (got {query.shape[2]})")
     B, H, _, D = query.shape
     masks = kwargs.get(MASK_KWARG)
+    limits = kwargs.get(LIMIT_KWARG)
+    if limits is not None:
+        # the native kernel over the layer's filled slots only; (B, H, 1, D) -> (B, 1, H, D)
+        out = torch.ops.longkit.decode_attend(query, key, value, masks, limits, module.layer_idx, float(scaling))
+        return out.transpose(1, 2), None
     mask = attention_mask if masks is None else masks[module.layer_idx]
     # (B, H, 1, D) -> (B, H_kv, G, D): the G query heads of a kv head are the rows of one product against its K and V,
     # and the (B, H_kv, 1, cap) mask broadcasts over them
@@ -86,6 +102,42 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, _decode_attention_fn)
+    _register_op()
+
+
+_OP_REGISTERED = False
+
+
+def _register_op() -> None:
+    """``torch.ops.longkit.decode_attend``: the native single-query kernel as an operator the compiled graph calls
+    (opaque to dynamo and inductor: no graph break, its shape declared by the fake implementation)."""
+    global _OP_REGISTERED
+    if _OP_REGISTERED:
+        return
+    _OP_REGISTERED = True
+
+    @torch.library.custom_op("longkit::decode_attend", mutates_args=())
+    def decode_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, masks: torch.Tensor,
+                      limits: torch.Tensor, layer: int, scale: float) -> torch.Tensor:  # fmt: skip
+        """q (B, H, 1, D) over the first ``limits[layer]`` slots of key/value (B, H_kv, cap, D) under
+        ``masks[layer]`` (B, H_kv, 1, cap); returns (B, H, 1, D) contiguous."""
+        from longkit.kvcache import decode_native
+
+        n = int(limits[layer])
+        mask = masks[layer]
+        if decode_native.available(query, key) is True:
+            return decode_native.decode_attend(query, key, value, mask, scale, limit=n)
+        # the kernel is off or cannot build: torch's fused kernel on the packed query over the same filled slots
+        from longkit.kvcache.decode import pack_query
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            pack_query(query, key.shape[1]), key[..., :n, :], value[..., :n, :], attn_mask=mask[..., :n], scale=scale
+        )
+        return out.reshape(query.shape).contiguous()
+
+    @decode_attend.register_fake
+    def _(query, key, value, masks, limits, layer, scale):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def _dense_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
@@ -140,11 +192,17 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
-                 bucket: int = BUCKET):  # fmt: skip
+                 bucket: int = BUCKET, attention: str = "auto", options: dict[str, Any] | None = None):  # fmt: skip
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MethodError(f"compiled_decode: parameter 'max_new_tokens' must be an int >= 1 (got {max_new_tokens!r})")
         if not isinstance(bucket, int) or bucket < 1:
             raise MethodError(f"compiled_decode: parameter 'bucket' must be an int >= 1 (got {bucket!r})")
+        if attention not in ATTENTIONS:
+            raise MethodError(
+                f"compiled_decode: parameter 'attention' must be one of {', '.join(ATTENTIONS)} (got {attention!r})"
+            )
+        if options is not None and not isinstance(options, dict):
+            raise MethodError(f"compiled_decode: parameter 'options' must be a dict of inductor settings (got {options!r})")
         from transformers import StaticCache
 
         # the cache first: its refusal names the method more precisely than its attention function would
@@ -193,10 +251,17 @@ class CompiledDecoder:
         self._slots = torch.tensor(self._slots, device=k0.device)
         self._layer_ids = torch.arange(len(layers), device=k0.device)
         self.cache = static
-        self.kv_read_bytes = sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in static.layers
-        )
+        self.attention = self._choose_attention(attention, model, static)
+        if self.attention == "native":
+            # the filled slots of every layer after prefill (a step reads those and its own)
+            slot_bytes = [2 * layer.keys[..., :1, :].numel() * layer.keys.element_size() for layer in static.layers]
+            self.kv_read_bytes = sum(b * int(n) for b, n in zip(slot_bytes, self._slots.tolist(), strict=True))
+        else:
+            self.kv_read_bytes = sum(
+                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                for layer in static.layers
+            )
+        self.options = dict(options or {})
         self.steps = 0
         self.compile_s: float | None = None
         self.compiled = compile
@@ -206,9 +271,29 @@ class CompiledDecoder:
         self._closed = False
         forward = model.forward
         if compile:
-            forward = torch.compile(model.forward, dynamic=False)
+            # the options also go to torch.compile itself: dynamo reuses a compiled graph for an equal compile call
+            # (equal when their options are), so without them a decoder with other settings would run the graph an
+            # earlier decoder compiled (they are patched in again where inductor reads them, see step())
+            forward = torch.compile(model.forward, dynamic=False, options=self.options or None)
         self._forward = forward
         self.freezing = bool(compile and freezing)
+
+    @staticmethod
+    def _choose_attention(attention: str, model: Any, static: Any) -> str:
+        """``native`` where the kernel builds for the cache's shape and dtype (``auto`` falls back to ``sdpa``
+        otherwise; ``native`` asked for and unavailable is refused with the reason)."""
+        if attention == "sdpa":
+            return "sdpa"
+        from longkit.kvcache import decode_native
+
+        k = static.layers[0].keys
+        heads = model.config.num_attention_heads
+        ok = decode_native.available(k.new_empty(k.shape[0], heads, 1, k.shape[-1]), k)
+        if ok is True:
+            return "native"
+        if attention == "native":
+            raise MethodError(f"compiled_decode: attention='native' is not available here: {ok}")
+        return "sdpa"
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -223,6 +308,8 @@ class CompiledDecoder:
             )
         # the slot each layer writes this step becomes visible (it holds the token's own key and value)
         self.mask[self._layer_ids, :, :, :, self._slots + self.steps] = True
+        # (layers,): the slots filled once this step's token is written (native attention reads those only)
+        extra = {LIMIT_KWARG: self._slots + (self.steps + 1)} if self.attention == "native" else {}
         # (B, 1): the token's true position (after an eviction it is past the stored slots)
         position = torch.full((tokens.shape[0], 1), self.seen + self.steps, dtype=torch.long, device=tokens.device)
         t0 = time.perf_counter() if self.steps == 0 else None
@@ -233,10 +320,11 @@ class CompiledDecoder:
         # longkit.runtime, and only a compiled decoder needs it)
         from torch._inductor import config as inductor_config
 
-        with inductor_config.patch(freezing=True) if self.freezing else contextlib.nullcontext():
+        settings = {**({"freezing": True} if self.freezing else {}), **(self.options if self.compiled else {})}
+        with inductor_config.patch(**settings) if settings else contextlib.nullcontext():
             out = self._forward(
                 input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
-                use_cache=True, **{MASK_KWARG: self.mask},
+                use_cache=True, **{MASK_KWARG: self.mask}, **extra,
             )  # fmt: skip
         if t0 is not None:
             self.compile_s = time.perf_counter() - t0
@@ -257,13 +345,19 @@ class CompiledDecoder:
 
 
 def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
-                    bucket: int = BUCKET) -> CompiledDecoder:  # fmt: skip
+                    bucket: int = BUCKET, attention: str = "auto",
+                    options: dict[str, Any] | None = None) -> CompiledDecoder:  # fmt: skip
     """A :class:`CompiledDecoder` for ``model`` continuing from the prefilled ``cache``.
 
     Parameters: ``max_new_tokens`` >= 1, the steps it may decode (the buffers' capacity is the stored tokens plus
     this, rounded up to ``bucket`` >= 1 slots); ``compile`` False runs the same fixed-capacity steps eagerly (the
     reference the compiled steps are tested against); ``freezing`` (inductor's constant weights and bf16 weight
-    prepacking; the compiled step then keeps its own copy of the weights: build a new decoder after changing them).
+    prepacking; the compiled step then keeps its own copy of the weights: build a new decoder after changing them);
+    ``attention`` one of ``auto`` (default: ``native`` where its kernel builds, else ``sdpa``), ``native`` (the C
+    kernel of :mod:`longkit.kvcache.decode_native` over the filled slots only, refused where it cannot build) or
+    ``sdpa`` (torch's fused kernel over the whole buffer under the mask); ``options`` more inductor settings patched
+    while the step compiles (e.g. ``{"cpp_wrapper": True}``; none by default, see the module docstring).
     The ``cache`` is read, not changed. See the module docstring for what is supported.
     """
-    return CompiledDecoder(model, cache, max_new_tokens, compile=compile, freezing=freezing, bucket=bucket)
+    return CompiledDecoder(model, cache, max_new_tokens, compile=compile, freezing=freezing, bucket=bucket,
+                           attention=attention, options=options)  # fmt: skip

@@ -9,6 +9,11 @@ layer's queries and cached keys (:class:`~longkit.kvcache.base.ScoreContext`) an
 :class:`~longkit.kvcache.base.Decision`, which the layer applies. Nothing in the model's code is patched, and no
 table of live caches is kept: the cache travels with the call.
 
+A layer whose ``update`` deferred a decode step's attention to its storage (:attr:`RaggedLayer.deferred
+<longkit.kvcache.storage.RaggedLayer.deferred>`: KIVI under eviction keeps its packed codes and returns only the new
+token) is attended by the layer itself (:meth:`~longkit.kvcache.storage.RaggedLayer.attend_deferred`); the hook
+still counts the step.
+
 The hook wraps ``sdpa`` or ``eager``, or an attention method that computes full-attention layers exactly as sdpa and
 only changes how sliding-window layers are computed (``full_layers_sdpa``: ``attention=sliding_window``). Then the
 full-attention layers, the ones a KV method compresses, run sdpa under the hook as before, and the sliding layers run
@@ -160,6 +165,10 @@ class KVAttention:
             # compresses full-attention layers only.
             return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         layer = cache.layers[module.layer_idx]
+        if layer.deferred:
+            out = self._deferred(cache, layer, module, query, attention_mask, scaling, dropout, kwargs)
+            _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
+            return out, None
         B, H, T, _ = query.shape
         mask = attention_mask
         if cache.own_mask:
@@ -170,6 +179,28 @@ class KVAttention:
                 )
         out = attend(self.full, module, query, key, value, mask, scaling, dropout=dropout, **kwargs)
         _compress(cache, layer, module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
+        return out
+
+
+    def _deferred(self, cache, layer, module, query, attention_mask, scaling, dropout, kwargs) -> torch.Tensor:
+        """(B, T, H, D): a decode step whose ``update`` stored its token and kept the cache as stored (KIVI's packed
+        codes): the layer attends from its storage. Once a layer evicted, every stored slot is real and visible (no
+        mask); before, transformers' mask covers the stored rows in their order."""
+        mask = None if cache.own_mask else attention_mask
+        if not (dropout and module.training) and not any(kwargs.get(name) is not None for name in _SPECIAL):
+            return layer.attend_deferred(query, mask, scaling)
+        # What the layer's read does not compute (a softcap, sinks, dropout): the model's attention over the storage
+        # padded per head (the reference path's values, each head's real slots in another order).
+        keys, values, valid, _ = layer.padded()
+        if valid is not None:
+            # (B, H, 1, S) each query head sees its kv head's real slots
+            mask = valid.repeat_interleave(query.shape[1] // valid.shape[1], dim=1)[:, :, None]
+            if self.full == "eager":
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min
+                )
+        out = attend(self.full, module, query, keys, values, mask, scaling, dropout=dropout, **kwargs)[0]
+        layer.finish_step()
         return out
 
 

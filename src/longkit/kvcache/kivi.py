@@ -13,8 +13,8 @@ single-query attention from the packed codes (:func:`longkit.kvcache.kivi_attent
 that unpacks the codes in registers, :mod:`longkit.kvcache.kivi_native`, or a tiled PyTorch fallback), never
 dequantising the whole cache; quantising the residual's
 oldest group waits until after that attention call, so every step sees what the reference sees. Without the hook
-(prefill, other attention implementations, eviction composed) ``update()`` returns the dequantised cache followed by
-the residual, the reference path (:func:`longkit.kvcache.naive.kivi_decode_reference` attends over exactly that).
+(prefill, other attention implementations) ``update()`` returns the dequantised cache followed by the residual, the
+reference path (:func:`longkit.kvcache.naive.kivi_decode_reference` attends over exactly that).
 The stored tensors of plain KIVI are views of growing buffers (:mod:`longkit.kvcache.grow`): appending a token or a
 quantised group copies nothing already stored.
 
@@ -29,7 +29,12 @@ Composition with eviction (``kv=kivi:bits=2,evict=snapkv,ratio=0.25``): the evic
 ``ratio``) selects the tokens in full precision at the end of prefill (one-shot: ``decode_every=0``, since evicting
 single quantised tokens while decoding would break key groups); the kept tokens are then stored KIVI-quantised with
 eviction's ragged per-head storage (:class:`KIVILayer`, packed). Per head the ``residual`` most recent kept tokens
-stay exact. An eviction that drops quantised tokens (between chunks of a chunked prefill) re-quantises the kept rows
+stay exact. Decode steps the eviction leaves alone (all of them, eviction being one-shot; not the methods that score
+every step, H2O and Scissorhands) are read quantised too: the step's token joins each head's residual rows and the
+eviction hook's attention reads every head's packed rows where they are stored (the native kernel takes per-head
+offsets, :func:`longkit.kvcache.kivi_native.kivi_decode_native`; the tiled path pads the packed codes per head), never
+dequantising the cache; :attr:`KIVICompressedCache.read_quantised` ``= False`` keeps the reference path, the padded
+view of the whole cache dequantised at every step. An eviction that drops quantised tokens (between chunks of a chunked prefill) re-quantises the kept rows
 from their dequantised values, so errors can compound there. ``crop`` (assisted decoding) removes the newest tokens
 while they are still exact residual rows.
 """
@@ -442,9 +447,67 @@ class KIVILayer(RaggedLayer):
 
 
 class KIVIRaggedLayer(KIVILayer):
-    """A :class:`KIVILayer` under an eviction method: packed per-head rows, new tokens exact until evicted among."""
+    """A :class:`KIVILayer` under an eviction method: packed per-head rows, new tokens exact until evicted among.
+
+    A decode step that the eviction method leaves alone (one-shot eviction: every step after prefill) is read
+    quantised, as plain KIVI's: :class:`KIVICompressedCache` sets :attr:`read_next`, :meth:`update` appends the token
+    to each head's residual rows and returns only it, the attention hook calls :meth:`attend_deferred`, which reads
+    every head's rows where they are stored (:func:`longkit.kvcache.kivi_attention.kivi_decode`), and then the
+    residual's due groups are quantised, as the reference path (``update`` returning the dequantised padded view)
+    would have done during ``update``.
+    """
 
     evicts = True
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        #: the next update is a decode step the hook's attention reads quantised (set by KIVICompressedCache.update)
+        self.read_next = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """The reference path (:meth:`KIVILayer.update`), or under :attr:`read_next` the deferred append: the
+        ``T`` new tokens (B, H_kv, T, D) become the newest residual rows of their heads, nothing is quantised yet,
+        and they alone are returned."""
+        if self.deferred:
+            raise MethodError(
+                "kv method 'kivi': the previous decode step's attention did not read this cache layer (the model's "
+                "attention module must pass its keyword arguments on to its attention function)"
+            )
+        if not self.read_next:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.read_next = False
+        B, H, T, D = key_states.shape
+        # (B*H_kv*T,) the head of every new row; each head's new rows go after its residual rows
+        fresh = head_ids(torch.full_like(self.r_lengths, T))
+        rows = head_ids(self.r_lengths)
+        self.keys = _merge_by_head(self.keys, rows, key_states.reshape(-1, D), fresh)
+        self.values = _merge_by_head(self.values, rows, value_states.reshape(-1, value_states.shape[-1]), fresh)
+        if self.extras:
+            rows = head_ids(self.stored_lengths())
+            self.extras = {
+                name: _merge_by_head(t, rows, self.fresh_extra(name, B, H, T, t.device, kwargs).reshape(-1), fresh)
+                for name, t in self.extras.items()
+            }
+        self.r_lengths = self.r_lengths + T
+        self.seen += T
+        self.tail += T
+        self.last_valid = None
+        self.deferred = True
+        return key_states, value_states
+
+    def attend_deferred(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """(B, 1, H, D): the deferred decode step's attention from the stored rows (mask over each head's rows, or
+        None: all visible); then the residual's due groups are quantised."""
+        from longkit.kvcache.kivi_attention import kivi_decode
+
+        out = kivi_decode(self, query, mask, scaling)
+        self.finish_step()
+        return out.transpose(1, 2).contiguous()
+
+    def finish_step(self) -> None:
+        # the reference path's update quantises what is due beyond max(residual, T) once the step's token is stored
+        self.deferred = False
+        self._flush(protect=max(self.residual, 1))
 
 
 def _check_config(config: Any, bits: int, group_size: int) -> Any:
@@ -503,9 +566,36 @@ class KIVICompressedCache(CompressedCache):
         # read by full_layer, which the base class calls while building the layers
         self._kivi = (bits, group_size, residual, scale_dtype)
         super().__init__(config, method, rotary=rotary)
+        #: decode steps the eviction method leaves alone read the packed codes (:class:`KIVIRaggedLayer`); False
+        #: runs the reference path: every step attends over the dequantised padded cache
+        self.read_quantised = True
 
     def full_layer(self, track: tuple[str, ...]) -> KIVIRaggedLayer:
         return KIVIRaggedLayer(*self._kivi, track)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if isinstance(layer, KIVIRaggedLayer):
+            layer.read_next = self._reads_quantised(layer, layer_idx, key_states, kwargs)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _reads_quantised(self, layer: KIVIRaggedLayer, layer_idx: int, key_states: torch.Tensor, kwargs: dict) -> bool:
+        """Whether this update is a decode step whose attention reads the layer quantised: one token, quantised rows
+        stored, the call going through the attention hook (its keyword arguments carry this cache), and the eviction
+        method not compressing after it (it would score the padded view, which this step never builds)."""
+        if not (self.read_quantised and key_states.shape[-2] == 1 and layer.is_initialized and layer.qkeys is not None):
+            return False
+        if (kwargs.get("kwargs") or {}).get(CACHE_KWARG) is not self:
+            return False
+        if not self.compressing:
+            return True
+        # the hook counts this step (decode_steps) at the first compressed layer before it asks the method
+        steps = self.decode_steps
+        self.decode_steps += int(layer_idx == self.first_full)
+        try:
+            return not self.method.wants_compression(self, 1)
+        finally:
+            self.decode_steps = steps
 
 
 @register("kv", "kivi")

@@ -1,6 +1,6 @@
 """KIVI read quantised: single-query attention from the packed 2-/4-bit keys and values, one tile at a time.
 
-A KIVI layer (dense layout: plain KIVI) stores ``S_q`` quantised tokens (packed codes, per-channel key scales and
+A KIVI layer (dense layout: plain KIVI; ragged per-head rows under an eviction method) stores ``S_q`` quantised tokens (packed codes, per-channel key scales and
 zeros per group of ``G`` tokens, per-token value scales and zeros per group of ``G`` channels) and an exact residual.
 At a decode step the attention of the packed query heads of each kv head (``(B, H_kv, G_q, D)``, as in
 :mod:`longkit.kvcache.decode`) is computed by the native kernel (:mod:`longkit.kvcache.kivi_native`: C loops over the
@@ -19,6 +19,11 @@ and softmax are float32; keys and values are used in float32 as dequantised (the
 model's dtype first: equal in float32, within bfloat16's rounding otherwise). The reference is
 :func:`longkit.kvcache.naive.kivi_decode_reference`.
 
+Ragged rows (:class:`~longkit.kvcache.kivi.KIVIRaggedLayer`, read from the eviction hook,
+:meth:`~longkit.kvcache.kivi.KIVIRaggedLayer.attend_deferred`): the native kernel reads each head's rows from their
+offsets; the tiled path first pads each head's packed codes, scales and residual to the longest head's (bytes of
+codes, not dequantised values) and masks the padding.
+
 :class:`KIVIAttention` is the registered attention function ``longkit_kivi_<sdpa|eager>``: it runs
 :func:`kivi_decode` for the layers whose ``update`` deferred to it (a decode step with quantised tokens) and the
 model's own attention otherwise.
@@ -36,6 +41,7 @@ from longkit.kvcache.decode import pack_mask, pack_query
 from longkit.kvcache.hook import CACHE_KWARG, inner_attention
 from longkit.kvcache.naive import bool_mask
 from longkit.kvcache.quant import unpack
+from longkit.kvcache.storage import gather_padded
 
 if TYPE_CHECKING:
     from longkit.kvcache.kivi import KIVILayer
@@ -76,11 +82,12 @@ def kivi_decode(
     tile: int = TILE,
     kernel: str | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token over a dense :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised.
+    """Attention of one query token over a :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised.
 
-    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's
-    ``S = S_q + S_r`` stored tokens (quantised first). Returns (B, H, 1, D) in q's dtype. ``kernel``: ``native``
-    (:func:`longkit.kvcache.kivi_native.kivi_decode_native`, the default where
+    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's stored tokens
+    (quantised first): dense (plain KIVI), ``S = S_q + S_r``; ragged per-head rows (KIVI under eviction), each head's
+    rows padded to the longest head's (columns past a head's rows are ignored). Returns (B, H, 1, D) in q's dtype.
+    ``kernel``: ``native`` (:func:`longkit.kvcache.kivi_native.kivi_decode_native`, the default where
     :func:`~longkit.kvcache.kivi_native.available`), ``tiled`` (PyTorch, ``tile`` tokens at a time), or None (native
     where available, else tiled).
     """
@@ -90,34 +97,80 @@ def kivi_decode(
         return kivi_native.kivi_decode_native(layer, q, mask, scale)
     if kernel != "tiled":
         raise MethodError(f"kivi_decode: parameter 'kernel' must be one of {', '.join(KERNELS)} or None (got {kernel!r})")
+    H = q.shape[1]
+    if not layer.packed:
+        h_kv = layer.keys.shape[1]
+        stored = {n: getattr(layer, n) for n in (*_QUANTISED, "keys", "values")}
+        return _tiled(q, stored, bool_mask(pack_mask(mask, H, h_kv)), layer.group_size, layer.bits, scale, tile)
+    stored, m = _padded_rows(layer, bool_mask(pack_mask(mask, H, layer.q_lengths.shape[1])))
+    return _tiled(q, stored, m, layer.group_size, layer.bits, scale, tile)
+
+
+#: the stored tensors of a KIVI layer's quantised tokens
+_QUANTISED = ("qkeys", "k_scale", "k_zero", "qvalues", "v_scale", "v_zero")
+
+
+def _padded_rows(layer: KIVILayer, m: torch.Tensor | None) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    """A ragged layer's packed codes, scales and residual padded per head to the longest head's (zeros), as the dense
+    layout :func:`_tiled` reads, and the (B, H_kv, G|1, Sq + Sr) bool mask of its columns: each head's real ones, and
+    of those what ``m`` (packed layout, over each head's rows) shows. Codes stay packed: nothing is dequantised here."""
+    g = layer.group_size
+    qlen, rlen = layer.q_lengths, layer.r_lengths
+    sq, sr = int(qlen.max()), int(rlen.max())
+    stored: dict[str, torch.Tensor | None] = dict.fromkeys(_QUANTISED)
+    # (B, H_kv, sq) real quantised slots; each head's quantised rows are whole key groups, so sq is too
+    qvalid = torch.arange(sq, device=qlen.device) < qlen[..., None]
+    if layer.qkeys is not None:
+        for name in _QUANTISED:
+            counts, width = (qlen // g, sq // g) if name in ("k_scale", "k_zero") else (qlen, sq)
+            stored[name] = gather_padded(getattr(layer, name), counts, width)[0]
+    stored["keys"], rvalid = gather_padded(layer.keys, rlen, sr)
+    stored["values"] = gather_padded(layer.values, rlen, sr)[0]
+    # (B, H_kv, 1, sq + sr) real columns
+    valid = torch.cat([qvalid, rvalid], dim=-1)[:, :, None]
+    if m is None:
+        return stored, valid
+    # column j of the padded layout is the head's row j (quantised) or q_length + j - sq (residual)
+    col = torch.arange(sq + sr, device=qlen.device)
+    src = torch.where(col < sq, col, qlen[..., None] + col - sq).clamp(max=m.shape[-1] - 1)
+    B, H_kv = qlen.shape
+    m = m.expand(B, H_kv, m.shape[2], m.shape[-1])
+    return stored, valid & m.gather(-1, src[:, :, None].expand(B, H_kv, m.shape[2], sq + sr))
+
+
+def _tiled(
+    q: torch.Tensor, stored: dict[str, torch.Tensor | None], m: torch.Tensor | None, g: int, bits: int,
+    scale: float | None, tile: int,
+) -> torch.Tensor:
+    """The tiled PyTorch read over dense (B, H_kv, n, ...) storage ``stored`` (codes, scales and zeros None when
+    nothing is quantised); ``m`` the bool mask in the packed layout (B|1, H_kv|1, G|1, S) or None."""
     B, H, _, D = q.shape
-    h_kv = layer.keys.shape[1]
-    g, bits = layer.group_size, layer.bits
+    keys, values = stored["keys"], stored["values"]
+    h_kv = keys.shape[1]
     scale = D**-0.5 if scale is None else scale
     # (B, H_kv, G_q, D) float32, pre-scaled so the scores need no further pass
     qp = pack_query(q, h_kv).float() * scale
-    n_q = 0 if layer.qkeys is None else layer.qkeys.shape[2]
+    qkeys, k_scale, k_zero = stored["qkeys"], stored["k_scale"], stored["k_zero"]
+    qvalues, v_scale, v_zero = stored["qvalues"], stored["v_scale"], stored["v_zero"]
+    n_q = 0 if qkeys is None else qkeys.shape[2]
     tiles = _tiles(n_q, tile, g)
     parts = []
     for a, b in tiles:
         # (B, H_kv, n/G, G, D): codes * the scale/zero of their (group, channel)
-        codes = _codes(layer.qkeys[:, :, a:b], bits).unflatten(2, (-1, g))
-        k = codes.mul_(layer.k_scale[:, :, a // g : b // g, None].float()).add_(
-            layer.k_zero[:, :, a // g : b // g, None].float()
-        )
+        codes = _codes(qkeys[:, :, a:b], bits).unflatten(2, (-1, g))
+        k = codes.mul_(k_scale[:, :, a // g : b // g, None].float()).add_(k_zero[:, :, a // g : b // g, None].float())
         parts.append(torch.matmul(qp, k.flatten(2, 3).transpose(-1, -2)))
-    parts.append(torch.matmul(qp, layer.keys.float().transpose(-1, -2)))
+    parts.append(torch.matmul(qp, keys.float().transpose(-1, -2)))
     # (B, H_kv, G_q, S) float32
     s = torch.cat(parts, dim=-1)
-    m = bool_mask(pack_mask(mask, H, h_kv))
     if m is not None:
         s = s.masked_fill(~m, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    out = torch.matmul(p[..., n_q:], layer.values.float())
+    out = torch.matmul(p[..., n_q:], values.float())
     for a, b in tiles:
         # (B, H_kv, n, D/G, G): codes * the scale/zero of their (token, channel group)
-        codes = _codes(layer.qvalues[:, :, a:b], bits).unflatten(-1, (-1, g))
-        v = codes.mul_(layer.v_scale[:, :, a:b, :, None].float()).add_(layer.v_zero[:, :, a:b, :, None].float())
+        codes = _codes(qvalues[:, :, a:b], bits).unflatten(-1, (-1, g))
+        v = codes.mul_(v_scale[:, :, a:b, :, None].float()).add_(v_zero[:, :, a:b, :, None].float())
         out.add_(torch.matmul(p[..., a:b], v.flatten(-2)))
     return out.to(q.dtype).reshape(B, H, 1, D)
 

@@ -14,6 +14,10 @@ bytes at 2 bits, plus scales):
 - values: ``sum_t p_t (c_t * s_t + z_t)`` accumulated per query row in registers over a chunk of tokens (chunks run
   on OpenMP threads, their partial sums added afterwards), the per-token scales broadcast over their channel groups.
 
+Ragged storage (KIVI under an eviction method, :class:`~longkit.kvcache.kivi.KIVIRaggedLayer`: every head's own
+number of rows, all heads' rows packed one after another) is read by a second entry, ``kivi_attend_rows``, the same
+per-head work from per-head row offsets and counts: nothing is gathered or padded per step.
+
 The kernel is C with GCC's vector extensions (one source for AVX-512, AVX2, NEON...), compiled on first use with
 ``-O3 -march=native -fopenmp`` for the shape at hand (head dim, bits, group size, query heads per kv head, scale
 dtype) into ``$LONGKIT_CACHE/kernels/`` (default ``~/.cache/longkit``) and loaded through ctypes; its OpenMP calls use
@@ -379,13 +383,82 @@ static void piece_softmax(float *s, int64_t s_row, const uint8_t *mask, int64_t 
     }
 }
 
-/* Single-query attention of each kv head's GQ query rows over its KIVI layer: NC pieces of whole key groups of the
-   Sq quantised tokens, then the R residual tokens as a last piece, one OpenMP task each; each piece's softmax is
-   local (its max, its sum), merged at the end (the log-sum-exp merge of split softmax).
-   q (b, h * GQ + i, d) at + b*q_b + (h*GQ + i)*q_h + d in the residual's dtype, multiplied by qscale here; quantised codes (b, h, t, MB) at + b*c_b + h*c_h + t*MB, key scale/zero
-   (b, h, t / GS, HD) at + b*ks_b + h*ks_h, value scale/zero (b, h, t, NGV) at + b*vs_b + h*vs_h; residual keys and
-   values (b, h, t, HD) at + b*r_b + h*r_h; mask (B*HK, GQ, Sq + R) bytes (0 = hidden) or NULL; scratch
-   (B*HK, GQ, Sq + R) float32; part (B*HK, NC + 1, GQ, HD), stats (B*HK, NC + 1, GQ, 2); out (B*HK, GQ, HD) in the residual's dtype. */
+/* The query rows of kv head h of sequence b, as float32 multiplied by qscale: qh (GQ, HD) */
+static inline void load_query(const kv_t *q, int64_t q_b, int64_t q_h, int64_t b, int64_t h, float qscale, float *qh) {
+    for (int i = 0; i < GQ; i++)
+        for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * qscale;
+}
+
+/* Piece c of one kv head's attention: c < NC covers the c-th share (whole key groups) of its Sq quantised tokens,
+   c == NC its R exact residual tokens (scores at Sq + t). The pointers are the head's own rows: codes (Sq, MB), key
+   scale/zero (Sq / GS, HD), value scale/zero (Sq, NGV), residual keys/values (R, HD). Scores and the softmax's
+   numerators go to s[i * s_row + t] (mask mk alike, or NULL); the piece's unnormalised output to o (GQ, HD), its
+   max and sum per query row to st (GQ, 2). */
+static void attend_piece(const float *qh, int64_t c, int64_t NC, int64_t Sq, int64_t R, const uint8_t *kc,
+                         const SCALE_T *ks, const SCALE_T *kz, const uint8_t *vc, const SCALE_T *vs, const SCALE_T *vz,
+                         const kv_t *kh, const kv_t *vh, float *s, int64_t s_row, const uint8_t *mk, float *o,
+                         float *st) {
+    if (c < NC) {
+        const int64_t chunk = (Sq / GS + NC - 1) / NC * GS;
+        const int64_t t0 = c * chunk < Sq ? c * chunk : Sq, t1 = t0 + chunk < Sq ? t0 + chunk : Sq;
+        key_scores(qh, kc, ks, kz, t0, t1, s, s_row);
+        piece_softmax(s, s_row, mk, t0, t1, st);
+        weighted_values(s, s_row, vc, vs, vz, t0, t1, o);
+        return;
+    }
+    float row[HD];
+    for (int64_t t = 0; t < R; t++) {
+        for (int d = 0; d < HD; d++) row[d] = kv_float(kh[t * HD + d]);
+        for (int i = 0; i < GQ; i++) {
+            vf acc = (vf){0};
+            for (int d = 0; d < HD; d += VL) {
+                vf a, k;
+                memcpy(&a, qh + i * HD + d, sizeof(vf));
+                memcpy(&k, row + d, sizeof(vf));
+                acc += a * k;
+            }
+            s[i * s_row + Sq + t] = hsum(acc);
+        }
+    }
+    piece_softmax(s, s_row, mk, Sq, Sq + R, st);
+    for (int i = 0; i < GQ * HD; i++) o[i] = 0.f;
+    for (int64_t t = 0; t < R; t++) {
+        for (int d = 0; d < HD; d++) row[d] = kv_float(vh[t * HD + d]);
+        for (int i = 0; i < GQ; i++) {
+            const float w = s[i * s_row + Sq + t];
+            for (int d = 0; d < HD; d++) o[i * HD + d] += w * row[d];
+        }
+    }
+}
+
+/* One kv head's np pieces merged: out = sum_c e^(m_c - M) part_c / sum_c e^(m_c - M) l_c; part (np, GQ, HD),
+   stats (np, GQ, 2), out (GQ, HD) */
+static void merge_pieces(const float *part, const float *stats, int64_t np, kv_t *out) {
+    for (int i = 0; i < GQ; i++) {
+        float M = -INFINITY, L = 0.f, w[np];
+        for (int64_t c = 0; c < np; c++) M = fmaxf(M, stats[(c * GQ + i) * 2]);
+        for (int64_t c = 0; c < np; c++) {
+            const float m = stats[(c * GQ + i) * 2];
+            w[c] = m == -INFINITY ? 0.f : expf(m - M);
+            L += w[c] * stats[(c * GQ + i) * 2 + 1];
+        }
+        kv_t *oi = out + i * HD;
+        for (int d = 0; d < HD; d++) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < np; c++) acc += w[c] * part[(c * GQ + i) * HD + d];
+            oi[d] = float_kv(acc / L);
+        }
+    }
+}
+
+/* Single-query attention of each kv head's GQ query rows over its KIVI layer (dense: every head the same tokens): NC
+   pieces of whole key groups of the Sq quantised tokens, then the R residual tokens as a last piece, one OpenMP task
+   each; each piece's softmax is local (its max, its sum), merged at the end (the log-sum-exp merge of split softmax).
+   q (b, h * GQ + i, d) at + b*q_b + (h*GQ + i)*q_h + d in the residual's dtype, multiplied by qscale here; quantised
+   codes (b, h, t, MB) at + b*c_b + h*c_h + t*MB, key scale/zero (b, h, t / GS, HD) at + b*ks_b + h*ks_h, value
+   scale/zero (b, h, t, NGV) at + b*vs_b + h*vs_h; residual keys and values (b, h, t, HD) at + b*r_b + h*r_h; mask
+   (B*HK, GQ, Sq + R) bytes (0 = hidden) or NULL; scratch (B*HK, GQ, Sq + R) float32; part (B*HK, NC + 1, GQ, HD),
+   stats (B*HK, NC + 1, GQ, 2); out (B*HK, GQ, HD) in the residual's dtype. */
 void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const kv_t *q, int64_t q_b, int64_t q_h,
                  float qscale, const uint8_t *kc,
                  int64_t c_b, int64_t c_h, const SCALE_T *ks, const SCALE_T *kz, int64_t ks_b, int64_t ks_h,
@@ -393,66 +466,44 @@ void kivi_attend(int64_t B, int64_t HK, int64_t Sq, int64_t R, int64_t NC, const
                  const kv_t *rk, const kv_t *rv, int64_t r_b, int64_t r_h, const uint8_t *mask, float *scratch,
                  float *part, float *stats, kv_t *out, int nthreads) {
     const int64_t S = Sq + R, np = NC + 1, tasks = B * HK * np;
-    const int64_t chunk = (Sq / GS + NC - 1) / NC * GS;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t bh = task / np, c = task % np, b = bh / HK, h = bh % HK;
         float qh[GQ * HD];
-        for (int i = 0; i < GQ; i++)
-            for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * qscale;
-        float *s = scratch + bh * GQ * S;
-        const uint8_t *mk = mask ? mask + bh * GQ * S : 0;
-        float *o = part + (bh * np + c) * GQ * HD, *st = stats + (bh * np + c) * GQ * 2;
-        if (c < NC) {
-            const int64_t t0 = c * chunk < Sq ? c * chunk : Sq, t1 = t0 + chunk < Sq ? t0 + chunk : Sq;
-            key_scores(qh, kc + b * c_b + h * c_h, ks + b * ks_b + h * ks_h, kz + b * ks_b + h * ks_h, t0, t1, s, S);
-            piece_softmax(s, S, mk, t0, t1, st);
-            weighted_values(s, S, vc + b * c_b + h * c_h, vs + b * vs_b + h * vs_h, vz + b * vs_b + h * vs_h, t0, t1,
-                            o);
-        } else {
-            const kv_t *kh = rk + b * r_b + h * r_h, *vh = rv + b * r_b + h * r_h;
-            float row[HD];
-            for (int64_t t = 0; t < R; t++) {
-                for (int d = 0; d < HD; d++) row[d] = kv_float(kh[t * HD + d]);
-                for (int i = 0; i < GQ; i++) {
-                    vf acc = (vf){0};
-                    for (int d = 0; d < HD; d += VL) {
-                        vf a, k;
-                        memcpy(&a, qh + i * HD + d, sizeof(vf));
-                        memcpy(&k, row + d, sizeof(vf));
-                        acc += a * k;
-                    }
-                    s[i * S + Sq + t] = hsum(acc);
-                }
-            }
-            piece_softmax(s, S, mk, Sq, S, st);
-            for (int i = 0; i < GQ * HD; i++) o[i] = 0.f;
-            for (int64_t t = 0; t < R; t++) {
-                for (int d = 0; d < HD; d++) row[d] = kv_float(vh[t * HD + d]);
-                for (int i = 0; i < GQ; i++) {
-                    const float w = s[i * S + Sq + t];
-                    for (int d = 0; d < HD; d++) o[i * HD + d] += w * row[d];
-                }
-            }
-        }
+        load_query(q, q_b, q_h, b, h, qscale, qh);
+        attend_piece(qh, c, NC, Sq, R, kc + b * c_b + h * c_h, ks + b * ks_b + h * ks_h, kz + b * ks_b + h * ks_h,
+                     vc + b * c_b + h * c_h, vs + b * vs_b + h * vs_h, vz + b * vs_b + h * vs_h,
+                     rk + b * r_b + h * r_h, rv + b * r_b + h * r_h, scratch + bh * GQ * S, S,
+                     mask ? mask + bh * GQ * S : 0, part + (bh * np + c) * GQ * HD, stats + (bh * np + c) * GQ * 2);
     }
-    /* merge the pieces: out = sum_c e^(m_c - M) part_c / sum_c e^(m_c - M) l_c */
     for (int64_t bh = 0; bh < B * HK; bh++)
-        for (int i = 0; i < GQ; i++) {
-            float M = -INFINITY, L = 0.f, w[np];
-            for (int64_t c = 0; c < np; c++) M = fmaxf(M, stats[((bh * np + c) * GQ + i) * 2]);
-            for (int64_t c = 0; c < np; c++) {
-                const float m = stats[((bh * np + c) * GQ + i) * 2];
-                w[c] = m == -INFINITY ? 0.f : expf(m - M);
-                L += w[c] * stats[((bh * np + c) * GQ + i) * 2 + 1];
-            }
-            kv_t *oi = out + (bh * GQ + i) * HD;
-            for (int d = 0; d < HD; d++) {
-                float acc = 0.f;
-                for (int64_t c = 0; c < np; c++) acc += w[c] * part[((bh * np + c) * GQ + i) * HD + d];
-                oi[d] = float_kv(acc / L);
-            }
-        }
+        merge_pieces(part + bh * np * GQ * HD, stats + bh * np * GQ * 2, np, out + bh * GQ * HD);
+}
+
+/* The same over ragged per-head rows (KIVI under an eviction method): every stored tensor is rows in (sequence,
+   head, slot) order, kv head bh = b * HK + h holding qlen[bh] quantised rows from row qoff[bh] (a multiple of GS, so
+   its key groups start at row qoff[bh] / GS of the key scales) and rlen[bh] residual rows from row roff[bh]; codes
+   (N_q, MB), key scale/zero (N_q / GS, HD), value scale/zero (N_q, NGV), residual keys/values (N_r, HD). Each head's
+   NC pieces share its own quantised rows. mask (B*HK, GQ, s_row) bytes over each head's rows (quantised then
+   residual) or NULL; scratch (B*HK, GQ, s_row) with s_row >= every qlen + rlen; part, stats, out as above. */
+void kivi_attend_rows(int64_t B, int64_t HK, int64_t NC, const kv_t *q, int64_t q_b, int64_t q_h, float qscale,
+                      const uint8_t *kc, const SCALE_T *ks, const SCALE_T *kz, const uint8_t *vc, const SCALE_T *vs,
+                      const SCALE_T *vz, const kv_t *rk, const kv_t *rv, const int64_t *qoff, const int64_t *qlen,
+                      const int64_t *roff, const int64_t *rlen, const uint8_t *mask, int64_t s_row, float *scratch,
+                      float *part, float *stats, kv_t *out, int nthreads) {
+    const int64_t np = NC + 1, tasks = B * HK * np;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t bh = task / np, c = task % np, b = bh / HK, h = bh % HK, o = qoff[bh];
+        float qh[GQ * HD];
+        load_query(q, q_b, q_h, b, h, qscale, qh);
+        attend_piece(qh, c, NC, qlen[bh], rlen[bh], kc + o * MB, ks + (o / GS) * HD, kz + (o / GS) * HD,
+                     vc + o * MB, vs + o * NGV, vz + o * NGV, rk + roff[bh] * HD, rv + roff[bh] * HD,
+                     scratch + bh * GQ * s_row, s_row, mask ? mask + bh * GQ * s_row : 0,
+                     part + (bh * np + c) * GQ * HD, stats + (bh * np + c) * GQ * 2);
+    }
+    for (int64_t bh = 0; bh < B * HK; bh++)
+        merge_pieces(part + bh * np * GQ * HD, stats + bh * np * GQ * 2, np, out + bh * GQ * HD);
 }
 """
 
@@ -462,6 +513,9 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = [_I64] * 5 + [_PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
 _ARGS += [_I64, _I64]
 _ARGS += [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+#: kivi_attend_rows: B, HK, NC, q, q_b, q_h, qscale, 8 storage pointers, 4 offset/length arrays, mask, s_row,
+#: scratch, part, stats, out, nthreads
+_ROW_ARGS = [_I64] * 3 + [_PTR, _I64, _I64, ctypes.c_float] + [_PTR] * 13 + [_I64] + [_PTR] * 4 + [ctypes.c_int]
 
 #: (head_dim, bits, group_size, gq, scale dtype, residual dtype) -> the loaded library, or why there is none
 _LIBS: dict[tuple, ctypes.CDLL | str] = {}
@@ -518,6 +572,7 @@ def _build(defines: dict[str, str | int]) -> ctypes.CDLL:
     """Compile (once per shape, compiler and CPU) and load the kernel; raises OSError/CalledProcessError on failure."""
     lib = compile_library(SOURCE, defines, "kivi_read")
     lib.kivi_attend.argtypes, lib.kivi_attend.restype = _ARGS, None
+    lib.kivi_attend_rows.argtypes, lib.kivi_attend_rows.restype = _ROW_ARGS, None
     return lib
 
 
@@ -555,12 +610,17 @@ def available(layer: KIVILayer, q: torch.Tensor) -> bool | str:
         return f"{ENV}=0"
     if layer.qkeys is None:
         return "no quantised tokens"
-    key = (q.shape[1], q.shape[-1], q.device.type, layer.qkeys.device.type, layer.keys.shape[1], layer.bits,
+    key = (q.shape[1], q.shape[-1], q.device.type, layer.qkeys.device.type, kv_heads(layer), layer.bits,
            layer.group_size, layer.scale_dtype, layer.keys.dtype)  # fmt: skip
     found = _AVAILABLE.get(key)
     if found is None:
         found = _AVAILABLE[key] = _available(*key)
     return found
+
+
+def kv_heads(layer: KIVILayer) -> int:
+    """The layer's kv heads: dense storage is (B, H_kv, n, ...), ragged rows have per-head counts (B, H_kv)."""
+    return layer.q_lengths.shape[1] if layer.packed else layer.keys.shape[1]
 
 
 def _available(heads, head_dim, q_device, kv_device, kv_heads, bits, group_size, scale_dtype, kv_dtype) -> bool | str:
@@ -587,12 +647,15 @@ def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def kivi_decode_native(
     layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention of one query token over a dense :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised by the
-    native kernel (check :func:`available` first).
+    """Attention of one query token over a :class:`~longkit.kvcache.kivi.KIVILayer`, read quantised by the native
+    kernel (check :func:`available` first).
 
-    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's
-    ``S = S_q + S_r`` stored tokens (quantised first). Returns (B, H, 1, D) in q's dtype.
+    q (B, H, 1, D); mask (B|1, H|1, 1, S) bool (True = visible) or additive, or None, over the layer's stored tokens
+    (quantised first): dense, ``S = S_q + S_r``; ragged rows (under eviction), each head's own rows padded to the
+    longest head's (columns past a head's rows are ignored). Returns (B, H, 1, D) in q's dtype.
     """
+    if layer.packed:
+        return _decode_rows(layer, q, mask, scale)
     B, H, _, D = q.shape
     dtype = q.dtype
     h_kv = layer.keys.shape[1]
@@ -626,5 +689,45 @@ def kivi_decode_native(
         qvals.data_ptr(), vs.data_ptr(), vz.data_ptr(), vs.stride(0), vs.stride(1),
         rk.data_ptr(), rv.data_ptr(), rk.stride(0), rk.stride(1), None if m is None else m.data_ptr(),
         scratch.data_ptr(), part.data_ptr(), stats.data_ptr(), out.data_ptr(), threads,
+    )  # fmt: skip
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _decode_rows(layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """:func:`kivi_decode_native` over ragged per-head rows (:class:`~longkit.kvcache.kivi.KIVIRaggedLayer`): the
+    kernel reads each head's rows where they are stored, from per-head offsets; nothing is gathered or padded."""
+    B, H, _, D = q.shape
+    dtype = q.dtype
+    h_kv = layer.q_lengths.shape[1]
+    gq = H // h_kv
+    pack_query(q, h_kv)  # checks the shape
+    lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
+    if not isinstance(lib, ctypes.CDLL):
+        raise RuntimeError(lib)
+    threads = torch.get_num_threads()
+    scale = D**-0.5 if scale is None else scale
+    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
+        q = q.to(layer.keys.dtype).contiguous()
+    # (N, ...) rows, each contiguous: what the kernel indexes from the offsets (already so, as stored)
+    stored = [t.contiguous() for t in (layer.qkeys, layer.k_scale, layer.k_zero, layer.qvalues, layer.v_scale,
+                                       layer.v_zero, layer.keys, layer.values)]  # fmt: skip
+    # (B * H_kv,) each head's first row and row count, quantised and residual
+    qlen, rlen = layer.q_lengths.flatten().contiguous(), layer.r_lengths.flatten().contiguous()
+    qoff, roff = torch.cumsum(qlen, 0) - qlen, torch.cumsum(rlen, 0) - rlen
+    s_row = int((qlen + rlen).max())
+    m = bool_mask(pack_mask(mask, H, h_kv))
+    if m is not None:
+        # (B, H_kv, G_q, s_row) one byte per score over each head's rows, 0 = hidden
+        m = m[..., :s_row].expand(B, h_kv, gq, s_row).contiguous()
+    # pieces of whole key groups per kv head (plus the residual): enough for every thread to have work
+    pieces = max(1, min(-(-2 * threads // (B * h_kv)), int(qlen.max()) // layer.group_size))
+    scratch = torch.empty(B, h_kv, gq, s_row, dtype=torch.float32)
+    part = torch.empty(B, h_kv, pieces + 1, gq, D, dtype=torch.float32)
+    stats = torch.empty(B, h_kv, pieces + 1, gq, 2, dtype=torch.float32)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    lib.kivi_attend_rows(
+        B, h_kv, pieces, q.data_ptr(), q.stride(0), q.stride(1), scale, *(t.data_ptr() for t in stored),
+        qoff.data_ptr(), qlen.data_ptr(), roff.data_ptr(), rlen.data_ptr(), None if m is None else m.data_ptr(),
+        s_row, scratch.data_ptr(), part.data_ptr(), stats.data_ptr(), out.data_ptr(), threads,
     )  # fmt: skip
     return out if out.dtype == dtype else out.to(dtype)

@@ -42,6 +42,12 @@ def kivi_decode_reference(
     layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
     """Attention of one query token over a KIVI layer: dequantise the whole cache (keys and values in the model's
-    dtype, then the exact residual), then :func:`decode_reference`."""
-    k, v = layer.dequantized()
+    dtype, then the exact residual; ragged per-head rows padded to the longest head's, the padding hidden), then
+    :func:`decode_reference`. ``mask`` as for :func:`longkit.kvcache.kivi_attention.kivi_decode`."""
+    k, v, valid, _ = layer.padded()
+    if valid is not None:
+        # (B, H, 1, S) each query head sees its kv head's real slots
+        real = valid.repeat_interleave(q.shape[1] // valid.shape[1], dim=1)[:, :, None]
+        m = bool_mask(mask)
+        mask = real if m is None else real & m[..., : real.shape[-1]]
     return decode_reference(q, k, v, mask, scale)

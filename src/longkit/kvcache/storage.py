@@ -53,6 +53,10 @@ def gather_padded(flat: torch.Tensor, lengths: torch.Tensor, s_max: int) -> tupl
 class RaggedLayer(DynamicLayer):
     """One layer of a :class:`CompressedCache`: dense or packed per-head storage (see the module docstring)."""
 
+    #: the last :meth:`update` stored its tokens and returned only them: the attention hook must call
+    #: :meth:`attend_deferred`, which reads the storage itself (KIVI under eviction: the packed codes)
+    deferred: bool = False
+
     def __init__(self, track: tuple[str, ...] = ()):
         super().__init__()
         #: names of per-slot float/int side arrays kept aligned with the keys ("pos": the RoPE position of a key)
@@ -158,14 +162,7 @@ class RaggedLayer(DynamicLayer):
             values = torch.cat([old_v, value_states], dim=-2)
         new_extras = {}
         for name, t in old_extras.items():
-            if name == "pos":
-                pos = (kwargs.get("kwargs") or {}).get("position_ids")
-                if pos is None or pos.shape[-1] != T:
-                    pos = torch.arange(self.seen, self.seen + T, device=keys.device)[None]
-                # (B, H_kv, T) true positions of the new keys
-                fresh = pos.to(device=keys.device, dtype=t.dtype).expand(B, T)[:, None, :].expand(B, H, T)
-            else:
-                fresh = torch.zeros((B, H, T), dtype=t.dtype, device=keys.device)
+            fresh = self.fresh_extra(name, B, H, T, keys.device, kwargs)
             new_extras[name] = self._grow(name, t, fresh, -1) if old_valid is None else torch.cat([t, fresh], dim=-1)
         valid = None
         if old_valid is not None:
@@ -176,6 +173,27 @@ class RaggedLayer(DynamicLayer):
         # (B, H_kv, S_max + T): which slots of the returned view are real; None = all
         self.last_valid = valid
         return keys, values
+
+    def fresh_extra(self, name: str, B: int, H: int, T: int, device, kwargs: dict) -> torch.Tensor:
+        """(B, H_kv, T) the side array ``name`` of ``T`` new tokens (before :attr:`seen` counts them): their true
+        RoPE positions for "pos" (the call's ``position_ids``, else the next positions), zeros otherwise."""
+        dtype = _EXTRA_DTYPES[name]
+        if name != "pos":
+            return torch.zeros((B, H, T), dtype=dtype, device=device)
+        pos = (kwargs.get("kwargs") or {}).get("position_ids")
+        if pos is None or pos.shape[-1] != T:
+            pos = torch.arange(self.seen, self.seen + T, device=device)[None]
+        return pos.to(device=device, dtype=dtype).expand(B, T)[:, None, :].expand(B, H, T)
+
+    def attend_deferred(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """The attention of a decode step whose :meth:`update` left it to the layer (:attr:`deferred`): storage that
+        computes attention where its tokens are stored (KIVI's packed codes) overrides this; (B, T, H, D) out."""
+        raise NotImplementedError(f"{type(self).__name__} does not defer attention to its storage")
+
+    def finish_step(self) -> None:
+        """After a deferred step's attention (computed by :meth:`attend_deferred` or by the hook over
+        :meth:`padded`): the storage's own follow-up (KIVI quantises its residual's due groups)."""
+        self.deferred = False
 
     def _grow(self, name: str, cur: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
         """``cat([cur, new], dim)`` written into the growing buffer ``name`` when ``cur`` is its filled part."""

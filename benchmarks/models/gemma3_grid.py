@@ -222,6 +222,14 @@ def summarize(rows: list[dict], skips: list[dict]) -> dict:
     return out
 
 
+def _cell(m: dict, task: str, n: int, group: Tasks) -> str:
+    """A score cell; one with fewer samples than the grid asks for shows how many it has, ``(n/N)``."""
+    score = fmt(m["scores"].get(task, {}).get(n), ".0f")
+    have = m["n"].get(task, {}).get(n)
+    want = group.samples * (len(group.depths.split(",")) if group.depths else 1)
+    return score if have is None or have >= want else f"{score} ({have}/{want})"
+
+
 def table(results: Path = RESULTS) -> tuple[str, dict]:
     """The markdown tables and the per-method summary, from the records only (nothing measured, nothing written)."""
     rows, skips, configs = evalgrid.load(results, evalgrid.grid_tagger(results, METHODS, BUCKETS, TASK_GROUPS))
@@ -243,7 +251,7 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
             m = summary[key]
             if n not in m["seconds"] and n not in m["ppl"]:
                 continue
-            lines.append(evalgrid.row([m["label"], *[fmt(m["scores"].get(t, {}).get(n), ".0f") for t in RETRIEVAL],
+            lines.append(evalgrid.row([m["label"], *[_cell(m, t, n, TASK_GROUPS["depth"]) for t in RETRIEVAL],
                                        fmt(m["mean"].get(n), ".0f"), fmt(m["ruler"].get(n), ".1f"),
                                        fmt(m["ppl"].get(n), ".2f"), fmt(m["prefill_s"].get(n), ".1f"),
                                        fmt(m["seconds"].get(n), ".1f"), mib(m["peak"].get(n)), mib(m["kv"].get(n))]))
@@ -257,7 +265,7 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
         for key in keys:
             m = summary[key]
             if any(n in m["scores"].get(t, {}) for t in RULER):
-                lines.append(evalgrid.row([m["label"], *[fmt(m["scores"].get(t, {}).get(n), ".0f") for t in RULER],
+                lines.append(evalgrid.row([m["label"], *[_cell(m, t, n, TASK_GROUPS["ruler"]) for t in RULER],
                                            fmt(m["ruler"].get(n), ".1f")]))
         lines.append("")
     lines += ["**Effective length** (RULER's rule: the longest length whose score is above 85.6)", "",
@@ -276,7 +284,9 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
     counts = sorted({c for key in keys for by in summary[key]["n"].values() for c in by.values()})
     lines += ["", f"Scores: % correct; samples per cell: {', '.join(map(str, counts)) or '-'} (passkey, needle: 3 "
               "depths x 3 samples; RULER: 5 per task, qa_1 / qa_2 synthetic). `-` = not measured (yet). ppl: the "
-              "held-out documentation topics, one window per length (its second half scored). s / sample: prefill + "
+              "held-out documentation topics, one window per length (its second half scored). `(n/N)`: a cell still "
+              "being measured, n of its N samples so far (its row's means and effective lengths are provisional). "
+              "s / sample: prefill + "
               "decode, mean. Peak MiB: the largest peak above the sample's start (resident set on a CPU). KV MiB: the "
               "largest cache after the prefill (sliding layers' window-bounded caches included)."]
     return "\n".join(lines) + "\n", {key: evalgrid.jsonable(summary[key]) for key in keys}

@@ -52,8 +52,8 @@ def _part(
     Causal (the intra-chunk part) aligns the first query position with its own key; the successive and
     inter parts see every key of their range.
     """
-    # (B, H, rows, D) queries at the part's positions
-    qr = rotate_by(qb, qpos, new_pos, inv_freq)
+    # (B, H, rows, D) queries at the part's positions (chunk 0's intra part keeps them where they are)
+    qr = qb if torch.equal(qpos, new_pos) else rotate_by(qb, qpos, new_pos, inv_freq)
     part_dense = None if dense is None else dense[..., j0:j1]
     if causal:
         mask = MaskSpec(causal=True, q_offset=int(qpos[0]) - j0, dense=part_dense)
@@ -93,9 +93,12 @@ def dca_attention(
     _, _, _, T, S, _ = check_remap_qkv("dca", q, k, v)
     tiles = {"block_q": block_q, "block_k": block_k, "fused": fused}
     c, off = s - w, S - T
-    kpos = torch.arange(S, device=q.device)
-    # (B, H_kv, S, D): every key at its in-chunk position j mod c
-    kc = rotate_by(k, kpos, kpos % c, inv_freq)
+    # (B, H_kv, S, D): every key at its in-chunk position j mod c; chunk 0's keys are there already (a prefill
+    # shorter than one chunk rotates nothing)
+    kc = k
+    if S > c:
+        kpos = torch.arange(c, S, device=q.device)
+        kc = torch.cat([k[:, :, :c], rotate_by(k[:, :, c:], kpos, kpos % c, inv_freq)], dim=2)
     outs, lses = [], []
     for b in range(off // c, (S - 1) // c + 1):
         # queries of chunk b: positions p0 .. p1 - 1, rows r0 .. r1 - 1 of q; their chunk starts at key k0

@@ -38,9 +38,9 @@ Positions = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    # (B, H, S, D): the fused kernel wants one key head per query head; causal is aligned at the first key
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # (B, H, T, D) queries, (B, H_kv, S, D) keys: the kernel maps query head h to key head h // (H / H_kv) itself
+    # (grouped-query attention, as repeat_interleave would), so K and V are not copied once per query head;
+    # causal is aligned at the first key
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = kernel(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
     return out, lse.float()
@@ -48,9 +48,10 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scal
 
 def _fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float):
     # Query i sees keys j <= offset + i: keys 0 .. offset - 1 are seen by every query (a full part) and the
-    # rest is causal aligned at key ``offset`` (a causal part), merged by log-sum-exp.
+    # rest is causal aligned at key ``offset`` (a causal part), merged by log-sum-exp. One query at the last
+    # key (a decoding step) sees every key: one full call.
     S = k.shape[2]
-    if offset >= S:
+    if offset >= S or (q.shape[2] == 1 and offset >= S - 1):
         return _fused(q, k, v, False, scale)
     if offset == 0:
         return _fused(q, k, v, True, scale)
@@ -119,11 +120,44 @@ def attend_part(
     scale = D**-0.5 if scale is None else float(scale)
     if mask is None:
         out, lse = _fused(q, k, v, False, scale)
-    elif mask.window is None:
+    elif mask.window is None or mask.window > mask.q_offset + T - 1:
+        # a window longer than the last query's position hides no key (Self-Extend at S <= W): plain causal
         out, lse = _fused_causal(q, k, v, mask.q_offset, scale)
     else:
         out, lse = _fused_band(q, k, v, mask.window, mask.q_offset, scale)
     return out.to(q.dtype), lse
+
+
+def causal_tail_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' sdpa mask function, except for a causal full-attention mask with nothing else to hide: None there.
+
+    That is a call with the plain causal mask function, no sliding window (``local_size``), no padding (or all
+    tokens real), keys at positions 0 .. S - 1 and the queries the last T of them; packed documents and custom
+    patterns clear transformers' ``allow_is_causal_skip`` and keep their mask. transformers gives such a mask up by
+    itself only when T == S or T == 1; a chunked prefill (1 < T < S) got a dense (T, S) mask, which sent every part
+    of a remap to the Python tile loop (:func:`blockwise_attention`, about 3x a prefill's time on Gemma 3). A remap
+    takes a missing mask as causal aligned at the last key (query i at position S - T + i), which is what it
+    computes anyway, so the result is the same and every part runs on the fused kernel. Sliding-window layers get
+    their mask as before (the model's own attention needs it).
+    """
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    sizes = [kwargs.get(name, 0) for name in ("q_length", "kv_length", "q_offset", "kv_offset")]
+    plain = (
+        not args
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None
+        and kwargs.get("allow_is_causal_skip", True)
+        # (a static cache passes tensor offsets: its mask is kept)
+        and all(isinstance(n, int) for n in sizes)
+        and sizes[3] == 0
+        and sizes[2] + sizes[0] == sizes[1]
+    )
+    if plain:
+        padding = prepare_padding_mask(kwargs.get("attention_mask"), sizes[1], 0)
+        if padding is None or bool(padding.all()):
+            return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def check_remap_qkv(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
@@ -247,6 +281,9 @@ class RemapAttention(BoundAttention):
         # layer's type: Gemma 3's full-attention layers rotate with their own base.
         inv_freq = layer_inv_freq(self, getattr(parent, attr), module)
         return self.attend(query, key, value, inv_freq, trained, dense=dense, scale=scaling, **self.tiles())[0]
+
+    def mask_function(self) -> Any:
+        return causal_tail_sdpa_mask
 
     def tiles(self) -> dict[str, Any]:
         """The execution options of :meth:`attend`: tile edges and whether the fused CPU kernel may run."""

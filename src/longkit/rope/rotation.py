@@ -18,14 +18,14 @@ def rotate_by(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor, inv_freq: t
     rotate-half layout.
     """
     rot = 2 * inv_freq.shape[0]
-    f = inv_freq.float().to(x.device)
-    # (..., N, rot / 2): the angle difference per frequency
-    delta = (new.to(x.device).float()[..., None] * f).double() - (old.to(x.device).float()[..., None] * f).double()
-    # (..., N, rot): rotate-half layout repeats each frequency in both halves
-    delta = torch.cat([delta, delta], dim=-1)
-    cos, sin = delta.cos().to(torch.float32), delta.sin().to(torch.float32)
-    xr = x[..., :rot].float()
     half = rot // 2
-    rotated_half = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = (xr * cos + rotated_half * sin).to(x.dtype)
-    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+    f = inv_freq.float().to(x.device)
+    # (..., N, rot / 2): the angle difference per frequency; rotate-half layout uses each frequency in both halves,
+    # so cos and sin are computed once per frequency, not per dimension
+    delta = (new.to(x.device).float()[..., None] * f).double() - (old.to(x.device).float()[..., None] * f).double()
+    cos, sin = delta.cos().to(torch.float32), delta.sin().to(torch.float32)
+    # (..., N, rot / 2) halves: x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), in float32 (a
+    # bfloat16 x is promoted exactly), each half rounded to x's dtype before the one concatenation
+    x1, x2 = x[..., :half], x[..., half:rot]
+    parts = [(x1 * cos - x2 * sin).to(x.dtype), (x2 * cos + x1 * sin).to(x.dtype)]
+    return torch.cat(parts if rot == x.shape[-1] else [*parts, x[..., rot:]], dim=-1)

@@ -1,7 +1,8 @@
 """Read bandwidth of single-row linear layers on a decoder's weight shapes, A/B in one process.
 
     OMP_WAIT_POLICY=passive nice -n 19 .venv/bin/python benchmarks/decode/gemv_bandwidth.py \
-        [--threads 1] [--rounds 15] [--variants "read,linear,compiled,native"] [--rows 1] [--name gemv_bandwidth]
+        [--threads 1] [--rounds 15] [--variants "read,linear,compiled,native"] [--shapes qo,kv,gateup,down,head] \
+        [--rows 1] [--name gemv_bandwidth]
 
 A decode step multiplies a (rows, d_in) activation by every weight matrix of the model once. For each weight shape of
 SmolLM2-135M (bf16; q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536 per layer, and the tied 49152x576
@@ -32,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-#: name -> (out features, in features, matrices a SmolLM2-135M decode step reads)
+#: label -> (out features, in features, matrices a SmolLM2-135M decode step reads)
 SHAPES = {
     "q/o 576x576": (576, 576, 60),
     "k/v 192x576": (192, 576, 60),
@@ -41,6 +42,8 @@ SHAPES = {
     "head 49152x576": (49152, 576, 1),
 }
 VARIANTS = ("read", "linear", "compiled", "native")
+#: --shapes keys -> labels
+SHAPE_KEYS = dict(zip(("qo", "kv", "gateup", "down", "head"), SHAPES, strict=True))
 
 
 def build(variant: str, weights: list, rows: int):
@@ -83,9 +86,10 @@ def measure(args) -> dict:
 
     gen = torch.Generator().manual_seed(0)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    times = {s: {v: [] for v in variants} for s in SHAPES}
+    shapes = {SHAPE_KEYS[k]: SHAPES[SHAPE_KEYS[k]] for k in args.shapes.split(",")}
+    times = {s: {v: [] for v in variants} for s in shapes}
     nbytes, fns = {}, {}
-    for shape, (d_out, d_in, n) in SHAPES.items():
+    for shape, (d_out, d_in, n) in shapes.items():
         # weights at SmolLM2's scale (std ~0.02): values do not matter for the time, the bytes do
         ws = [(0.02 * torch.randn(d_out, d_in, generator=gen)).to(torch.bfloat16) for _ in range(n)]
         nbytes[shape] = sum(w.numel() * w.element_size() for w in ws)
@@ -96,7 +100,7 @@ def measure(args) -> dict:
     with torch.inference_mode():
         for r in range(args.rounds + 1):
             k = r % len(variants)
-            for shape in SHAPES:
+            for shape in shapes:
                 for v in variants[k:] + variants[:k]:
                     t0 = time.perf_counter()
                     fns[shape][v]()
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = one token)")
     ap.add_argument("--variants", default="read,linear,compiled,native")
+    ap.add_argument("--shapes", default=",".join(SHAPE_KEYS), help="of " + ", ".join(SHAPE_KEYS))
     ap.add_argument("--note", default=None)
     ap.add_argument("--name", default="gemv_bandwidth")
     ap.add_argument("--out", type=Path, default=None)
@@ -163,8 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"{args.name}.md").write_text(markdown(json.loads(src.read_text())))
         return
     bad = [v for v in args.variants.split(",") if v.strip() not in VARIANTS]
+    bad += [k for k in args.shapes.split(",") if k not in SHAPE_KEYS]
     if bad or args.rounds < 2 or args.rows < 1:
-        sys.exit(f"error: --variants from {', '.join(VARIANTS)} ({bad}), --rounds >= 2, --rows >= 1")
+        sys.exit(
+            f"error: --variants from {', '.join(VARIANTS)}, --shapes from {', '.join(SHAPE_KEYS)} (got {bad}), "
+            "--rounds >= 2, --rows >= 1"
+        )
 
     import torch
 
@@ -174,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     got = measure(args)
     meta = {
-        "command": " ".join(["python", "benchmarks/decode/gemv_bandwidth.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python", "benchmarks/decode/gemv_bandwidth.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "rows": args.rows, "rounds": args.rounds, "torch": torch.__version__, "cpu_capability": cpu_capability(),
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],

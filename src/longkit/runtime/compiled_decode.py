@@ -23,6 +23,15 @@ lifetime (restored when it closes), in one of two forms (``attention``):
 - ``sdpa``: torch's fused kernel on the packed query (:mod:`longkit.kvcache.decode`) over the whole buffer under the
   mask.
 
+The model's linear layers (``linear``, opt-in): ``torch`` (the default) leaves them to inductor (with ``freezing``:
+oneDNN linears on prepacked bf16 weights); ``native`` (or ``auto``: where it builds) calls the C GEMV of
+:mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every ``nn.Linear`` during the steps (at most
+4 rows; prefill and any forward outside :meth:`CompiledDecoder.step` keep torch's linear): each weight row read once,
+bf16 dot products on AVX512-BF16, the weights not prepacked. On a shared, capped CPU it read SmolLM2's weights as
+fast as ``w.sum()`` (0.90x the time of the compiled oneDNN linears over all shapes) and the whole compiled step took
+0.85-1.02x the time of the default one (four A/B runs, quartiles spanning 1.0: not confirmed), so it stays opt-in
+(``benchmarks/decode/results/compile.notes.md``, 2026-12-06, branch ``gemv``).
+
 What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
 
 - the model's attention implementation ``sdpa`` (or a KV method's ``longkit_kv_sdpa`` wrapper): an attention method

@@ -2,10 +2,11 @@
 
 A decode step multiplies one activation row per sequence by every weight matrix of the model: a matrix-vector
 product whose time is the time to read the weights (SmolLM2-135M bf16: 269 MB per token). torch's kernels are built
-for matrices: eagerly, ``F.linear`` on one bf16 row read SmolLM2's 576x576 and 1536x576 weights at a third of the
-speed of ``w.sum()`` over the same bytes; inside a compiled decode step (inductor's ``freezing``, weights prepacked
-for oneDNN) the small matrices (192x576: 2.2x the read) pay a fixed cost per call (measurements:
-``benchmarks/decode/results/compile.notes.md``). This kernel does the memory-bound part directly:
+for matrices: eagerly, ``F.linear`` on one bf16 row took 1.5-3.7x the time of ``w.sum()`` over SmolLM2's 576x576
+and 1536x576 weights; inside a compiled decode step (inductor's ``freezing``, weights prepacked for oneDNN) the large
+matrices stream at about the read's speed but the small ones pay a fixed cost per call (192x576: 1.9-2.2x the read;
+measurements on a shared, capped CPU: ``benchmarks/decode/results/compile.notes.md``). This kernel does the
+memory-bound part directly:
 
 - each weight row is loaded once and multiplied into all ``M`` (1-4) activation rows, four weight rows at a time
   (4 x M float32 accumulators in registers), products summed in float32;
@@ -25,7 +26,7 @@ float32 within 1e-5 relative, bfloat16 within one bf16 rounding of the output.
 
 Based on the roofline view of memory-bound kernels: Roofline: an insightful visual performance model (Williams,
 Waterman, Patterson 2009), https://doi.org/10.1145/1498765.1498785; a single-token decode step as a memory-bound
-GEMV: LLM in a flash / Efficient LLM inference on CPUs (Shen et al. 2023), https://arxiv.org/abs/2311.00502.
+GEMV: Efficient LLM Inference on CPUs (Shen et al. 2023), https://arxiv.org/abs/2311.00502.
 """
 
 from __future__ import annotations
@@ -297,7 +298,9 @@ def gemv(
             f"gemv: parameter 'x' must hold 1 to {MAX_ROWS} rows of d_in >= 1 (got {M} rows of {K}, d_out {N})"
         )
     if bias is not None and (bias.shape != (N,) or bias.dtype != weight.dtype):
-        raise MethodError(f"gemv: parameter 'bias' must be ({N},) of {weight.dtype} (got {bias.dtype} {tuple(bias.shape)})")
+        raise MethodError(
+            f"gemv: parameter 'bias' must be ({N},) of {weight.dtype} (got {bias.dtype} {tuple(bias.shape)})"
+        )
     ok = available(x, weight)
     if ok is not True:
         raise MethodError(f"gemv: the native kernel is not available: {ok}")

@@ -455,6 +455,13 @@ def _decode_native(limit: int):
     return decode_attend(q, kv, kv, limit=limit)
 
 
+def _gemv_native(rows: int):
+    """The native single-token linear with too many activation rows (checked before the kernel is built)."""
+    from longkit.runtime.gemv_native import gemv
+
+    return gemv(torch.ones(rows, 16), torch.ones(8, 16))
+
+
 def _kivi_decode(kernel: str, tokens: int = 1):
     """KIVI's quantised read of a small layer (8 tokens, all quantised) with the given kernel."""
     from longkit.kvcache.kivi import KIVILayer
@@ -536,6 +543,10 @@ API = [
      MethodError, "parameter 'attention' must be one of auto, native, sdpa (got 'fast')"),
     ("compiled-decode-options", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 4, options=["x"]),
      MethodError, "parameter 'options' must be a dict"),
+    ("compiled-decode-linear", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 4, linear="fast"),
+     MethodError, "parameter 'linear' must be one of torch, auto, native (got 'fast')"),
+    ("gemv-native-rows", lambda fx, lm, t: _gemv_native(rows=5), MethodError,
+     "parameter 'x' must hold 1 to 4 rows"),
     ("decode-native-limit", lambda fx, lm, t: _decode_native(limit=0), MethodError,
      "parameter 'limit' must be in [1, 8]"),
     ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,

@@ -13,6 +13,8 @@ same round's ``--base`` step (round 0 is a warm-up, not counted). Variants (``+`
 - ``eager``: the seam's cache, decoded by the model's own forward (a copy of the prefilled cache, growing in place);
 - ``sdpa`` / ``native``: the compiled step with that ``attention`` (torch's fused kernel over the whole buffer under
   the mask, or :mod:`longkit.kvcache.decode_native` over the filled slots);
+- ``gemv``: the model's linear layers through :mod:`longkit.runtime.gemv_native` (``linear="native"``) instead of
+  oneDNN's prepacked bf16 linears;
 - ``cpp_wrapper``, ``max_autotune``: inductor settings for the compile (``{"cpp_wrapper": True}``; ``{"max_autotune":
   True}``, CPU GEMM templates benchmarked against the library calls, no CUDA graphs);
 - ``nofreeze``: without inductor's ``freezing``; ``nocompile``: the same fixed-capacity steps run eagerly.
@@ -42,7 +44,7 @@ sys.path.insert(0, str(HERE))
 import decode  # noqa: E402  (the sibling benchmark: bandwidth probe, weight bytes, lengths)
 
 #: the flags a variant name may combine
-FLAGS = ("eager", "sdpa", "native", "cpp_wrapper", "max_autotune", "nofreeze", "nocompile")
+FLAGS = ("eager", "sdpa", "native", "gemv", "cpp_wrapper", "max_autotune", "nofreeze", "nocompile")
 
 
 def parse_variant(name: str) -> dict:
@@ -61,7 +63,8 @@ def parse_variant(name: str) -> dict:
     if "max_autotune" in flags:
         options["max_autotune"] = True
     return {"attention": "native" if "native" in flags else "sdpa", "freezing": "nofreeze" not in flags,
-            "options": options, "compile": "nocompile" not in flags}  # fmt: skip
+            "options": options, "compile": "nocompile" not in flags,
+            "linear": "native" if "gemv" in flags else "torch"}  # fmt: skip
 
 
 def quartiles(xs: list[float]) -> tuple[float, float]:

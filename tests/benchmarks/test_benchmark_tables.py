@@ -109,6 +109,21 @@ TABLES = {
     "decode/results/compiled_ab_8k.md": lambda: _script("decode/compiled_ab.py").markdown(
         _json("decode/results/compiled_ab_8k.json")
     ),
+    "decode/results/compiled_ab_gemv_2k.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_gemv_2k.json")
+    ),
+    "decode/results/compiled_ab_gemv_8k.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_gemv_8k.json")
+    ),
+    "decode/results/compiled_ab_gemv_2k_r2.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_gemv_2k_r2.json")
+    ),
+    "decode/results/compiled_ab_gemv_8k_r2.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_gemv_8k_r2.json")
+    ),
+    "decode/results/gemv_bandwidth.md": lambda: _script("decode/gemv_bandwidth.py").markdown(
+        _json("decode/results/gemv_bandwidth.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from grid_records import load_script
+from longkit.kvcache import kivi_native
 
 SCRIPT = REPO / "benchmarks" / "decode" / "decode.py"
 
@@ -192,7 +193,9 @@ AB = REPO / "benchmarks" / "decode" / "compiled_ab.py"
 def test_compiled_variants_parse_and_ratios_are_taken_per_round():
     mod = load_script(AB)
     assert mod.parse_variant("native+cpp_wrapper") == {"attention": "native", "freezing": True,
-                                                       "options": {"cpp_wrapper": True}, "compile": True}
+                                                       "options": {"cpp_wrapper": True}, "compile": True,
+                                                       "linear": "torch"}  # fmt: skip
+    assert mod.parse_variant("native+gemv")["linear"] == "native"
     assert mod.parse_variant("sdpa+nofreeze+nocompile")["freezing"] is False
     assert mod.parse_variant("eager") == {"eager": True}
     with pytest.raises(SystemExit, match="unknown"):
@@ -218,17 +221,19 @@ def test_compiled_variants_parse_and_ratios_are_taken_per_round():
 def test_a_tiny_compiled_ab_run_writes_json_and_renders_the_same_table(tmp_path):
     # the fixed-capacity steps uncompiled (no compile time in the suite), both attentions and the eager baseline
     args = ["--model", "tiny-llama", "--dtype", "float32", "--length", "100", "--rounds", "3", "--threads", "1",
-            "--variants", "eager,sdpa+nocompile,native+nocompile", "--base", "sdpa+nocompile", "--profile",
+            "--variants", "eager,sdpa+nocompile,native+nocompile,native+gemv+nocompile", "--base", "sdpa+nocompile",
+            "--profile",
             "native+nocompile", "--bandwidth-mb", "8", "--out", str(tmp_path), "--name", "ab"]  # fmt: skip
     r = subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "ab.json").read_text())
-    assert set(data["times_ms"]) == {"eager", "sdpa+nocompile", "native+nocompile"}
+    assert set(data["times_ms"]) == {"eager", "sdpa+nocompile", "native+nocompile", "native+gemv+nocompile"}
     assert all(len(t) == 3 and min(t) > 0 for t in data["times_ms"].values())
     kv = data["kv_read_bytes"]
     # the native step reads the filled slots (100 of the 256-slot buffer), sdpa the whole buffer
     assert kv["native+nocompile"] * 256 == kv["sdpa+nocompile"] * 100 == kv["eager"] * 256
+    assert kv["native+gemv+nocompile"] == kv["native+nocompile"]
     assert data["profiles"]["native+nocompile"][-1]["name"] == "(other)"
     md = (tmp_path / "ab.md").read_text()
     (tmp_path / "ab.md").unlink()
@@ -236,3 +241,26 @@ def test_a_tiny_compiled_ab_run_writes_json_and_renders_the_same_table(tmp_path)
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ab.md").read_text() == md
+
+
+GEMV = REPO / "benchmarks" / "decode" / "gemv_bandwidth.py"
+
+
+def test_a_small_gemv_bandwidth_run_writes_json_and_renders_the_same_table(tmp_path):
+    # SmolLM2's k/v shape only (60 matrices, 13 MB), eager variants (no compile in the suite)
+    variants = "read,linear,native" if kivi_native._compiler() else "read,linear"
+    args = ["--shapes", "kv", "--variants", variants, "--rounds", "2", "--out", str(tmp_path), "--name", "g"]
+    r = subprocess.run([sys.executable, str(GEMV), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert list(data["times_ms"]) == ["k/v 192x576"] and data["bytes"]["k/v 192x576"] == 60 * 192 * 576 * 2
+    assert all(len(t) == 2 and min(t) > 0 for t in data["times_ms"]["k/v 192x576"].values())
+    rows = {r["variant"]: r for r in load_script(GEMV).rows_of(data)}
+    assert rows["read"]["x_read"] == 1.0
+    md = (tmp_path / "g.md").read_text()
+    (tmp_path / "g.md").unlink()
+    r = subprocess.run([sys.executable, str(GEMV), "--render", "--out", str(tmp_path), "--name", "g"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g.md").read_text() == md

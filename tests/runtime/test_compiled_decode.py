@@ -34,13 +34,13 @@ def _eager(model, ids, steps, **spec):
     return tokens, torch.cat(logits)
 
 
-def _decoded(model, ids, steps, compile, attention="auto", **spec):
+def _decoded(model, ids, steps, compile, attention="auto", linear="torch", **spec):
     """The same through a :class:`CompiledDecoder` (prefill eager)."""
     with longkit.apply(model, **spec) as applied, torch.inference_mode():
         cache = applied.new_cache()
         out = model(ids, cache=cache, use_cache=True)
         token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
-        with compiled_decode(model, cache, steps, compile=compile, attention=attention) as dec:
+        with compiled_decode(model, cache, steps, compile=compile, attention=attention, linear=linear) as dec:
             assert model.config._attn_implementation == ATTENTION
             for _ in range(steps):
                 tokens.append(int(token))
@@ -156,3 +156,90 @@ def test_native_attention_off_falls_back_or_is_refused(tiny_llama, monkeypatch):
             with compiled_decode(model, cache, 4, compile=False) as dec:
                 # the native step reads the 10 filled slots of its 256
                 assert dec.attention == "native" and dec.kv_read_bytes * 256 == full * 10
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Counts the native GEMV's calls (the operator's implementation calls gemv_native.gemv)."""
+    from longkit.runtime import gemv_native
+
+    calls = []
+    real = gemv_native.gemv
+
+    def counted(x, weight, bias=None, **kw):
+        calls.append(tuple(weight.shape))
+        return real(x, weight, bias, **kw)
+
+    monkeypatch.setattr(gemv_native, "gemv", counted)
+    return calls
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native GEMV")
+def test_compiled_steps_with_the_native_gemv_decode_the_eager_tokens(tiny_llama, gemv_calls):
+    # float32: the GEMV sums in float32 like torch's linear, in another order: logits within 1e-5
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 37)
+    tokens, logits = _eager(model, ids, STEPS)
+    gemv_calls.clear()
+    got, got_logits, dec = _decoded(model, ids, STEPS, True, linear="native")
+    assert dec.linear == "native"
+    assert got == tokens
+    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+    # every step ran every linear layer (the head included) through the operator, none ran at prefill
+    assert len(gemv_calls) == STEPS * len(_linears(model))
+    # the decoder gave the layers their own forward back
+    assert not any("forward" in m.__dict__ for m in _linears(model))
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native GEMV")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_native_gemv_only_in_the_steps(dtype, gemv_calls):
+    # the same fixed-capacity steps eagerly with and without the GEMV; a forward outside the steps (a prefill, while
+    # the decoder lives) keeps torch's linear. bfloat16: the same float32 sums rounded to bf16 in another order can
+    # differ by one bf16 ulp per layer output, so the logits are compared at bf16 resolution (and the tokens, which a
+    # near tie could flip, are the same here)
+    lm = longkit.load_model("tiny-llama", dtype=dtype)
+    model, ids = lm.model, sample_ids(lm, 41, seed=5)
+    tokens, logits, _ = _decoded(model, ids, STEPS, False)
+    assert not gemv_calls
+    got, got_logits, dec = _decoded(model, ids, STEPS, False, linear="native")
+    assert got == tokens
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got_logits.float(), logits.float(), **tol)
+    assert len(gemv_calls) == STEPS * len(_linears(model))
+    with longkit.apply(model) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        model(ids, cache=cache, use_cache=True)
+        with compiled_decode(model, cache, 4, compile=False, linear="native") as dec:
+            gemv_calls.clear()
+            model(ids[:, :1], cache=applied.new_cache(), use_cache=True)
+            assert not gemv_calls
+            dec.step(ids[:, :1])
+            assert len(gemv_calls) == len(_linears(model))
+
+
+def test_native_gemv_off_falls_back_or_is_refused(tiny_llama, monkeypatch):
+    from longkit.runtime import gemv_native
+
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 10)
+    with longkit.apply(model) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        model(ids, cache=cache, use_cache=True)
+        with pytest.raises(MethodError, match="parameter 'linear' must be one of torch, auto, native"):
+            compiled_decode(model, cache, 4, linear="onednn")
+        with compiled_decode(model, cache, 4, compile=False) as dec:
+            assert dec.linear == "torch"
+        monkeypatch.setenv(gemv_native.ENV, "0")
+        with compiled_decode(model, cache, 4, compile=False, linear="auto") as dec:
+            assert dec.linear == "torch"
+            assert not any("forward" in m.__dict__ for m in _linears(model))
+        with pytest.raises(MethodError, match="linear='native' is not available here: LONGKIT_GEMV_NATIVE=0"):
+            compiled_decode(model, cache, 4, linear="native")
+        assert model.config._attn_implementation == "sdpa"
+        monkeypatch.delenv(gemv_native.ENV)
+        if NATIVE:
+            with compiled_decode(model, cache, 4, compile=False, linear="auto") as dec:
+                assert dec.linear == "native"

@@ -23,6 +23,15 @@ lifetime (restored when it closes), in one of two forms (``attention``):
 - ``sdpa``: torch's fused kernel on the packed query (:mod:`longkit.kvcache.decode`) over the whole buffer under the
   mask.
 
+The model's linear layers (``linear``, opt-in): ``torch`` (the default) leaves them to inductor (with ``freezing``:
+oneDNN linears on prepacked bf16 weights); ``native`` (or ``auto``: where it builds) calls the C GEMV of
+:mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every ``nn.Linear`` during the steps (at most
+4 rows; prefill and any forward outside :meth:`CompiledDecoder.step` keep torch's linear): each weight row read once,
+bf16 dot products on AVX512-BF16, the weights not prepacked. On a shared, capped CPU it read SmolLM2's weights as
+fast as ``w.sum()`` (0.90x the time of the compiled oneDNN linears over all shapes) and the whole compiled step took
+0.85-1.02x the time of the default one (four A/B runs, quartiles spanning 1.0: not confirmed), so it stays opt-in
+(``benchmarks/decode/results/compile.notes.md``, 2026-12-06, branch ``gemv``).
+
 What it takes (anything else is refused with a :class:`~longkit.errors.MethodError` saying why):
 
 - the model's attention implementation ``sdpa`` (or a KV method's ``longkit_kv_sdpa`` wrapper): an attention method
@@ -71,6 +80,8 @@ MASK_KWARG = "longkit_decode_mask"
 LIMIT_KWARG = "longkit_decode_limits"
 #: how a compiled step computes attention (the ``attention`` parameter)
 ATTENTIONS = ("auto", "native", "sdpa")
+#: how a compiled step computes the model's linear layers (the ``linear`` parameter)
+LINEARS = ("torch", "auto", "native")
 
 
 def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -140,6 +151,46 @@ def _register_op() -> None:
         return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
+_GEMV_REGISTERED = False
+
+
+def _register_gemv_op() -> None:
+    """``torch.ops.longkit.gemv``: :func:`longkit.runtime.gemv_native.gemv` as an operator the compiled graph calls
+    for the decode step's linear layers (opaque to inductor, which would otherwise prepack the weight for oneDNN)."""
+    global _GEMV_REGISTERED
+    if _GEMV_REGISTERED:
+        return
+    _GEMV_REGISTERED = True
+
+    @torch.library.custom_op("longkit::gemv", mutates_args=())
+    def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., d_in) of 1-4 rows, weight (d_out, d_in), bias (d_out,) or None -> (..., d_out)."""
+        from longkit.runtime import gemv_native
+
+        if gemv_native.available(x, weight) is True:
+            return gemv_native.gemv(x, weight, bias)
+        # the kernel is off or cannot build: torch's linear
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @gemv.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _gemv_forward(module: torch.nn.Linear, state: dict):
+    """The forward a decoder gives ``module`` for its lifetime: the native GEMV while a step runs (``state["on"]``)
+    for at most :data:`~longkit.runtime.gemv_native.MAX_ROWS` rows, the module's own linear otherwise (prefill, or
+    any forward outside the decoder's steps)."""
+    from longkit.runtime.gemv_native import MAX_ROWS
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if state["on"] and x.shape[-1] and x.numel() // x.shape[-1] <= MAX_ROWS:
+            return torch.ops.longkit.gemv(x, module.weight, module.bias)
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+
+    return forward
+
+
 def _dense_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
     """Per layer ``(keys, values, valid, seen)`` of a prefilled cache: keys/values (B, H_kv, S, D), validity
     (B, H_kv, S) bool or None when every slot holds a token; ``seen`` the tokens the layer has seen. Raises a
@@ -192,7 +243,8 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
-                 bucket: int = BUCKET, attention: str = "auto", options: dict[str, Any] | None = None):  # fmt: skip
+                 bucket: int = BUCKET, attention: str = "auto", options: dict[str, Any] | None = None,
+                 linear: str = "torch"):  # fmt: skip
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MethodError(f"compiled_decode: parameter 'max_new_tokens' must be an int >= 1 (got {max_new_tokens!r})")
         if not isinstance(bucket, int) or bucket < 1:
@@ -200,6 +252,10 @@ class CompiledDecoder:
         if attention not in ATTENTIONS:
             raise MethodError(
                 f"compiled_decode: parameter 'attention' must be one of {', '.join(ATTENTIONS)} (got {attention!r})"
+            )
+        if linear not in LINEARS:
+            raise MethodError(
+                f"compiled_decode: parameter 'linear' must be one of {', '.join(LINEARS)} (got {linear!r})"
             )
         if options is not None and not isinstance(options, dict):
             raise MethodError(f"compiled_decode: parameter 'options' must be a dict of inductor settings (got {options!r})")
@@ -252,6 +308,7 @@ class CompiledDecoder:
         self._layer_ids = torch.arange(len(layers), device=k0.device)
         self.cache = static
         self.attention = self._choose_attention(attention, model, static)
+        self.linear = self._choose_linear(linear, model)
         if self.attention == "native":
             # the filled slots of every layer after prefill (a step reads those and its own)
             slot_bytes = [2 * layer.keys[..., :1, :].numel() * layer.keys.element_size() for layer in static.layers]
@@ -268,6 +325,16 @@ class CompiledDecoder:
         self._previous_impl = impl
         _register_attention()
         model.set_attn_implementation(ATTENTION)
+        # the native GEMV: each nn.Linear's forward replaced for the decoder's lifetime (restored by close), switched
+        # on only inside step(), so that a prefill or an eager forward meanwhile keeps torch's linear
+        self._gemv_state = {"on": False}
+        self._patched: list[tuple[torch.nn.Module, Any]] = []
+        if self.linear == "native":
+            _register_gemv_op()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    self._patched.append((module, module.__dict__.get("forward")))
+                    module.forward = _gemv_forward(module, self._gemv_state)
         self._closed = False
         forward = model.forward
         if compile:
@@ -295,6 +362,22 @@ class CompiledDecoder:
             raise MethodError(f"compiled_decode: attention='native' is not available here: {ok}")
         return "sdpa"
 
+    @staticmethod
+    def _choose_linear(linear: str, model: Any) -> str:
+        """``native`` where the GEMV builds for the model's dtype (``auto`` falls back to ``torch`` otherwise;
+        ``native`` asked for and unavailable is refused with the reason)."""
+        if linear == "torch":
+            return "torch"
+        from longkit.runtime import gemv_native
+
+        w = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+        ok = "the model has no nn.Linear" if w is None else gemv_native.available(w[:1], w)
+        if ok is True:
+            return "native"
+        if linear == "native":
+            raise MethodError(f"compiled_decode: linear='native' is not available here: {ok}")
+        return "torch"
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (B, 1) ids, return the next-token logits (B, vocab) and advance by one token."""
@@ -321,21 +404,31 @@ class CompiledDecoder:
         from torch._inductor import config as inductor_config
 
         settings = {**({"freezing": True} if self.freezing else {}), **(self.options if self.compiled else {})}
-        with inductor_config.patch(**settings) if settings else contextlib.nullcontext():
-            out = self._forward(
-                input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
-                use_cache=True, **{MASK_KWARG: self.mask}, **extra,
-            )  # fmt: skip
+        self._gemv_state["on"] = True
+        try:
+            with inductor_config.patch(**settings) if settings else contextlib.nullcontext():
+                out = self._forward(
+                    input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
+                    use_cache=True, **{MASK_KWARG: self.mask}, **extra,
+                )  # fmt: skip
+        finally:
+            self._gemv_state["on"] = False
         if t0 is not None:
             self.compile_s = time.perf_counter() - t0
         self.steps += 1
         return out.logits[:, -1]
 
     def close(self) -> None:
-        """Restore the model's attention implementation (idempotent)."""
+        """Restore the model's attention implementation and its linear layers' forwards (idempotent)."""
         if not self._closed:
             self._closed = True
             self.model.set_attn_implementation(self._previous_impl)
+            for module, previous in self._patched:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+            self._patched = []
 
     def __enter__(self) -> CompiledDecoder:
         return self
@@ -346,7 +439,7 @@ class CompiledDecoder:
 
 def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
                     bucket: int = BUCKET, attention: str = "auto",
-                    options: dict[str, Any] | None = None) -> CompiledDecoder:  # fmt: skip
+                    options: dict[str, Any] | None = None, linear: str = "torch") -> CompiledDecoder:  # fmt: skip
     """A :class:`CompiledDecoder` for ``model`` continuing from the prefilled ``cache``.
 
     Parameters: ``max_new_tokens`` >= 1, the steps it may decode (the buffers' capacity is the stored tokens plus
@@ -356,8 +449,11 @@ def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: boo
     ``attention`` one of ``auto`` (default: ``native`` where its kernel builds, else ``sdpa``), ``native`` (the C
     kernel of :mod:`longkit.kvcache.decode_native` over the filled slots only, refused where it cannot build) or
     ``sdpa`` (torch's fused kernel over the whole buffer under the mask); ``options`` more inductor settings patched
-    while the step compiles (e.g. ``{"cpp_wrapper": True}``; none by default, see the module docstring).
-    The ``cache`` is read, not changed. See the module docstring for what is supported.
+    while the step compiles (e.g. ``{"cpp_wrapper": True}``; none by default, see the module docstring); ``linear``
+    one of ``torch`` (default: the model's nn.Linear layers as they are, prepacked for oneDNN by ``freezing``),
+    ``native`` (the C GEMV of :mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every
+    nn.Linear during the steps, for at most 4 rows; refused where it cannot build) or ``auto`` (``native`` where it
+    builds, else ``torch``). The ``cache`` is read, not changed. See the module docstring for what is supported.
     """
     return CompiledDecoder(model, cache, max_new_tokens, compile=compile, freezing=freezing, bucket=bucket,
-                           attention=attention, options=options)  # fmt: skip
+                           attention=attention, options=options, linear=linear)  # fmt: skip

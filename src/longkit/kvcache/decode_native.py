@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 
 import torch
 
@@ -62,52 +61,8 @@ SOURCE = r"""
 #define DOT_BF16 0
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-
-#if KV_KIND == 0
-typedef float kv_t;
-static inline vf load16(const kv_t *p) {
-    vf x;
-    memcpy(&x, p, sizeof(vf));
-    return x;
-}
-static inline kv_t float_kv(float x) { return x; }
-static inline float kv_float(kv_t x) { return x; }
-#elif KV_KIND == 1
-typedef uint16_t kv_t;
-/* bfloat16 is the top half of a float32 */
-static inline vf load16(const kv_t *p) {
-    vh x;
-    memcpy(&x, p, sizeof(vh));
-    return (vf)(__builtin_convertvector(x, vu) << 16);
-}
-static inline float kv_float(kv_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-/* round to nearest even, as torch's float -> bfloat16 (a NaN stays a NaN) */
-static inline kv_t float_kv(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (kv_t)((u >> 16) | 0x40);
-    return (kv_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-#else
-typedef _Float16 kv_t;
-typedef _Float16 vhf __attribute__((vector_size(32)));
-static inline vf load16(const kv_t *p) {
-    vhf x;
-    memcpy(&x, p, sizeof(vhf));
-    return __builtin_convertvector(x, vf);
-}
-static inline kv_t float_kv(float x) { return (kv_t)x; }
-static inline float kv_float(kv_t x) { return (float)x; }
-#endif
+/* kv_t, kv_float, float_kv, the 16-lane vectors vf, vi, vu, vh and load16: c_prelude(vec16=True), compiled
+   before this source */
 
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
@@ -339,16 +294,10 @@ def library(head_dim: int, gq: int, dtype: torch.dtype) -> ctypes.CDLL | str:
     """The compiled kernel for this shape and dtype, or a string saying why there is none (remembered)."""
     key = (head_dim, gq, dtype)
     if key not in _LIBS:
-        from longkit.kvcache.kivi_native import compile_library
+        from longkit.kvcache.kivi_native import load_kernel
 
-        try:
-            lib = compile_library(SOURCE, {"HD": head_dim, "GQ": gq, "KV_KIND": _KV_KINDS[dtype]}, "decode_attend")
-            lib.decode_attend.argtypes, lib.decode_attend.restype = _ARGS, None
-            _LIBS[key] = lib
-        except subprocess.CalledProcessError as e:
-            _LIBS[key] = f"the kernel did not compile: {(e.stderr or '').strip()[-400:]}"
-        except OSError as e:
-            _LIBS[key] = f"the kernel could not be built or loaded: {e}"
+        defines = {"HD": head_dim, "GQ": gq, "KV_KIND": _KV_KINDS[dtype]}
+        _LIBS[key] = load_kernel(SOURCE, defines, "decode_attend", {"decode_attend": (_ARGS, None)}, vec16=True)
     return _LIBS[key]
 
 

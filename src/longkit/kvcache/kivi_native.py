@@ -85,30 +85,7 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 
-#if KV_KIND == 0
-typedef float kv_t;
-static inline float kv_float(kv_t x) { return x; }
-static inline kv_t float_kv(float x) { return x; }
-#elif KV_KIND == 1
-typedef uint16_t kv_t;
-static inline float kv_float(kv_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-/* round to nearest even, as torch's float -> bfloat16 (NaN kept a NaN) */
-static inline kv_t float_kv(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (kv_t)((u >> 16) | 0x40);
-    return (kv_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-#else
-typedef _Float16 kv_t;
-static inline float kv_float(kv_t x) { return (float)x; }
-static inline kv_t float_kv(float x) { return (kv_t)x; }
-#endif
+/* kv_t, kv_float, float_kv: c_prelude(), compiled before this source */
 
 /* VL bytes -> VL int32 lanes; dword j of VL rows MB bytes apart; the sum of a vector's lanes (intrinsics where
    GCC's generic code for them is scalar) */
@@ -545,6 +522,78 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+_C_KV = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* kv_t: the element dtype of KV_KIND (0 float32, 1 bfloat16, 2 float16); kv_float / float_kv convert one element */
+#if KV_KIND == 0
+typedef float kv_t;
+static inline float kv_float(kv_t x) { return x; }
+static inline kv_t float_kv(float x) { return x; }
+#elif KV_KIND == 1
+/* bfloat16 is the top half of a float32 */
+typedef uint16_t kv_t;
+static inline float kv_float(kv_t x) {
+    const uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* round to nearest even, as torch's float -> bfloat16 (a NaN stays a NaN) */
+static inline kv_t float_kv(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (kv_t)((u >> 16) | 0x40);
+    return (kv_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+#else
+typedef _Float16 kv_t;
+static inline float kv_float(kv_t x) { return (float)x; }
+static inline kv_t float_kv(float x) { return (kv_t)x; }
+#endif
+"""
+
+_C_VEC16 = r"""
+/* 16-lane vectors (AVX-512 registers, two AVX2 ones, ...); load16: 16 elements from p widened to float32 lanes */
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+#if KV_KIND == 0
+static inline vf load16(const kv_t *p) {
+    vf x;
+    memcpy(&x, p, sizeof(vf));
+    return x;
+}
+#elif KV_KIND == 1
+static inline vf load16(const kv_t *p) {
+    vh x;
+    memcpy(&x, p, sizeof(vh));
+    return (vf)(__builtin_convertvector(x, vu) << 16);
+}
+#else
+typedef _Float16 vhf __attribute__((vector_size(32)));
+static inline vf load16(const kv_t *p) {
+    vhf x;
+    memcpy(&x, p, sizeof(vhf));
+    return __builtin_convertvector(x, vf);
+}
+#endif
+"""
+
+
+def c_prelude(vec16: bool = False) -> str:
+    """The C text the native kernels (this module's, :mod:`longkit.kvcache.decode_native`'s,
+    :mod:`longkit.runtime.gemv_native`'s) put before their own source, kept in one place: ``kv_t``, the element type
+    of the ``KV_KIND`` define (0 float32, 1 bfloat16, 2 float16), and ``kv_float`` / ``float_kv`` (float32 ->
+    bfloat16 rounds to nearest even as torch does, a NaN stays a NaN); with ``vec16``, the 16-lane GCC vector types
+    ``vf``/``vi``/``vu``/``vh`` and ``load16`` (16 elements widened to a ``vf``). Part of the source
+    :func:`compile_library` hashes, so a change to it rebuilds every kernel."""
+    return _C_KV + (_C_VEC16 if vec16 else "")
+
+
 def compile_library(source: str, defines: dict[str, str | int], stem: str) -> ctypes.CDLL:
     """Compile ``source`` with ``defines`` prepended (once per source, defines, compiler and CPU: the file name is
     their hash) with ``-O3 -march=native -fopenmp`` into the kernel cache, and load it. Raises OSError (no compiler,
@@ -568,11 +617,22 @@ def compile_library(source: str, defines: dict[str, str | int], stem: str) -> ct
     return ctypes.CDLL(str(path))
 
 
-def _build(defines: dict[str, str | int]) -> ctypes.CDLL:
-    """Compile (once per shape, compiler and CPU) and load the kernel; raises OSError/CalledProcessError on failure."""
-    lib = compile_library(SOURCE, defines, "kivi_read")
-    lib.kivi_attend.argtypes, lib.kivi_attend.restype = _ARGS, None
-    lib.kivi_attend_rows.argtypes, lib.kivi_attend_rows.restype = _ROW_ARGS, None
+def load_kernel(
+    source: str, defines: dict[str, str | int], stem: str, entries: dict[str, tuple[list, object]], vec16: bool = False
+) -> ctypes.CDLL | str:
+    """:func:`compile_library` of :func:`c_prelude` (``vec16``) followed by ``source``, with the ctypes signature of
+    each entry point set (``entries``: name -> (argtypes, restype)); or, if there is no compiler, the compile fails
+    or the library does not load, a string saying why (the callers keep their PyTorch path). Shared by the native
+    kernels of this room and :mod:`longkit.runtime.gemv_native`."""
+    try:
+        lib = compile_library(c_prelude(vec16) + source, defines, stem)
+    except subprocess.CalledProcessError as e:
+        return f"the kernel did not compile: {(e.stderr or '').strip()[-400:]}"
+    except OSError as e:
+        return f"the kernel could not be built or loaded: {e}"
+    for name, (argtypes, restype) in entries.items():
+        entry = getattr(lib, name)
+        entry.argtypes, entry.restype = argtypes, restype
     return lib
 
 
@@ -594,12 +654,8 @@ def library(
     if key not in _LIBS:
         defines = dict(HD=head_dim, BITS=bits, GS=group_size, GQ=gq, SCALE_T=_SCALE_TYPES[scale_dtype],
                        SCALE_IS_HALF=int(scale_dtype == torch.float16), KV_KIND=_KV_KINDS[kv_dtype])  # fmt: skip
-        try:
-            _LIBS[key] = _build(defines)
-        except subprocess.CalledProcessError as e:
-            _LIBS[key] = f"the kernel did not compile: {(e.stderr or '').strip()[-400:]}"
-        except OSError as e:
-            _LIBS[key] = f"the kernel could not be built or loaded: {e}"
+        entries = {"kivi_attend": (_ARGS, None), "kivi_attend_rows": (_ROW_ARGS, None)}
+        _LIBS[key] = load_kernel(SOURCE, defines, "kivi_read", entries)
     return _LIBS[key]
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 
 import torch
 
@@ -55,9 +54,9 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
-/* compiled per dtype: KIND 0 float32, 1 bfloat16 (x, w, bias and y all of it); PORTABLE 1: the vector-extension
+/* compiled per dtype: KV_KIND 0 float32, 1 bfloat16 (x, w, bias and y all of it); PORTABLE 1: the vector-extension
    path even where the CPU has the bf16 dot instruction (tests) */
-#if KIND == 1 && defined(__AVX512BF16__) && !PORTABLE
+#if KV_KIND == 1 && defined(__AVX512BF16__) && !PORTABLE
 #define DOT_BF16 1
 #else
 #define DOT_BF16 0
@@ -65,41 +64,8 @@ SOURCE = r"""
 /* weight rows per block: 4 x M accumulators stay in registers */
 #define RB 4
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-
-#if KIND == 0
-typedef float el_t;
-static inline vf load16(const el_t *p) {
-    vf x;
-    memcpy(&x, p, sizeof(vf));
-    return x;
-}
-static inline float el_float(el_t x) { return x; }
-static inline el_t float_el(float x) { return x; }
-#else
-typedef uint16_t el_t;
-/* bfloat16 is the top half of a float32 */
-static inline vf load16(const el_t *p) {
-    vh x;
-    memcpy(&x, p, sizeof(vh));
-    return (vf)(__builtin_convertvector(x, vu) << 16);
-}
-static inline float el_float(el_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-/* round to nearest even, as torch's float -> bfloat16 (a NaN stays a NaN) */
-static inline el_t float_el(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (el_t)((u >> 16) | 0x40);
-    return (el_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-#endif
+/* kv_t (the element type of x, w, bias and y), kv_float, float_kv, the 16-lane vectors vf, vu, vh and load16:
+   c_prelude(vec16=True), compiled before this source */
 
 static inline float hsum(vf v) {
 #if defined(__AVX512F__)
@@ -114,7 +80,7 @@ static inline float hsum(vf v) {
 #if DOT_BF16
 /* NR weight rows from w (row stride K) times the M activation rows xs (bf16, K padded with zeros to KP, a multiple
    of 32): out[m][r] = sum_k x[m][k] w[r][k]. The weights' last partial 32 are loaded masked (zeros past K). */
-static inline void block(const int M, const int NR, const el_t *w, int64_t K, const el_t *xs, int64_t KP,
+static inline void block(const int M, const int NR, const kv_t *w, int64_t K, const kv_t *xs, int64_t KP,
                          float out[4][RB]) {
     __m512 acc[4][RB];
     for (int m = 0; m < M; m++)
@@ -143,7 +109,7 @@ static inline void block(const int M, const int NR, const el_t *w, int64_t K, co
 #else
 /* the same with the activations as float32 (xs, K padded with zeros to KP, a multiple of 16), the weights widened in
    registers; the last partial 16 of each weight row summed one by one */
-static inline void block(const int M, const int NR, const el_t *w, int64_t K, const float *xs, int64_t KP,
+static inline void block(const int M, const int NR, const kv_t *w, int64_t K, const float *xs, int64_t KP,
                          float out[4][RB]) {
     vf acc[4][RB];
     for (int m = 0; m < M; m++)
@@ -160,14 +126,14 @@ static inline void block(const int M, const int NR, const el_t *w, int64_t K, co
     for (int m = 0; m < M; m++)
         for (int r = 0; r < NR; r++) {
             float s = hsum(acc[m][r]);
-            for (int64_t k = KF; k < K; k++) s += xs[m * KP + k] * el_float(w[r * K + k]);
+            for (int64_t k = KF; k < K; k++) s += xs[m * KP + k] * kv_float(w[r * K + k]);
             out[m][r] = s;
         }
 }
 #endif
 
 #if DOT_BF16
-typedef el_t xs_t;
+typedef kv_t xs_t;
 #define XPAD 32
 #else
 typedef float xs_t;
@@ -175,8 +141,8 @@ typedef float xs_t;
 #endif
 
 /* rows [b0, b1) of blocks of RB output rows (the last block of N % RB rows one row at a time) */
-static inline void rows(const int M, const el_t *w, const el_t *bias, int64_t N, int64_t K, const xs_t *xs,
-                        int64_t KP, el_t *y, int64_t b0, int64_t b1) {
+static inline void rows(const int M, const kv_t *w, const kv_t *bias, int64_t N, int64_t K, const xs_t *xs,
+                        int64_t KP, kv_t *y, int64_t b0, int64_t b1) {
     float out[4][RB];
     for (int64_t b = b0; b < b1; b++) {
         const int64_t n0 = b * RB;
@@ -184,11 +150,11 @@ static inline void rows(const int M, const el_t *w, const el_t *bias, int64_t N,
             block(M, RB, w + n0 * K, K, xs, KP, out);
             for (int m = 0; m < M; m++)
                 for (int r = 0; r < RB; r++)
-                    y[m * N + n0 + r] = float_el(out[m][r] + (bias ? el_float(bias[n0 + r]) : 0.f));
+                    y[m * N + n0 + r] = float_kv(out[m][r] + (bias ? kv_float(bias[n0 + r]) : 0.f));
         } else {
             for (int64_t n = n0; n < N; n++) {
                 block(M, 1, w + n * K, K, xs, KP, out);
-                for (int m = 0; m < M; m++) y[m * N + n] = float_el(out[m][0] + (bias ? el_float(bias[n]) : 0.f));
+                for (int m = 0; m < M; m++) y[m * N + n] = float_kv(out[m][0] + (bias ? kv_float(bias[n]) : 0.f));
             }
         }
     }
@@ -196,7 +162,7 @@ static inline void rows(const int M, const el_t *w, const el_t *bias, int64_t N,
 
 /* y (M, N) = x (M, K) w (N, K)^T + bias (N) or no bias (NULL); x rows at + m * x_m, w and y contiguous;
    1 <= M <= 4. Returns 0, or 1 when the scratch could not be allocated. */
-int gemv(int64_t M, int64_t N, int64_t K, const el_t *x, int64_t x_m, const el_t *w, const el_t *bias, el_t *y,
+int gemv(int64_t M, int64_t N, int64_t K, const kv_t *x, int64_t x_m, const kv_t *w, const kv_t *bias, kv_t *y,
          int nthreads) {
     /* the activation rows converted once, padded with zeros to KP (whole vectors) */
     const int64_t KP = (K + XPAD - 1) / XPAD * XPAD;
@@ -207,7 +173,7 @@ int gemv(int64_t M, int64_t N, int64_t K, const el_t *x, int64_t x_m, const el_t
 #if DOT_BF16
             xs[m * KP + k] = x[m * x_m + k];
 #else
-            xs[m * KP + k] = el_float(x[m * x_m + k]);
+            xs[m * KP + k] = kv_float(x[m * x_m + k]);
 #endif
         }
         for (int64_t k = K; k < KP; k++) xs[m * KP + k] = 0;
@@ -251,16 +217,10 @@ def library(dtype: torch.dtype, portable: bool = False) -> ctypes.CDLL | str:
     there is none (remembered)."""
     key = (dtype, bool(portable))
     if key not in _LIBS:
-        from longkit.kvcache.kivi_native import compile_library
+        from longkit.kvcache.kivi_native import load_kernel
 
-        try:
-            lib = compile_library(SOURCE, {"KIND": _KINDS[dtype], "PORTABLE": int(portable)}, "gemv")
-            lib.gemv.argtypes, lib.gemv.restype = _ARGS, ctypes.c_int
-            _LIBS[key] = lib
-        except subprocess.CalledProcessError as e:
-            _LIBS[key] = f"the kernel did not compile: {(e.stderr or '').strip()[-400:]}"
-        except OSError as e:
-            _LIBS[key] = f"the kernel could not be built or loaded: {e}"
+        defines = {"KV_KIND": _KINDS[dtype], "PORTABLE": int(portable)}
+        _LIBS[key] = load_kernel(SOURCE, defines, "gemv", {"gemv": (_ARGS, ctypes.c_int)}, vec16=True)
     return _LIBS[key]
 
 

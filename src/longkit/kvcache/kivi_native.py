@@ -700,6 +700,24 @@ def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
+def _prepare(
+    layer: KIVILayer, q: torch.Tensor, scale: float | None
+) -> tuple[ctypes.CDLL, torch.Tensor, int, int, float, int]:
+    """What both entries start with: the kernel for the layer's shape (RuntimeError saying why if there is none), q
+    (B, H, 1, D) in the residual's dtype with unit stride, the kv heads, query heads per kv head, the scale
+    (``D ** -0.5`` if None) and torch's thread count."""
+    D = q.shape[-1]
+    h_kv = kv_heads(layer)
+    gq = q.shape[1] // h_kv
+    pack_query(q, h_kv)  # checks the shape
+    lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
+    if not isinstance(lib, ctypes.CDLL):
+        raise RuntimeError(lib)
+    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
+        q = q.to(layer.keys.dtype).contiguous()
+    return lib, q, h_kv, gq, D**-0.5 if scale is None else scale, torch.get_num_threads()
+
+
 def kivi_decode_native(
     layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
@@ -714,16 +732,7 @@ def kivi_decode_native(
         return _decode_rows(layer, q, mask, scale)
     B, H, _, D = q.shape
     dtype = q.dtype
-    h_kv = layer.keys.shape[1]
-    gq = H // h_kv
-    pack_query(q, h_kv)  # checks the shape
-    lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
-    if not isinstance(lib, ctypes.CDLL):
-        raise RuntimeError(lib)
-    threads = torch.get_num_threads()
-    scale = D**-0.5 if scale is None else scale
-    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
-        q = q.to(layer.keys.dtype).contiguous()
+    lib, q, h_kv, gq, scale, threads = _prepare(layer, q, scale)
     qkeys, qvals = _alike(layer.qkeys, layer.qvalues)
     ks, kz = _alike(layer.k_scale, layer.k_zero)
     vs, vz = _alike(layer.v_scale, layer.v_zero)
@@ -754,16 +763,7 @@ def _decode_rows(layer: KIVILayer, q: torch.Tensor, mask: torch.Tensor | None, s
     kernel reads each head's rows where they are stored, from per-head offsets; nothing is gathered or padded."""
     B, H, _, D = q.shape
     dtype = q.dtype
-    h_kv = layer.q_lengths.shape[1]
-    gq = H // h_kv
-    pack_query(q, h_kv)  # checks the shape
-    lib = library(D, layer.bits, layer.group_size, gq, layer.scale_dtype, layer.keys.dtype)
-    if not isinstance(lib, ctypes.CDLL):
-        raise RuntimeError(lib)
-    threads = torch.get_num_threads()
-    scale = D**-0.5 if scale is None else scale
-    if q.dtype != layer.keys.dtype or q.stride(-1) != 1:
-        q = q.to(layer.keys.dtype).contiguous()
+    lib, q, h_kv, gq, scale, threads = _prepare(layer, q, scale)
     # (N, ...) rows, each contiguous: what the kernel indexes from the offsets (already so, as stored)
     stored = [t.contiguous() for t in (layer.qkeys, layer.k_scale, layer.k_zero, layer.qvalues, layer.v_scale,
                                        layer.v_zero, layer.keys, layer.values)]  # fmt: skip

@@ -127,6 +127,10 @@ TABLES = {
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),
+    "models/results/gemma3-270m/table.md": lambda: _script("models/gemma3_grid.py").table()[0],
+    "models/results/gemma3-270m/prefill/table.md": lambda: _script("models/gemma3_grid.py").prefill_table(
+        BENCH / "models/results/gemma3-270m/prefill"
+    )[0],
     "models/results/gemma3_kv_prefill_check.md": lambda: _script("models/gemma3_kv_prefill_check.py").markdown(
         _json("models/results/gemma3_kv_prefill_check.json")
     ),

@@ -232,10 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = args.out or RESULTS
     if args.render:
-        src = out / f"{args.name}.json"
-        if not src.is_file():
-            sys.exit(f"error: no results to render: {src} does not exist")
-        (out / f"{args.name}.md").write_text(markdown(json.loads(src.read_text())))
+        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:

@@ -435,6 +435,15 @@ def write(data: dict, out: Path, name: str) -> None:
     plot(data, out / f"{name}.png")
 
 
+def recorded(out: Path, name: str) -> dict:
+    """The committed results ``out/<name>.json`` that ``--render`` redraws (this script's and its siblings'); exits
+    with a clear error when there are none."""
+    src = out / f"{name}.json"
+    if not src.is_file():
+        sys.exit(f"error: no results to render: {src} does not exist")
+    return json.loads(src.read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -467,10 +476,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.out or RESULTS
     if args.render:
-        src = out / f"{args.name}.json"
-        if not src.is_file():
-            sys.exit(f"error: no results to render: {src} does not exist")
-        write(json.loads(src.read_text()), out, args.name)
+        write(recorded(out, args.name), out, args.name)
         return
     if args.steps < 1 or args.repeats < 1:
         sys.exit("error: --steps and --repeats must be >= 1")

@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = args.out or RESULTS
     if args.render:
-        src = out / f"{args.name}.json"
-        if not src.is_file():
-            sys.exit(f"error: no results to render: {src} does not exist")
-        (out / f"{args.name}.md").write_text(markdown(json.loads(src.read_text())))
+        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
         return
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if BASE not in configs or args.rounds < 2:

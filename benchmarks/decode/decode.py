@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-kernel", default=None, help="longkit decode attention: sdpa, packed, matmul or auto")
     ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
     ap.add_argument("--compile", action="store_true",
-                    help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs")  # fmt: skip
+                    help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs".replace("%", "%%"))  # fmt: skip
     ap.add_argument("--compile-attention", choices=("auto", "native", "sdpa"), default="auto",
                     help="the compiled rows' attention (compiled_decode's 'attention'; auto: native where it builds)")
     ap.add_argument("--compile-option", action="append", default=[], metavar="NAME",

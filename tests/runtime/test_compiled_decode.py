@@ -6,13 +6,16 @@ fixed-capacity steps eagerly (``compile=False``), which is what the compiled gra
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 
 import longkit
 from conftest import sample_ids
 from longkit.errors import MethodError
-from longkit.kvcache import kivi_native
+from longkit.kvcache import cache_nbytes, kivi_native
 from longkit.runtime.compiled_decode import ATTENTION, compiled_decode
 
 STEPS = 32
@@ -108,9 +111,9 @@ def test_the_mask_hides_the_spare_slots(tiny_llama, attention):
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [({"kv": "h2o:ratio=0.5"}, "compresses during decoding"),
-     ({"kv": "kivi:bits=2,group_size=16"}, "cache layer 0 is a"),
+     ({"kv": "kivi:bits=2,group_size=16,evict=h2o,ratio=0.5"}, "scores every decoding step"),
      ({"attention": "quest:page_size=8,top_k=2,skip_layers=0"}, "attention implementation")],
-    ids=["h2o-per-step", "kivi", "quest"],
+    ids=["h2o-per-step", "kivi-h2o", "quest"],
 )  # fmt: skip
 def test_caches_and_attention_it_cannot_compile_are_refused(tiny_llama, spec, needle):
     model, ids = tiny_llama.model, sample_ids(tiny_llama, 40)
@@ -120,6 +123,106 @@ def test_caches_and_attention_it_cannot_compile_are_refused(tiny_llama, spec, ne
         impl = model.config._attn_implementation
         with pytest.raises(MethodError, match=needle):
             compiled_decode(model, cache, 4)
+        assert model.config._attn_implementation == impl
+
+
+#: KIVI at small settings: a flush of 8 tokens every 8 steps beyond a residual of 16
+KIVI = "group_size=8,residual=16"
+
+
+def _kivi_quantised(model, ids, steps, compiled, spec):
+    """Greedy tokens, (steps, vocab) logits, the cache's exact bytes and each layer's quantised tokens after
+    ``steps`` steps of KIVI decoding: eagerly (``compiled`` None) or through a decoder (compiled or not)."""
+    with longkit.apply(model, kv=spec) as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        out = model(ids, cache=cache, use_cache=True)
+        token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
+        with contextlib.ExitStack() as stack:
+            dec = None
+            if compiled is not None:
+                dec = stack.enter_context(compiled_decode(model, cache, steps, compile=compiled))
+            for _ in range(steps):
+                tokens.append(int(token))
+                if dec is None:
+                    logits.append(model(token, cache=cache, use_cache=True).logits[:, -1])
+                else:
+                    logits.append(dec.step(token))
+                token = logits[-1].argmax(-1, keepdim=True)
+        # a decoder decodes the KIVI cache itself (no copy): the eager steps' storage, byte for byte
+        quantised = [layer.n_quantized for layer in cache.layers]
+        return tokens, torch.cat(logits), cache_nbytes(cache), quantised, dec
+
+
+def test_compiled_kivi_steps_decode_the_eager_tokens_logits_and_cache(tiny_llama):
+    # tiny-llama is GQA (4 query heads on 2 kv heads). 37 prompt tokens + 32 steps: the prefill quantises 16 tokens,
+    # then every 8th step flushes 8 more (4 flushes), 48 quantised in the end; a step that skipped finish_step
+    # would leave 16. 2-bit, 4-bit and 2-bit after SnapKV (ragged per-head rows) share one compiled graph (the
+    # operator is opaque, the decoder's handle a graph input)
+    # the module (longkit.runtime re-exports the function under its name)
+    module = importlib.import_module("longkit.runtime.compiled_decode")
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 37)
+    for spec, quantised in ((f"kivi:bits=2,{KIVI}", 48), (f"kivi:bits=4,{KIVI}", 48),
+                            (f"kivi:bits=2,{KIVI},evict=snapkv,ratio=0.5", None)):  # fmt: skip
+        tokens, logits, nbytes, counts, _ = _kivi_quantised(model, ids, STEPS, None, spec)
+        got, got_logits, got_nbytes, got_counts, dec = _kivi_quantised(model, ids, STEPS, True, spec)
+        assert got == tokens, spec
+        torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+        assert got_nbytes == nbytes and got_counts == counts, spec
+        if quantised is not None:
+            assert counts == [quantised] * len(counts)
+        assert dec.attention == "kivi" and dec.capacity is None and dec.steps == STEPS and dec.compile_s is not None
+        # the decoder released its cache and gave the model KIVI's attention back
+        assert dec._handle_id not in module._KIVI
+        assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("n", [10, 45])
+def test_kivi_steps_through_the_decoder_equal_the_eager_steps(tiny_llama, n):
+    # eagerly through the same operator: from a prompt too short to quantise anything (the first steps attend over
+    # the exact residual, then its first group is quantised) and a longer one, 2-bit and 4-bit, plain and after
+    # SnapKV: bit for bit the eager path (the operator runs its code)
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, n, seed=7)
+    for spec in (f"kivi:bits=2,{KIVI}", f"kivi:bits=4,{KIVI}", f"kivi:bits=4,{KIVI},evict=snapkv,ratio=0.5"):
+        want = _kivi_quantised(model, ids, 24, None, spec)
+        got = _kivi_quantised(model, ids, 24, False, spec)
+        assert got[0] == want[0] and got[2:4] == want[2:4], spec
+        torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    assert want[3][0] > 0
+
+
+def test_compiled_kivi_steps_in_bfloat16():
+    # bf16: inductor fuses the norms and element-wise operations and rounds at other points than eager, so logits
+    # agree at bf16 resolution (about 3 significant digits; the same tolerance as the bf16 GEMV test); the greedy
+    # tokens are the same here, and the cache (filled by the same KIVI code) to the byte
+    lm = longkit.load_model("tiny-llama", dtype="bfloat16")
+    model, ids = lm.model, sample_ids(lm, 37, seed=2)
+    spec = f"kivi:bits=2,{KIVI}"
+    tokens, logits, nbytes, counts, _ = _kivi_quantised(model, ids, STEPS, None, spec)
+    got, got_logits, got_nbytes, got_counts, _ = _kivi_quantised(model, ids, STEPS, True, spec)
+    assert got == tokens
+    torch.testing.assert_close(got_logits.float(), logits.float(), atol=0.05, rtol=0.02)
+    assert got_nbytes == nbytes and got_counts == counts == [48, 48]
+
+
+def test_kivi_decoder_refusals(tiny_llama):
+    model, ids = tiny_llama.model, sample_ids(tiny_llama, 30)
+    with longkit.apply(model, kv=f"kivi:bits=2,{KIVI}") as applied, torch.inference_mode():
+        cache = applied.new_cache()
+        model(ids, cache=cache, use_cache=True)
+        with pytest.raises(MethodError, match="parameter 'attention' must be 'auto' for it"):
+            compiled_decode(model, cache, 4, attention="native")
+        impl = model.config._attn_implementation
+        # without KIVI's hook the cache would return the dequantised cache at every step
+        model.set_attn_implementation("sdpa")
+        try:
+            with pytest.raises(MethodError, match="under KIVI's own attention hook"):
+                compiled_decode(model, cache, 4)
+        finally:
+            model.set_attn_implementation(impl)
+        with compiled_decode(model, cache, 1, compile=False) as dec:
+            dec.step(ids[:, :1])
+            with pytest.raises(MethodError, match="max_new_tokens=1"):
+                dec.step(ids[:, :1])
         assert model.config._attn_implementation == impl
 
 

@@ -38,9 +38,23 @@ What it takes (anything else is refused with a :class:`~longkit.errors.MethodErr
   (Quest, MInference...) computes attention its own way, which the decoder would replace;
 - a cache after prefill whose layers are all full-attention layers holding plain keys and values: the seam's default
   cache, transformers' ``DynamicCache``, or a compressing cache (:class:`~longkit.kvcache.cache.CompressedCache`)
-  whose method compresses only after prefill (``decode_every=0``: SnapKV, PyramidKV, AdaKV...). Methods that act on
-  every decoding step (H2O, TOVA, quantising caches such as KIVI, DuoAttention's streaming heads) keep their eager
-  path.
+  whose method compresses only after prefill (``decode_every=0``: SnapKV, PyramidKV, AdaKV...); or a KIVI cache
+  (below). Methods that act on every decoding step (H2O, TOVA, DuoAttention's streaming heads, KIVI after H2O or
+  Scissorhands) keep their eager path.
+
+KIVI caches (``kv=kivi:...``: :class:`~longkit.kvcache.kivi.KIVICache`, and KIVI after a one-shot eviction such as
+SnapKV, :class:`~longkit.kvcache.kivi.KIVICompressedCache`) are not copied: the packed codes are what a step should
+read, and they grow and flush as eagerly. The compiled graph (linear layers, norms, RoPE...) sees a pass-through
+cache whose ``update`` returns the step's own key and value, and the attention calls the operator
+``longkit::kivi_decode_step`` with them and the query: it runs the layer's eager step on the real cache (``update``
+appends the token to the exact residual, KIVI's attention hook reads the packed codes with
+:func:`~longkit.kvcache.kivi_attention.kivi_decode`, the native kernel where it builds, then ``finish_step`` quantises
+the due groups) and returns the attention output. The operator finds the cache through a handle the decoder owns
+(a tensor input of the graph, so every KIVI decoder of a model runs one compiled graph) and releases on close. Its
+side effects on the cache are declared as none; that is safe because the graph calls it once per layer per step and
+consumes its output. The model must run KIVI's attention hook (``longkit.apply(model, kv="kivi...")`` on sdpa or
+eager), ``attention`` stays ``auto`` (``dec.attention == "kivi"``), and there is no capacity (``dec.capacity`` None).
+The steps, the cache's bytes and its quantised tokens equal the eager steps' (fp32 logits within 1e-5).
 
 Costs: the first step compiles (tens of seconds to minutes per capacity bucket; ``compile_s``), each new bucket
 compiles again (after torch's ``cache_size_limit`` recompiles dynamo runs the forward eagerly), and with ``freezing``
@@ -60,6 +74,7 @@ element-wise operations): greedy tokens identical and fp32 logits within 1e-5 on
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from typing import Any
 
@@ -78,6 +93,8 @@ REPLACEABLE = ("sdpa", "longkit_kv_sdpa")
 MASK_KWARG = "longkit_decode_mask"
 #: the keyword argument that hands the attention calls every layer's filled slots (layers,) int64 (native attention)
 LIMIT_KWARG = "longkit_decode_limits"
+#: the keyword argument that hands the attention calls the decoder's handle (1,) int64 in :data:`_KIVI` (KIVI caches)
+KIVI_KWARG = "longkit_decode_kivi"
 #: how a compiled step computes attention (the ``attention`` parameter)
 ATTENTIONS = ("auto", "native", "sdpa")
 #: how a compiled step computes the model's linear layers (the ``linear`` parameter)
@@ -92,6 +109,10 @@ def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None
 
     if query.shape[2] != 1:
         raise MethodError(f"compiled decode: attention takes one query token per step (got {query.shape[2]})")
+    handle = kwargs.get(KIVI_KWARG)
+    if handle is not None:
+        # KIVI: the layer's append, its quantised read and its flush in one opaque operator; (B, 1, H, D)
+        return torch.ops.longkit.kivi_decode_step(query, key, value, handle, module.layer_idx, float(scaling)), None
     B, H, _, D = query.shape
     masks = kwargs.get(MASK_KWARG)
     limits = kwargs.get(LIMIT_KWARG)
@@ -149,6 +170,124 @@ def _register_op() -> None:
     @decode_attend.register_fake
     def _(query, key, value, masks, limits, layer, scale):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+    _register_kivi_op()
+
+
+class _KIVIStep:
+    """What a KIVI decoder's operator needs at a step: the cache, the model's own (hooked) attention function and
+    its attention modules by layer index."""
+
+    def __init__(self, cache: Any, attend: Any, modules: dict[int, Any]):
+        self.cache, self.attend, self.modules = cache, attend, modules
+
+
+#: the KIVI caches of live decoders by handle. An operator takes tensors and numbers, not a Python object, so the
+#: compiled graph carries the decoder's handle (a tensor input: a new decoder reuses the graph) and the operator
+#: looks the cache up here; the decoder removes its entry when it closes
+_KIVI: dict[int, _KIVIStep] = {}
+_KIVI_HANDLES = itertools.count(1)
+
+
+def _register_kivi_op() -> None:
+    """``torch.ops.longkit.kivi_decode_step``: one layer's decode step on a KIVI cache, eagerly, as an operator the
+    compiled graph calls (opaque to dynamo and inductor: no graph break, its shape declared by the fake
+    implementation)."""
+
+    @torch.library.custom_op("longkit::kivi_decode_step", mutates_args=())
+    def kivi_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor,
+                         layer: int, scale: float) -> torch.Tensor:  # fmt: skip
+        """q (B, H, 1, D) and the step's own key and value (B, H_kv, 1, D) of layer ``layer`` of the cache of
+        decoder ``handle``: the layer's ``update`` (the token joins the exact residual), the model's KIVI attention
+        (the packed codes read by :func:`longkit.kvcache.kivi_attention.kivi_decode`) and the flush of due groups
+        (``finish_step``), exactly as an eager step. Returns (B, 1, H, D) contiguous.
+
+        Side effects on the cache, declared as none (``mutates_args=()``: the cache is no tensor argument): safe
+        because the graph calls the operator once per layer per step and consumes its output (the layer's
+        ``o_proj`` reads it), so inductor neither drops, repeats nor merges a call, and each call only touches its
+        own layer, so the order between layers, which data dependencies fix anyway, does not matter. The key and
+        value are copied into the cache's buffers (never kept), so inductor may reuse their memory afterwards."""
+        from longkit.kvcache.hook import CACHE_KWARG
+
+        step = _KIVI.get(int(handle))
+        if step is None:
+            raise MethodError(f"compiled_decode: KIVI decoder {int(handle)} was closed")
+        cache = step.cache
+        # the attention pre-hook's flag: a compressed cache whose heads differ needs its method's mask
+        cache.hooked = True
+        keys, values = cache.update(key, value, layer, kwargs={CACHE_KWARG: cache})
+        # (B, 1, H, D); one query token without padding: transformers' mask of an eager step is None too
+        out, _ = step.attend(step.modules[layer], query, keys, values, None, scaling=scale, **{CACHE_KWARG: cache})
+        return out.contiguous()
+
+    @kivi_decode_step.register_fake
+    def _(query, key, value, handle, layer, scale):
+        B, H, T, _ = query.shape
+        return query.new_empty(B, T, H, value.shape[-1])
+
+
+class _Passthrough:
+    """The cache the compiled graph sees in a KIVI decoder: ``update`` returns the step's own key and value, which
+    the attention function hands to the operator with the query (the KIVI cache is updated there, outside the
+    graph)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        return key_states, value_states
+
+
+def _kivi_step(model: Any, cache: Any) -> _KIVIStep | None:
+    """The operator's state for a KIVI ``cache`` (None for any other cache). Raises a MethodError for a KIVI cache
+    whose decode steps do more than append, read and flush (an eviction method scoring every step, sliding-window
+    layers) or a model whose attention is not KIVI's hook."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longkit.kvcache.hook import WRAPPABLE, KVAttention
+    from longkit.kvcache.kivi import KIVICache, KIVICompressedCache, KIVILayer, KIVIRaggedLayer
+    from longkit.kvcache.kivi_attention import KIVIAttention
+
+    if isinstance(cache, KIVICache):
+        layer_type, hook = KIVILayer, KIVIAttention
+    elif isinstance(cache, KIVICompressedCache):
+        layer_type, hook = KIVIRaggedLayer, KVAttention
+        method = cache.method
+        if (
+            cache.compressing
+            and method is not None
+            and (getattr(method, "decode_every", 0) or method.wants_compression(cache, 1))
+        ):
+            raise MethodError(
+                f"compiled_decode: kv method 'kivi' with evict='{method.name}': the eviction method scores every "
+                "decoding step (it reads the dequantised cache then); it decodes eagerly (only one-shot eviction "
+                "such as snapkv compiles)"
+            )
+    else:
+        return None
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not layer_type:
+            raise MethodError(
+                f"compiled_decode: cache layer {i} is a {type(layer).__name__}; a KIVI cache compiles with "
+                f"{layer_type.__name__} layers only (full-attention models)"
+            )
+        if not layer.is_initialized:
+            raise MethodError(f"compiled_decode: layer {i} of the cache is empty; prefill the cache first")
+    if len({int(layer.seen) for layer in cache.layers}) != 1:
+        raise MethodError("compiled_decode: the cache's layers have seen different numbers of tokens")
+    impl = model.config._attn_implementation
+    attend = ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else None
+    if not (type(attend) is hook and attend.inner in WRAPPABLE):
+        raise MethodError(
+            f"compiled_decode: the model's attention implementation is {impl!r}; a KIVI cache compiles under KIVI's "
+            "own attention hook on sdpa or eager (longkit.apply(model, kv='kivi...') on such a model), which reads "
+            "the packed codes"
+        )
+    modules = {
+        m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
+    }
+    if set(modules) != set(range(len(cache.layers))):
+        raise MethodError(
+            f"compiled_decode: the cache has {len(cache.layers)} layers, the model's attention modules {len(modules)}"
+        )
+    return _KIVIStep(cache, attend, modules)
 
 
 _GEMV_REGISTERED = False
@@ -239,7 +378,9 @@ class CompiledDecoder:
 
     Built by :func:`compiled_decode`; use as a context manager (or call :meth:`close`), which restores the model's
     attention implementation. ``compile_s`` is the time of the first step (compilation included), ``steps`` the
-    steps run; ``capacity`` the buffer's slots and ``kv_read_bytes`` the KV bytes a step reads (the whole buffer).
+    steps run; ``capacity`` the buffer's slots (None for a KIVI cache, decoded in place) and ``kv_read_bytes`` the KV
+    bytes a step reads (the filled slots with native attention, the whole buffer with sdpa; KIVI: the cache's
+    bytes after prefill).
     """
 
     def __init__(self, model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
@@ -259,22 +400,72 @@ class CompiledDecoder:
             )
         if options is not None and not isinstance(options, dict):
             raise MethodError(f"compiled_decode: parameter 'options' must be a dict of inductor settings (got {options!r})")
+        impl = model.config._attn_implementation
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        # KIVI: the cache stays KIVI's (its packed storage is what a step reads); each layer's append, quantised read
+        # and flush run eagerly in an operator the compiled graph calls (_register_kivi_op)
+        self._kivi = _kivi_step(model, cache)
+        if self._kivi is not None:
+            if attention != "auto":
+                raise MethodError(
+                    f"compiled_decode: a KIVI cache attends with KIVI's own quantised read; parameter 'attention' "
+                    f"must be 'auto' for it (got {attention!r})"
+                )
+            self._init_kivi(cache)
+        else:
+            self._init_static(model, cache, max_new_tokens, bucket, impl)
+            self.attention = self._choose_attention(attention, model, self.cache)
+            self.kv_read_bytes = self._kv_read_bytes()
+        self.linear = self._choose_linear(linear, model)
+        self.options = dict(options or {})
+        self.steps = 0
+        self.compile_s: float | None = None
+        self.compiled = compile
+        self._previous_impl = impl
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
+        # the native GEMV: each nn.Linear's forward replaced for the decoder's lifetime (restored by close), switched
+        # on only inside step(), so that a prefill or an eager forward meanwhile keeps torch's linear
+        self._gemv_state = {"on": False}
+        self._patched: list[tuple[torch.nn.Module, Any]] = []
+        if self.linear == "native":
+            _register_gemv_op()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    self._patched.append((module, module.__dict__.get("forward")))
+                    module.forward = _gemv_forward(module, self._gemv_state)
+        if self._kivi is not None:
+            # registered last: close() releases it, and nothing above may fail after it
+            self._handle_id = next(_KIVI_HANDLES)
+            _KIVI[self._handle_id] = self._kivi
+            # (1,) int64 on the CPU: a graph input (not a constant), so every decoder runs the same compiled graph
+            self._handle = torch.tensor([self._handle_id])
+        self._closed = False
+        forward = model.forward
+        if compile:
+            # the options also go to torch.compile itself: dynamo reuses a compiled graph for an equal compile call
+            # (equal when their options are), so without them a decoder with other settings would run the graph an
+            # earlier decoder compiled (they are patched in again where inductor reads them, see step())
+            forward = torch.compile(model.forward, dynamic=False, options=self.options or None)
+        self._forward = forward
+        self.freezing = bool(compile and freezing)
+
+    def _init_static(self, model: Any, cache: Any, max_new_tokens: int, bucket: int, impl: str) -> None:
+        """The fixed-capacity copy of a cache of plain keys and values, and its per-layer, per-head mask."""
         from transformers import StaticCache
 
         # the cache first: its refusal names the method more precisely than its attention function would
         layers = _dense_layers(cache)
-        impl = model.config._attn_implementation
         if impl not in REPLACEABLE:
             raise MethodError(
                 f"compiled_decode: the model's attention implementation is {impl!r}; the decoder replaces the "
                 f"attention during decoding and supports {', '.join(REPLACEABLE)} only (a method that computes "
                 "attention its own way decodes eagerly)"
             )
-        self.model = model
         self.seen = layers[0][3]
         stored = max(k.shape[-2] for k, *_ in layers)
         self.capacity = -(-(stored + max_new_tokens) // bucket) * bucket
-        self.max_new_tokens = max_new_tokens
         k0 = layers[0][0]
         B = k0.shape[0]
         static = StaticCache(config=model.config, max_cache_len=self.capacity)
@@ -307,43 +498,36 @@ class CompiledDecoder:
         self._slots = torch.tensor(self._slots, device=k0.device)
         self._layer_ids = torch.arange(len(layers), device=k0.device)
         self.cache = static
-        self.attention = self._choose_attention(attention, model, static)
-        self.linear = self._choose_linear(linear, model)
+
+    def _kv_read_bytes(self) -> int:
+        """The KV bytes a step reads: the filled slots after prefill (native attention) or the whole buffer."""
+        static = self.cache
         if self.attention == "native":
             # the filled slots of every layer after prefill (a step reads those and its own)
             slot_bytes = [2 * layer.keys[..., :1, :].numel() * layer.keys.element_size() for layer in static.layers]
-            self.kv_read_bytes = sum(b * int(n) for b, n in zip(slot_bytes, self._slots.tolist(), strict=True))
-        else:
-            self.kv_read_bytes = sum(
-                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                for layer in static.layers
-            )
-        self.options = dict(options or {})
-        self.steps = 0
-        self.compile_s: float | None = None
-        self.compiled = compile
-        self._previous_impl = impl
-        _register_attention()
-        model.set_attn_implementation(ATTENTION)
-        # the native GEMV: each nn.Linear's forward replaced for the decoder's lifetime (restored by close), switched
-        # on only inside step(), so that a prefill or an eager forward meanwhile keeps torch's linear
-        self._gemv_state = {"on": False}
-        self._patched: list[tuple[torch.nn.Module, Any]] = []
-        if self.linear == "native":
-            _register_gemv_op()
-            for module in model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    self._patched.append((module, module.__dict__.get("forward")))
-                    module.forward = _gemv_forward(module, self._gemv_state)
-        self._closed = False
-        forward = model.forward
-        if compile:
-            # the options also go to torch.compile itself: dynamo reuses a compiled graph for an equal compile call
-            # (equal when their options are), so without them a decoder with other settings would run the graph an
-            # earlier decoder compiled (they are patched in again where inductor reads them, see step())
-            forward = torch.compile(model.forward, dynamic=False, options=self.options or None)
-        self._forward = forward
-        self.freezing = bool(compile and freezing)
+            return sum(b * int(n) for b, n in zip(slot_bytes, self._slots.tolist(), strict=True))
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in static.layers
+        )
+
+    def _init_kivi(self, cache: Any) -> None:
+        """A KIVI cache decodes in place: the graph sees a pass-through cache and the operator the real one."""
+        from longkit.kvcache import cache_nbytes
+
+        self.seen = int(cache.get_seq_length())
+        self.cache = cache
+        # no fixed-capacity buffer: the packed storage grows as eagerly
+        self.capacity = None
+        self.attention = "kivi"
+        # what a step reads: the packed codes, scales and zeros and the exact residual after prefill
+        self.kv_read_bytes = cache_nbytes(cache)
+        self._passthrough = _Passthrough()
+        layer = cache.layers[0]
+        B = layer.q_lengths.shape[0] if layer.packed else layer.keys.shape[0]
+        # (B, 1, 1, 1): a prepared mask that transformers passes on untouched (the operator attends unmasked, as an
+        # eager step of an unpadded batch)
+        self._kivi_mask = torch.ones((B, 1, 1, 1), dtype=torch.bool, device=layer.keys.device)
 
     @staticmethod
     def _choose_attention(attention: str, model: Any, static: Any) -> str:
@@ -389,10 +573,16 @@ class CompiledDecoder:
             raise MethodError(
                 f"compiled_decode: max_new_tokens={self.max_new_tokens} steps already decoded; build a new decoder"
             )
-        # the slot each layer writes this step becomes visible (it holds the token's own key and value)
-        self.mask[self._layer_ids, :, :, :, self._slots + self.steps] = True
-        # (layers,): the slots filled once this step's token is written (native attention reads those only)
-        extra = {LIMIT_KWARG: self._slots + (self.steps + 1)} if self.attention == "native" else {}
+        if self._kivi is not None:
+            # the graph's cache hands each layer's key and value to the operator, which updates the KIVI cache
+            inputs = {"attention_mask": self._kivi_mask, "cache": self._passthrough, KIVI_KWARG: self._handle}
+        else:
+            # the slot each layer writes this step becomes visible (it holds the token's own key and value)
+            self.mask[self._layer_ids, :, :, :, self._slots + self.steps] = True
+            inputs = {"attention_mask": self.mask[0], "cache": self.cache, MASK_KWARG: self.mask}
+            if self.attention == "native":
+                # (layers,): the slots filled once this step's token is written (native attention reads those only)
+                inputs[LIMIT_KWARG] = self._slots + (self.steps + 1)
         # (B, 1): the token's true position (after an eviction it is past the stored slots)
         position = torch.full((tokens.shape[0], 1), self.seen + self.steps, dtype=torch.long, device=tokens.device)
         t0 = time.perf_counter() if self.steps == 0 else None
@@ -407,10 +597,7 @@ class CompiledDecoder:
         self._gemv_state["on"] = True
         try:
             with inductor_config.patch(**settings) if settings else contextlib.nullcontext():
-                out = self._forward(
-                    input_ids=tokens, position_ids=position, attention_mask=self.mask[0], cache=self.cache,
-                    use_cache=True, **{MASK_KWARG: self.mask}, **extra,
-                )  # fmt: skip
+                out = self._forward(input_ids=tokens, position_ids=position, use_cache=True, **inputs)
         finally:
             self._gemv_state["on"] = False
         if t0 is not None:
@@ -422,6 +609,8 @@ class CompiledDecoder:
         """Restore the model's attention implementation and its linear layers' forwards (idempotent)."""
         if not self._closed:
             self._closed = True
+            if self._kivi is not None:
+                _KIVI.pop(self._handle_id, None)
             self.model.set_attn_implementation(self._previous_impl)
             for module, previous in self._patched:
                 if previous is None:
@@ -453,7 +642,8 @@ def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: boo
     one of ``torch`` (default: the model's nn.Linear layers as they are, prepacked for oneDNN by ``freezing``),
     ``native`` (the C GEMV of :mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every
     nn.Linear during the steps, for at most 4 rows; refused where it cannot build) or ``auto`` (``native`` where it
-    builds, else ``torch``). The ``cache`` is read, not changed. See the module docstring for what is supported.
+    builds, else ``torch``). The ``cache`` is read, not changed (a KIVI cache excepted: the steps decode it in place,
+as eager steps do, with ``attention`` ``auto``). See the module docstring for what is supported.
     """
     return CompiledDecoder(model, cache, max_new_tokens, compile=compile, freezing=freezing, bucket=bucket,
                            attention=attention, options=options, linear=linear)  # fmt: skip

@@ -550,7 +550,7 @@ API = [
     ("decode-native-limit", lambda fx, lm, t: _decode_native(limit=0), MethodError,
      "parameter 'limit' must be in [1, 8]"),
     ("decode-native-kernel", lambda fx, lm, t: _decode_native(kernel="fast"), MethodError,
-     "parameter 'kernel' must be one of blocked, v1 (got 'fast')"),
+     "parameter 'kernel' must be one of blocked, blocked-dot, v1 (got 'fast')"),
     ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,
      "parameter 'kernel' must be one of native, tiled or None (got 'fast')"),
     ("kivi-native-two-query-tokens", lambda fx, lm, t: _kivi_decode(kernel="native", tokens=2), MethodError,

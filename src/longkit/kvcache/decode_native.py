@@ -18,10 +18,13 @@ For bfloat16 on CPUs with the bfloat16 dot instruction (and a head dim that is a
 layout, ``kernel="blocked"``, keeps the loops in registers (query head outermost within a block of keys, a 32-channel
 slice outermost over the values, the values widened by a shift and a mask instead of a shuffle, the running sums as
 vectors, the per-token hidden test only on partial or masked blocks) and prefetches the keys and values two blocks
-ahead. On SmolLM2-135M's shape (head dim 64, 3 query heads per kv head, 30 layers' caches from memory) that took the
-kernel's CPU time from about 1.5x to about 1.1-1.2x a plain read of the same bytes (benchmarks/decode/attend_kernel.py:
-the ``v1`` layout, the general loops, is kept for that A/B). The arithmetic is the same (float32 scores, weights and
-sums; the same exp), so the two layouts agree to float rounding.
+ahead; where the CPU has AMX-BF16 (and Linux lends the tile registers) the scores of each full block of 16 keys are
+one tile product per 32 channels. On SmolLM2-135M's shape (head dim 64, 3 query heads per kv head, 30 layers' caches
+from memory, 2K-32K tokens) the kernel's CPU time went from 1.5-1.6x a plain read of the same bytes (``v1``, the
+general loops) to 1.1-1.2x (``blocked-dot``, without the tiles) and 0.96-1.10x (``blocked``)
+(benchmarks/decode/results/attend_kernel.md; the other two layouts are kept for that A/B). The arithmetic is the same
+(bfloat16 products summed in float32, float32 weights and sums, the same exp), so the layouts agree to float
+rounding.
 
 Keys and values are float32, bfloat16 or float16 (converted to float32 in registers), the query the same dtype, the
 output in it. The C source uses GCC's vector extensions (16 float lanes: AVX-512 registers, two AVX2 ones, ...) plus
@@ -237,6 +240,95 @@ static void piece(const float *qh, const kv_t *qraw, int64_t q_h, float scale, c
 /* blocks of 16 tokens between the one a piece reads and the one it prefetches */
 #define PREFETCH 2
 
+#if TILES && defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__) && HD <= 128 && GQ <= 16
+#define USE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+/* The scores of a full block of 16 keys by the CPU's tile unit (AMX-BF16), where it has one and Linux lends it: one
+   tile product per 32 channels gives the 16 x GQ scores at once, where the dot instruction needs 16 x GQ x HD / 32
+   instructions and a cross-lane sum of 16 vectors per query head (on SmolLM2's shape the kernel's CPU time went from
+   1.1-1.2x to 0.96-1.10x a plain read of the same bytes). The products and float32 sums are the dot
+   instruction's, in another order.
+   The tile layout of a block's scores: tile 0 the 16 key rows (32 channels of each), tiles 2 + u the query rows'
+   channels 32u .. 32u + 31 as pairs (the bfloat16 pair layout the tile product takes), tile 1 the 16 x GQ scores */
+struct tilecfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64)));
+
+static void amx_begin(const kv_t *qraw, int64_t q_h) {
+    struct tilecfg c;
+    memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    c.rows[0] = 16;
+    c.colsb[0] = 64;
+    c.rows[1] = 16;
+    c.colsb[1] = GQ * 4;
+    for (int u = 0; u < HD / 32; u++) {
+        c.rows[2 + u] = 16;
+        c.colsb[2 + u] = GQ * 4;
+    }
+    /* GCC's tile intrinsics tell the compiler of no memory they read or write: the barriers keep the stores to
+       the config and the query pairs before the loads, and the reads of the stored scores after the store */
+    __asm__ volatile("" ::: "memory");
+    _tile_loadconfig(&c);
+    /* (HD / 32, 16 channel pairs, GQ) the query pairs: row r of tile u, column i = q_i[32u + 2r], q_i[32u + 2r + 1] */
+    uint32_t qt[HD / 32][16][GQ];
+    for (int u = 0; u < HD / 32; u++)
+        for (int r = 0; r < 16; r++)
+            for (int i = 0; i < GQ; i++) memcpy(&qt[u][r][i], qraw + i * q_h + 32 * u + 2 * r, 4);
+    __asm__ volatile("" ::: "memory");
+    /* (tile numbers are literals: GCC's tile intrinsics paste them into the instruction) */
+    _tile_loadd(2, qt[0], GQ * 4);
+#if HD >= 64
+    _tile_loadd(3, qt[1], GQ * 4);
+#endif
+#if HD >= 96
+    _tile_loadd(4, qt[2], GQ * 4);
+#endif
+#if HD >= 128
+    _tile_loadd(5, qt[3], GQ * 4);
+#endif
+}
+
+/* sc[i] lane j = q_i . k_j for the 16 rows from kb (all inside the piece), unscaled */
+static inline void amx_scores(const kv_t *kb, vf sc[GQ]) {
+    float c[16][16] __attribute__((aligned(64)));
+    _tile_zero(1);
+    _tile_loadd(0, kb, HD * 2);
+    _tile_dpbf16ps(1, 0, 2);
+#if HD >= 64
+    _tile_loadd(0, kb + 32, HD * 2);
+    _tile_dpbf16ps(1, 0, 3);
+#endif
+#if HD >= 96
+    _tile_loadd(0, kb + 64, HD * 2);
+    _tile_dpbf16ps(1, 0, 4);
+#endif
+#if HD >= 128
+    _tile_loadd(0, kb + 96, HD * 2);
+    _tile_dpbf16ps(1, 0, 5);
+#endif
+    _tile_stored(1, c, 64);
+    __asm__ volatile("" ::: "memory");
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(16));
+    for (int i = 0; i < GQ; i++)
+        sc[i] = (vf)_mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(i)), &c[0][0], 4);
+}
+
+/* whether this process may use the tile registers (Linux asks for them once per process): 1 yes, -1 no, 0 not
+   asked yet */
+static int amx_state = 0;
+static void amx_ask(void) {
+    /* arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+}
+#else
+#define USE_AMX 0
+#endif
+
 /* The same online softmax for bfloat16 keys and values on CPUs with the bfloat16 dot instruction, laid out so that
    the loops stay in registers (the general piece above keeps GQ x 16 score accumulators, more than the 32 vector
    registers, and reads the weights lane by lane):
@@ -247,10 +339,13 @@ static void piece(const float *qh, const kv_t *qraw, int64_t q_h, float scale, c
      slice stay in registers for the block whatever HD and GQ are, and a row's bfloat16 pairs widened in place;
    - the running sum kept as a vector (one horizontal sum per piece, not per block);
    - the hidden-token select only on a piece's last, partial block or with a mask (full blocks without a mask take
-     no per-token test). The arithmetic is the general piece's: float32 scores, weights and sums (no rounding of the
+     no per-token test);
+   - the scores of full blocks by the tile unit where there is one (amx_scores above; kernel "blocked", not
+     "blocked-dot"). The arithmetic is the general piece's: float32 scores, weights and sums (no rounding of the
      weights to bfloat16), the same exp. */
 static void piece_bf16(const kv_t *qraw, int64_t q_h, float scale, const kv_t *k, const kv_t *v,
-                       const uint8_t *mask, int64_t t0, int64_t t1, float *acc_out, float *m_out, float *l_out) {
+                       const uint8_t *mask, int64_t t0, int64_t t1, float *acc_out, float *m_out, float *l_out,
+                       int amx) {
     __m512bh qb[GQ][HD / 32];
     vf acc[GQ][NV], lv[GQ];
     float m[GQ];
@@ -261,6 +356,11 @@ static void piece_bf16(const kv_t *qraw, int64_t q_h, float scale, const kv_t *k
         lv[i] = (vf){0};
         m[i] = -INFINITY;
     }
+#if USE_AMX
+    if (amx) amx_begin(qraw, q_h);
+#else
+    (void)amx;
+#endif
     for (int64_t t = t0; t < t1; t += 16) {
         const int n = t1 - t < 16 ? (int)(t1 - t) : 16;
         /* rows past the piece read as its first row of the block (in bounds), their scores hidden below */
@@ -271,24 +371,33 @@ static void piece_bf16(const kv_t *qraw, int64_t q_h, float scale, const kv_t *k
         const kv_t *kb = k + t * HD;
         /* the keys and values PREFETCH blocks ahead asked for now: the hardware prefetcher alone left this loop's
            time about the sum of its arithmetic and the read (1.5x a plain read of the same bytes from DRAM), with
-           the requests issued early the two overlap (about 1.2x; benchmarks/decode/attend_kernel.py) */
+           the requests issued early the two overlap (about 1.2x, scores by the dot instruction) */
         if (t + PREFETCH * 16 < t1)
             for (int j = 0; j < 16 * HD * 2; j += 64) {
                 _mm_prefetch((const char *)(kb + PREFETCH * 16 * HD) + j, _MM_HINT_T0);
                 _mm_prefetch((const char *)(v + (t + PREFETCH * 16) * HD) + j, _MM_HINT_T0);
             }
+        vf sc[GQ];
+#if USE_AMX
+        if (amx && n == 16)
+            amx_scores(kb, sc);
+        else
+#endif
+            for (int i = 0; i < GQ; i++) {
+                /* (16 tokens) partial sums of q_i . k_j in 16 lanes each */
+                vf part[16];
+                for (int j = 0; j < 16; j++) {
+                    const kv_t *row = kb + (j < n ? j : 0) * HD;
+                    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[i][0], (__m512bh)_mm512_loadu_si512(row));
+                    for (int u = 1; u < HD / 32; u++)
+                        a = _mm512_dpbf16_ps(a, qb[i][u], (__m512bh)_mm512_loadu_si512(row + 32 * u));
+                    part[j] = (vf)a;
+                }
+                sc[i] = reduce16(part);
+            }
         int any = 0;
         for (int i = 0; i < GQ; i++) {
-            /* (16 tokens) partial sums of q_i . k_j in 16 lanes each */
-            vf part[16];
-            for (int j = 0; j < 16; j++) {
-                const kv_t *row = kb + (j < n ? j : 0) * HD;
-                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[i][0], (__m512bh)_mm512_loadu_si512(row));
-                for (int u = 1; u < HD / 32; u++)
-                    a = _mm512_dpbf16_ps(a, qb[i][u], (__m512bh)_mm512_loadu_si512(row + 32 * u));
-                part[j] = (vf)a;
-            }
-            vf s = reduce16(part) * scale;
+            vf s = sc[i] * scale;
             if (masked) s = vsel(hidden, (vf){0} - INFINITY, s);
             const float bm = hmax(s);
             if (bm == -INFINITY) {
@@ -333,6 +442,9 @@ static void piece_bf16(const kv_t *qraw, int64_t q_h, float scale, const kv_t *k
         m_out[i] = m[i];
         l_out[i] = hsum(lv[i]);
     }
+#if USE_AMX
+    if (amx) _tile_release();
+#endif
 }
 #endif
 
@@ -344,6 +456,12 @@ void decode_attend(int64_t B, int64_t HK, int64_t S, int64_t NC, const kv_t *q, 
                    float scale, const kv_t *k, const kv_t *v, int64_t kv_b, int64_t kv_h, const uint8_t *mask,
                    int64_t m_b, int64_t m_h, float *part, float *stats, kv_t *out, int nthreads) {
     const int64_t tasks = B * HK * NC;
+#if DOT_BF16 && BLOCKED && USE_AMX
+    amx_ask();
+    const int use_amx = amx_state > 0;
+#elif DOT_BF16 && BLOCKED
+    const int use_amx = 0;
+#endif
     /* pieces of whole 16-token blocks */
     const int64_t chunk = ((S + NC - 1) / NC + 15) / 16 * 16;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
@@ -356,16 +474,15 @@ void decode_attend(int64_t B, int64_t HK, int64_t S, int64_t NC, const kv_t *q, 
         const unsigned int csr = _mm_getcsr();
         _mm_setcsr(csr | 0x8040);
 #endif
-        float qh[GQ * HD];
-        for (int i = 0; i < GQ; i++)
-            for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * scale;
         const int64_t t0 = c * chunk < S ? c * chunk : S, t1 = t0 + chunk < S ? t0 + chunk : S;
         float *st = stats + task * GQ * 2, m[GQ], l[GQ];
 #if DOT_BF16 && BLOCKED
-        (void)qh;
         piece_bf16(q + b * q_b + h * GQ * q_h, q_h, scale, k + b * kv_b + h * kv_h, v + b * kv_b + h * kv_h,
-                   mask ? mask + b * m_b + h * m_h : 0, t0, t1, part + task * GQ * HD, m, l);
+                   mask ? mask + b * m_b + h * m_h : 0, t0, t1, part + task * GQ * HD, m, l, use_amx);
 #else
+        float qh[GQ * HD];
+        for (int i = 0; i < GQ; i++)
+            for (int d = 0; d < HD; d++) qh[i * HD + d] = kv_float(q[b * q_b + (h * GQ + i) * q_h + d]) * scale;
         piece(qh, q + b * q_b + h * GQ * q_h, q_h, scale, k + b * kv_b + h * kv_h, v + b * kv_b + h * kv_h,
               mask ? mask + b * m_b + h * m_h : 0, t0, t1, part + task * GQ * HD, m, l);
 #endif
@@ -405,9 +522,11 @@ _ARGS += [ctypes.c_int]
 MIN_PIECE = 256
 
 #: the loop layouts :func:`decode_attend` can run: ``blocked`` (the default) takes the register-blocked loops for
-#: bfloat16 where the CPU has the bfloat16 dot instruction and the head dim is a multiple of 32, the general loops
-#: otherwise; ``v1`` always the general loops (kept for A/B measurements: benchmarks/decode/attend_kernel.py)
-KERNELS = ("blocked", "v1")
+#: bfloat16 where the CPU has the bfloat16 dot instruction and the head dim is a multiple of 32 (the general loops
+#: otherwise), with the scores of full blocks by the tile unit where the CPU has AMX-BF16 and the OS lends it;
+#: ``blocked-dot`` the same loops with every score by the bfloat16 dot instruction; ``v1`` always the general loops
+#: (both kept for A/B measurements: benchmarks/decode/attend_kernel.py)
+KERNELS = ("blocked", "blocked-dot", "v1")
 
 #: (head_dim, gq, dtype, kernel) -> the loaded library, or why there is none
 _LIBS: dict[tuple, ctypes.CDLL | str] = {}
@@ -420,7 +539,8 @@ def library(head_dim: int, gq: int, dtype: torch.dtype, kernel: str = "blocked")
     if key not in _LIBS:
         from longkit.kvcache.kivi_native import load_kernel
 
-        defines = {"HD": head_dim, "GQ": gq, "KV_KIND": _KV_KINDS[dtype], "BLOCKED": int(kernel == "blocked")}
+        defines = {"HD": head_dim, "GQ": gq, "KV_KIND": _KV_KINDS[dtype], "BLOCKED": int(kernel != "v1"),
+                   "TILES": int(kernel == "blocked")}  # fmt: skip
         _LIBS[key] = load_kernel(SOURCE, defines, "decode_attend", {"decode_attend": (_ARGS, None)}, vec16=True)
     return _LIBS[key]
 

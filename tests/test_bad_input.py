@@ -447,12 +447,12 @@ def _gemma3_every_layer_sliding():
     return SimpleNamespace(model=model.eval())
 
 
-def _decode_native(limit: int):
-    """The native dense decode kernel with a bad read limit (or, without a C compiler, its refusal)."""
+def _decode_native(limit: int = 8, kernel: str = "blocked"):
+    """The native dense decode kernel with a bad read limit or loop layout (or, without a C compiler, its refusal)."""
     from longkit.kvcache.decode_native import decode_attend
 
     q, kv = torch.ones(1, 4, 1, 16), torch.ones(1, 2, 8, 16)
-    return decode_attend(q, kv, kv, limit=limit)
+    return decode_attend(q, kv, kv, limit=limit, kernel=kernel)
 
 
 def _gemv_native(rows: int):
@@ -559,6 +559,8 @@ API = [
      "parameter 'x' must hold 1 to 4 rows"),
     ("decode-native-limit", lambda fx, lm, t: _decode_native(limit=0), MethodError,
      "parameter 'limit' must be in [1, 8]"),
+    ("decode-native-kernel", lambda fx, lm, t: _decode_native(kernel="fast"), MethodError,
+     "parameter 'kernel' must be one of blocked, blocked-dot, v1 (got 'fast')"),
     ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,
      "parameter 'kernel' must be one of native, tiled or None (got 'fast')"),
     ("kivi-native-two-query-tokens", lambda fx, lm, t: _kivi_decode(kernel="native", tokens=2), MethodError,

@@ -127,6 +127,9 @@ TABLES = {
     "decode/results/gemv_bandwidth.md": lambda: _script("decode/gemv_bandwidth.py").markdown(
         _json("decode/results/gemv_bandwidth.json")
     ),
+    "decode/results/attend_kernel.md": lambda: _script("decode/attend_kernel.py").markdown(
+        _json("decode/results/attend_kernel.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

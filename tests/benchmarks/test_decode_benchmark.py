@@ -264,3 +264,31 @@ def test_a_small_gemv_bandwidth_run_writes_json_and_renders_the_same_table(tmp_p
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "g.md").read_text() == md
+
+
+ATTEND = REPO / "benchmarks" / "decode" / "attend_kernel.py"
+
+
+@pytest.mark.skipif(kivi_native._compiler() is None, reason="no C compiler to build the native kernel")
+def test_a_small_attend_kernel_run_writes_json_and_renders_the_same_table(tmp_path):
+    # two short contexts, two layers, every loop layout against the read of the same bytes
+    args = ["--lengths", "64,100", "--threads", "1", "--layers", "2", "--rounds", "2", "--out", str(tmp_path),
+            "--name", "a"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(ATTEND), *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert list(data["wall_ms"]) == ["64/1", "100/1"] and data["bytes"]["100"] == 2 * 2 * 3 * 100 * 64 * 2
+    assert list(data["cpu_ms"]["64/1"]) == ["read", "v1", "blocked-dot", "blocked"]
+    assert all(len(t) == 2 and min(t) > 0 for t in data["wall_ms"]["100/1"].values())
+    rows = load_script(ATTEND).rows_of(data)
+    assert len(rows) == 8 and all(r["wall_x_read"] == 1.0 for r in rows if r["variant"] == "read")
+    md = (tmp_path / "a.md").read_text()
+    (tmp_path / "a.md").unlink()
+    r = subprocess.run([sys.executable, str(ATTEND), "--render", "--out", str(tmp_path), "--name", "a"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a.md").read_text() == md
+    r = subprocess.run([sys.executable, str(ATTEND), "--kernels", "fast", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode != 0 and "--kernels from blocked, blocked-dot, v1" in r.stderr

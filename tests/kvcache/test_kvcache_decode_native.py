@@ -97,3 +97,46 @@ def test_refusals(monkeypatch):
     assert "dtype" in available(q, k.double())
     monkeypatch.setenv(decode_native.ENV, "0")
     assert available(q, k) == f"{decode_native.ENV}=0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("gq", [1, 2, 3, 4])
+def test_every_loop_layout_equals_the_reference(dtype, D, gq):
+    # bf16 takes the register-blocked loops (where the CPU has the bf16 dot instruction; the scores of full blocks by
+    # the tile unit where it has AMX, "blocked", or by the dot instruction, "blocked-dot"), fp32 the general ones;
+    # lengths: one token, a partial block, a partial last block per piece, several prefetching pieces
+    kernels = decode_native.KERNELS if dtype == torch.bfloat16 else ("blocked",)
+    for S in (1, 17, 1000, 3001):
+        q, k, v = _inputs(1, 2 * gq, 2, S, D, dtype, seed=S)
+        want = _ref(q, k, v, None, S)
+        for kernel in kernels:
+            got = decode_attend(q, k, v, kernel=kernel)
+            torch.testing.assert_close(got.float(), want, **_tol(dtype))
+            # the same float32 arithmetic in another order: the outputs differ by bf16 rounding at most
+            torch.testing.assert_close(got, decode_attend(q, k, v, kernel="v1"), rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hidden_blocks_and_pieces(dtype):
+    # whole 16-token blocks hidden (the block skips its values), a head with one visible token in a piece of its own
+    # (pieces of 256 tokens: its other pieces see nothing and must drop out of the merge), limits off the blocks
+    B, H, H_kv, S, D = 1, 6, 2, 1100, 64
+    q, k, v = _inputs(B, H, H_kv, S, D, dtype, seed=5)
+    mask = torch.ones(B, H_kv, 1, S, dtype=torch.bool)
+    mask[:, 0, :, 32:80] = False
+    mask[:, 0, :, 500:517] = False
+    mask[:, 1] = False
+    mask[:, 1, :, 700] = True
+    for limit in (1100, 1033, 701):
+        for kernel in decode_native.KERNELS:
+            got = decode_attend(q, k, v, mask, limit=limit, kernel=kernel)
+            torch.testing.assert_close(got.float(), _ref(q, k, v, mask, limit), **_tol(dtype))
+    # head 1 sees only token 700: its rows are that value row exactly
+    torch.testing.assert_close(got[0, 3:, 0].float(), v[0, 1, 700].float().expand(3, D), rtol=1e-2, atol=1e-2)
+
+
+def test_the_kernel_parameter_is_checked():
+    q, k, v = _inputs(1, 4, 2, 30, 16, torch.float32)
+    with pytest.raises(MethodError, match="parameter 'kernel' must be one of blocked, blocked-dot, v1"):
+        decode_attend(q, k, v, kernel="fast")

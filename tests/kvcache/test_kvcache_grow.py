@@ -122,3 +122,30 @@ def test_the_seams_default_cache_grows_in_place_and_equals_transformers_own(any_
     assert cache_nbytes(cache) == cache_nbytes(dyn) and cache.get_seq_length() == 30
     cache.crop(-3)
     assert cache.get_seq_length() == 27
+
+
+def test_appends_to_the_view_last_returned_skip_the_prefix_check_and_nothing_else():
+    layer = RaggedLayer()
+    k = torch.randn(1, 2, 5, 4)
+    layer.update(k, -k)
+    buf = layer.buffers["keys"]
+    expected = k
+    for t in range(3):
+        step = torch.full((1, 2, 1, 4), float(t))
+        keys, _ = layer.update(step, -step)
+        expected = torch.cat([expected, step], dim=-2)
+        # the remembered (buffer, view) pair is the stored view of the same buffer: written in place
+        assert layer.buffers["keys"] is buf and layer._grown["keys"] == (buf, keys) and keys is layer.keys
+        assert keys.data_ptr() == buf.data_ptr() and torch.equal(keys, expected)
+    # a stored tensor replaced from outside (a compaction would) is never the remembered view: a new buffer, and
+    # the old one keeps what it held
+    layer.keys = layer.keys.clone()
+    before = buf.narrow(2, 0, 8).clone()
+    step = torch.full((1, 2, 1, 4), 9.0)
+    keys, _ = layer.update(step, -step)
+    assert layer.buffers["keys"] is not buf and torch.equal(buf.narrow(2, 0, 8), before)
+    assert torch.equal(keys, torch.cat([expected, step], dim=-2))
+    # a forgotten buffer's view is forgotten too (it would keep the buffer's memory alive)
+    layer.keys = layer.keys.clone()
+    layer.prune_buffers()
+    assert "keys" not in layer.buffers and "keys" not in layer._grown and "values" in layer._grown

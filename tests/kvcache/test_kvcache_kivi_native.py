@@ -211,3 +211,56 @@ def test_bfloat16_decoding_stays_close_to_the_reference_path():
     # the reference rounds the dequantised keys and values to bfloat16 before attending; the kernel does not
     err = (logits.float() - ref_logits.float()).abs().max()
     assert err < 0.05 * ref_logits.float().abs().max()
+
+
+def _visible(layer, q):
+    """An all-visible bool mask over the layer's stored tokens: the general path of kivi_decode_native (mask given),
+    whose kernel arguments are checked and built at every call, against the unmasked step's fast path."""
+    return torch.ones(1, 1, 1, layer.n_quantized + layer.keys.shape[-2], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_unmasked_fast_path_equals_the_checked_path_across_growth_flushes_and_layouts(dtype):
+    # two layers of different lengths decoded in turn: the reused scratch grows and is shared; 300 steps cross
+    # flushes (every 32nd) and reallocations of the residual's and the codes' buffers (new strides)
+    layers = [_layer(2, 32, 16, n, dtype, H_kv=3, D=64, seed=n) for n in (150, 700)]
+    q = _query(1, 9, 64, dtype)
+    gen = torch.Generator().manual_seed(5)
+    strides = set()
+    for _ in range(300):
+        for layer in layers:
+            k, v = (torch.randn(1, 3, 1, 64, generator=gen).to(dtype) for _ in range(2))
+            layer.update(k, v)
+            fast = kivi_decode_native(layer, q)
+            assert torch.equal(fast, kivi_decode_native(layer, q, _visible(layer, q)))
+            strides.add((layer.keys.stride(), layer.qkeys.stride()))
+    assert len(strides) > 2, "the buffers were never reallocated: the test misses the stride re-check"
+    layer = layers[0]
+    # storage the kernel cannot take as it is (keys and values with different strides): copied, same result; then
+    # back to the buffers' views
+    saved = layer.values
+    layer.values = layer.values.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert torch.equal(kivi_decode_native(layer, q), kivi_decode_native(layer, q, _visible(layer, q)))
+    assert layer._native_plan.strides is None
+    layer.values = saved
+    assert torch.equal(kivi_decode_native(layer, q), kivi_decode_native(layer, q, _visible(layer, q)))
+    # a query of another dtype or head count rebuilds the plan (or fails as the checked path does)
+    q32 = q.float()
+    assert torch.equal(kivi_decode_native(layer, q32), kivi_decode_native(layer, q32, _visible(layer, q32)))
+    with pytest.raises(longkit.errors.MethodError, match="H \\(8\\) a multiple of H_kv \\(3\\)"):
+        kivi_decode_native(layer, _query(1, 8, 64, dtype))
+    with pytest.raises(longkit.errors.MethodError, match="one query token"):
+        kivi_decode_native(layer, torch.cat([q, q], dim=2))
+
+
+def test_a_copied_layer_decodes_without_the_originals_plan():
+    import copy
+    import pickle
+
+    layer = _layer(2, 32, 16, 300, torch.float32)
+    q = _query(1, 9, 64, torch.float32)
+    out = kivi_decode_native(layer, q)
+    assert layer._native_plan is not None
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin._native_plan is None
+        assert torch.equal(kivi_decode_native(twin, q), out)

@@ -175,6 +175,11 @@ def _tiled(
     return out.to(q.dtype).reshape(B, H, 1, D)
 
 
+#: longkit.kvcache.kivi's cache and layer classes, bound at the first call of :class:`KIVIAttention`
+KIVICache: Any = None
+KIVILayer: Any = None
+
+
 class KIVIAttention:
     """The registered attention function ``longkit_kivi_<inner>``: quantised read for deferred decode steps."""
 
@@ -182,7 +187,10 @@ class KIVIAttention:
         self.inner = inner
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):
-        from longkit.kvcache.kivi import KIVICache, KIVILayer
+        # imported here (kivi imports this module), once: this runs at every layer of every decode step
+        global KIVICache, KIVILayer
+        if KIVICache is None:
+            from longkit.kvcache.kivi import KIVICache, KIVILayer
 
         cache = kwargs.pop(CACHE_KWARG, None)
         if isinstance(cache, KIVICache):

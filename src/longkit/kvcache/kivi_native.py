@@ -43,6 +43,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -659,10 +660,25 @@ def library(
     return _LIBS[key]
 
 
+#: os.environ's own mapping and the variable's key in it (CPython, POSIX: bytes); os.environ.get encodes the key and
+#: decodes the value at every call, about a microsecond at every layer of every decode step. Every change made through
+#: os.environ (monkeypatch, the benchmarks' switch) updates this mapping, so it is read at each call, never cached
+_ENVIRON: dict | None = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV) if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
+_ENV_OFF = os.environ.encodevalue("0") if _ENV_KEY is not None else None
+
+
+def _switched_off() -> bool:
+    """Whether ``LONGKIT_KIVI_NATIVE=0``."""
+    if _ENV_KEY is None:
+        return os.environ.get(ENV, "1") == "0"
+    return _ENVIRON.get(_ENV_KEY) == _ENV_OFF
+
+
 def available(layer: KIVILayer, q: torch.Tensor) -> bool | str:
     """True if :func:`kivi_decode_native` can read ``layer`` for the query ``q``; otherwise why not (remembered per
     shape and dtype: this runs at every layer of every decode step)."""
-    if os.environ.get(ENV, "1") == "0":
+    if _switched_off():
         return f"{ENV}=0"
     if layer.qkeys is None:
         return "no quantised tokens"
@@ -730,6 +746,8 @@ def kivi_decode_native(
     """
     if layer.packed:
         return _decode_rows(layer, q, mask, scale)
+    if mask is None:
+        return _decode_dense(layer, q, scale)
     B, H, _, D = q.shape
     dtype = q.dtype
     lib, q, h_kv, gq, scale, threads = _prepare(layer, q, scale)
@@ -754,6 +772,91 @@ def kivi_decode_native(
         qvals.data_ptr(), vs.data_ptr(), vz.data_ptr(), vs.stride(0), vs.stride(1),
         rk.data_ptr(), rv.data_ptr(), rk.stride(0), rk.stride(1), None if m is None else m.data_ptr(),
         scratch.data_ptr(), part.data_ptr(), stats.data_ptr(), out.data_ptr(), threads,
+    )  # fmt: skip
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+class _Plan:
+    """What a layer's decode steps share while their shapes stay the same (:func:`_decode_dense`): the kernel, kv
+    heads and query heads per kv head for ``key`` (query shape and dtype, the layer's residual dtype, kv heads, bits,
+    group size and scale dtype), and the strides of the stored tensors last found fit for the kernel (None: a layout
+    the kernel does not take as it is, copied at each step)."""
+
+    __slots__ = ("key", "lib", "h_kv", "gq", "strides")
+
+    def __init__(self, key: tuple, lib: ctypes.CDLL, h_kv: int, gq: int):
+        self.key, self.lib, self.h_kv, self.gq, self.strides = key, lib, h_kv, gq, None
+
+    def __reduce__(self):
+        # a copied or pickled layer starts without a plan (the loaded library is neither copied nor pickled)
+        return type(None), ()
+
+
+#: per thread, a float32 buffer the kernel's scratch, partial sums and statistics are carved from (it only reads them
+#: within a call): grown when a step needs more, never per step
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> int:
+    """The address of at least ``n`` float32 slots of this thread's scratch buffer."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        # room to grow (1/8 more, as the cache's own buffers) so a longer cache does not reallocate every step
+        buf = _SCRATCH.buf = torch.empty(n + n // 8 + 4096, dtype=torch.float32)
+    return buf.data_ptr()
+
+
+def _align(n: int) -> int:
+    """``n`` float32 slots rounded up to 64 bytes: each block carved from the scratch starts aligned, as torch.empty's."""
+    return -(-n // 16) * 16
+
+
+def _decode_dense(layer: KIVILayer, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """:func:`kivi_decode_native` over dense storage without a mask (every decode step of plain KIVI without padding):
+    the checks of :func:`_prepare` and :func:`_alike` run when the shapes or strides change, not at every step, and
+    the kernel's work space is one reused buffer. Same arguments to the kernel, so the same output."""
+    B, H, _, D = q.shape
+    dtype = q.dtype
+    threads = torch.get_num_threads()
+    keys = layer.keys
+    key = (q.shape, dtype, keys.dtype, keys.shape[1], layer.bits, layer.group_size, layer.scale_dtype)
+    plan = layer.__dict__.get("_native_plan")
+    if plan is None or plan.key != key:
+        lib, _, h_kv, gq, _, _ = _prepare(layer, q, scale)  # raises for shapes the kernel cannot take
+        plan = layer._native_plan = _Plan(key, lib, h_kv, gq)
+    h_kv, gq = plan.h_kv, plan.gq
+    if dtype != keys.dtype or q.stride()[-1] != 1:
+        q = q.to(keys.dtype).contiguous()
+    qkeys, qvals, ks, kz, vs, vz, rk, rv = (layer.qkeys, layer.qvalues, layer.k_scale, layer.k_zero, layer.v_scale,
+                                            layer.v_zero, keys, layer.values)  # fmt: skip
+    strides = (qkeys.stride(), qvals.stride(), ks.stride(), kz.stride(), vs.stride(), vz.stride(), rk.stride(),
+               rv.stride())  # fmt: skip
+    fit = strides
+    if strides != plan.strides:
+        # the layout the kernel takes is a function of the strides alone (each tensor's last size is fixed by D, bits
+        # and G): checked once per layout, which changes only when a buffer is reallocated
+        qkeys, qvals = _alike(qkeys, qvals)
+        ks, kz = _alike(ks, kz)
+        vs, vz = _alike(vs, vz)
+        rk, rv = _alike(rk, rv)
+        fit = (qkeys.stride(), qvals.stride(), ks.stride(), kz.stride(), vs.stride(), vz.stride(), rk.stride(),
+               rv.stride())  # fmt: skip
+        plan.strides = fit if fit == strides else None
+    n_q, n_r = qkeys.shape[2], rk.shape[2]
+    # pieces of whole key groups per kv head (plus the residual): enough for every thread to have work
+    pieces = max(1, min(-(-2 * threads // (B * h_kv)), n_q // layer.group_size))
+    # (B, H_kv, G_q, S) scores, (B, H_kv, pieces + 1, G_q, D) partial sums, (..., 2) their statistics, float32
+    n_s, n_p, n_t = (_align(B * h_kv * gq * n) for n in (n_q + n_r, (pieces + 1) * D, (pieces + 1) * 2))
+    base = _scratch(n_s + n_p + n_t)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    # the (batch, head) strides from the tuples above (a tensor's stride() once costs less than stride(i) twice)
+    sq, (sqk, _, sks, _, svs, _, srk, _) = q.stride(), fit
+    plan.lib.kivi_attend(
+        B, h_kv, n_q, n_r, pieces, q.data_ptr(), sq[0], sq[1], D**-0.5 if scale is None else scale,
+        qkeys.data_ptr(), sqk[0], sqk[1], ks.data_ptr(), kz.data_ptr(), sks[0], sks[1],
+        qvals.data_ptr(), vs.data_ptr(), vz.data_ptr(), svs[0], svs[1],
+        rk.data_ptr(), rv.data_ptr(), srk[0], srk[1], None,
+        base, base + 4 * n_s, base + 4 * (n_s + n_p), out.data_ptr(), threads,
     )  # fmt: skip
     return out if out.dtype == dtype else out.to(dtype)
 

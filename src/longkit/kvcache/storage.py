@@ -75,6 +75,9 @@ class RaggedLayer(DynamicLayer):
         #: growing buffers of the dense layout ("keys", "values", extras' names): the stored tensors are views of
         #: their filled part (see :mod:`longkit.kvcache.grow`)
         self.buffers: dict[str, torch.Tensor] = {}
+        #: per buffer name, (buffer, view) as :meth:`_grow` last returned them: a stored tensor that *is* that view is
+        #: known to be the buffer's filled part, so the next append skips :func:`~longkit.kvcache.grow.is_prefix`
+        self._grown: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -197,7 +200,19 @@ class RaggedLayer(DynamicLayer):
 
     def _grow(self, name: str, cur: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
         """``cat([cur, new], dim)`` written into the growing buffer ``name`` when ``cur`` is its filled part."""
-        self.buffers[name], out = grow_append(self.buffers.get(name), cur, new, dim)
+        buf = self.buffers.get(name)
+        last = self._grown.get(name)
+        if last is not None and last[1] is cur and last[0] is buf:
+            # cur is the view this method returned from buf (a decode step's append, every layer every token):
+            # grow_append's own path without re-checking that cur is buf's prefix
+            n, t = cur.shape[dim], new.shape[dim]
+            if t and n and n + t <= buf.shape[dim]:
+                buf.narrow(dim, n, t).copy_(new)
+                out = buf.narrow(dim, 0, n + t)
+                self._grown[name] = (buf, out)
+                return out
+        self.buffers[name], out = grow_append(buf, cur, new, dim)
+        self._grown[name] = (self.buffers[name], out)
         return out
 
     def capacity_nbytes(self) -> int:
@@ -219,6 +234,8 @@ class RaggedLayer(DynamicLayer):
             n: b for n, b in self.buffers.items()
             if isinstance(stored.get(n), torch.Tensor) and is_prefix(b, stored[n], dims.get(n, -1) % b.dim())
         }
+        # a forgotten buffer's last view must not keep its memory alive
+        self._grown = {n: bv for n, bv in self._grown.items() if self.buffers.get(n) is bv[0]}
 
     def _buffered(self) -> dict[str, torch.Tensor]:
         """The stored tensors that may be views of :attr:`buffers`, by buffer name."""

@@ -118,8 +118,8 @@ def markdown(data: dict) -> str:
         f"load average {meta['load_before']} before / {meta['load_after']} after; {meta.get('note') or 'no note'}. "
         "One pass = every layer's K and V once (MB per pass); `read` = `k.view(torch.float32).sum()` and the same "
         "of `v` per layer (a float32 sum over the same bytes); x read = the pass's time / the same round's `read` "
-        "pass, median over rounds, by wall time and by the process's CPU time. The CPU is shared and capped: compare "
-        "ratios, not milliseconds; GB/s = bytes / median wall time.",
+        "pass, median over rounds, by wall time and by the process's CPU time. On a shared or capped CPU (see the note) "
+        "compare ratios, not milliseconds; GB/s = bytes / median wall time.",
         "",
         "| tokens | threads | MB per pass | variant | wall ms | x read (wall) | CPU ms | x read (CPU) | GB/s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -130,6 +130,15 @@ TABLES = {
     "decode/results/attend_kernel.md": lambda: _script("decode/attend_kernel.py").markdown(
         _json("decode/results/attend_kernel.json")
     ),
+    "decode/results/attend_kernel_quiet.md": lambda: _script("decode/attend_kernel.py").markdown(
+        _json("decode/results/attend_kernel_quiet.json")
+    ),
+    "decode/results/decode_floor_blocked.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_floor_blocked.json")
+    ),
+    "decode/results/decode_kivi_compiled.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_kivi_compiled.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

@@ -34,6 +34,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import decode  # noqa: E402  (the sibling benchmark: its reader of committed results)
 
 #: SmolLM2-135M's attention: head dim, query heads, kv heads
 HEAD_DIM, HEADS, KV_HEADS = 64, 9, 3
@@ -149,10 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = args.out or RESULTS
     if args.render:
-        src = out / f"{args.name}.json"
-        if not src.is_file():
-            sys.exit(f"error: no results to render: {src} does not exist")
-        (out / f"{args.name}.md").write_text(markdown(json.loads(src.read_text())))
+        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
         return
     from longkit.kvcache.decode_native import KERNELS
 

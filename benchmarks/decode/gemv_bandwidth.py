@@ -32,6 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import decode  # noqa: E402  (the sibling benchmark: its reader of committed results)
 
 #: label -> (out features, in features, matrices a SmolLM2-135M decode step reads)
 SHAPES = {
@@ -162,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = args.out or RESULTS
     if args.render:
-        src = out / f"{args.name}.json"
-        if not src.is_file():
-            sys.exit(f"error: no results to render: {src} does not exist")
-        (out / f"{args.name}.md").write_text(markdown(json.loads(src.read_text())))
+        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
         return
     bad = [v for v in args.variants.split(",") if v.strip() not in VARIANTS]
     bad += [k for k in args.shapes.split(",") if k not in SHAPE_KEYS]

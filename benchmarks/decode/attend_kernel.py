@@ -25,7 +25,6 @@ of the per-round ratios). Writes ``results/<name>.json`` and ``.md``; ``--render
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -185,10 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
     }  # fmt: skip
     data = {"meta": meta, **got}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(data))
-    print(markdown(data))
+    decode.saved(data, out, args.name, markdown)
 
 
 if __name__ == "__main__":

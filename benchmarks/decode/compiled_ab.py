@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -262,10 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "bandwidth": got.pop("bandwidth"), "weight_bytes": got.pop("weight_bytes"), "note": args.note,
     }  # fmt: skip
     data = {"meta": meta, **got}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(data))
-    print(markdown(data))
+    decode.saved(data, out, args.name, markdown)
 
 
 if __name__ == "__main__":

@@ -436,6 +436,16 @@ def write(data: dict, out: Path, name: str) -> None:
     plot(data, out / f"{name}.png")
 
 
+def saved(data: dict, out: Path, name: str, markdown) -> None:
+    """Write a sibling script's results ``out/<name>.json`` and its table ``<name>.md`` (``markdown(data)``), and
+    print the table: the one writer :func:`recorded` reads back for ``--render``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    table = markdown(data)
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def recorded(out: Path, name: str) -> dict:
     """The committed results ``out/<name>.json`` that ``--render`` redraws (this script's and its siblings'); exits
     with a clear error when there are none."""

@@ -23,7 +23,6 @@ and its time over the ``read`` pass of the same round (median of the per-round r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -192,10 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
     }  # fmt: skip
     data = {"meta": meta, **got}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(data))
-    print(markdown(data))
+    decode.saved(data, out, args.name, markdown)
 
 
 if __name__ == "__main__":

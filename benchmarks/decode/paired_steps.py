@@ -19,7 +19,6 @@ Writes ``results/<name>.json`` and ``.md``; ``--render`` redraws the ``.md`` fro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -160,10 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "kivi_native": decode.kivi_native_status(lm.model, args.group_size),
     }  # fmt: skip
     data = {"meta": meta, "times_ms": times}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(data))
-    print(markdown(data))
+    decode.saved(data, out, args.name, markdown)
 
 
 if __name__ == "__main__":

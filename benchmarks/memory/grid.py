@@ -96,6 +96,8 @@ import evalgrid  # noqa: E402  (benchmarks/evalgrid.py, on the path above)
 from evalgrid import Tasks, fmt, mib  # noqa: E402
 
 RESULTS = HERE / "results" / "grid"
+#: The accuracy-vs-cost figure render writes beside table.md (linked from it once a length has a mean).
+PLOT = "accuracy_vs_cost.png"
 LONGKIT = evalgrid.LONGKIT
 
 MODEL = "smollm2-135m"
@@ -206,13 +208,26 @@ def _planned(bucket: str) -> list[str]:
     return evalgrid.planned(TASK_GROUPS, bucket)
 
 
-FIELDS = ("scores", "n", "seconds", "peak", "kv", "tokens", "mean", "effective")
+FIELDS = ("scores", "n", "seconds", "peak", "kv", "working", "tokens", "mean", "effective")
+
+
+def working(r: dict) -> int | None:
+    """KV bytes on the compute device after the prefill: what a cache records (InfLLM: initial and recent tokens,
+    its offloaded blocks excluded), else all of its KV."""
+    value = r.get("working_set_bytes", r.get("kv_bytes"))
+    return None if value is None else int(value)
 
 
 def summarize(rows: list[dict], skips: list[dict]) -> dict:
     # RULER's rule on the mean of the tasks run at each length, where all of them were measured.
     bucket_of = {int(r["length"]): r["bucket"] for r in rows}
     full = evalgrid.summarize(rows, lambda n: _planned(bucket_of[n]), THRESHOLD)
+    for name, m in full.items():
+        m["working"] = {}
+        for r in rows:
+            if r["row"] == name and r.get("score") is not None and working(r) is not None:
+                n = int(r["length"])
+                m["working"][n] = max(m["working"].get(n, 0), working(r))
     out: dict = {}
     for name, m in full.items():
         scored = [r for r in rows if r["row"] == name and r.get("score") is not None]
@@ -221,7 +236,7 @@ def summarize(rows: list[dict], skips: list[dict]) -> dict:
                      "specs": {n: sorted({r["method"] for r in scored if int(r["length"]) == n})
                                for n in {int(r["length"]) for r in scored}}}
     for s in skips:
-        empty = evalgrid.empty_summary()
+        empty = {**evalgrid.empty_summary(), "working": {}}
         m = out.setdefault(s["method"], {"label": METHODS[s["method"]].label, "specs": {}, "buckets": {},
                                          "skipped": {}, **{f: empty[f] for f in FIELDS}})
         m["skipped"][s["bucket"]] = s["reason"]
@@ -244,15 +259,15 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
     for n in lengths:
         tasks = _planned(bucket_of[n])
         lines += [f"**{evalgrid.k(n)} tokens**", "",
-                  "| method | " + " | ".join(tasks) + " | mean | s / sample | peak MiB | KV MiB | tokens processed |",
-                  "|---|" + "---|" * (len(tasks) + 5)]
+                  "| method | " + " | ".join(tasks) + " | mean | s / sample | peak MiB | KV MiB | working set MiB | "
+                  "tokens processed |", "|---|" + "---|" * (len(tasks) + 6)]
         for k in keys:
             m = summary[k]
             if n not in m["seconds"]:
                 continue
             cells = [m["label"], *[fmt(m["scores"].get(t, {}).get(n), ".0f") for t in tasks],
                      fmt(m["mean"].get(n), ".0f"), fmt(m["seconds"][n], ".1f"), mib(m["peak"].get(n)),
-                     mib(m["kv"].get(n)), fmt(m["tokens"][n], ".0f")]
+                     mib(m["kv"].get(n)), mib(m["working"].get(n)), fmt(m["tokens"][n], ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
         skipped = [f"{summary[k]['label']} ({summary[k]['skipped'][bucket_of[n]]})" for k in keys
                    if bucket_of[n] in summary[k]["skipped"]]
@@ -274,14 +289,59 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
               "depths x 3 samples; RULER tasks: 5 samples). `-` = not measured (yet). s / sample: prefill + decode "
               "(+ retrieval or compression), mean. Peak MiB: the largest peak above the sample's start (resident set "
               "on a CPU; the compressor's included). KV MiB: the largest cache after the prefill (InfLLM: every "
-              "block, offloaded ones included). Tokens processed: by the answering model, mean per sample "
+              "block, offloaded ones included). Working set MiB: the KV kept on the compute device after the prefill (InfLLM: "
+              "initial and recent tokens, its offloaded blocks excluded; other methods: all of their KV). Tokens processed: by the answering model, mean per sample "
               "(LongLLMLingua's compressor not included)."]
+    if any(summary[k]["mean"] for k in keys):
+        lines += ["", f"![accuracy vs cost per length: seconds per sample and peak memory]({PLOT})"]
     return "\n".join(lines) + "\n", {k: evalgrid.jsonable(summary[k]) for k in keys}
+
+
+def plot(summary: dict, path: Path) -> bool:
+    """Accuracy against cost, one column per length: the mean score of the tasks run at that length against seconds
+    per sample (top) and peak memory (bottom), one marker per method. False (nothing written) without a scored
+    length."""
+    # results.json's summary: length keys are strings.
+    lengths = sorted({int(n) for m in summary.values() for n in m["mean"]})
+    if not lengths:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(lengths), figsize=(3.6 * len(lengths) + 2.4, 6.4), squeeze=False, sharey=True)
+    cmap, markers = plt.get_cmap("tab10"), "os^Dv<>PX*"
+    for col, n in enumerate(lengths):
+        for row_, (field, label, scale) in enumerate((("seconds", "s / sample (log)", 1.0),
+                                                      ("peak", "peak MiB (log)", 2.0**-20))):
+            ax = axes[row_][col]
+            for i, m in enumerate(summary.values()):
+                x = m[field].get(str(n))
+                if str(n) in m["mean"] and x:
+                    ax.plot([x * scale], [m["mean"][str(n)]], marker=markers[i % len(markers)], color=cmap(i % 10),
+                            ls="none", ms=7, label=m["label"])
+            ax.set_xscale("log")
+            ax.set_ylim(-5, 105)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+            if row_ == 0:
+                ax.set_title(f"{evalgrid.k(n)} tokens")
+            if col == 0:
+                ax.set_ylabel("mean accuracy (%)")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return True
 
 
 def render(args: argparse.Namespace | None = None) -> None:
     results = Path(args.results) if args is not None else RESULTS
-    evalgrid.write(results, *table(results))
+    text, summary = table(results)
+    plot(summary, results / PLOT)
+    evalgrid.write(results, text, summary)
 
 
 def main(argv: list[str] | None = None) -> None:

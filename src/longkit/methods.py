@@ -72,6 +72,10 @@ class Method(Parametrised):
     #: Whether :meth:`make_cache` gives the method's own KV cache: a combination may hold one such method, since
     #: a generation runs on one cache and the other method would silently not run.
     keeps_cache: ClassVar[bool] = False
+    #: Whether a generation prefills all but the prompt's last token, then runs that token alone (as its first
+    #: decoding step would): methods whose work depends on the call's queries (InfLLM's retrieval by a chunk's mean
+    #: query) then answer from what the last token itself retrieves, as their reference generation loop does.
+    prefill_last_token_alone: ClassVar[bool] = False
 
     def check_model(self, model: Any) -> None:
         """Raise a MethodError when this method cannot run on ``model`` (e.g. a group size that does not divide

@@ -97,6 +97,7 @@ def test_tiny_grid_writes_run_dirs_renders_and_rerenders_byte_for_byte(grid, tmp
     text = (results / "table.md").read_text()
     assert "| PCW | `memory=pcw` |" in text and "| NTK (long context) | `rope=ntk:factor=4` |" in text
     assert "| method | passkey | needle | niah_single_2 | niah_multikey_1 | mean |" in text
+    assert "| KV MiB | working set MiB | tokens processed |" in text
     assert f"Skipped at 128k: NTK (long context) ({grid.NTK_128K})." in text
     assert "| NTK (long context) | 1K | 128k | " in text
     summary = json.loads((results / "results.json").read_text())
@@ -122,15 +123,24 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     write_run(tmp_path / "rag_bm25-64k-depth", depth64)
     # NTK at 16K asked the same prompts; no tokens_processed: prompt + answer.
     write_run(tmp_path / "ntk-16k-depth", [record("rope=ntk:factor=4", "passkey", 16384, 0.5, 0, 0.0, "1")])
+    # InfLLM records its working set (initial + recent tokens) beside all of its KV (offloaded blocks included).
+    write_run(tmp_path / "infllm-64k-depth", [record("memory=infllm", "passkey", 65536, 0.5, 0, 100.0, "6",
+                                                     kv_bytes=1500 * 2**20, working_set_bytes=100 * 2**20)])
     text, summary = grid.table(tmp_path)
+    assert summary["infllm"]["working"] == {"65536": 100 * 2**20} and summary["infllm"]["kv"] == {"65536": 1500 * 2**20}
+    assert "| InfLLM | 100 | - | - | 2.5 | 1 | 1500 | 100 | 65540 |" in text
     rag_s = summary["rag_bm25"]
     assert rag_s["mean"] == {"16384": 87.5, "65536": 50.0} and rag_s["effective"] == 16384
     assert rag_s["seconds"]["16384"] == 3.5 and rag_s["tokens"]["65536"] == 1100
     assert rag_s["peak"]["65536"] == 3 * 2**20
     assert summary["ntk"]["tokens"] == {"16384": 16388} and summary["ntk"]["mean"] == {}
-    assert "| RAG (BM25) | 100 | 50 | 100 | 100 | 88 | 3.5 | 1 | 1 | 1100 |" in text
-    assert "| RAG (BM25) | 100 | 0 | 50 | 3.5 | 3 | 1 | 1100 |" in text
+    assert "| RAG (BM25) | 100 | 50 | 100 | 100 | 88 | 3.5 | 1 | 1 | 1 | 1100 |" in text
+    assert "| RAG (BM25) | 100 | 0 | 50 | 3.5 | 3 | 1 | 1 | 1100 |" in text
     assert "| RAG (BM25) | 16K, 64K | - | 16K |" in text and "| NTK (long context) | 16K | - | none |" in text
+    # The accuracy-vs-cost figure: linked once a length has a mean, drawn from the summary as results.json holds it.
+    assert f"![accuracy vs cost per length: seconds per sample and peak memory]({grid.PLOT})" in text
+    assert grid.plot(summary, tmp_path / grid.PLOT) and (tmp_path / grid.PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert not grid.plot({"ntk": summary["ntk"]}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
     # A run with another seed asked other prompts: refused even where the answers happen to agree.
     write_run(tmp_path / "pcw-16k-depth", [record("memory=pcw", "passkey", 16384, 0.5, 0, 0.0, "1")], seed=1)

@@ -158,3 +158,44 @@ def test_bad_input_is_refused_with_the_parameter_named(tiny_llama):
             model(ids, attention_mask=mask)
     with pytest.raises(MethodError, match="combined"), longkit.apply(model, attention="blockwise", memory="infllm"):
         pass
+
+
+def test_generation_runs_the_last_prompt_token_alone(tiny_llama):
+    # As the reference's generation loop: all but the last prompt token in execution chunks, then the last token
+    # in a forward of its own, so the first answer token comes from the blocks its own query retrieves.
+    from longkit.eval.backends.base import GenerationRequest
+    from longkit.eval.backends.hf import HFBackend
+    from longkit.runtime.generate import greedy_generate
+
+    model = tiny_llama.model
+    ids = sample_ids(tiny_llama, n=100)[0].tolist()
+    args = {"block_size": 4, "n_init": 2, "n_local": 16, "topk": 2, "repr_topk": 1, "exec_chunk": 8}
+    from longkit.kvcache.snapkv import SnapKV
+
+    assert InfLLM.prefill_last_token_alone and not SnapKV.prefill_last_token_alone
+    with torch.inference_mode(), longkit.apply(model, memory="infllm", memory_args=args) as applied:
+        caches = []
+
+        class Recording:  # the applied handle, keeping the caches the backend asks for
+            spec = applied.spec
+
+            def new_cache(self):
+                caches.append(applied.new_cache())
+                return caches[-1]
+
+        result = HFBackend(tiny_llama, Recording()).generate(GenerationRequest(3, input_ids=ids))
+        sel = caches[0].states()[0].selections
+        # 99 tokens in chunks of 8 (13 chunks), the last prompt token alone, then one per decoded token (2 more).
+        assert len(sel) == 13 + 1 + (result.completion_tokens - 1) and result.completion_tokens == 3
+        # The record keeps the working set beside all of the KV (the offloaded blocks are in kv_bytes only).
+        assert 0 < result.stats["working_set_bytes"] < result.stats["kv_bytes"]
+        # Directly: 100 tokens together are 13 chunks (the last one of 4 tokens, the last token among them).
+        for flag, chunks in ((True, 14), (False, 13)):
+            cache = applied.new_cache()
+            gen = greedy_generate(model, ids, 3, cache, set(), last_token_alone=flag)
+            assert len(cache.states()[0].selections) == chunks + 2 and len(gen.tokens) == 3
+    # Without a method whose work depends on the call's queries, running the last token alone changes nothing.
+    with torch.inference_mode():
+        plain = [greedy_generate(model, ids, 4, None, set(), prefill_chunk=32, last_token_alone=flag).tokens
+                 for flag in (False, True)]
+    assert plain[0] == plain[1]

@@ -63,6 +63,10 @@ class InfLLM(MemoryMethod):
 
     paper = "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory (https://arxiv.org/abs/2402.04617)"
     keeps_cache = True
+    # The reference's generation loop (inf_llm/utils/greedy_search.py) prefills all but the last prompt token and
+    # runs that one alone: the first answer token comes from the blocks the last token's own query retrieves, not
+    # from the mean query of a 512-token chunk of the haystack's tail.
+    prefill_last_token_alone = True
 
     block_size: int = param(128, ge=1, help="tokens per memory block")
     n_init: int = param(128, ge=0, help="initial tokens always attended")
@@ -71,6 +75,8 @@ class InfLLM(MemoryMethod):
     repr_topk: int = param(4, ge=1, help="representative tokens per block (most attended by local queries)")
     exec_chunk: int = param(512, ge=1, help="queries processed together (share one block selection); <= n_local")
     offload: str = param("cpu", choices=("cpu", "none"), help="where memory blocks live: CPU memory, or none (compute device)")
+    impl: str = param("flash", choices=("flash", "reference"),
+                      help="chunk attention: fused flash calls (CPU; elsewhere the reference) or the float32 reference")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -211,7 +217,6 @@ class InfLLMState:
         cfg = self.cfg
         B, H, Tc, D = q.shape
         self.H = H
-        groups = H // k.shape[1]
         self._append_recent(k, v, pos)
         R = self.rk.shape[2]
         dev = q.device
@@ -222,12 +227,8 @@ class InfLLMState:
         far_mask = dist >= cfg.n_local
         n_far = int(far_mask.any(0).sum())  # the oldest recent tokens some query sees beyond the window
 
-        qf = q.float()
-        logits_local = torch.matmul(qf, _expand(self.rk, groups).float().transpose(-1, -2)) * scaling
-        logits_local.masked_fill_(~local, float("-inf"))
-
         # The far part: the query moved to position n_local - 1, the keys at position 0.
-        qg = rotate_by(qf, pos, torch.full_like(pos, cfg.n_local - 1, dtype=torch.float32), inv_freq)
+        qg = rotate_by(q.float(), pos, torch.full_like(pos, cfg.n_local - 1, dtype=torch.float32), inv_freq)
         sel = self.select(qg.mean(dim=2))
         self.selections.append(torch.arange(self.n_blocks()).expand(B, -1) if sel is None else sel.cpu())
         gk, gv = [], []
@@ -242,25 +243,14 @@ class InfLLMState:
         if n_far:
             gk.append(rotate_by(self.rk[:, :, :n_far], self.rpos[:n_far], torch.zeros_like(self.rpos[:n_far]), inv_freq))
             gv.append(self.rv[:, :, :n_far])
-        if gk:
-            gkt = _expand(torch.cat(gk, 2), groups).float()
-            gvt = _expand(torch.cat(gv, 2), groups).float()
-            logits_far = torch.matmul(qg, gkt.transpose(-1, -2)) * scaling
-            visible = torch.cat([torch.ones(Tc, n_fixed, dtype=torch.bool, device=dev), far_mask[:, :n_far]], 1)
-            logits_far.masked_fill_(~visible, float("-inf"))
-        else:
-            gvt = None
-            visible = torch.zeros(Tc, 0, dtype=torch.bool, device=dev)
-            logits_far = logits_local.new_zeros(B, H, Tc, 0)
+        far = (torch.cat(gk, 2), torch.cat(gv, 2)) if gk else None  # (B, H_kv, G, D)
+        visible = torch.cat([torch.ones(Tc, n_fixed, dtype=torch.bool, device=dev), far_mask[:, :n_far]], 1)
         self.max_keys_per_query = max(self.max_keys_per_query, int((local.sum(1) + visible.sum(1)).max()))
 
-        p = torch.softmax(torch.cat([logits_local, logits_far], dim=-1), dim=-1)
-        p_local, p_far = p[..., :R], p[..., R:]
-        out = torch.matmul(p_local, _expand(self.rv, groups).float())
-        if gvt is not None:
-            out = out + torch.matmul(p_far, gvt)
+        attend = _attend_flash if self.cfg.impl == "flash" and _flash_usable(q) else _attend_reference
+        out, score = attend(q, qg, self.rk, self.rv, far, local, visible, scaling)
         # Representative tokens are the ones the local window's queries attend most (summed over the queries).
-        self.rscore = self.rscore + p_local.sum(dim=2)
+        self.rscore = self.rscore + score
         self.seen += Tc
         self._retire(inv_freq)
         return out.to(q.dtype)
@@ -320,6 +310,105 @@ def block_scores(q_mean: torch.Tensor, repr: torch.Tensor) -> torch.Tensor:
     """(B, n_blocks) relevance: the chunk's mean query (B, H, D) times each block's representative key
     (B, H, n_blocks, D), summed over the heads."""
     return torch.einsum("bhd,bhnd->bn", q_mean.float(), repr.float())
+
+
+# ---- a chunk's attention: the plain reference and the fused path ------------------------------------------------
+
+
+def _attend_reference(q, qg, rk, rv, far, local, visible, scaling):
+    """One chunk's attention in float32, every logit materialised (the reference the fused path is tested against).
+
+    q (B, H, Tc, D): queries at their positions; qg: the same (float32) at the far position; rk, rv (B, H_kv, R, D):
+    the recent tokens; far: (keys, values) (B, H_kv, G, D) beyond the window (initial tokens, retrieved blocks, far
+    recent tokens) or None; local (Tc, R) and visible (Tc, G) bool masks. Returns the output (B, H, Tc, D) float32
+    and each recent token's attention summed over the chunk's queries, (B, H, R) float32 (one softmax over the local
+    and far keys together)."""
+    groups = q.shape[1] // rk.shape[1]
+    R = rk.shape[2]
+    logits_local = torch.matmul(q.float(), _expand(rk, groups).float().transpose(-1, -2)) * scaling
+    logits_local.masked_fill_(~local, float("-inf"))
+    if far is None:
+        logits_far = logits_local.new_zeros(*logits_local.shape[:-1], 0)
+    else:
+        logits_far = torch.matmul(qg, _expand(far[0], groups).float().transpose(-1, -2)) * scaling
+        logits_far.masked_fill_(~visible, float("-inf"))
+    p = torch.softmax(torch.cat([logits_local, logits_far], dim=-1), dim=-1)
+    p_local, p_far = p[..., :R], p[..., R:]
+    out = torch.matmul(p_local, _expand(rv, groups).float())
+    if far is not None:
+        out = out + torch.matmul(p_far, _expand(far[1], groups).float())
+    return out, p_local.sum(dim=2)
+
+
+#: torch's CPU flash attention that also returns the log-sum-exp of every query row (what merging two softmax parts
+#: and the representative scores need); absent from a build, the reference runs.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_usable(q: torch.Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility mask as the additive float mask flash attention takes (0 visible, -inf hidden)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _attend_flash(q, qg, rk, rv, far, local, visible, scaling):
+    """The same chunk attention as :func:`_attend_reference` without materialising a float32 logit matrix: three
+    calls of torch's CPU flash attention in the model's dtype (AMX bf16 where present), float32 accumulation inside.
+
+    1. local part: the query heads of each key/value head packed along the sequence (K and V read once, not
+       repeated), the (Tc, R) window mask tiled per head; 2. far part: the same with the far-position queries;
+    3. the two merged by their log-sum-exps (one softmax over both parts). The recent tokens' summed attention
+       sum_i p_ij = sum_i exp(s q_i . k_j - lse_i) is a flash call with the roles swapped (keys as queries, queries as
+       keys), the bias -lse_i folded into one extra channel: its log-sum-exp per key is log of the sum.
+    Outputs equal the reference within float32 rounding (bf16: within the rounding of the inputs)."""
+    B, H, Tc, D = q.shape
+    H_kv, R = rk.shape[1], rk.shape[2]
+    groups = H // H_kv
+    dt = q.dtype
+    # (B, H_kv, groups * Tc, D): query head h = kv * groups + j uses kv head h // groups (repeat_interleave's order).
+    qp = q.reshape(B, H_kv, groups * Tc, D)
+    o1, l1 = _FLASH_CPU(qp, rk.to(dt), rv.to(dt), 0.0, False, attn_mask=_additive(local, dt).repeat(groups, 1),
+                        scale=scaling)
+    l1 = l1.float()
+    if far is None:
+        out, lse = o1.float(), l1
+    else:
+        qgp = qg.to(dt).reshape(B, H_kv, groups * Tc, D)
+        gmask = None if bool(visible.all()) else _additive(visible, dt).repeat(groups, 1)
+        o2, l2 = _FLASH_CPU(qgp, far[0].to(dt), far[1].to(dt), 0.0, False, attn_mask=gmask, scale=scaling)
+        # A row that sees no far key: flash returns output 0 and log-sum-exp 0; its far weight must be 0.
+        has_far = visible.any(1).repeat(groups)  # (groups * Tc,)
+        l2 = torch.where(has_far, l2.float(), float("-inf"))
+        mx = torch.maximum(l1, l2)
+        w1, w2 = (l1 - mx).exp(), (l2 - mx).exp()
+        den = w1 + w2
+        out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / den[..., None]
+        lse = mx + den.log()
+    out = out.reshape(B, H, Tc, D)
+    lse = lse.reshape(B, H, Tc)
+
+    # Summed attention per recent token. (B, H, R, D + P) keys-as-queries [k_j, 1, 1, 0...] against (B, H, Tc, D + P)
+    # queries-as-keys [q_i, b_hi, b_lo, 0...] with b_hi + b_lo = -(lse_i - c) / s: s * dot = s q_i . k_j - lse_i + c.
+    # c = the row's max lse keeps the bias small; the bias split in two parts keeps it exact to ~2^-16 in bf16, so
+    # the scores rank the tokens as the float32 reference does. P pads the extra channels to a multiple of 8.
+    P = 8
+    c = lse.amax(dim=-1, keepdim=True)  # (B, H, 1)
+    bias = -(lse - c) / scaling
+    b_hi = bias.to(dt)
+    kq = q.new_zeros(B, H, R, D + P)
+    kq[..., :D] = _expand(rk.to(dt), groups)
+    kq[..., D : D + 2] = 1
+    qk = q.new_zeros(B, H, Tc, D + P)
+    qk[..., :D] = q
+    qk[..., D] = b_hi
+    qk[..., D + 1] = (bias - b_hi.float()).to(dt)
+    _, ls = _FLASH_CPU(kq, qk, qk, 0.0, False, attn_mask=_additive(local.T, dt), scale=scaling)
+    # A key no query sees locally (older than the window for all of them) received nothing.
+    score = torch.where(local.any(0), (ls.float() - c).exp(), 0.0)
+    return out, score
 
 
 # ---- the cache and the attention function -------------------------------------------------------------------------

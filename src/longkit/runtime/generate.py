@@ -63,6 +63,9 @@ class Generation:
     decode_s: float
     kv_bytes: int
     peak_mem_bytes: int | None
+    #: Bytes the cache keeps on the compute device after the prefill, where it says (InfLLM: initial and recent
+    #: tokens, not its offloaded blocks); None for a cache that keeps everything there (then ``kv_bytes``).
+    working_set_bytes: int | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -72,20 +75,30 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def greedy_generate(
-    model: Any, input_ids: list[int], max_new_tokens: int, cache: Any, eos_ids: set[int], prefill_chunk: int | None = None
+    model: Any, input_ids: list[int], max_new_tokens: int, cache: Any, eos_ids: set[int], prefill_chunk: int | None = None,
+    last_token_alone: bool = False,
 ) -> Generation:
-    """Prefill ``input_ids`` into ``cache`` (in chunks of ``prefill_chunk`` tokens if set), then greedy-decode."""
+    """Prefill ``input_ids`` into ``cache`` (in chunks of ``prefill_chunk`` tokens if set), then greedy-decode.
+
+    ``last_token_alone``: prefill all but the last prompt token, then run that token in a forward of its own (the
+    method's :attr:`~longkit.methods.Method.prefill_last_token_alone`); counted in the prefill time."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
     tokens: list[int] = []
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        out = chunked_prefill(model, ids, cache, prefill_chunk)
+        if last_token_alone and ids.shape[1] > 1:
+            out = chunked_prefill(model, ids[:, :-1], cache, prefill_chunk)
+            out = model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True, logits_to_keep=1)
+        else:
+            out = chunked_prefill(model, ids, cache, prefill_chunk)
         # With cache=None the model made its own; keep whichever cache it filled.
         cache = out.cache
         _sync(device)
         t1 = time.perf_counter()
         kv_bytes = cache_nbytes(cache)
+        working = getattr(cache, "working_set_nbytes", None)
+        working_set = working() if callable(working) else None
         for _ in range(max_new_tokens):
             # (B=1, 1, V) -> next token id
             nxt = int(out.logits[0, -1].argmax())
@@ -96,7 +109,7 @@ def greedy_generate(
             cache = out.cache
         _sync(device)
         t2 = time.perf_counter()
-    return Generation(tokens, t1 - t0, t2 - t1, kv_bytes, mem.peak_bytes)
+    return Generation(tokens, t1 - t0, t2 - t1, kv_bytes, mem.peak_bytes, working_set)
 
 
 @torch.inference_mode()

@@ -53,8 +53,10 @@ class HFBackend:
             eos.add(tok.encode("\n", add_special_tokens=False)[-1])
         if request.windows is not None:
             return self._windowed(request, eos)
+        memory = getattr(getattr(self.applied, "spec", None), "memory", None)
         gen = greedy_generate(
-            self.lm.model, ids, request.max_new_tokens, self.applied.new_cache(), eos, prefill_chunk=self.prefill_chunk
+            self.lm.model, ids, request.max_new_tokens, self.applied.new_cache(), eos, prefill_chunk=self.prefill_chunk,
+            last_token_alone=bool(getattr(memory, "prefill_last_token_alone", False)),
         )
         text = tok.decode(gen.tokens, skip_special_tokens=True)
         return GenerationResult(
@@ -100,5 +102,7 @@ class HFBackend:
 
 def _cost(gen: Any) -> dict[str, Any]:
     """The cost fields of a greedy generation (plain or windowed) in a record."""
-    return {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4), "new_tokens": len(gen.tokens),
+    cost = {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4), "new_tokens": len(gen.tokens),
             "peak_mem_bytes": gen.peak_mem_bytes, "kv_bytes": gen.kv_bytes}
+    working = getattr(gen, "working_set_bytes", None)
+    return cost if working is None else {**cost, "working_set_bytes": working}

@@ -40,7 +40,9 @@ Other layer kinds (chunked or linear attention) are refused, and so is a model w
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,12 +222,9 @@ class InfLLMState:
         self._append_recent(k, v, pos)
         R = self.rk.shape[2]
         dev = q.device
-        qi = self.seen + torch.arange(Tc, device=dev)  # sequence indices of the queries
-        kj = self.rstart + torch.arange(R, device=dev)  # of the recent keys
-        dist = qi[:, None] - kj[None, :]  # (Tc, R)
-        local = (dist >= 0) & (dist < cfg.n_local)
-        far_mask = dist >= cfg.n_local
-        n_far = int(far_mask.any(0).sum())  # the oldest recent tokens some query sees beyond the window
+        # Every layer of a forward sees the same window: its masks are built once (see ChunkWindow).
+        win = chunk_window(self.seen, self.rstart, R, Tc, cfg.n_local, dev)
+        local, n_far = win.local, win.n_far
 
         # The far part: the query moved to position n_local - 1, the keys at position 0.
         qg = rotate_by(q.float(), pos, torch.full_like(pos, cfg.n_local - 1, dtype=torch.float32), inv_freq)
@@ -244,11 +243,13 @@ class InfLLMState:
             gk.append(rotate_by(self.rk[:, :, :n_far], self.rpos[:n_far], torch.zeros_like(self.rpos[:n_far]), inv_freq))
             gv.append(self.rv[:, :, :n_far])
         far = (torch.cat(gk, 2), torch.cat(gv, 2)) if gk else None  # (B, H_kv, G, D)
-        visible = torch.cat([torch.ones(Tc, n_fixed, dtype=torch.bool, device=dev), far_mask[:, :n_far]], 1)
-        self.max_keys_per_query = max(self.max_keys_per_query, int((local.sum(1) + visible.sum(1)).max()))
+        visible = win.visible(n_fixed)
+        self.max_keys_per_query = max(self.max_keys_per_query, win.max_keys(n_fixed))
 
-        attend = _attend_flash if self.cfg.impl == "flash" and _flash_usable(q) else _attend_reference
-        out, score = attend(q, qg, self.rk, self.rv, far, local, visible, scaling)
+        if self.cfg.impl == "flash" and _flash_usable(q):
+            out, score = _attend_flash(q, qg, self.rk, self.rv, far, local, visible, scaling, win.additive(n_fixed))
+        else:
+            out, score = _attend_reference(q, qg, self.rk, self.rv, far, local, visible, scaling)
         # Representative tokens are the ones the local window's queries attend most (summed over the queries).
         self.rscore = self.rscore + score
         self.seen += Tc
@@ -312,6 +313,64 @@ def block_scores(q_mean: torch.Tensor, repr: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhd,bhnd->bn", q_mean.float(), repr.float())
 
 
+class ChunkWindow:
+    """The masks of one execution chunk: ``local`` (Tc, R) (key within ``n_local`` tokens before the query, causal),
+    ``far`` (Tc, R) (beyond the window), ``n_far`` (the oldest recent tokens some query sees far), and, for
+    ``n_fixed`` initial and retrieved tokens, ``visible(n_fixed)`` (Tc, n_fixed + n_far) and the additive float
+    masks the flash path takes. The same for every layer of a forward (same tokens seen, same window), so
+    :func:`chunk_window` builds them once per chunk instead of once per layer."""
+
+    def __init__(self, seen: int, rstart: int, R: int, Tc: int, n_local: int, device: torch.device):
+        qi = seen + torch.arange(Tc, device=device)  # sequence indices of the queries
+        kj = rstart + torch.arange(R, device=device)  # of the recent keys
+        dist = qi[:, None] - kj[None, :]  # (Tc, R)
+        self.local = (dist >= 0) & (dist < n_local)
+        self.far = dist >= n_local
+        self.n_far = int(self.far.any(0).sum())
+        self._local_keys = self.local.sum(1)  # (Tc,)
+        self._memo: dict = {}
+
+    def visible(self, n_fixed: int) -> torch.Tensor:
+        key = ("visible", n_fixed)
+        if key not in self._memo:
+            ones = torch.ones(self.local.shape[0], n_fixed, dtype=torch.bool, device=self.local.device)
+            self._memo[key] = torch.cat([ones, self.far[:, : self.n_far]], 1)
+        return self._memo[key]
+
+    def max_keys(self, n_fixed: int) -> int:
+        """The most keys one query of the chunk attends (local + far)."""
+        key = ("max_keys", n_fixed)
+        if key not in self._memo:
+            self._memo[key] = int((self._local_keys + self.visible(n_fixed).sum(1)).max())
+        return self._memo[key]
+
+    def additive(self, n_fixed: int) -> Callable[[str, torch.dtype, int], torch.Tensor | None]:
+        """``get(name, dtype, groups)``: the additive masks of :func:`_attend_flash`, built once per dtype and group
+        count: "local" (groups * Tc, R) tiled per packed head, "local_T" (R, Tc), "far" (groups * Tc, G) or None
+        when every query sees every far key."""
+
+        def get(name: str, dtype: torch.dtype, groups: int) -> torch.Tensor | None:
+            key = (name, n_fixed if name == "far" else None, dtype, groups if name != "local_T" else 1)
+            if key not in self._memo:
+                if name == "local":
+                    self._memo[key] = _additive(self.local, dtype).repeat(groups, 1)
+                elif name == "local_T":
+                    self._memo[key] = _additive(self.local.T, dtype)
+                else:
+                    vis = self.visible(n_fixed)
+                    self._memo[key] = None if bool(vis.all()) else _additive(vis, dtype).repeat(groups, 1)
+            return self._memo[key]
+
+        return get
+
+
+@functools.lru_cache(maxsize=2)
+def chunk_window(seen: int, rstart: int, R: int, Tc: int, n_local: int, device: torch.device) -> ChunkWindow:
+    """The :class:`ChunkWindow` of a chunk, shared by the layers of one forward (the last two kept: a model's
+    layers run one chunk at a time)."""
+    return ChunkWindow(seen, rstart, R, Tc, n_local, device)
+
+
 # ---- a chunk's attention: the plain reference and the fused path ------------------------------------------------
 
 
@@ -354,7 +413,20 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _attend_flash(q, qg, rk, rv, far, local, visible, scaling):
+def _masks_of(local: torch.Tensor, visible: torch.Tensor) -> Callable[[str, torch.dtype, int], torch.Tensor | None]:
+    """:meth:`ChunkWindow.additive`'s masks built from the bool masks themselves."""
+
+    def get(name: str, dtype: torch.dtype, groups: int) -> torch.Tensor | None:
+        if name == "local":
+            return _additive(local, dtype).repeat(groups, 1)
+        if name == "local_T":
+            return _additive(local.T, dtype)
+        return None if bool(visible.all()) else _additive(visible, dtype).repeat(groups, 1)
+
+    return get
+
+
+def _attend_flash(q, qg, rk, rv, far, local, visible, scaling, masks=None):
     """The same chunk attention as :func:`_attend_reference` without materialising a float32 logit matrix: three
     calls of torch's CPU flash attention in the model's dtype (AMX bf16 where present), float32 accumulation inside.
 
@@ -368,17 +440,18 @@ def _attend_flash(q, qg, rk, rv, far, local, visible, scaling):
     H_kv, R = rk.shape[1], rk.shape[2]
     groups = H // H_kv
     dt = q.dtype
+    if masks is None:  # called on its own (the tests): the additive masks from these bool masks
+        masks = _masks_of(local, visible)
     # (B, H_kv, groups * Tc, D): query head h = kv * groups + j uses kv head h // groups (repeat_interleave's order).
     qp = q.reshape(B, H_kv, groups * Tc, D)
-    o1, l1 = _FLASH_CPU(qp, rk.to(dt), rv.to(dt), 0.0, False, attn_mask=_additive(local, dt).repeat(groups, 1),
-                        scale=scaling)
+    o1, l1 = _FLASH_CPU(qp, rk.to(dt), rv.to(dt), 0.0, False, attn_mask=masks("local", dt, groups), scale=scaling)
     l1 = l1.float()
     if far is None:
         out, lse = o1.float(), l1
     else:
         qgp = qg.to(dt).reshape(B, H_kv, groups * Tc, D)
-        gmask = None if bool(visible.all()) else _additive(visible, dt).repeat(groups, 1)
-        o2, l2 = _FLASH_CPU(qgp, far[0].to(dt), far[1].to(dt), 0.0, False, attn_mask=gmask, scale=scaling)
+        o2, l2 = _FLASH_CPU(qgp, far[0].to(dt), far[1].to(dt), 0.0, False, attn_mask=masks("far", dt, groups),
+                            scale=scaling)
         # A row that sees no far key: flash returns output 0 and log-sum-exp 0; its far weight must be 0.
         has_far = visible.any(1).repeat(groups)  # (groups * Tc,)
         l2 = torch.where(has_far, l2.float(), float("-inf"))
@@ -405,7 +478,7 @@ def _attend_flash(q, qg, rk, rv, far, local, visible, scaling):
     qk[..., :D] = q
     qk[..., D] = b_hi
     qk[..., D + 1] = (bias - b_hi.float()).to(dt)
-    _, ls = _FLASH_CPU(kq, qk, qk, 0.0, False, attn_mask=_additive(local.T, dt), scale=scaling)
+    _, ls = _FLASH_CPU(kq, qk, qk, 0.0, False, attn_mask=masks("local_T", dt, 1), scale=scaling)
     # A key no query sees locally (older than the window for all of them) received nothing.
     score = torch.where(local.any(0), (ls.float() - c).exp(), 0.0)
     return out, score
@@ -512,6 +585,13 @@ class _InfLLMAttention(BoundAttention):
 
     name = "infllm"
     kind = "memory"
+
+    def mask_function(self):
+        # A causal mask with nothing else to hide comes as None (the chunks' own masks are causal): transformers
+        # would otherwise build, and _check_mask compare, a (T, S) mask per forward that grows with the context.
+        from longkit.attention.position_remap import causal_tail_sdpa_mask
+
+        return causal_tail_sdpa_mask
 
     def attention(self, module, query, key, value, attention_mask, scaling, kwargs):
         B, H, H_kv, T, S, D = check_qkv(query, key, value)

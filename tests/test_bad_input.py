@@ -473,6 +473,17 @@ def _kivi_decode(kernel: str, tokens: int = 1):
     return kivi_decode(layer, torch.ones(1, 4, tokens, 16), kernel=kernel)
 
 
+def _kivi_native(kernel: str):
+    """KIVI's native packed read of a small layer with a bad loop layout (checked before the kernel is built)."""
+    from longkit.kvcache.kivi import KIVILayer
+    from longkit.kvcache.kivi_native import kivi_decode_native
+
+    layer = KIVILayer(2, 4, 0)
+    x = torch.ones(1, 2, 8, 16)
+    layer.update(x, x)
+    return kivi_decode_native(layer, torch.ones(1, 4, 1, 16), kernel=kernel)
+
+
 def _compiled_kivi(lm, **kwargs):
     """A compiled decoder on a prefilled KIVI cache (the model's attention is restored whatever happens)."""
     with longkit.apply(lm.model, kv="kivi:group_size=8,residual=8") as applied, torch.inference_mode():
@@ -563,6 +574,8 @@ API = [
      "parameter 'kernel' must be one of blocked, blocked-dot, v1 (got 'fast')"),
     ("kivi-decode-kernel", lambda fx, lm, t: _kivi_decode(kernel="fast"), MethodError,
      "parameter 'kernel' must be one of native, tiled or None (got 'fast')"),
+    ("kivi-native-kernel", lambda fx, lm, t: _kivi_native(kernel="fast"), MethodError,
+     "parameter 'kernel' must be one of blocked, blocked-vec, v1 (got 'fast')"),
     ("kivi-native-two-query-tokens", lambda fx, lm, t: _kivi_decode(kernel="native", tokens=2), MethodError,
      "needs one query token"),
 ]

@@ -133,6 +133,9 @@ TABLES = {
     "decode/results/attend_kernel_quiet.md": lambda: _script("decode/attend_kernel.py").markdown(
         _json("decode/results/attend_kernel_quiet.json")
     ),
+    "decode/results/kivi_kernel.md": lambda: _script("decode/kivi_kernel.py").markdown(
+        _json("decode/results/kivi_kernel.json")
+    ),
     "decode/results/decode_floor_blocked.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_floor_blocked.json")
     ),

@@ -292,3 +292,35 @@ def test_a_small_attend_kernel_run_writes_json_and_renders_the_same_table(tmp_pa
     r = subprocess.run([sys.executable, str(ATTEND), "--kernels", "fast", "--out", str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
     assert r.returncode != 0 and "--kernels from blocked, blocked-dot, v1" in r.stderr
+
+
+KIVI_KERNEL = REPO / "benchmarks" / "decode" / "kivi_kernel.py"
+
+
+@pytest.mark.skipif(kivi_native._compiler() is None, reason="no C compiler to build the native kernel")
+def test_a_small_kivi_kernel_run_writes_json_and_renders_the_same_table(tmp_path):
+    # two short contexts (one group quantised beyond the residual, then more), one bit width, two layers, every loop
+    # layout against the dense kernel and the read of the packed bytes
+    args = ["--lengths", "192,300", "--bits", "2", "--threads", "1", "--layers", "2", "--rounds", "2",
+            "--out", str(tmp_path), "--name", "k"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, str(KIVI_KERNEL), *args], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert list(data["wall_ms"]) == ["192/2/1", "300/2/1"] and data["dense_bytes"]["300"] == 2 * 2 * 3 * 300 * 64 * 2
+    assert list(data["cpu_ms"]["192/2/1"]) == ["read", "dense", "v1", "blocked-vec", "blocked"]
+    # 300 tokens, residual 128: 160 quantised (5 groups of 32) per head: codes 16 B, value scale+zero 8 B per token,
+    # key scale+zero 256 B per group; 3 heads, 2 layers
+    assert data["bytes"]["300/2"] == 2 * 3 * (160 * (16 + 16 + 8) + 5 * 256)
+    assert all(len(t) == 2 and min(t) > 0 for t in data["wall_ms"]["300/2/1"].values())
+    rows = load_script(KIVI_KERNEL).rows_of(data)
+    assert len(rows) == 10 and all(r["cpu_x_dense"] == 1.0 for r in rows if r["variant"] == "dense")
+    md = (tmp_path / "k.md").read_text()
+    (tmp_path / "k.md").unlink()
+    r = subprocess.run([sys.executable, str(KIVI_KERNEL), "--render", "--out", str(tmp_path), "--name", "k"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "k.md").read_text() == md
+    r = subprocess.run([sys.executable, str(KIVI_KERNEL), "--kernels", "fast", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode != 0 and "--kernels from blocked, blocked-vec, v1" in r.stderr

@@ -1,0 +1,233 @@
+"""KIVI's native packed decode attention against the dense bf16 kernel and a plain read of the packed bytes.
+
+    OMP_WAIT_POLICY=passive nice -n 19 .venv/bin/python benchmarks/decode/kivi_kernel.py \
+        [--lengths 2048,8192,32768] [--bits 2,4] [--threads 1,2] [--layers 30] [--rounds 9] [--kernels v1,blocked-vec,blocked] \
+        [--name kivi_kernel]
+
+A KIVI decode step calls :func:`longkit.kvcache.kivi_native.kivi_decode_native` once per layer for one query token
+over the layer's packed 2-/4-bit keys and values (issue 24: it should beat the full bf16 cache, whose bytes it reads
+about a quarter of at 2 bits). This script times that call on SmolLM2-135M's attention shape (head dim 64, 9 query
+heads on 3 kv heads) over ``--layers`` separate KIVI layers per context length and bit width (KIVI's defaults: group
+size 32, residual 128, float16 scales; bf16 residual), so the data comes from memory, not from the cache of the
+previous call. One pass of each variant reads every layer once:
+
+- ``read``: ``.view(torch.float32).sum()`` of each layer's packed codes, key and value scales and zeros (torch's
+  float32 sum over the packed bytes read as float32 words, as attend_kernel.py's read of the dense cache: the
+  yardstick for "reading the packed cache"; an integer sum was 2-3x slower than this, not a read at the bandwidth;
+  the small bf16 residual is left out);
+- ``dense``: :func:`longkit.kvcache.decode_native.decode_attend` (``kernel="blocked"``, the one that reads at the
+  bandwidth) over a dense bf16 cache of the same length and shape (30 layers' own K/V);
+- one row per ``--kernels`` entry: the packed kernel with that loop layout (``v1``: the first loops;
+  ``blocked-vec``: 16-token blocks with prefetch on the vector units; ``blocked``: the same with the multiply-adds
+  by the AMX tile unit where the CPU has one; see the module).
+
+Rounds alternate the variants (order rotated), round 0 a warm-up. Per round and variant the wall time and the CPU
+time of the process (``time.process_time``: on a shared, CPU-capped machine it leaves out the time the process waited
+for its share, so the CPU-time ratios are what counts there) are recorded; the table gives medians and each variant's
+time over the same round's ``dense`` and ``read`` passes (medians of the per-round ratios). Writes
+``results/<name>.json`` and ``.md``; ``--render`` redraws the ``.md`` from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import decode  # noqa: E402  (the sibling benchmark: its reader and writer of results)
+
+#: SmolLM2-135M's attention: head dim, query heads, kv heads; KIVI's default group size and residual
+HEAD_DIM, HEADS, KV_HEADS, GROUP, RESIDUAL = 64, 9, 3, 32, 128
+#: the packed tensors of a KIVI layer that ``read`` sums
+PACKED = ("qkeys", "qvalues", "k_scale", "k_zero", "v_scale", "v_zero")
+
+
+def kivi_layers(length: int, bits: int, layers: int, gen) -> list:
+    """``layers`` KIVI layers (bf16) that each saw ``length`` random tokens in one prefill."""
+    import torch
+
+    from longkit.kvcache.kivi import KIVILayer
+
+    out = []
+    for _ in range(layers):
+        k = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(torch.bfloat16)
+        v = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(torch.bfloat16)
+        layer = KIVILayer(bits, GROUP, RESIDUAL)
+        layer.update(k, v)
+        out.append(layer)
+    return out
+
+
+def packed_bytes(layer) -> int:
+    return sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in PACKED)
+
+
+def build(variant: str, layers: list, ks: list, vs: list, q):
+    """A callable doing one pass of ``variant`` over every layer."""
+    import torch
+
+    from longkit.kvcache import decode_native, kivi_native
+
+    if variant == "read":
+        tensors = [getattr(layer, n) for layer in layers for n in PACKED]
+        return lambda: [t.view(torch.float32).sum() for t in tensors]
+    if variant == "dense":
+        return lambda: [decode_native.decode_attend(q, k, v, kernel="blocked") for k, v in zip(ks, vs, strict=True)]
+    ok = kivi_native.available(layers[0], q)
+    if ok is not True:
+        raise SystemExit(f"error: the native KIVI kernel is not available: {ok}")
+    return lambda: [kivi_native.kivi_decode_native(layer, q, kernel=variant) for layer in layers]
+
+
+def measure(args) -> dict:
+    import torch
+
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    variants = ["read", "dense", *kernels]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    bits_list = [int(x) for x in args.bits.split(",")]
+    threads = [int(x) for x in args.threads.split(",")]
+    wall, cpu, nbytes, dense_bytes = {}, {}, {}, {}
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    for length in lengths:
+        # the dense cache's own random bf16 K/V (no zeros: nothing denormal)
+        ks = [torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(torch.bfloat16) for _ in range(args.layers)]
+        vs = [torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(torch.bfloat16) for _ in range(args.layers)]
+        dense_bytes[str(length)] = 2 * sum(k.numel() * k.element_size() for k in ks)
+        for bits in bits_list:
+            print(f"building {args.layers} KIVI {bits}-bit layers of {length} tokens", file=sys.stderr, flush=True)
+            layers = kivi_layers(length, bits, args.layers, gen)
+            nbytes[f"{length}/{bits}"] = sum(packed_bytes(layer) for layer in layers)
+            fns = {v: build(v, layers, ks, vs, q) for v in variants}
+            for n in threads:
+                key = f"{length}/{bits}/{n}"
+                wall[key], cpu[key] = {v: [] for v in variants}, {v: [] for v in variants}
+                torch.set_num_threads(n)
+                print(f"measuring {length} tokens, {bits} bits, {n} thread(s)", file=sys.stderr, flush=True)
+                with torch.inference_mode():
+                    for r in range(args.rounds + 1):
+                        k = r % len(variants)
+                        for v in variants[k:] + variants[:k]:
+                            c0, t0 = time.process_time(), time.perf_counter()
+                            fns[v]()
+                            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                            if r:
+                                wall[key][v].append(1e3 * dt)
+                                cpu[key][v].append(1e3 * dc)
+            del layers, fns
+        del ks, vs
+    return {"wall_ms": wall, "cpu_ms": cpu, "bytes": nbytes, "dense_bytes": dense_bytes}
+
+
+def _ratio(ms: list, base: list) -> float:
+    return statistics.median(a / b for a, b in zip(ms, base, strict=True))
+
+
+def rows_of(data: dict) -> list[dict]:
+    out = []
+    for key, per in data["wall_ms"].items():
+        length, bits, threads = (int(x) for x in key.split("/"))
+        cpu = data["cpu_ms"][key]
+        for v, ms in per.items():
+            out.append({"length": length, "bits": bits, "threads": threads, "variant": v,
+                        "wall_ms": statistics.median(ms), "cpu_ms": statistics.median(cpu[v]),
+                        "wall_x_dense": _ratio(ms, per["dense"]), "cpu_x_dense": _ratio(cpu[v], cpu["dense"]),
+                        "cpu_x_read": _ratio(cpu[v], cpu["read"])})  # fmt: skip
+    return out
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"# KIVI's native packed decode attention against the dense bf16 kernel and a read of the packed bytes (head "
+        f"dim {HEAD_DIM}, {HEADS} query heads on {KV_HEADS} kv heads, group size {GROUP}, residual {RESIDUAL}, "
+        f"{meta['layers']} layers, {meta['rounds']} rounds)",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"torch {meta['torch']}; CPU capability {meta['cpu_capability']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"load average {meta['load_before']} before / {meta['load_after']} after; {meta.get('note') or 'no note'}. "
+        "One pass = every layer once; `read` = `.view(torch.float32).sum()` of each layer's packed codes, scales and "
+        'zeros (MB packed = those bytes per pass); `dense` = `decode_native.decode_attend(kernel="blocked")` over a '
+        "dense bf16 cache of the same length (MB dense per pass); the other rows the packed kernel's loop layouts. "
+        "x dense / x read = the pass's time over the same round's `dense` / `read` pass, median over rounds. The CPU "
+        "is shared and capped (see the note): **the CPU-time ratios are what counts**, not the milliseconds.",
+        "",
+        "| tokens | bits | threads | MB packed | MB dense | variant | wall ms | CPU ms | x dense (wall) | "
+        "x dense (CPU) | x read (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows_of(data):
+        packed = data["bytes"][f"{r['length']}/{r['bits']}"] / 1e6
+        dense = data["dense_bytes"][str(r["length"])] / 1e6
+        lines.append(
+            f"| {r['length']} | {r['bits']} | {r['threads']} | {packed:.1f} | {dense:.1f} | {r['variant']} | "
+            f"{r['wall_ms']:.2f} | {r['cpu_ms']:.2f} | {r['wall_x_dense']:.2f} | {r['cpu_x_dense']:.2f} | "
+            f"{r['cpu_x_read']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="2048,8192,32768", help="context lengths, comma-separated")
+    ap.add_argument("--bits", default="2,4", help="KIVI code widths, comma-separated (2, 4)")
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    ap.add_argument("--layers", type=int, default=30, help="separate layers per length (>= 1)")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds after one warm-up (>= 2)")
+    ap.add_argument(
+        "--kernels", default="v1,blocked-vec,blocked", help="packed loop layouts to time (of the module's KERNELS)"
+    )
+    ap.add_argument("--note", default=None)
+    ap.add_argument("--name", default="kivi_kernel")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args(argv)
+    out = args.out or RESULTS
+    if args.render:
+        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
+        return
+    from longkit.kvcache.kivi_native import KERNELS
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        bits = [int(x) for x in args.bits.split(",")]
+        threads = [int(x) for x in args.threads.split(",")]
+    except ValueError:
+        sys.exit(f"error: --lengths, --bits and --threads take comma-separated integers (got {args.lengths!r}, "
+                 f"{args.bits!r}, {args.threads!r})")  # fmt: skip
+    bad = [k for k in args.kernels.split(",") if k.strip() not in KERNELS]
+    if (bad or min(lengths) < 1 or min(threads) < 1 or args.layers < 1 or args.rounds < 2
+            or not set(bits) <= {2, 4}):  # fmt: skip
+        sys.exit(
+            f"error: --kernels from {', '.join(KERNELS)} (got {bad}), --lengths >= 1, --bits 2 or 4, --threads >= 1, "
+            "--layers >= 1, --rounds >= 2"
+        )
+
+    import torch
+
+    from longkit.kvcache.decode import cpu_capability
+
+    load_before = os.getloadavg()
+    got = measure(args)
+    meta = {
+        "command": " ".join(["python", "benchmarks/decode/kivi_kernel.py", *(sys.argv[1:] if argv is None else argv)]),
+        "layers": args.layers, "rounds": args.rounds, "torch": torch.__version__, "cpu_capability": cpu_capability(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+        "note": args.note,
+    }  # fmt: skip
+    data = {"meta": meta, **got}
+    decode.saved(data, out, args.name, markdown)
+
+
+if __name__ == "__main__":
+    main()

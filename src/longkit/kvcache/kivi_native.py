@@ -16,8 +16,9 @@ bytes at 2 bits, plus scales):
 
 Kernel ``blocked`` (the default; ``v1`` keeps the loops above for A/B measurements), on CPUs with AVX-512 and group
 sizes that are multiples of 16 (SmolLM2-135M's shape, 30 layers' packed K/V from memory, shared CPU, by CPU time:
-2 bits 0.64-0.68x the dense bf16 kernel's ``blocked`` at 8K-32K where ``v1`` took 1.06-1.17x; 4 bits about 0.85x
-where ``v1`` took 1.55-1.65x; benchmarks/decode/kivi_kernel.py):
+2 bits 0.64-0.71x the dense bf16 kernel's ``blocked`` at 8K-32K where ``v1`` took 1.02-1.20x; 4 bits 0.83-0.84x
+where ``v1`` took 1.42-1.72x; still compute-bound, 2.4-2.7x a plain read of the packed bytes on one thread; see
+benchmarks/decode/results/kivi_kernel.notes.md):
 
 - 16 tokens a block, the blocks two ahead prefetched (codes, scales, zeros);
 - a code is never shifted down: ``dword & (mask << bits m)`` converted to float is the code times ``2^(bits m)``,

@@ -16,7 +16,8 @@ same round's ``--base`` step (round 0 is a warm-up, not counted). Variants (``+`
 - ``gemv``: the model's linear layers through :mod:`longkit.runtime.gemv_native` (``linear="native"``) instead of
   oneDNN's prepacked bf16 linears;
 - ``cpp_wrapper``, ``max_autotune``: inductor settings for the compile (``{"cpp_wrapper": True}``; ``{"max_autotune":
-  True}``, CPU GEMM templates benchmarked against the library calls, no CUDA graphs);
+  True}``, CPU GEMM templates benchmarked against the library calls, no CUDA graphs); ``concat``: inductor's
+  ``cpp.enable_concat_linear`` (with freezing, linears sharing an input become one linear over concatenated weights);
 - ``nofreeze``: without inductor's ``freezing``; ``nocompile``: the same fixed-capacity steps run eagerly.
 
 Distance from the limit: the machine's read bandwidth is measured in the same process (``decode.py``'s probe) and each
@@ -43,7 +44,7 @@ sys.path.insert(0, str(HERE))
 import decode  # noqa: E402  (the sibling benchmark: bandwidth probe, weight bytes, lengths)
 
 #: the flags a variant name may combine
-FLAGS = ("eager", "sdpa", "native", "gemv", "cpp_wrapper", "max_autotune", "nofreeze", "nocompile")
+FLAGS = ("eager", "sdpa", "native", "gemv", "cpp_wrapper", "max_autotune", "concat", "nofreeze", "nocompile")
 
 
 def parse_variant(name: str) -> dict:
@@ -61,6 +62,9 @@ def parse_variant(name: str) -> dict:
         options["cpp_wrapper"] = True
     if "max_autotune" in flags:
         options["max_autotune"] = True
+    if "concat" in flags:
+        # linears that read the same input (q/k/v, gate/up) concatenated into one frozen weight: fewer, larger reads
+        options["cpp.enable_concat_linear"] = True
     return {"attention": "native" if "native" in flags else "sdpa", "freezing": "nofreeze" not in flags,
             "options": options, "compile": "nocompile" not in flags,
             "linear": "native" if "gemv" in flags else "torch"}  # fmt: skip

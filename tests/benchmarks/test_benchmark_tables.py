@@ -142,6 +142,18 @@ TABLES = {
     "decode/results/decode_kivi_compiled.md": lambda: _script("decode/decode.py").markdown(
         _json("decode/results/decode_kivi_compiled.json")
     ),
+    "decode/results/compiled_ab_gemv_8k_quiet.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_gemv_8k_quiet.json")
+    ),
+    "decode/results/compiled_ab_profile_8k_quiet.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_profile_8k_quiet.json")
+    ),
+    "decode/results/compiled_ab_concat_8k_quiet.md": lambda: _script("decode/compiled_ab.py").markdown(
+        _json("decode/results/compiled_ab_concat_8k_quiet.json")
+    ),
+    "decode/results/decode_floor_concat.md": lambda: _script("decode/decode.py").markdown(
+        _json("decode/results/decode_floor_concat.json")
+    ),
     "models/results/gemma3_chunked_check.md": lambda: _script("models/gemma3_chunked_check.py").markdown(
         _json("models/results/gemma3_chunked_check.json")
     ),

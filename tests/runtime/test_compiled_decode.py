@@ -37,13 +37,14 @@ def _eager(model, ids, steps, **spec):
     return tokens, torch.cat(logits)
 
 
-def _decoded(model, ids, steps, compile, attention="auto", linear="torch", **spec):
+def _decoded(model, ids, steps, compile, attention="auto", linear="torch", options=None, **spec):
     """The same through a :class:`CompiledDecoder` (prefill eager)."""
     with longkit.apply(model, **spec) as applied, torch.inference_mode():
         cache = applied.new_cache()
         out = model(ids, cache=cache, use_cache=True)
         token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
-        with compiled_decode(model, cache, steps, compile=compile, attention=attention, linear=linear) as dec:
+        with compiled_decode(model, cache, steps, compile=compile, attention=attention, linear=linear,
+                             options=options) as dec:
             assert model.config._attn_implementation == ATTENTION
             for _ in range(steps):
                 tokens.append(int(token))
@@ -64,6 +65,24 @@ def test_compiled_steps_decode_the_eager_tokens_and_logits(tiny_llama):
         assert dec.attention == ("native" if NATIVE else "sdpa")
     # the decoder gave the model its attention back
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_concatenated_linears_are_on_with_freezing_and_change_nothing():
+    # inductor's cpp.enable_concat_linear (q/k/v and gate/up as one linear over concatenated frozen weights) is on by
+    # default with freezing, off when options say so, absent without freezing; bf16 (where oneDNN prepacks the
+    # weights and the pass applies): the same tokens and logits within bf16 rounding with and without it.
+    from longkit.runtime.compiled_decode import _inductor_settings
+
+    assert _inductor_settings(True, {}) == {"freezing": True, "cpp.enable_concat_linear": True}
+    assert _inductor_settings(True, {"cpp.enable_concat_linear": False})["cpp.enable_concat_linear"] is False
+    assert _inductor_settings(False, {"cpp_wrapper": True}) == {"cpp_wrapper": True}
+    lm = longkit.load_model("tiny-llama", dtype="bfloat16")
+    ids = sample_ids(lm, 37)
+    on_tokens, on_logits, on = _decoded(lm.model, ids, STEPS, True)
+    off_tokens, off_logits, off = _decoded(lm.model, ids, STEPS, True, options={"cpp.enable_concat_linear": False})
+    assert on.inductor_settings()["cpp.enable_concat_linear"] and not off.inductor_settings()["cpp.enable_concat_linear"]
+    assert on_tokens == off_tokens
+    torch.testing.assert_close(on_logits.float(), off_logits.float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,9 @@ lifetime (restored when it closes), in one of two forms (``attention``):
   mask.
 
 The model's linear layers (``linear``, opt-in): ``torch`` (the default) leaves them to inductor (with ``freezing``:
-oneDNN linears on prepacked bf16 weights); ``native`` (or ``auto``: where it builds) calls the C GEMV of
+oneDNN linears on prepacked bf16 weights, and inductor's ``cpp.enable_concat_linear``: linears sharing an input, q/k/v
+and gate/up, concatenated into one; quiet A/B at 8K on SmolLM2-135M, 2 threads: 27.6 vs 30.5 ms per step,
+``benchmarks/decode/results/compiled_ab_concat_8k_quiet.md``); ``native`` (or ``auto``: where it builds) calls the C GEMV of
 :mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every ``nn.Linear`` during the steps (at most
 4 rows; prefill and any forward outside :meth:`CompiledDecoder.step` keep torch's linear): each weight row read once,
 bf16 dot products on AVX512-BF16, the weights not prepacked. On a shared, capped CPU it read SmolLM2's weights as
@@ -563,6 +565,10 @@ class CompiledDecoder:
         return "torch"
 
     @torch.inference_mode()
+    def inductor_settings(self) -> dict[str, Any]:
+        """What inductor is patched with while a step compiles (:func:`_inductor_settings`; none when not compiled)."""
+        return _inductor_settings(self.freezing, self.options if self.compiled else {})
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (B, 1) ids, return the next-token logits (B, vocab) and advance by one token."""
         if self._closed:
@@ -593,7 +599,7 @@ class CompiledDecoder:
         # longkit.runtime, and only a compiled decoder needs it)
         from torch._inductor import config as inductor_config
 
-        settings = {**({"freezing": True} if self.freezing else {}), **(self.options if self.compiled else {})}
+        settings = self.inductor_settings()
         self._gemv_state["on"] = True
         try:
             with inductor_config.patch(**settings) if settings else contextlib.nullcontext():
@@ -626,6 +632,13 @@ class CompiledDecoder:
         self.close()
 
 
+def _inductor_settings(freezing: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """The inductor settings patched while a step compiles. With freezing, linears that read the same input (q/k/v,
+    gate/up) become one linear over concatenated weights: 121 linear calls per SmolLM2 step instead of 211, 0.91x the
+    step at 8K (quiet A/B, benchmarks/decode/results/compiled_ab_concat_8k_quiet.md); ``options`` can turn it off."""
+    return {**({"freezing": True, "cpp.enable_concat_linear": True} if freezing else {}), **options}
+
+
 def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: bool = True, freezing: bool = True,
                     bucket: int = BUCKET, attention: str = "auto",
                     options: dict[str, Any] | None = None, linear: str = "torch") -> CompiledDecoder:  # fmt: skip
@@ -638,7 +651,8 @@ def compiled_decode(model: Any, cache: Any, max_new_tokens: int, *, compile: boo
     ``attention`` one of ``auto`` (default: ``native`` where its kernel builds, else ``sdpa``), ``native`` (the C
     kernel of :mod:`longkit.kvcache.decode_native` over the filled slots only, refused where it cannot build) or
     ``sdpa`` (torch's fused kernel over the whole buffer under the mask); ``options`` more inductor settings patched
-    while the step compiles (e.g. ``{"cpp_wrapper": True}``; none by default, see the module docstring); ``linear``
+    while the step compiles (e.g. ``{"cpp_wrapper": True}``; with ``freezing``, ``cpp.enable_concat_linear`` is on
+    unless ``options`` sets it, see the module docstring); ``linear``
     one of ``torch`` (default: the model's nn.Linear layers as they are, prepacked for oneDNN by ``freezing``),
     ``native`` (the C GEMV of :mod:`longkit.runtime.gemv_native` as the operator ``longkit::gemv`` for every
     nn.Linear during the steps, for at most 4 rows; refused where it cannot build) or ``auto`` (``native`` where it

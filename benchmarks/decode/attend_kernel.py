@@ -144,15 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--kernels", default="v1,blocked-dot,blocked", help="loop layouts to time (of the module's KERNELS)"
     )
-    ap.add_argument("--note", default=None)
-    ap.add_argument("--name", default="attend_kernel")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--render", action="store_true")
+    decode.add_results_arguments(ap, "attend_kernel")
     args = ap.parse_args(argv)
-    out = args.out or RESULTS
-    if args.render:
-        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
+    if decode.rendered(args, markdown):
         return
+    out = args.out or RESULTS
     from longkit.kvcache.decode_native import KERNELS
 
     try:
@@ -168,21 +164,9 @@ def main(argv: list[str] | None = None) -> None:
             "--rounds >= 2"
         )
 
-    import torch
-
-    from longkit.kvcache.decode import cpu_capability
-
     load_before = os.getloadavg()
     got = measure(args)
-    meta = {
-        "command": " ".join(
-            ["python", "benchmarks/decode/attend_kernel.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "layers": args.layers, "rounds": args.rounds, "torch": torch.__version__, "cpu_capability": cpu_capability(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-        "note": args.note,
-    }  # fmt: skip
+    meta = decode.run_meta("attend_kernel.py", argv, load_before, args.note, layers=args.layers, rounds=args.rounds)
     data = {"meta": meta, **got}
     decode.saved(data, out, args.name, markdown)
 

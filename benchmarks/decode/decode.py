@@ -446,6 +446,40 @@ def saved(data: dict, out: Path, name: str, markdown) -> None:
     print(table)
 
 
+def add_results_arguments(ap: argparse.ArgumentParser, name: str) -> None:
+    """The results options every decode script shares: ``--note``, ``--name``, ``--out``, ``--render``."""
+    ap.add_argument("--note", default=None, help="a line on the conditions, recorded with the results")
+    ap.add_argument("--name", default=name, help="results file stem")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/decode/results)")
+    ap.add_argument("--render", action="store_true", help="redraw results/<name>.md from the JSON only")
+
+
+def rendered(args: argparse.Namespace, markdown) -> bool:
+    """With ``--render``: the table redrawn from the committed JSON (True: nothing else to do)."""
+    if not args.render:
+        return False
+    out = args.out or HERE / "results"
+    (out / f"{args.name}.md").write_text(markdown(recorded(out, args.name)))
+    return True
+
+
+def run_meta(script: str, argv: list[str] | None, load_before: tuple[float, ...], note: str | None,
+             **fields) -> dict:
+    """A sibling script's run record: its command, ``fields``, torch and the CPU, the OpenMP wait policy, the load
+    average before (``load_before``) and now, and the note."""
+    import torch
+
+    from longkit.kvcache.decode import cpu_capability
+
+    return {
+        "command": " ".join(["python", f"benchmarks/decode/{script}", *(sys.argv[1:] if argv is None else argv)]),
+        **fields, "torch": torch.__version__, "cpu_capability": cpu_capability(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+        "note": note,
+    }  # fmt: skip
+
+
 def recorded(out: Path, name: str) -> dict:
     """The committed results ``out/<name>.json`` that ``--render`` redraws (this script's and its siblings'); exits
     with a clear error when there are none."""

@@ -157,15 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1 = one token)")
     ap.add_argument("--variants", default="read,linear,compiled,native")
     ap.add_argument("--shapes", default=",".join(SHAPE_KEYS), help="of " + ", ".join(SHAPE_KEYS))
-    ap.add_argument("--note", default=None)
-    ap.add_argument("--name", default="gemv_bandwidth")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--render", action="store_true")
+    decode.add_results_arguments(ap, "gemv_bandwidth")
     args = ap.parse_args(argv)
-    out = args.out or RESULTS
-    if args.render:
-        (out / f"{args.name}.md").write_text(markdown(decode.recorded(out, args.name)))
+    if decode.rendered(args, markdown):
         return
+    out = args.out or RESULTS
     bad = [v for v in args.variants.split(",") if v.strip() not in VARIANTS]
     bad += [k for k in args.shapes.split(",") if k not in SHAPE_KEYS]
     if bad or args.rounds < 2 or args.rows < 1:
@@ -176,20 +172,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from longkit.kvcache.decode import cpu_capability
-
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     got = measure(args)
-    meta = {
-        "command": " ".join(
-            ["python", "benchmarks/decode/gemv_bandwidth.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "rows": args.rows, "rounds": args.rounds, "torch": torch.__version__, "cpu_capability": cpu_capability(),
-        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-        "note": args.note,
-    }  # fmt: skip
+    meta = decode.run_meta("gemv_bandwidth.py", argv, load_before, args.note, rows=args.rows, rounds=args.rounds,
+                           threads=torch.get_num_threads())
     data = {"meta": meta, **got}
     decode.saved(data, out, args.name, markdown)
 

@@ -283,15 +283,7 @@ def test_a_small_attend_kernel_run_writes_json_and_renders_the_same_table(tmp_pa
     assert all(len(t) == 2 and min(t) > 0 for t in data["wall_ms"]["100/1"].values())
     rows = load_script(ATTEND).rows_of(data)
     assert len(rows) == 8 and all(r["wall_x_read"] == 1.0 for r in rows if r["variant"] == "read")
-    md = (tmp_path / "a.md").read_text()
-    (tmp_path / "a.md").unlink()
-    r = subprocess.run([sys.executable, str(ATTEND), "--render", "--out", str(tmp_path), "--name", "a"],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "a.md").read_text() == md
-    r = subprocess.run([sys.executable, str(ATTEND), "--kernels", "fast", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
-    assert r.returncode != 0 and "--kernels from blocked, blocked-dot, v1" in r.stderr
+    _rerenders_and_refuses_a_kernel(ATTEND, tmp_path, "a", "blocked, blocked-dot, v1")
 
 
 KIVI_KERNEL = REPO / "benchmarks" / "decode" / "kivi_kernel.py"
@@ -315,12 +307,18 @@ def test_a_small_kivi_kernel_run_writes_json_and_renders_the_same_table(tmp_path
     assert all(len(t) == 2 and min(t) > 0 for t in data["wall_ms"]["300/2/1"].values())
     rows = load_script(KIVI_KERNEL).rows_of(data)
     assert len(rows) == 10 and all(r["cpu_x_dense"] == 1.0 for r in rows if r["variant"] == "dense")
-    md = (tmp_path / "k.md").read_text()
-    (tmp_path / "k.md").unlink()
-    r = subprocess.run([sys.executable, str(KIVI_KERNEL), "--render", "--out", str(tmp_path), "--name", "k"],
+    _rerenders_and_refuses_a_kernel(KIVI_KERNEL, tmp_path, "k", "blocked, blocked-vec, v1")
+
+
+def _rerenders_and_refuses_a_kernel(script, out, name: str, kernels: str) -> None:
+    """A kernel benchmark's ``--render`` redraws its table byte for byte from the JSON alone, and an unknown
+    ``--kernels`` name is refused with the valid ones."""
+    md = (out / f"{name}.md").read_text()
+    (out / f"{name}.md").unlink()
+    r = subprocess.run([sys.executable, str(script), "--render", "--out", str(out), "--name", name],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "k.md").read_text() == md
-    r = subprocess.run([sys.executable, str(KIVI_KERNEL), "--kernels", "fast", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=env)  # fmt: skip
-    assert r.returncode != 0 and "--kernels from blocked, blocked-vec, v1" in r.stderr
+    assert (out / f"{name}.md").read_text() == md
+    r = subprocess.run([sys.executable, str(script), "--kernels", "fast", "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode != 0 and f"--kernels from {kernels}" in r.stderr

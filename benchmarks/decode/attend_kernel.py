@@ -137,13 +137,7 @@ def markdown(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="2048,8192,32768", help="context lengths, comma-separated")
-    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
-    ap.add_argument("--layers", type=int, default=30, help="separate K/V tensors per length (>= 1)")
-    ap.add_argument("--rounds", type=int, default=9, help="timed rounds after one warm-up (>= 2)")
-    ap.add_argument(
-        "--kernels", default="v1,blocked-dot,blocked", help="loop layouts to time (of the module's KERNELS)"
-    )
+    decode.add_kernel_arguments(ap, "v1,blocked-dot,blocked", "separate K/V tensors")
     decode.add_results_arguments(ap, "attend_kernel")
     args = ap.parse_args(argv)
     if decode.rendered(args, markdown):
@@ -151,18 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or RESULTS
     from longkit.kvcache.decode_native import KERNELS
 
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-        threads = [int(x) for x in args.threads.split(",")]
-    except ValueError:
-        sys.exit(f"error: --lengths and --threads take comma-separated integers (got {args.lengths!r}, "
-                 f"{args.threads!r})")  # fmt: skip
-    bad = [k for k in args.kernels.split(",") if k.strip() not in KERNELS]
-    if bad or min(lengths) < 1 or min(threads) < 1 or args.layers < 1 or args.rounds < 2:
-        sys.exit(
-            f"error: --kernels from {', '.join(KERNELS)} (got {bad}), --lengths >= 1, --threads >= 1, --layers >= 1, "
-            "--rounds >= 2"
-        )
+    decode.check_kernel_arguments(args, KERNELS)
 
     load_before = os.getloadavg()
     got = measure(args)

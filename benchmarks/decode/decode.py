@@ -454,6 +454,30 @@ def add_results_arguments(ap: argparse.ArgumentParser, name: str) -> None:
     ap.add_argument("--render", action="store_true", help="redraw results/<name>.md from the JSON only")
 
 
+def add_kernel_arguments(ap: argparse.ArgumentParser, kernels: str, layers: str) -> None:
+    """The options of the kernel micro-benchmarks (attend_kernel.py, kivi_kernel.py): contexts, threads, layers read
+    from memory, rounds, the loop layouts to time (``kernels``: the default list; ``layers``: what a layer is)."""
+    ap.add_argument("--lengths", default="2048,8192,32768", help="context lengths, comma-separated")
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    ap.add_argument("--layers", type=int, default=30, help=f"{layers} per length (>= 1)")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds after one warm-up (>= 2)")
+    ap.add_argument("--kernels", default=kernels, help="loop layouts to time (of the module's KERNELS)")
+
+
+def check_kernel_arguments(args: argparse.Namespace, kernels, lists: tuple[str, ...] = ("lengths", "threads")) -> None:
+    """Exit with a clear error unless ``lists`` are comma-separated integers, lengths and threads >= 1, layers >= 1,
+    rounds >= 2 and every ``--kernels`` name one of ``kernels``."""
+    try:
+        got = {n: [int(x) for x in getattr(args, n).split(",")] for n in lists}
+    except ValueError:
+        sys.exit(f"error: {', '.join('--' + n for n in lists)} take comma-separated integers (got "
+                 f"{', '.join(repr(getattr(args, n)) for n in lists)})")  # fmt: skip
+    bad = [k for k in args.kernels.split(",") if k.strip() not in kernels]
+    if bad or min(got["lengths"]) < 1 or min(got["threads"]) < 1 or args.layers < 1 or args.rounds < 2:
+        sys.exit(f"error: --kernels from {', '.join(kernels)} (got {bad}), --lengths >= 1, --threads >= 1, "
+                 "--layers >= 1, --rounds >= 2")  # fmt: skip
+
+
 def rendered(args: argparse.Namespace, markdown) -> bool:
     """With ``--render``: the table redrawn from the committed JSON (True: nothing else to do)."""
     if not args.render:

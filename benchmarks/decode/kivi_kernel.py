@@ -178,14 +178,8 @@ def markdown(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="2048,8192,32768", help="context lengths, comma-separated")
+    decode.add_kernel_arguments(ap, "v1,blocked-vec,blocked", "separate layers")
     ap.add_argument("--bits", default="2,4", help="KIVI code widths, comma-separated (2, 4)")
-    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
-    ap.add_argument("--layers", type=int, default=30, help="separate layers per length (>= 1)")
-    ap.add_argument("--rounds", type=int, default=9, help="timed rounds after one warm-up (>= 2)")
-    ap.add_argument(
-        "--kernels", default="v1,blocked-vec,blocked", help="packed loop layouts to time (of the module's KERNELS)"
-    )
     decode.add_results_arguments(ap, "kivi_kernel")
     args = ap.parse_args(argv)
     if decode.rendered(args, markdown):
@@ -193,20 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or RESULTS
     from longkit.kvcache.kivi_native import KERNELS
 
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-        bits = [int(x) for x in args.bits.split(",")]
-        threads = [int(x) for x in args.threads.split(",")]
-    except ValueError:
-        sys.exit(f"error: --lengths, --bits and --threads take comma-separated integers (got {args.lengths!r}, "
-                 f"{args.bits!r}, {args.threads!r})")  # fmt: skip
-    bad = [k for k in args.kernels.split(",") if k.strip() not in KERNELS]
-    if (bad or min(lengths) < 1 or min(threads) < 1 or args.layers < 1 or args.rounds < 2
-            or not set(bits) <= {2, 4}):  # fmt: skip
-        sys.exit(
-            f"error: --kernels from {', '.join(KERNELS)} (got {bad}), --lengths >= 1, --bits 2 or 4, --threads >= 1, "
-            "--layers >= 1, --rounds >= 2"
-        )
+    decode.check_kernel_arguments(args, KERNELS, ("lengths", "bits", "threads"))
+    if not {int(b) for b in args.bits.split(",")} <= {2, 4}:
+        sys.exit(f"error: --bits takes 2 and/or 4 (got {args.bits!r})")
 
     load_before = os.getloadavg()
     got = measure(args)

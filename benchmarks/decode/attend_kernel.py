@@ -28,7 +28,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -74,25 +73,12 @@ def measure(args) -> dict:
         fns = {v: build(v, ks, vs, q) for v in variants}
         for n in threads:
             key = f"{length}/{n}"
-            wall[key], cpu[key] = {v: [] for v in variants}, {v: [] for v in variants}
             torch.set_num_threads(n)
             print(f"measuring {length} tokens, {n} thread(s)", file=sys.stderr, flush=True)
             with torch.inference_mode():
-                for r in range(args.rounds + 1):
-                    k = r % len(variants)
-                    for v in variants[k:] + variants[:k]:
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        fns[v]()
-                        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                        if r:
-                            wall[key][v].append(1e3 * dt)
-                            cpu[key][v].append(1e3 * dc)
+                wall[key], cpu[key] = decode.interleaved(fns, args.rounds)
         del ks, vs, fns
     return {"wall_ms": wall, "cpu_ms": cpu, "bytes": nbytes}
-
-
-def _ratio(ms: list, read: list) -> float:
-    return statistics.median(a / b for a, b in zip(ms, read, strict=True))
 
 
 def rows_of(data: dict) -> list[dict]:
@@ -102,8 +88,8 @@ def rows_of(data: dict) -> list[dict]:
         for v, ms in per.items():
             cpu = data["cpu_ms"][key][v]
             out.append({"length": length, "threads": threads, "variant": v, "wall_ms": statistics.median(ms),
-                        "wall_x_read": _ratio(ms, per["read"]), "cpu_ms": statistics.median(cpu),
-                        "cpu_x_read": _ratio(cpu, data["cpu_ms"][key]["read"]),
+                        "wall_x_read": decode.median_ratio(ms, per["read"]), "cpu_ms": statistics.median(cpu),
+                        "cpu_x_read": decode.median_ratio(cpu, data["cpu_ms"][key]["read"]),
                         "gb_s": data["bytes"][str(length)] / statistics.median(ms) / 1e6})  # fmt: skip
     return out
 

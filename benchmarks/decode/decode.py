@@ -478,6 +478,28 @@ def check_kernel_arguments(args: argparse.Namespace, kernels, lists: tuple[str, 
                  "--layers >= 1, --rounds >= 2")  # fmt: skip
 
 
+def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU milliseconds of every ``fns`` call over ``rounds`` rounds after one warm-up round, each round
+    calling them all in an order rotated from round to round (so drift and cache warmth fall on each alike)."""
+    variants = list(fns)
+    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+    for r in range(rounds + 1):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[v]()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if r:
+                wall[v].append(1e3 * dt)
+                cpu[v].append(1e3 * dc)
+    return wall, cpu
+
+
+def median_ratio(ms: list, base: list) -> float:
+    """The median over rounds of a variant's time over the same round's ``base`` time."""
+    return statistics.median(a / b for a, b in zip(ms, base, strict=True))
+
+
 def rendered(args: argparse.Namespace, markdown) -> bool:
     """With ``--render``: the table redrawn from the committed JSON (True: nothing else to do)."""
     if not args.render:

@@ -34,7 +34,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -109,26 +108,13 @@ def measure(args) -> dict:
             fns = {v: build(v, layers, ks, vs, q) for v in variants}
             for n in threads:
                 key = f"{length}/{bits}/{n}"
-                wall[key], cpu[key] = {v: [] for v in variants}, {v: [] for v in variants}
                 torch.set_num_threads(n)
                 print(f"measuring {length} tokens, {bits} bits, {n} thread(s)", file=sys.stderr, flush=True)
                 with torch.inference_mode():
-                    for r in range(args.rounds + 1):
-                        k = r % len(variants)
-                        for v in variants[k:] + variants[:k]:
-                            c0, t0 = time.process_time(), time.perf_counter()
-                            fns[v]()
-                            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                            if r:
-                                wall[key][v].append(1e3 * dt)
-                                cpu[key][v].append(1e3 * dc)
+                    wall[key], cpu[key] = decode.interleaved(fns, args.rounds)
             del layers, fns
         del ks, vs
     return {"wall_ms": wall, "cpu_ms": cpu, "bytes": nbytes, "dense_bytes": dense_bytes}
-
-
-def _ratio(ms: list, base: list) -> float:
-    return statistics.median(a / b for a, b in zip(ms, base, strict=True))
 
 
 def rows_of(data: dict) -> list[dict]:
@@ -139,8 +125,8 @@ def rows_of(data: dict) -> list[dict]:
         for v, ms in per.items():
             out.append({"length": length, "bits": bits, "threads": threads, "variant": v,
                         "wall_ms": statistics.median(ms), "cpu_ms": statistics.median(cpu[v]),
-                        "wall_x_dense": _ratio(ms, per["dense"]), "cpu_x_dense": _ratio(cpu[v], cpu["dense"]),
-                        "cpu_x_read": _ratio(cpu[v], cpu["read"])})  # fmt: skip
+                        "wall_x_dense": decode.median_ratio(ms, per["dense"]), "cpu_x_dense": decode.median_ratio(cpu[v], cpu["dense"]),
+                        "cpu_x_read": decode.median_ratio(cpu[v], cpu["read"])})  # fmt: skip
     return out
 
 

@@ -136,11 +136,14 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     assert summary["ntk"]["tokens"] == {"16384": 16388} and summary["ntk"]["mean"] == {}
     assert "| RAG (BM25) | 100 | 50 | 100 | 100 | 88 | 3.5 | 1 | 1 | 1 | 1100 |" in text
     assert "| RAG (BM25) | 100 | 0 | 50 | 3.5 | 3 | 1 | 1 | 1100 |" in text
-    assert "| RAG (BM25) | 16K, 64K | - | 16K |" in text and "| NTK (long context) | 16K | - | none |" in text
+    assert "| RAG (BM25) | 16K, 64K | - | 16K |" in text and "| NTK (long context) | 16K | - | - |" in text
     # The accuracy-vs-cost figure: linked once a length has a mean, drawn from the summary as results.json holds it.
     assert f"![accuracy vs cost per length: seconds per sample and peak memory]({grid.PLOT})" in text
     assert grid.plot(summary, tmp_path / grid.PLOT) and (tmp_path / grid.PLOT).read_bytes()[:4] == b"\x89PNG"
-    assert not grid.plot({"ntk": summary["ntk"]}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    # NTK measured one task at 16K: no RULER mean, but drawn at its measured mean (passkey 0 here).
+    assert summary["ntk"]["measured_mean"] == {"16384": 0.0} and summary["rag_bm25"]["measured_mean"]["65536"] == 50.0
+    assert not grid.plot({"pcw": {**summary["ntk"], "measured_mean": {}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
     # A run with another seed asked other prompts: refused even where the answers happen to agree.
     write_run(tmp_path / "pcw-16k-depth", [record("memory=pcw", "passkey", 16384, 0.5, 0, 0.0, "1")], seed=1)

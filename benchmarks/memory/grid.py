@@ -310,13 +310,14 @@ def plot(summary: dict, path: Path) -> bool:
     lengths = sorted({int(n) for m in summary.values() for n in m["measured_mean"]})
     if not lengths:
         return False
+    # matplotlib's Figure without pyplot: render() runs inside the test process, which must not import pyplot
+    # (tests/benchmarks/test_prefill_benchmark.py checks it stays out).
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(lengths), figsize=(3.6 * len(lengths) + 2.4, 6.4), squeeze=False, sharey=True)
-    cmap, markers = plt.get_cmap("tab10"), "os^Dv<>PX*"
+    fig = Figure(figsize=(3.6 * len(lengths) + 2.4, 6.4))
+    axes = fig.subplots(2, len(lengths), squeeze=False, sharey=True)
+    cmap, markers = matplotlib.colormaps["tab10"], "os^Dv<>PX*"
     for col, n in enumerate(lengths):
         for row_, (field, label, scale) in enumerate((("seconds", "s / sample (log)", 1.0),
                                                       ("peak", "peak MiB (log)", 2.0**-20))):
@@ -338,7 +339,6 @@ def plot(summary: dict, path: Path) -> bool:
     fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
     return True
 
 

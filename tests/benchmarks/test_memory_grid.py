@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -140,6 +141,7 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     # The accuracy-vs-cost figure: linked once a length has a mean, drawn from the summary as results.json holds it.
     assert f"![accuracy vs cost per length: seconds per sample and peak memory]({grid.PLOT})" in text
     assert grid.plot(summary, tmp_path / grid.PLOT) and (tmp_path / grid.PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert "matplotlib.pyplot" not in sys.modules  # drawn without pyplot (other tests check it never loads)
     # NTK measured one task at 16K: no RULER mean, but drawn at its measured mean (passkey 0 here).
     assert summary["ntk"]["measured_mean"] == {"16384": 0.0} and summary["rag_bm25"]["measured_mean"]["65536"] == 50.0
     assert not grid.plot({"pcw": {**summary["ntk"], "measured_mean": {}}}, tmp_path / "none.png")

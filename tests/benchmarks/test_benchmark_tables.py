@@ -158,6 +158,7 @@ TABLES = {
         _json("models/results/gemma3_chunked_check.json")
     ),
     "models/results/gemma3-270m/table.md": lambda: _script("models/gemma3_grid.py").table()[0],
+    "memory/results/grid/table.md": lambda: _script("memory/grid.py").table()[0],
     "models/results/gemma3-270m/prefill/table.md": lambda: _script("models/gemma3_grid.py").prefill_table(
         BENCH / "models/results/gemma3-270m/prefill"
     )[0],

@@ -352,13 +352,7 @@ class ChunkWindow:
         def get(name: str, dtype: torch.dtype, groups: int) -> torch.Tensor | None:
             key = (name, n_fixed if name == "far" else None, dtype, groups if name != "local_T" else 1)
             if key not in self._memo:
-                if name == "local":
-                    self._memo[key] = _additive(self.local, dtype).repeat(groups, 1)
-                elif name == "local_T":
-                    self._memo[key] = _additive(self.local.T, dtype)
-                else:
-                    vis = self.visible(n_fixed)
-                    self._memo[key] = None if bool(vis.all()) else _additive(vis, dtype).repeat(groups, 1)
+                self._memo[key] = _masks_of(self.local, self.visible(n_fixed))(name, dtype, groups)
             return self._memo[key]
 
         return get
@@ -414,7 +408,8 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _masks_of(local: torch.Tensor, visible: torch.Tensor) -> Callable[[str, torch.dtype, int], torch.Tensor | None]:
-    """:meth:`ChunkWindow.additive`'s masks built from the bool masks themselves."""
+    """The additive masks of :func:`_attend_flash` from the bool masks, built on each call (:meth:`ChunkWindow.additive`
+    keeps them per chunk)."""
 
     def get(name: str, dtype: torch.dtype, groups: int) -> torch.Tensor | None:
         if name == "local":

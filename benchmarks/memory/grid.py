@@ -42,7 +42,7 @@ same full-attention cost, 1.0-1.3x NTK's prefill at 16K and 32K in train/results
 128K (its fall-back is the NTK path).
 
 Table (``render``, from the records only): one table per length, rows = methods, columns = the score of each task
-(% correct), their mean, mean seconds per sample (prefill + decode + retrieval or compression), peak memory (the
+(% correct), their mean, median seconds per sample (prefill + decode + retrieval or compression), peak memory (the
 largest of the runner's ``peak_mem_bytes``, resident set above the sample's start on CPU, and the compressor's
 ``memory_peak_mem_bytes``), KV bytes after the prefill (all of InfLLM's blocks included; on a CPU its offloaded
 blocks live in the same RAM) and tokens the answering model processed; then the effective length by RULER's rule
@@ -297,7 +297,7 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
     counts = sorted({c for k in keys for by in summary[k]["n"].values() for c in by.values()})
     lines += ["", f"Scores: % correct; samples per cell: {', '.join(map(str, counts)) or '-'} (passkey, needle: 3 "
               "depths x 3 samples; RULER tasks: 5 samples). `-` = not measured (yet). s / sample: prefill + decode "
-              "(+ retrieval or compression), mean. Peak MiB: the largest peak above the sample's start (resident set "
+              "(+ retrieval or compression), median. Peak MiB: the largest peak above the sample's start (resident set "
               "on a CPU; the compressor's included). KV MiB: the largest cache after the prefill (InfLLM: every "
               "block, offloaded ones included). Working set MiB: the KV kept on the compute device after the prefill (InfLLM: "
               "initial and recent tokens, its offloaded blocks excluded; other methods: all of their KV). Tokens processed: by the answering model, mean per sample "

@@ -287,7 +287,7 @@ def table(results: Path = RESULTS) -> tuple[str, dict]:
               "held-out documentation topics, one window per length (its second half scored). `(n/N)`: a cell still "
               "being measured, n of its N samples so far (its row's means and effective lengths are provisional). "
               "s / sample: prefill + "
-              "decode, mean. Peak MiB: the largest peak above the sample's start (resident set on a CPU). KV MiB: the "
+              "decode, median. Peak MiB: the largest peak above the sample's start (resident set on a CPU). KV MiB: the "
               "largest cache after the prefill (sliding layers' window-bounded caches included)."]
     return "\n".join(lines) + "\n", {key: evalgrid.jsonable(summary[key]) for key in keys}
 

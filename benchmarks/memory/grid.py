@@ -74,10 +74,11 @@ included; under the nice-19 cap multiply by about 5:
     self_extend  14     43    105   skip    as ntk x 1.15 (its measured prefill: 28 s at 16K, 116 s at 32K)
     total       ~85   ~195   ~345   ~300    minutes; ~15 h for the whole grid
 
-Measured at 16K (18 depth samples per row, the CPU mostly to itself, s per sample): rag_bm25 1.0, rag_dense 3.4,
-self_route 1.1, pcw 28, lingua8 140 (its float32 compressor: ~3x the estimate), infllm 53 (after its fused chunk
-attention; 92 at 32K: linear in the length), snapkv 41, ntk 20, self_extend 26. So lingua4 / lingua8 are the costly
-rows (about 40 min per bucket at 16K, growing with the length) and infllm ~55 min at 64K, ~2 h at 128K.
+Measured at 16K (18 depth samples per row, the CPU mostly to itself, median s per sample; a few samples ran 4-10x
+slower while another job had the CPU): rag_bm25 1.0, rag_dense 3.7, self_route 1.1, pcw 19, lingua8 71 (its float32
+compressor: ~5x the estimate), infllm 53 (after its fused chunk attention; 98 at 32K: linear in the length), snapkv
+39, ntk 20, self_extend 26; at 32K rag_bm25 0.7, rag_dense 7.8, self_route 1.1. So lingua4 / lingua8 are the costly
+rows (about 25-40 min per bucket at 16K, growing with the length) and infllm ~55 min at 64K, ~2 h at 128K.
 
 Peak memory to expect: a full cache is 23 KiB per token in bfloat16 (1.4 GiB at 64K, 2.8 GiB at 128K): ntk holds it
 plus attention working memory, self_extend the same cache (its blockwise attention never forms the T x S

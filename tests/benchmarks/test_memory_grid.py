@@ -127,7 +127,18 @@ def test_summary_costs_means_and_effective_length_from_records(grid, tmp_path):
     # InfLLM records its working set (initial + recent tokens) beside all of its KV (offloaded blocks included).
     write_run(tmp_path / "infllm-64k-depth", [record("memory=infllm", "passkey", 65536, 0.5, 0, 100.0, "6",
                                                      kv_bytes=1500 * 2**20, working_set_bytes=100 * 2**20)])
+    # Effective length: known once every measured length has all its planned tasks. Self-Extend misses RULER at 16K,
+    # where its mean could pass, so its failing 64K says nothing yet; Self-Route measured 64K only, fully: none.
+    se, sr = "attention=self_extend:group_size=5,window=2048", "memory=self_route:retriever=bm25"
+    write_run(tmp_path / "self_extend-16k-depth", [record(se, "passkey", 16384, 0.5, 0, 100.0, "1"),
+                                                   record(se, "needle", 16384, 0.5, 0, 100.0, "n")])
+    write_run(tmp_path / "self_extend-64k-depth", [record(se, "passkey", 65536, 0.5, 0, 0.0, "6"),
+                                                   record(se, "needle", 65536, 0.5, 0, 0.0, "m")])
+    write_run(tmp_path / "self_route-64k-depth", [record(sr, "passkey", 65536, 0.5, 0, 0.0, "6"),
+                                                  record(sr, "needle", 65536, 0.5, 0, 0.0, "m")])
     text, summary = grid.table(tmp_path)
+    assert "| Self-Extend (long context) | 16K, 64K | - | - |" in text
+    assert "| Self-Route (BM25, NTK fall-back) | 64K | - | none |" in text
     assert summary["infllm"]["working"] == {"65536": 100 * 2**20} and summary["infllm"]["kv"] == {"65536": 1500 * 2**20}
     assert "| InfLLM | 100 | - | - | 2.5 | 1 | 1500 | 100 | 65540 |" in text
     rag_s = summary["rag_bm25"]

@@ -111,18 +111,20 @@ def render(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="16384,32768", help="comma-separated prompt lengths (> 4096 + 128 to retrieve)")
+    ap.add_argument("--lengths", default="16384,32768", help="comma-separated prompt lengths, 32768 or 32k (> 4096 + 128 to retrieve)")
     ap.add_argument("--tasks", default="passkey,needle", help=f"comma-separated subset of {', '.join(TASKS)}")
     ap.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated needle depths in [0, 1]")
     ap.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth), >= 1")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, >= 1")
     ap.add_argument("--name", default="infllm_recall")
     args = ap.parse_args(argv)
+    from longkit.cli import parse_depths, parse_lengths
+    from longkit.errors import EvalError
+
     try:
-        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-        depths = [float(x) for x in args.depths.split(",") if x.strip()]
-    except ValueError as err:
-        sys.exit(f"error: --lengths takes integers and --depths numbers, comma-separated ({err})")
+        lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+    except EvalError as err:
+        sys.exit(f"error: {err}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if any(t not in TASKS for t in tasks) or not tasks:
         sys.exit(f"error: --tasks must name {', '.join(TASKS)} (got {args.tasks!r})")
